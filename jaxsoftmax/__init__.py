@@ -1,0 +1,13 @@
+"""jaxsoftmax: exact softmax-family losses for training from positive and negative feedback."""
+
+from jaxsoftmax import losses
+from jaxsoftmax.losses import complement_nll
+from jaxsoftmax.losses import complement_set_nll
+from jaxsoftmax.losses import multilabel_softmax_cross_entropy
+from jaxsoftmax.losses import negated_nll
+from jaxsoftmax.losses import nll
+from jaxsoftmax.losses import set_nll
+from jaxsoftmax.losses import sigmoid_binary_cross_entropy
+from jaxsoftmax.losses import soft_cross_entropy
+
+__version__ = "0.1.0"

@@ -1,0 +1,25 @@
+"""Exact softmax-family losses, each a pure function with a ``jax.custom_vjp`` rule.
+
+Classes lie on the last axis; every loss returns per-example values (the caller
+reduces) and takes a keyword-only ``where`` mask over classes.
+"""
+
+from jaxsoftmax.losses._label import complement_nll
+from jaxsoftmax.losses._label import negated_nll
+from jaxsoftmax.losses._label import nll
+from jaxsoftmax.losses._set import complement_set_nll
+from jaxsoftmax.losses._set import set_nll
+from jaxsoftmax.losses._sigmoid import sigmoid_binary_cross_entropy
+from jaxsoftmax.losses._soft import multilabel_softmax_cross_entropy
+from jaxsoftmax.losses._soft import soft_cross_entropy
+
+__all__ = (
+    "complement_nll",
+    "complement_set_nll",
+    "multilabel_softmax_cross_entropy",
+    "negated_nll",
+    "nll",
+    "set_nll",
+    "sigmoid_binary_cross_entropy",
+    "soft_cross_entropy",
+)

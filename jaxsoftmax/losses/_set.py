@@ -1,0 +1,93 @@
+"""Losses for a set of labels per example: candidate sets and sets of wrong labels."""
+
+from __future__ import annotations
+
+import jax
+from jax.typing import ArrayLike
+
+from jaxsoftmax.losses import _checks
+from jaxsoftmax.losses._partition import _partition_nll
+
+
+def _set_loss(logits, members, where, complement):
+  logits = _checks.as_logits(logits)
+  members = _checks.as_class_mask(members, logits, name="members")
+  logits = _checks.apply_where(logits, where)
+  return _partition_nll(logits, members, complement)
+
+
+def set_nll(
+    logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
+  r"""Negative log-probability of a set of labels, ``-log sum_{k in S} p_k``.
+
+  .. math::
+    \ell = \operatorname{logsumexp}_k z_k - \operatorname{logsumexp}_{k \in S} z_k
+         = \operatorname{softplus}\big(\operatorname{logsumexp}_{k \notin S} z_k
+           - \operatorname{logsumexp}_{k \in S} z_k\big)
+
+  For candidate (partial) labels: the true label is somewhere in S. The gradient
+  is ``softmax(z) - softmax(z restricted to S)``. Each logsumexp takes its own
+  maximum, so a set far below the top logit gives a large finite loss, not inf.
+
+  Args:
+    logits: ``[..., K]`` floating logits, classes on the last axis.
+    members: ``[..., K]`` boolean mask of the set S.
+    where: optional boolean mask broadcastable to ``[..., K]``; excluded classes
+      have probability 0 and get a zero gradient.
+
+  Returns:
+    ``[...]`` per-example losses. +inf only where S has probability exactly 0 (S
+    empty, or all its classes excluded or at -inf), with a zero gradient there.
+
+  Only reverse-mode differentiation is defined (``jax.custom_vjp``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxsoftmax.losses import set_nll
+    >>> logits = jnp.array([2.0, 0.0, -1.0])
+    >>> print(f"{set_nll(logits, jnp.array([False, True, True])):.4f}")
+    1.8566
+
+  Reference: the partial-label (candidate set) likelihood, Jin and Ghahramani,
+  "Learning with Multiple Labels", NeurIPS 2002; Feng et al., "Provably Consistent
+  Partial-Label Learning", NeurIPS 2020.
+  """
+  return _set_loss(logits, members, where, complement=False)
+
+
+def complement_set_nll(
+    logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
+  r"""Complement likelihood of several known-wrong labels, ``-log sum_{k not in S} p_k``.
+
+  .. math::
+    \ell = -\log\big(1 - \textstyle\sum_{k \in S} p_k\big)
+         = \operatorname{softplus}\big(\operatorname{logsumexp}_{k \in S} z_k
+           - \operatorname{logsumexp}_{k \notin S} z_k\big)
+
+  With a single member this equals :func:`complement_nll`. Bounded below by 0, and
+  finite for every finite logit vector while some class lies outside S.
+
+  Args:
+    logits: ``[..., K]`` floating logits, classes on the last axis.
+    members: ``[..., K]`` boolean mask of the wrong labels S.
+    where: optional boolean mask broadcastable to ``[..., K]``.
+
+  Returns:
+    ``[...]`` per-example losses. +inf only where every admissible class is in S,
+    with a zero gradient there.
+
+  Only reverse-mode differentiation is defined (``jax.custom_vjp``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxsoftmax.losses import complement_set_nll
+    >>> logits = jnp.array([2.0, 0.0, -1.0])
+    >>> print(f"{complement_set_nll(logits, jnp.array([True, True, False])):.4f}")
+    3.1698
+
+  Reference: MCL-LOG, Feng et al., "Learning with Multiple Complementary Labels",
+  ICML 2020.
+  """
+  return _set_loss(logits, members, where, complement=True)

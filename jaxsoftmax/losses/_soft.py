@@ -1,0 +1,158 @@
+"""Soft-target and multi-label softmax cross-entropy.
+
+With ``j = argmax z``, every ``-log p_k`` is computed without cancellation:
+
+    -log p_j = softplus(logsumexp_{k != j} z_k - z_j)          (the tiny one, p_j -> 1)
+    -log p_k = (z_j - z_k) + (-log p_j)       for k != j        (a sum of two terms >= 0)
+
+so the cross-entropy ``sum_k q_k (-log p_k)`` is a sum of non-negative terms for
+non-negative targets. The gradient ``Q softmax(z) - q`` (``Q = sum_k q_k``) takes
+its largest entry from ``1 - p_j = sigmoid(logsumexp_{k != j} z_k - z_j)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxsoftmax.losses import _checks
+
+
+def _neg_log_probs(logits, top):
+  """Returns (-log p, u) with ``u = logsumexp_{k != j} z_k - z_j`` for ``j = top``."""
+  is_top = top[..., None] == jnp.arange(logits.shape[-1])
+  z_top = jnp.take_along_axis(logits, top[..., None], axis=-1)
+  u = jax.nn.logsumexp(logits, axis=-1, where=~is_top) - z_top[..., 0]
+  gap = jnp.where(is_top, 0.0, z_top - logits)
+  return gap + jax.nn.softplus(u)[..., None], u, is_top
+
+
+def _weighted_sum(targets, neg_log_probs):
+  # 0 * inf = 0 here: a class of probability 0 costs nothing unless it is targeted.
+  return jnp.sum(jnp.where(targets == 0, 0.0, targets * neg_log_probs), axis=-1)
+
+
+@jax.custom_vjp
+def _soft_cross_entropy(logits, targets):
+  """sum_k q_k (-log p_k) per example."""
+  neg_log_probs, _, _ = _neg_log_probs(logits, jnp.argmax(logits, axis=-1))
+  return _weighted_sum(targets, neg_log_probs)
+
+
+def _soft_cross_entropy_fwd(logits, targets):
+  top = jnp.argmax(logits, axis=-1)
+  neg_log_probs, u, _ = _neg_log_probs(logits, top)
+  return _weighted_sum(targets, neg_log_probs), (logits, targets, top)
+
+
+def _soft_cross_entropy_bwd(residuals, g):
+  logits, targets, top = residuals
+  neg_log_probs, u, is_top = _neg_log_probs(logits, top)
+  total = jnp.sum(targets, axis=-1, keepdims=True)
+  rest = jnp.sum(jnp.where(is_top, 0.0, targets), axis=-1, keepdims=True)
+  probs = jnp.exp(jnp.where(is_top, -jnp.inf, -neg_log_probs))
+  # At the top class, Q p_j - q_j = (Q - q_j) - Q (1 - p_j) with 1 - p_j = sigmoid(u).
+  top_grad = rest - total * jax.nn.sigmoid(u)[..., None]
+  grad = jnp.where(is_top, top_grad, total * probs - targets)
+  # A targeted class of probability 0 (loss +inf), or no admissible class: zero.
+  impossible = jnp.any((targets != 0) & (logits == -jnp.inf), axis=-1, keepdims=True)
+  grad = jnp.where(impossible, 0.0, grad)
+  g = g[..., None]
+  return g * grad, g * neg_log_probs
+
+
+_soft_cross_entropy.defvjp(_soft_cross_entropy_fwd, _soft_cross_entropy_bwd)
+
+
+def soft_cross_entropy(
+    logits: ArrayLike, targets: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
+  r"""Cross-entropy against a target distribution, ``-sum_k q_k log p_k``.
+
+  .. math::
+    \ell = \sum_k q_k \big(\operatorname{logsumexp}_i z_i - z_k\big),
+    \qquad \nabla_z \ell = \Big(\sum_k q_k\Big)\,\mathrm{softmax}(z) - q
+
+  Each ``-log p_k`` is formed without cancellation (see the module notes), so the
+  loss keeps full relative precision when it is tiny, e.g. a one-hot target on a
+  class with ``p -> 1``. Targets need not sum to 1 (the gradient is then
+  ``sum(q) softmax(z) - q``). The gradient with respect to the targets is
+  ``-log softmax(z)`` (+inf on excluded classes), so the loss can be
+  differentiated in both arguments, e.g. for distillation.
+
+  Args:
+    logits: ``[..., K]`` floating logits, classes on the last axis.
+    targets: ``[..., K]`` floating target weights, usually a distribution.
+    where: optional boolean mask broadcastable to ``[..., K]``; excluded classes
+      have probability 0 and get a zero gradient. A zero target on them costs 0.
+
+  Returns:
+    ``[...]`` per-example losses. +inf where a class of probability exactly 0 has a
+    non-zero target, with a zero logit gradient there.
+
+  Only reverse-mode differentiation is defined (``jax.custom_vjp``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxsoftmax.losses import soft_cross_entropy
+    >>> logits = jnp.array([2.0, 0.0, -1.0])
+    >>> print(f"{soft_cross_entropy(logits, jnp.array([0.8, 0.1, 0.1])):.4f}")
+    0.6698
+
+  Reference: cross-entropy with soft targets, e.g. Hinton et al., "Distilling the
+  Knowledge in a Neural Network", 2015; Szegedy et al., "Rethinking the Inception
+  Architecture" (label smoothing), CVPR 2016.
+  """
+  logits = _checks.as_logits(logits)
+  targets = _checks.as_targets(targets, logits)
+  logits = _checks.apply_where(logits, where)
+  return _soft_cross_entropy(logits, targets)
+
+
+def multilabel_softmax_cross_entropy(
+    logits: ArrayLike, label_mask: ArrayLike, *, where: ArrayLike | None = None
+) -> jax.Array:
+  r"""Softmax cross-entropy against several correct labels, with targets ``Y / |Y|``.
+
+  .. math::
+    \ell = -\frac{1}{|Y|} \sum_{k \in Y} \log p_k,
+    \qquad \nabla_z \ell = \mathrm{softmax}(z) - \frac{Y}{|Y|}
+
+  Args:
+    logits: ``[..., K]`` floating logits, classes on the last axis.
+    label_mask: ``[..., K]`` boolean mask of the correct labels Y. Every example
+      needs at least one: eagerly, an empty row raises ``ValueError``; under
+      ``jit`` its loss is NaN.
+    where: optional boolean mask broadcastable to ``[..., K]``.
+
+  Returns:
+    ``[...]`` per-example losses; +inf where a label in Y has probability 0.
+
+  Only reverse-mode differentiation is defined (``jax.custom_vjp``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxsoftmax.losses import multilabel_softmax_cross_entropy
+    >>> logits = jnp.array([2.0, 2.0, -1.0])
+    >>> print(f"{multilabel_softmax_cross_entropy(logits, jnp.array([True, True, False])):.4f}")
+    0.7177
+
+  Reference: Mahajan et al., "Exploring the Limits of Weakly Supervised
+  Pretraining", ECCV 2018 (softmax with targets Y/|Y|).
+  """
+  logits = _checks.as_logits(logits)
+  label_mask = _checks.as_class_mask(label_mask, logits, name="label_mask")
+  if _checks.is_concrete(label_mask):
+    empty = ~np.asarray(label_mask).any(axis=-1)
+    if empty.any():
+      row = tuple(int(i) for i in np.argwhere(empty)[0])
+      raise ValueError(
+          f"label_mask{_checks.index_str(row)} has no label: every example needs at least one "
+          f"({int(empty.sum())} of {empty.size} rows are empty)."
+      )
+  counts = jnp.sum(label_mask, axis=-1, keepdims=True).astype(logits.dtype)
+  targets = label_mask.astype(logits.dtype) / counts
+  logits = _checks.apply_where(logits, where)
+  return _soft_cross_entropy(logits, targets)
