@@ -10,11 +10,15 @@ from jaxsoftmax.losses import _checks
 
 
 def _terms(logits, targets):
-  # softplus(+-z) is the two-term logsumexp log(exp(0) + exp(+-z)). Each side is
-  # skipped where its weight is exactly 0, so 0 * inf never arises at z = +-inf.
-  pos = jnp.where(targets == 0, 0.0, targets * jax.nn.softplus(-logits))
-  neg = jnp.where(targets == 1, 0.0, (1 - targets) * jax.nn.softplus(logits))
-  return pos + neg
+  # softplus(+-z) is the two-term logsumexp log(exp(0) + exp(+-z)). An infinite
+  # side whose weight is exactly 0 is replaced by 0 before the product, so 0 * inf
+  # never arises at z = +-inf, and the product stays linear in the targets (the
+  # forward pass is differentiated again for second derivatives).
+  up = jax.nn.softplus(-logits)
+  down = jax.nn.softplus(logits)
+  up = jnp.where((targets == 0) & jnp.isinf(up), 0.0, up)
+  down = jnp.where((targets == 1) & jnp.isinf(down), 0.0, down)
+  return targets * up + (1 - targets) * down
 
 
 @jax.custom_vjp
@@ -29,8 +33,8 @@ def _sigmoid_cross_entropy_fwd(logits, targets):
 def _sigmoid_cross_entropy_bwd(residuals, g):
   logits, targets = residuals
   # sigmoid(z) - t written as (1 - t) sigmoid(z) - t sigmoid(-z): exact in both tails.
-  grad = (jnp.where(targets == 1, 0.0, (1 - targets) * jax.nn.sigmoid(logits))
-          - jnp.where(targets == 0, 0.0, targets * jax.nn.sigmoid(-logits)))
+  # sigmoid is 0 or 1 at z = +-inf, so no product here is 0 * inf.
+  grad = (1 - targets) * jax.nn.sigmoid(logits) - targets * jax.nn.sigmoid(-logits)
   impossible = (((targets != 0) & (logits == -jnp.inf))
                 | ((targets != 1) & (logits == jnp.inf)))
   grad = jnp.where(impossible, 0.0, grad)

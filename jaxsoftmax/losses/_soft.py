@@ -31,24 +31,41 @@ def _neg_log_probs(logits, top):
 
 def _weighted_sum(targets, neg_log_probs):
   # 0 * inf = 0 here: a class of probability 0 costs nothing unless it is targeted.
-  return jnp.sum(jnp.where(targets == 0, 0.0, targets * neg_log_probs), axis=-1)
+  # The select comes before the product, so the sum stays linear in the targets.
+  safe = jnp.where((targets == 0) & jnp.isinf(neg_log_probs), 0.0, neg_log_probs)
+  return jnp.sum(targets * safe, axis=-1)
+
+
+def _as_weights(targets, dtype):
+  """Targets as weights; a boolean label mask Y becomes Y / |Y| (NaN for an empty row).
+
+  Keeping the mask itself as the residual, not Y / |Y|, saves a K-sized float array.
+  """
+  if targets.dtype != jnp.bool_:
+    return targets
+  counts = jnp.sum(targets, axis=-1, keepdims=True)
+  # Explicit NaN for an empty row: XLA may fold mask / 0 into a select that gives 0.
+  weights = jnp.where(counts > 0, targets / jnp.maximum(counts, 1), jnp.nan)
+  return weights.astype(dtype)
 
 
 @jax.custom_vjp
 def _soft_cross_entropy(logits, targets):
-  """sum_k q_k (-log p_k) per example."""
+  """sum_k q_k (-log p_k) per example; ``targets`` weights or a boolean label mask."""
   neg_log_probs, _, _ = _neg_log_probs(logits, jnp.argmax(logits, axis=-1))
-  return _weighted_sum(targets, neg_log_probs)
+  return _weighted_sum(_as_weights(targets, logits.dtype), neg_log_probs)
 
 
 def _soft_cross_entropy_fwd(logits, targets):
   top = jnp.argmax(logits, axis=-1)
-  neg_log_probs, u, _ = _neg_log_probs(logits, top)
-  return _weighted_sum(targets, neg_log_probs), (logits, targets, top)
+  neg_log_probs, _, _ = _neg_log_probs(logits, top)
+  loss = _weighted_sum(_as_weights(targets, logits.dtype), neg_log_probs)
+  return loss, (logits, targets, top)
 
 
 def _soft_cross_entropy_bwd(residuals, g):
-  logits, targets, top = residuals
+  logits, mask_or_targets, top = residuals
+  targets = _as_weights(mask_or_targets, logits.dtype)
   neg_log_probs, u, is_top = _neg_log_probs(logits, top)
   total = jnp.sum(targets, axis=-1, keepdims=True)
   rest = jnp.sum(jnp.where(is_top, 0.0, targets), axis=-1, keepdims=True)
@@ -60,6 +77,8 @@ def _soft_cross_entropy_bwd(residuals, g):
   impossible = jnp.any((targets != 0) & (logits == -jnp.inf), axis=-1, keepdims=True)
   grad = jnp.where(impossible, 0.0, grad)
   g = g[..., None]
+  if mask_or_targets.dtype == jnp.bool_:
+    return g * grad, None
   return g * grad, g * neg_log_probs
 
 
@@ -152,7 +171,5 @@ def multilabel_softmax_cross_entropy(
           f"label_mask{_checks.index_str(row)} has no label: every example needs at least one "
           f"({int(empty.sum())} of {empty.size} rows are empty)."
       )
-  counts = jnp.sum(label_mask, axis=-1, keepdims=True).astype(logits.dtype)
-  targets = label_mask.astype(logits.dtype) / counts
   logits = _checks.apply_where(logits, where)
-  return _soft_cross_entropy(logits, targets)
+  return _soft_cross_entropy(logits, label_mask)

@@ -1,0 +1,45 @@
+"""Every public loss with a generator of valid second arguments, for parametrized tests."""
+
+import numpy as np
+import pytest
+
+from jaxsoftmax import losses
+
+
+def _labels(rng, shape):
+  return rng.integers(0, shape[-1], shape[:-1]).astype(np.int32)
+
+
+def _mask(rng, shape):
+  mask = rng.random(shape) < 0.4
+  mask[..., 0] = True  # never empty
+  mask[..., -1] = False  # never full
+  return mask
+
+
+def _soft(rng, shape):
+  q = rng.random(shape).astype(np.float32)
+  return q / q.sum(axis=-1, keepdims=True)
+
+
+def _binary(rng, shape):
+  return (rng.random(shape) < 0.5).astype(np.float32)
+
+
+LOSSES = {
+    "nll": (losses.nll, _labels),
+    "complement_nll": (losses.complement_nll, _labels),
+    "negated_nll": (losses.negated_nll, _labels),
+    "set_nll": (losses.set_nll, _mask),
+    "complement_set_nll": (losses.complement_set_nll, _mask),
+    "soft_cross_entropy": (losses.soft_cross_entropy, _soft),
+    "multilabel_softmax_cross_entropy": (losses.multilabel_softmax_cross_entropy, _mask),
+    "sigmoid_binary_cross_entropy": (losses.sigmoid_binary_cross_entropy, _binary),
+}
+
+
+@pytest.fixture(params=sorted(LOSSES))
+def loss_case(request):
+  """(name, loss function, aux generator) for every public loss."""
+  fn, make_aux = LOSSES[request.param]
+  return request.param, fn, make_aux

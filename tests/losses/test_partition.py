@@ -1,0 +1,34 @@
+"""The partition kernel's residuals: the logits, the members and O(batch) values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsoftmax.losses._partition import _partition_nll
+
+
+def _residual_bytes(fn, *args):
+  _, vjp_fn = jax.vjp(fn, *args)
+  leaves = jax.tree_util.tree_leaves(vjp_fn)
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+
+
+def test_residuals_are_inputs_plus_two_values_per_example(loss_case):
+  _, fn, make_aux = loss_case
+  rng = np.random.default_rng(0)
+  batch, k = 32, 1000
+  z = jnp.asarray(rng.normal(size=(batch, k)), jnp.float32)
+  aux = jnp.asarray(make_aux(rng, (batch, k)))
+  total = _residual_bytes(lambda z: fn(z, aux), z)
+  inputs = z.nbytes + aux.nbytes
+  # At most two float32 and one int32 value per example beyond the inputs.
+  assert total <= inputs + 3 * 4 * batch, (total, inputs)
+
+
+def test_kernel_complement_swaps_the_set():
+  z = jnp.array([[0.3, -1.0, 2.0, 0.5]])
+  members = jnp.array([[True, False, True, False]])
+  np.testing.assert_array_equal(_partition_nll(z, members, True), _partition_nll(z, ~members, False))
+  labels = jnp.array([2])
+  np.testing.assert_array_equal(_partition_nll(z, labels, False),
+                                _partition_nll(z, jnp.arange(4) == labels[:, None], False))

@@ -1,0 +1,71 @@
+"""set_nll and complement_set_nll: values, gradients, and agreement with the label forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from experiments import accuracy_losses
+from jaxsoftmax.losses import complement_nll, complement_set_nll, nll, set_nll
+
+SET_CASES = [c for c in accuracy_losses.CASES if c.name in ("set_nll", "complement_set_nll")]
+
+
+@pytest.mark.parametrize("regime", sorted(accuracy_losses.REGIMES))
+@pytest.mark.parametrize("case", SET_CASES, ids=lambda c: c.name)
+def test_float32_value_within_ulps_times_condition_number(case, regime):
+  # Expected values: mpmath at 40 digits (experiments/reference.py).
+  rows = np.concatenate([accuracy_losses.measure(case, regime, 10, k, seed=k) for k in (2, 16, 64)])
+  assert len(rows) >= 25
+  assert rows[:, 0].max() <= 4.0, rows[rows[:, 0].argmax()]
+
+
+def test_singletons_equal_the_label_losses():
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(0, 5, (16, 7)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 7, 16))
+  onehot = jnp.arange(7) == y[:, None]
+  np.testing.assert_array_equal(set_nll(z, onehot), nll(z, y))
+  np.testing.assert_allclose(complement_set_nll(z, onehot), complement_nll(z, y), rtol=1e-7)
+  np.testing.assert_allclose(
+      jax.grad(lambda z: complement_set_nll(z, onehot).sum())(z),
+      jax.grad(lambda z: complement_nll(z, y).sum())(z), rtol=1e-6, atol=1e-12)
+
+
+def test_gradient_is_softmax_minus_restricted_softmax_float64():
+  # Closed form: d/dz (logsumexp(z) - logsumexp_S(z)) = softmax(z) - softmax(z | S).
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    z = jnp.asarray(rng.normal(0, 4, (8, 6)))
+    s = jnp.asarray(rng.random((8, 6)) < 0.5).at[:, 0].set(True)
+    expected = jax.nn.softmax(z) - jax.nn.softmax(jnp.where(s, z, -jnp.inf))
+    np.testing.assert_allclose(jax.grad(lambda z: set_nll(z, s).sum())(z), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fn", [set_nll, complement_set_nll], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("gap", [0.0, 9.0, -9.0])
+def test_gradients_match_finite_differences_float64(fn, gap):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(2)
+    s = jnp.array([[True, False, True, False, False], [False, True, True, True, False]])
+    z = jnp.asarray(rng.normal(0, 1, (2, 5))) + gap * s
+    check_grads(lambda z: fn(z, s), (z,), order=2, modes=["rev"])
+
+
+def test_a_set_far_below_the_top_gives_a_large_finite_loss():
+  # Members 1e4 below the top logit: -log P(S) = 1e4 + log(1 + ...) - log 2, not inf.
+  z = jnp.array([1e4, 0.0, 0.0, -5.0], jnp.float32)
+  s = jnp.array([False, True, True, False])
+  loss, grad = jax.value_and_grad(lambda z: set_nll(z, s))(z)
+  np.testing.assert_allclose(loss, 1e4 - np.log(2.0), rtol=1e-7)
+  np.testing.assert_allclose(grad, [1.0, -0.5, -0.5, 0.0], atol=1e-6)
+
+
+def test_empty_set_is_infinite_with_zero_gradient_and_full_set_is_zero():
+  z = jnp.array([1.0, 2.0, 3.0])
+  none, every = jnp.zeros(3, bool), jnp.ones(3, bool)
+  assert set_nll(z, none) == np.inf and complement_set_nll(z, every) == np.inf
+  assert set_nll(z, every) == 0.0 and complement_set_nll(z, none) == 0.0
+  for fn, s in ((set_nll, none), (complement_set_nll, every), (set_nll, every)):
+    np.testing.assert_array_equal(jax.grad(lambda z: fn(z, s))(z), 0.0)
