@@ -20,8 +20,8 @@ its precision as P(S) -> 1 and never vanishes while the loss is large.
 
 Members are either int32 labels (S = {label}; -1 marks an invalid label and gives
 NaN) or a boolean mask over classes. ``complement=True`` swaps S and its complement.
-The residuals are the logits, the members and the two logsumexps (two values per
-example), so the backward pass never stores a K-sized intermediate.
+The residuals are the exponentials (one per logit, in place of the logits), the
+members and four values per example.
 """
 
 from __future__ import annotations
@@ -38,47 +38,76 @@ def _in_set(members: jax.Array, num_classes: int) -> jax.Array:
   return members
 
 
-def _log_masses(logits, members, complement):
-  """Returns (a, b): logsumexp over S and over its complement, per example."""
-  num_classes = logits.shape[-1]
-  in_set = _in_set(members, num_classes)
+def _masked_max(masked_logits):
+  top = jnp.max(masked_logits, axis=-1)
+  return jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+
+
+def _split_logsumexp(logits, members):
+  """logsumexp over S and over its complement, sharing one exponential per logit.
+
+  This is ``jax.nn.logsumexp``'s algorithm (subtract a maximum, exponentiate, sum,
+  log) run on both sides of the partition at once, each side shifted by its own
+  maximum. It returns the exponentials too, so the backward pass reuses them: one
+  ``exp`` per logit for value and gradient together, as in autodiff of optax's
+  cross-entropy, where two ``jax.nn.logsumexp`` calls would need two.
+
+  Returns ``(a, b, e, sum_in, sum_out)``: ``a = logsumexp_S z``, ``b =
+  logsumexp_{not S} z``, ``e_k = exp(z_k - max of k's side)`` and the sums of ``e``
+  over each side. For a label, S = {label} needs no reduction: ``a`` is the label's
+  logit, its ``e`` entry is 0 (never read) and ``sum_in`` is 1.
+  """
+  in_set = _in_set(members, logits.shape[-1])
   if jnp.issubdtype(members.dtype, jnp.integer):
+    others = jnp.where(in_set, -jnp.inf, logits)
+    top_out = _masked_max(others)
+    e = jnp.exp(others - top_out[..., None])
+    sum_out = jnp.sum(e, axis=-1)
     safe = jnp.maximum(members, 0)[..., None]
     picked = jnp.take_along_axis(logits, safe, axis=-1)[..., 0]
-    a = jnp.where(members >= 0, picked, jnp.nan)
+    a = jnp.where(members >= 0, picked, jnp.nan)  # -1 marks an invalid label
+    sum_in = jnp.ones_like(a)
   else:
-    a = jax.nn.logsumexp(logits, axis=-1, where=in_set)
-  b = jax.nn.logsumexp(logits, axis=-1, where=~in_set)
+    top_in = _masked_max(jnp.where(in_set, logits, -jnp.inf))
+    top_out = _masked_max(jnp.where(in_set, -jnp.inf, logits))
+    e = jnp.exp(logits - jnp.where(in_set, top_in[..., None], top_out[..., None]))
+    sum_in = jnp.sum(jnp.where(in_set, e, 0.0), axis=-1)
+    sum_out = jnp.sum(jnp.where(in_set, 0.0, e), axis=-1)
+    a = top_in + jnp.log(sum_in)
+  b = top_out + jnp.log(sum_out)
+  return a, b, e, sum_in, sum_out
+
+
+def _forward(logits, members, complement):
+  a, b, e, sum_in, sum_out = _split_logsumexp(logits, members)
   if complement:
-    a, b = b, a
-  return a, b
+    a, b, sum_in, sum_out = b, a, sum_out, sum_in
+  return jax.nn.softplus(b - a), (e, members, a, b, sum_in, sum_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _partition_nll(logits, members, complement):
   """-log P(S) per example; S from ``members``, swapped when ``complement``."""
-  a, b = _log_masses(logits, members, complement)
-  return jax.nn.softplus(b - a)
+  return _forward(logits, members, complement)[0]
 
 
 def _partition_nll_fwd(logits, members, complement):
-  a, b = _log_masses(logits, members, complement)
-  return jax.nn.softplus(b - a), (logits, members, a, b)
+  return _forward(logits, members, complement)
 
 
 def _partition_nll_bwd(complement, residuals, g):
-  logits, members, a, b = residuals
-  in_set = _in_set(members, logits.shape[-1])
-  if complement:
-    in_set = ~in_set
+  e, members, a, b, sum_in, sum_out = residuals
+  is_member = _in_set(members, e.shape[-1])
+  in_set = ~is_member if complement else is_member
   not_s = jax.nn.sigmoid(b - a)[..., None]  # P(not S)
-  a_ = jnp.where(jnp.isfinite(a), a, 0.0)[..., None]
-  b_ = jnp.where(jnp.isfinite(b), b, 0.0)[..., None]
-  # Exponents masked before exp, so no discarded branch can overflow: grad of grad
-  # stays finite.
-  p_out = jnp.exp(jnp.where(in_set, -jnp.inf, logits - b_))
-  q_in = jnp.exp(jnp.where(in_set, logits - a_, -jnp.inf))
-  grad = not_s * (p_out - q_in)
+  # e / sum is the softmax restricted to k's own side: p_k / P(not S) outside S,
+  # p_k / P(S) inside. Each e_k <= 1, so nothing here can overflow.
+  restricted = e / jnp.where(in_set, sum_in[..., None], sum_out[..., None])
+  if jnp.issubdtype(members.dtype, jnp.integer):
+    # A label's side is a singleton: its restricted softmax is exactly 1 (and stays
+    # constant when this rule is itself differentiated).
+    restricted = jnp.where(is_member, 1.0, restricted)
+  grad = not_s * jnp.where(in_set, -restricted, restricted)
   # a == -inf: S has probability 0 (loss +inf) or no class is admissible (loss NaN).
   # The gradient there is zero by convention, so -inf logits never receive NaN.
   grad = jnp.where((a == -jnp.inf)[..., None], 0.0, grad)
