@@ -43,6 +43,16 @@ def _masked_max(masked_logits):
   return jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
 
 
+def _log(total):
+  """log of a sum of exponentials: -inf for an empty sum, with a finite derivative.
+
+  The inner select keeps log's derivative 1/0 out of the discarded branch, so
+  differentiating this (for grad of grad) never forms 0 * inf.
+  """
+  positive = total > 0
+  return jnp.where(positive, jnp.log(jnp.where(positive, total, 1.0)), -jnp.inf)
+
+
 def _split_logsumexp(logits, members):
   """logsumexp over S and over its complement, sharing one exponential per logit.
 
@@ -73,8 +83,8 @@ def _split_logsumexp(logits, members):
     e = jnp.exp(logits - jnp.where(in_set, top_in[..., None], top_out[..., None]))
     sum_in = jnp.sum(jnp.where(in_set, e, 0.0), axis=-1)
     sum_out = jnp.sum(jnp.where(in_set, 0.0, e), axis=-1)
-    a = top_in + jnp.log(sum_in)
-  b = top_out + jnp.log(sum_out)
+    a = top_in + _log(sum_in)
+  b = top_out + _log(sum_out)
   return a, b, e, sum_in, sum_out
 
 
@@ -101,12 +111,17 @@ def _partition_nll_bwd(complement, residuals, g):
   in_set = ~is_member if complement else is_member
   not_s = jax.nn.sigmoid(b - a)[..., None]  # P(not S)
   # e / sum is the softmax restricted to k's own side: p_k / P(not S) outside S,
-  # p_k / P(S) inside. Each e_k <= 1, so nothing here can overflow.
-  restricted = e / jnp.where(in_set, sum_in[..., None], sum_out[..., None])
+  # p_k / P(S) inside. Each e_k <= 1, so nothing here can overflow. A side whose
+  # logits are all -inf has e = 0 and sum 0: dividing by 1 there gives its entries
+  # 0 rather than 0/0 (also when this rule is itself differentiated).
+  safe = lambda total: jnp.where(total > 0, total, 1.0)[..., None]
   if jnp.issubdtype(members.dtype, jnp.integer):
     # A label's side is a singleton: its restricted softmax is exactly 1 (and stays
     # constant when this rule is itself differentiated).
-    restricted = jnp.where(is_member, 1.0, restricted)
+    others = safe(sum_in if complement else sum_out)
+    restricted = jnp.where(is_member, 1.0, e / others)
+  else:
+    restricted = e / jnp.where(in_set, safe(sum_in), safe(sum_out))
   grad = not_s * jnp.where(in_set, -restricted, restricted)
   # a == -inf: S has probability 0 (loss +inf) or no class is admissible (loss NaN).
   # The gradient there is zero by convention, so -inf logits never receive NaN.

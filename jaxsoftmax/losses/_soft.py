@@ -18,14 +18,15 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
+from jaxsoftmax.losses._partition import _split_logsumexp
 
 
 def _neg_log_probs(logits, top):
   """Returns (-log p, u) with ``u = logsumexp_{k != j} z_k - z_j`` for ``j = top``."""
   is_top = top[..., None] == jnp.arange(logits.shape[-1])
-  z_top = jnp.take_along_axis(logits, top[..., None], axis=-1)
-  u = jax.nn.logsumexp(logits, axis=-1, where=~is_top) - z_top[..., 0]
-  gap = jnp.where(is_top, 0.0, z_top - logits)
+  z_top, lse_others, _, _, _ = _split_logsumexp(logits, top.astype(jnp.int32))
+  u = lse_others - z_top
+  gap = jnp.where(is_top, 0.0, z_top[..., None] - logits)
   return gap + jax.nn.softplus(u)[..., None], u, is_top
 
 

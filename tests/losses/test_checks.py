@@ -118,3 +118,23 @@ def test_probability_zero_events():
   none = jnp.zeros(3, bool)
   loss, grad = jax.value_and_grad(lambda z: losses.nll(z, 0, where=none))(z)
   assert np.isnan(loss) and np.all(grad == 0.0)
+
+
+def test_a_side_of_only_minus_inf_logits_gets_zero_gradient(loss_case):
+  # Raw -inf logits (no where mask) on every class but one: the loss is 0 or +inf
+  # and every gradient entry, first and second order, is finite and 0 at -inf.
+  name, fn, _ = loss_case
+  z = jnp.array([[1.5, -jnp.inf, -jnp.inf]])
+  aux = {
+      "nll": jnp.array([0]), "complement_nll": jnp.array([0]), "negated_nll": jnp.array([0]),
+      "set_nll": jnp.array([[True, False, False]]),
+      "complement_set_nll": jnp.array([[True, False, False]]),
+      "soft_cross_entropy": jnp.array([[1.0, 0.0, 0.0]]),
+      "multilabel_softmax_cross_entropy": jnp.array([[True, False, False]]),
+      "sigmoid_binary_cross_entropy": jnp.array([[1.0, 0.0, 0.0]]),
+  }[name]
+  grad = jax.grad(lambda z: fn(z, aux).sum())(z)
+  assert np.all(np.isfinite(grad)) and np.all(grad[:, 1:] == 0.0)
+  grad2 = jax.grad(lambda z: jax.grad(lambda z: fn(z, aux).sum())(z).sum())(z)
+  assert np.all(np.isfinite(grad2))
+
