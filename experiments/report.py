@@ -1,0 +1,119 @@
+"""Files an experiment leaves in its workdir, for a person and for a program.
+
+- ``config.json``: the resolved config.
+- ``metrics.jsonl``: one JSON object per evaluation per (regime, seed).
+- ``results.json``: the final evaluation of every run, the config, the device count
+  and the wall time.
+- ``summary.md``: regime by test accuracy, test NLL and divergences, mean and sample
+  standard deviation over seeds.
+- ``curves.png``: test accuracy and training loss against step, a band over seeds.
+
+Whole files are written atomically (a temporary file in the same folder, then a
+rename), so an interrupted run never leaves a half-written one behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename."""
+  path = Path(path)
+  data = text.encode() if isinstance(text, str) else text
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def to_json(value: Any) -> str:
+  """Strict JSON (no NaN or infinity), indented."""
+  return json.dumps(value, indent=2, allow_nan=False) + "\n"
+
+
+def _mean_std(values) -> str:
+  x = np.array([np.nan if v is None else v for v in values], float)
+  finite = x[np.isfinite(x)]
+  if finite.size == 0:
+    return "n/a"
+  std = finite.std(ddof=1) if finite.size > 1 else 0.0
+  missing = f" ({x.size - finite.size} not finite)" if finite.size < x.size else ""
+  return f"{finite.mean():.4f} ± {std:.4f}{missing}"
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+  """The regime table of ``results``, with a line saying what was run."""
+  c = results["config"]
+  lines = [f"# {c['protocol']} protocol on {c['dataset']}",
+           "",
+           f"Model {c['model']}, {c['num_seeds']} seeds, {c['steps']} steps"
+           + (f" x {c['feedback_rounds']} rounds" if c["feedback_rounds"] > 1 else "")
+           + f", batch {c['batch_size']}, {c['optimizer']} at learning rate {c['learning_rate']:g}; "
+           f"{results['num_devices']} device(s), {results['wall_seconds']:.1f} s.",
+           ""]
+  if "initial_model_test_accuracy" in results:
+    lines += [f"The model that made the judged predictions ({c['num_labeled']} labels, "
+              f"{c['initial_steps']} steps) had test accuracy "
+              f"{_mean_std(results['initial_model_test_accuracy'])}.", ""]
+  lines += ["| regime | positives | negatives | test accuracy | test NLL | diverged |",
+            "|---|---:|---:|---|---|---:|"]
+  for regime, r in results["regimes"].items():
+    diverged = sum(r["diverged"])
+    steps = [s for s in r["diverged_at_step"] if s is not None]
+    where = f" (steps {min(steps)}-{max(steps)})" if steps else ""
+    lines.append(f"| {regime} | {np.mean(r['num_positive']):.0f} | {np.mean(r['num_negative']):.0f} "
+                 f"| {_mean_std(r['test_accuracy'])} | {_mean_std(r['test_nll'])} "
+                 f"| {diverged}/{len(r['diverged'])}{where} |")
+  lines += ["",
+            "Mean ± sample standard deviation over seeds, on the test split, at the last step. "
+            "Positives and negatives are training examples per seed. A run diverges at the "
+            "first step whose loss or parameters are not finite or whose largest |logit| passes "
+            f"{c['logit_bound']:g}; it is then frozen, and its row reports the frozen model."]
+  return "\n".join(lines) + "\n"
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+  """Test accuracy and training loss against step: the mean over seeds and a min-max band."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  by_regime: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+  for r in records:
+    by_regime[r["regime"]][r["seed"]][r["step"]] = r
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for i, (regime, seeds) in enumerate(by_regime.items()):
+    colour = f"C{i}"
+    steps = sorted({s for runs in seeds.values() for s in runs})
+    for ax, key in zip(axes, ("test_accuracy", "train_loss")):
+      v = np.array([[np.nan if runs.get(s, {}).get(key) is None else runs[s][key] for s in steps]
+                    for runs in seeds.values()], float)
+      with warnings.catch_warnings():  # all-NaN columns: every seed diverged
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, lo, hi = np.nanmean(v, 0), np.nanmin(v, 0), np.nanmax(v, 0)
+      ax.plot(steps, mean, color=colour, label=regime)
+      ax.fill_between(steps, lo, hi, color=colour, alpha=0.2, linewidth=0)
+  axes[0].set(xlabel="step", ylabel="test accuracy", title="test accuracy")
+  axes[1].set(xlabel="step", ylabel="training loss (symlog)", title="training loss", yscale="symlog")
+  axes[0].legend(loc="lower right")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+  plt.close(fig)
+  os.replace(path.with_suffix(".tmp.png"), path)

@@ -1,0 +1,185 @@
+"""Training many runs at once: one jitted step, vmapped over stacked model states.
+
+A *run* is one (regime, seed) pair. Its parameters, optimizer state, random key and
+divergence record are stacked with every other run's on a leading axis, and
+``jax.vmap`` turns the single-run :meth:`Trainer.step` into one compiled program for
+all of them; :meth:`Trainer.train` scans ``eval_every`` such steps per call.
+
+Divergence is recorded, not raised: a step whose loss or new parameters are not
+finite, or whose largest training logit magnitude passes ``config.logit_bound``,
+marks its run as diverged at that step and freezes it at its last parameters, while
+every other run carries on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from experiments import config as config_lib
+from experiments import protocols
+from experiments.data import Dataset
+from jaxsoftmax import losses
+from jaxsoftmax.models import CNN, MLP
+
+POSITIVE_ONLY, NEGATED_GRADIENT, COMPLEMENT_LIKELIHOOD = range(3)
+REGIME_IDS = dict(zip(config_lib.REGIMES, range(3)))
+
+
+def make_model(config: ml_collections.ConfigDict, dataset: Dataset, rngs: nnx.Rngs) -> nnx.Module:
+  """The config's model for the dataset's input shape and classes."""
+  if config.model == "mlp":
+    return MLP(dataset.input_shape, dataset.num_classes, hidden=tuple(config.hidden), rngs=rngs)
+  return CNN(dataset.input_shape, dataset.num_classes, channels=tuple(config.channels),
+             kernel_size=config.kernel_size or None, rngs=rngs)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """Adam (AdamW when ``weight_decay > 0``) or SGD with momentum 0.9, on the config's schedule."""
+  lr = config.learning_rate
+  if config.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, lr, config.warmup_steps, total_steps)
+  elif config.warmup_steps:
+    lr = optax.linear_schedule(0.0, lr, config.warmup_steps)
+  if config.optimizer == "adam":
+    return optax.adamw(lr, weight_decay=config.weight_decay)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr, momentum=0.9))
+
+
+def example_losses(logits: jax.Array, examples: protocols.Examples, regime: jax.Array) -> jax.Array:
+  """The per-example training loss of a regime: NLL on positives, and on negatives
+
+  nothing (``positive_only``), ``negated_nll`` (``negated_gradient``) or
+  ``complement_nll`` (``complement_likelihood``). Empty slots give 0.
+  """
+  label = jnp.where(examples.kind == protocols.EMPTY, 0, examples.label)
+  positive = losses.nll(logits, label)
+  negative = jnp.where(regime == NEGATED_GRADIENT, losses.negated_nll(logits, label),
+                       losses.complement_nll(logits, label))
+  negative = jnp.where(regime == POSITIVE_ONLY, 0.0, negative)
+  return jnp.where(examples.kind == protocols.POSITIVE, positive,
+                   jnp.where(examples.kind == protocols.NEGATIVE, negative, 0.0))
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _select(pred, on_true, on_false):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+class RunState(NamedTuple):
+  """One run's training state; stacked on a leading axis for many runs."""
+  params: Any
+  opt_state: Any
+  key: jax.Array
+  step: jax.Array          # int32, steps taken (frozen runs count on)
+  alive: jax.Array         # bool, False once diverged
+  diverged_at: jax.Array   # int32, the step that diverged, -1 if none
+
+
+class StepStats(NamedTuple):
+  loss: jax.Array          # the batch's mean training loss
+  max_logit: jax.Array     # the batch's largest |logit|
+  alive: jax.Array         # whether the run was alive before this step
+
+
+class Trainer:
+  """The model, optimizer and data of one experiment, and its jitted functions.
+
+  Args:
+    config: a validated experiment config.
+    dataset: the data; its splits are put on the default device once.
+    total_steps: the length of the learning-rate schedule.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, dataset: Dataset, total_steps: int):
+    self.config = config
+    self.dataset = dataset
+    self.optimizer = make_optimizer(config, total_steps)
+    self.graphdef = nnx.graphdef(make_model(config, dataset, nnx.Rngs(0)))
+    self.x_train = jnp.asarray(dataset.x_train)
+    self.x_test = jnp.asarray(dataset.x_test)
+    self.y_test = jnp.asarray(dataset.y_test)
+    self.batch_step = jax.jit(jax.vmap(self.step, in_axes=(0, 0, 0, None)))
+    self._train = jax.jit(self._train_impl, static_argnames="length")
+    self.evaluate = jax.jit(jax.vmap(self.evaluate_one, in_axes=(0, None, None)))
+    self.predict = jax.jit(jax.vmap(self.predict_one, in_axes=(0, None)))
+
+  def init(self, init_keys: jax.Array, train_keys: jax.Array) -> RunState:
+    """Fresh stacked states, one per key: parameters from ``init_keys``, batches from ``train_keys``."""
+    def one(init_key, train_key):
+      params = nnx.state(make_model(self.config, self.dataset, nnx.Rngs(init_key)), nnx.Param)
+      return RunState(params, self.optimizer.init(params), train_key, jnp.int32(0),
+                      jnp.bool_(True), jnp.int32(-1))
+    return jax.jit(jax.vmap(one))(init_keys, train_keys)
+
+  def logits(self, params, x: jax.Array) -> jax.Array:
+    return nnx.merge(self.graphdef, params)(x)
+
+  def step(self, state: RunState, examples: protocols.Examples, regime: jax.Array,
+           x_train: jax.Array) -> tuple[RunState, StepStats]:
+    """One optimizer step of one run, on a batch drawn from its usable examples."""
+    key, batch_key = jax.random.split(state.key)
+    usable = jnp.where(regime == POSITIVE_ONLY, examples.kind == protocols.POSITIVE,
+                       examples.kind != protocols.EMPTY)
+    p = usable / jnp.sum(usable)
+    slots = jax.random.choice(batch_key, p.shape[0], (self.config.batch_size,), p=p)
+    batch = jax.tree.map(lambda a: a[slots], examples)
+    x = x_train[slots % x_train.shape[0]]
+
+    def objective(params):
+      logits = self.logits(params, x)
+      return jnp.mean(example_losses(logits, batch, regime)), jnp.max(jnp.abs(logits))
+
+    (loss, max_logit), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = (jnp.isfinite(loss) & _all_finite(params)
+          & (max_logit <= self.config.logit_bound))
+    keep = state.alive & ok
+    step = state.step + 1
+    new_state = RunState(
+        params=_select(keep, params, state.params),
+        opt_state=_select(keep, opt_state, state.opt_state),
+        key=key, step=step, alive=keep,
+        diverged_at=jnp.where(state.alive & ~ok, step, state.diverged_at))
+    return new_state, StepStats(loss, max_logit, state.alive)
+
+  def _train_impl(self, state, examples, regimes, x_train, length):
+    def body(state, _):
+      return self.batch_step(state, examples, regimes, x_train)
+    return jax.lax.scan(body, state, None, length=length)
+
+  def train(self, state: RunState, examples: protocols.Examples, regimes: jax.Array,
+            length: int) -> tuple[RunState, StepStats]:
+    """``length`` steps of every run in one compiled scan; stats are ``[length, runs]``."""
+    return self._train(state, examples, regimes, self.x_train, length=length)
+
+  def evaluate_one(self, params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+    """Accuracy, mean NLL and largest |logit| on (x, y), and the parameters' L2 norm."""
+    logits = self.logits(params, x)
+    return {
+        "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+        "test_nll": jnp.mean(losses.nll(logits, y)),
+        "test_max_logit": jnp.max(jnp.abs(logits)),
+        "param_norm": optax.tree.norm(params),
+    }
+
+  def test_metrics(self, state: RunState) -> dict[str, jax.Array]:
+    """:meth:`evaluate_one` on the test split for every run, each ``[runs]``."""
+    return self.evaluate(state.params, self.x_test, self.y_test)
+
+  def predict_one(self, params, x: jax.Array) -> jax.Array:
+    return jnp.argmax(self.logits(params, x), -1).astype(jnp.int32)
+
+  def train_predictions(self, state: RunState) -> jax.Array:
+    """Every run's predicted class for every training input, ``[runs, n]``."""
+    return self.predict(state.params, self.x_train)
+
