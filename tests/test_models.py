@@ -9,7 +9,7 @@ from flax import nnx
 
 from experiments import data
 from jaxsoftmax import losses
-from jaxsoftmax.models import CNN, MLP
+from jaxsoftmax.models import CNN, MLP, conv_as_matmul
 
 
 @pytest.mark.parametrize("make", [
@@ -50,3 +50,13 @@ def test_trains_on_synthetic_with_nll_and_adam(model_cls):
   # Chance is 1/5; the clusters are well separated, so a trained model does far better.
   assert last < 0.5 * first
   assert accuracy > 0.8
+
+
+@pytest.mark.parametrize("shape, window, strides", [
+    ((4, 40, 1), (5,), 2), ((4, 40, 3), (3,), 1), ((2, 8, 8, 1), (3, 3), 2), ((2, 7, 9, 2), (3, 3), 1),
+])
+def test_conv_as_matmul_equals_nnx_conv(shape, window, strides):
+  conv = nnx.Conv(shape[-1], 6, window, strides=strides, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), shape)
+  # Reference: nnx.Conv itself (lax.conv_general_dilated).
+  np.testing.assert_allclose(conv_as_matmul(conv, x), conv(x), rtol=1e-5, atol=1e-5)
