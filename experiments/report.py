@@ -108,8 +108,9 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
         mean, lo, hi = np.nanmean(v, 0), np.nanmin(v, 0), np.nanmax(v, 0)
       ax.plot(steps, mean, color=colour, label=regime)
       ax.fill_between(steps, lo, hi, color=colour, alpha=0.2, linewidth=0)
-  axes[0].set(xlabel="step", ylabel="test accuracy", title="test accuracy")
-  axes[1].set(xlabel="step", ylabel="training loss (symlog)", title="training loss", yscale="symlog")
+  axes[0].set(xlabel="step", ylabel="test accuracy", title="test accuracy (mean, min-max over seeds)")
+  axes[1].set(xlabel="step", ylabel="training loss (symlog)", title="training loss (mean, min-max over seeds)")
+  axes[1].set_yscale("symlog", linthresh=1e-3)
   axes[0].legend(loc="lower right")
   if title:
     fig.suptitle(title)
