@@ -54,10 +54,9 @@ def initial_model_predictions(config, dataset, keys, labeled, progress=None):
   examples = protocols.labeled_only(jnp.broadcast_to(y, labeled.shape), labeled)
   regimes = jnp.full(config.num_seeds, REGIME_IDS["positive_only"])
   state = trainer.init(keys["init"], keys["batches"])
-  for length in _chunks(config.initial_steps, max(config.eval_every, 1000)):
-    state, _ = trainer.train(state, examples, regimes, length)
-    if progress is not None:
-      progress.update(length)
+  state, _ = trainer.train(state, examples, regimes, config.initial_steps)
+  if progress is not None:
+    progress.update(config.initial_steps)
   accuracy = trainer.test_metrics(state)["test_accuracy"]
   return trainer.train_predictions(state), accuracy
 
@@ -141,6 +140,7 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     return records
 
   records = evaluate(0, None)
+  best = [r["test_accuracy"] for r in records]
   for round_ in range(rounds):
     if round_ > 0:
       examples = protocols.judge(examples, trainer.train_predictions(state), y, round_)
@@ -148,6 +148,7 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
       state, stats = trainer.train(state, examples, run_regimes, length)
       bar.update(length)
       records = evaluate(round_ + 1, jax.device_get(stats))
+      best = [max(b, r["test_accuracy"]) for b, r in zip(best, records)]
   bar.close()
 
   positives, negatives = jax.device_get(examples.counts())
@@ -159,6 +160,7 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         for key in ("test_accuracy", "test_nll", "train_loss", "max_logit", "param_norm",
                     "diverged", "diverged_at_step")
     }
+    results["regimes"][regime]["best_test_accuracy"] = best[i * seeds:(i + 1) * seeds]
     results["regimes"][regime]["num_positive"] = [int(c) for c in positives[i * seeds:(i + 1) * seeds]]
     results["regimes"][regime]["num_negative"] = [int(c) for c in negatives[i * seeds:(i + 1) * seeds]]
   results["num_train"] = n

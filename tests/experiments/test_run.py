@@ -164,3 +164,13 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_to_json_refuses_nan():
   with pytest.raises(ValueError):
     report.to_json({"loss": float("nan")})
+
+
+def test_best_test_accuracy_is_the_best_evaluation_per_seed(feedback_run):
+  workdir, results = feedback_run
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  for regime, r in results["regimes"].items():
+    for seed, best in enumerate(r["best_test_accuracy"]):
+      # Expected: the maximum over that run's lines in metrics.jsonl.
+      assert best == max(l["test_accuracy"] for l in lines
+                         if l["regime"] == regime and l["seed"] == seed)
