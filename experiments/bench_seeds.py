@@ -60,7 +60,7 @@ def bench(dataset_name: str, model: str, seeds: int, batch_size: int, steps: int
   single, single_compile = _compile(trainer.step, states[0], one, regime, x)
   batched, batched_compile = _compile(jax.vmap(trainer.step, in_axes=(0, 0, 0, None)),
                                       state, examples, regimes, x)
-  scanned, scanned_compile = _compile(lambda *a: trainer._train_impl(*a, length=chunk),
+  scanned, scanned_compile = _compile(lambda *a: trainer.train_steps(*a, length=chunk),
                                       state, examples, regimes, x)
 
   def loop():

@@ -94,8 +94,9 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     progress: whether to show a progress bar with each regime's mean test accuracy.
 
   Returns:
-    ``{"regimes": {regime: {metric: [one per seed]}}, "examples": ..., ...}``: the
-    final evaluation of every run, ready for ``results.json``.
+    ``{"regimes": {regime: {metric: [one per seed]}}, "num_train": ..., "num_test": ...}``
+    (and ``initial_model_test_accuracy`` for the feedback protocol): the final
+    evaluation of every run, ready for ``results.json``.
   """
   regimes, seeds = tuple(config.regimes), config.num_seeds
   rounds, n = config.feedback_rounds, len(dataset.y_train)
@@ -113,18 +114,23 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
   state = trainer.init(tile(keys["init"]), tile(keys["batches"]))
   y = jnp.asarray(dataset.y_train)
 
+  def per_regime(values):
+    """Splits a per-run sequence into one list of seeds per regime (runs are regime-major)."""
+    return {r: list(values[i * seeds:(i + 1) * seeds]) for i, r in enumerate(regimes)}
+
   def evaluate(round_, stats):
-    metrics = jax.device_get(trainer.test_metrics(state))
-    alive = jax.device_get(state.alive)
-    diverged_at = jax.device_get(state.diverged_at)
+    # One transfer from the device per evaluation.
+    metrics, alive, diverged_at, steps, stats = jax.device_get(
+        (trainer.test_metrics(state), state.alive, state.diverged_at, state.step, stats))
     if stats is not None:
-      was_alive = np.asarray(stats.alive)
-      with np.errstate(invalid="ignore"):
-        loss = np.where(was_alive.any(0), np.sum(np.where(was_alive, stats.loss, 0), 0)
-                        / np.maximum(was_alive.sum(0), 1), np.nan)
-        max_logit = np.max(np.where(was_alive, stats.max_logit, -np.inf), 0)
+      # Training loss and largest logit over the steps each run was alive for.
+      live = stats.alive.sum(0)
+      with np.errstate(invalid="ignore"):  # inf - inf in a diverging step's loss
+        loss = np.where(live > 0, np.where(stats.alive, stats.loss, 0).sum(0) / np.maximum(live, 1),
+                        np.nan)
+      max_logit = np.where(stats.alive, stats.max_logit, -np.inf).max(0)
     records = []
-    step = int(jax.device_get(state.step)[0])
+    step = int(steps[0])
     for run, regime in enumerate(np.repeat(regimes, seeds)):
       record = {"round": round_, "step": step, "regime": str(regime), "seed": run % seeds}
       record.update({k: _float(v[run]) for k, v in metrics.items()})
@@ -135,8 +141,8 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
       records.append(record)
     if on_eval is not None:
       on_eval(records)
-    bar.set_postfix({r.split("_")[0]: f"{np.mean(metrics['test_accuracy'][i * seeds:(i + 1) * seeds]):.3f}"
-                     for i, r in enumerate(regimes)})
+    bar.set_postfix({r.split("_")[0]: f"{np.mean(a):.3f}"
+                     for r, a in per_regime(metrics["test_accuracy"]).items()})
     return records
 
   records = evaluate(0, None)
@@ -147,22 +153,20 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     for length in _chunks(config.steps, config.eval_every):
       state, stats = trainer.train(state, examples, run_regimes, length)
       bar.update(length)
-      records = evaluate(round_ + 1, jax.device_get(stats))
+      records = evaluate(round_ + 1, stats)
       best = [max(b, r["test_accuracy"]) for b, r in zip(best, records)]
   bar.close()
 
   positives, negatives = jax.device_get(examples.counts())
-  results: dict[str, Any] = {"regimes": {}}
-  for i, regime in enumerate(regimes):
-    mine = records[i * seeds:(i + 1) * seeds]
-    results["regimes"][regime] = {
-        key: [r[key] for r in mine]
-        for key in ("test_accuracy", "test_nll", "train_loss", "max_logit", "param_norm",
-                    "diverged", "diverged_at_step")
-    }
-    results["regimes"][regime]["best_test_accuracy"] = best[i * seeds:(i + 1) * seeds]
-    results["regimes"][regime]["num_positive"] = [int(c) for c in positives[i * seeds:(i + 1) * seeds]]
-    results["regimes"][regime]["num_negative"] = [int(c) for c in negatives[i * seeds:(i + 1) * seeds]]
+  columns = {key: [r[key] for r in records]
+             for key in ("test_accuracy", "test_nll", "train_loss", "max_logit", "param_norm",
+                         "diverged", "diverged_at_step")}
+  columns["best_test_accuracy"] = best
+  columns["num_positive"] = [int(c) for c in positives]
+  columns["num_negative"] = [int(c) for c in negatives]
+  split = {key: per_regime(values) for key, values in columns.items()}
+  results: dict[str, Any] = {
+      "regimes": {r: {key: split[key][r] for key in columns} for r in regimes}}
   results["num_train"] = n
   results["num_test"] = len(dataset.y_test)
   results.update(notes)

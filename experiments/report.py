@@ -14,6 +14,7 @@ rename), so an interrupted run never leaves a half-written one behind.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -30,7 +31,10 @@ def write_atomic(path: Path, text: str | bytes) -> None:
   path = Path(path)
   data = text.encode() if isinstance(text, str) else text
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  umask = os.umask(0)
+  os.umask(umask)
   try:
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
@@ -117,6 +121,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
-  os.replace(path.with_suffix(".tmp.png"), path)
+  write_atomic(path, png.getvalue())

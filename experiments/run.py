@@ -92,10 +92,11 @@ def _run(config, dataset, workdir: Path, *, progress: bool) -> int:
   resolved = config.to_dict()
   report.write_atomic(workdir / "config.json", report.to_json(resolved))
   start = time.perf_counter()
-  metrics_path = workdir / "metrics.jsonl"
-  with open(metrics_path, "w") as metrics:
-    def on_eval(records):
-      for record in records:
+  records = []
+  with open(workdir / "metrics.jsonl", "w") as metrics:
+    def on_eval(new):
+      records.extend(new)
+      for record in new:
         metrics.write(json.dumps(record, allow_nan=False) + "\n")
       metrics.flush()
     results = run_experiment(config, dataset, on_eval=on_eval, progress=progress)
@@ -105,7 +106,6 @@ def _run(config, dataset, workdir: Path, *, progress: bool) -> int:
   report.write_atomic(workdir / "results.json", report.to_json(results))
   summary = report.summary_markdown(results)
   report.write_atomic(workdir / "summary.md", summary)
-  records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
   report.plot_curves(records, workdir / "curves.png",
                      title=f"{config.protocol} protocol on {config.dataset}, {config.num_seeds} seeds")
   print(summary)

@@ -52,10 +52,10 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
 
 
 def example_losses(logits: jax.Array, examples: protocols.Examples, regime: jax.Array) -> jax.Array:
-  """The per-example training loss of a regime: NLL on positives, and on negatives
+  """The per-example training loss of a regime; empty slots give 0.
 
-  nothing (``positive_only``), ``negated_nll`` (``negated_gradient``) or
-  ``complement_nll`` (``complement_likelihood``). Empty slots give 0.
+  Positives get ``nll``; negatives get nothing (``positive_only``), ``negated_nll``
+  (``negated_gradient``) or ``complement_nll`` (``complement_likelihood``).
   """
   label = jnp.where(examples.kind == protocols.EMPTY, 0, examples.label)
   positive = losses.nll(logits, label)
@@ -108,17 +108,20 @@ class Trainer:
     self.x_test = jnp.asarray(dataset.x_test)
     self.y_test = jnp.asarray(dataset.y_test)
     self.batch_step = jax.jit(jax.vmap(self.step, in_axes=(0, 0, 0, None)))
-    self._train = jax.jit(self._train_impl, static_argnames="length")
+    self._init = jax.jit(jax.vmap(self.init_one))
+    self._train = jax.jit(self.train_steps, static_argnames="length")
     self.evaluate = jax.jit(jax.vmap(self.evaluate_one, in_axes=(0, None, None)))
     self.predict = jax.jit(jax.vmap(self.predict_one, in_axes=(0, None)))
 
+  def init_one(self, init_key: jax.Array, train_key: jax.Array) -> RunState:
+    """A fresh state: parameters drawn from ``init_key``, batches from ``train_key``."""
+    params = nnx.state(make_model(self.config, self.dataset, nnx.Rngs(init_key)), nnx.Param)
+    return RunState(params, self.optimizer.init(params), train_key, jnp.int32(0),
+                    jnp.bool_(True), jnp.int32(-1))
+
   def init(self, init_keys: jax.Array, train_keys: jax.Array) -> RunState:
-    """Fresh stacked states, one per key: parameters from ``init_keys``, batches from ``train_keys``."""
-    def one(init_key, train_key):
-      params = nnx.state(make_model(self.config, self.dataset, nnx.Rngs(init_key)), nnx.Param)
-      return RunState(params, self.optimizer.init(params), train_key, jnp.int32(0),
-                      jnp.bool_(True), jnp.int32(-1))
-    return jax.jit(jax.vmap(one))(init_keys, train_keys)
+    """:meth:`init_one` for every pair of keys, stacked."""
+    return self._init(init_keys, train_keys)
 
   def logits(self, params, x: jax.Array) -> jax.Array:
     return nnx.merge(self.graphdef, params)(x)
@@ -152,7 +155,9 @@ class Trainer:
         diverged_at=jnp.where(state.alive & ~ok, step, state.diverged_at))
     return new_state, StepStats(loss, max_logit, state.alive)
 
-  def _train_impl(self, state, examples, regimes, x_train, length):
+  def train_steps(self, state: RunState, examples: protocols.Examples, regimes: jax.Array,
+                  x_train: jax.Array, length: int) -> tuple[RunState, StepStats]:
+    """``length`` vmapped steps of every run under ``lax.scan``; pure, for ``jax.jit``."""
     def body(state, _):
       return self.batch_step(state, examples, regimes, x_train)
     return jax.lax.scan(body, state, None, length=length)

@@ -6,6 +6,7 @@ outcome is the one stated in the experiment issue, not tuned to this run.
 
 import importlib.metadata
 import json
+import os
 
 import jax
 import numpy as np
@@ -174,3 +175,13 @@ def test_best_test_accuracy_is_the_best_evaluation_per_seed(feedback_run):
       # Expected: the maximum over that run's lines in metrics.jsonl.
       assert best == max(l["test_accuracy"] for l in lines
                          if l["regime"] == regime and l["seed"] == seed)
+
+
+def test_write_atomic_gives_the_umask_permissions(tmp_path):
+  old = os.umask(0o022)
+  try:
+    report.write_atomic(tmp_path / "results.json", "{}")
+  finally:
+    os.umask(old)
+  # Expected: 0o666 & ~0o022, as open() would give; mkstemp alone gives 0o600.
+  assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
