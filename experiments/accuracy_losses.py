@@ -20,6 +20,7 @@ import numpy as np
 
 from experiments import reference
 from jaxsoftmax import losses
+from jaxsoftmax.tree import balanced_tree
 
 EPS32 = float(np.finfo(np.float32).eps)
 # XLA flushes float32 subnormals to zero, so smaller losses are reported as 0.
@@ -113,6 +114,57 @@ def measure_sigmoid(n: int, seed: int = 0):
   return np.array(rows).reshape(-1, 3)
 
 
+def _far_and_middle(rng, n):
+  """One level's gap far below its rivals, the other's anywhere in the middle."""
+  far, middle = REGIMES["p(S) -> 0"](rng, n), REGIMES["middle"](rng, n)
+  swap = rng.random(n) < 0.5
+  return np.where(swap, middle, far), np.where(swap, far, middle)
+
+
+# (cluster gap, within-cluster gap) of the label over the best other entry; the
+# regimes are named by p_l = p(y = label) for both losses.
+HIERARCHICAL_REGIMES = {
+    "p_l -> 1": lambda rng, n: (REGIMES["p(S) -> 1"](rng, n), REGIMES["p(S) -> 1"](rng, n)),
+    "middle": lambda rng, n: (REGIMES["middle"](rng, n), REGIMES["middle"](rng, n)),
+    "p_l -> 0": _far_and_middle,
+}
+
+
+def measure_hierarchical(regime: str, n: int, k: int, complement: bool, seed: int = 0):
+  """The same rows for hierarchical_nll or hierarchical_complement_nll.
+
+  A balanced tree of ``k`` classes; each example's label is shifted by the regime's
+  gaps at both levels (its cluster among the clusters, itself inside its cluster).
+  """
+  rng = np.random.default_rng(seed)
+  tree = balanced_tree(k)
+  u = rng.normal(0.0, 3.0, (n, tree.num_clusters))
+  w = rng.normal(0.0, 3.0, (n, tree.num_clusters, tree.max_size))
+  labels = rng.integers(0, k, n)
+  cluster, slot = tree.cluster_of[labels], tree.slot_of[labels]
+  rows_w = np.where(np.arange(tree.max_size) < tree.sizes[cluster][:, None],
+                    w[np.arange(n), cluster], -np.inf)
+  gap_u, gap_w = HIERARCHICAL_REGIMES[regime](rng, n)
+  for values, index, gap in ((u, cluster, gap_u), (rows_w, slot, gap_w)):
+    others = values.copy()
+    others[np.arange(n), index] = -np.inf
+    best = others.max(axis=1)
+    values[np.arange(n), index] = np.where(np.isfinite(best), best + gap, 0.0)
+  u, rows_w = u.astype(np.float32), rows_w.astype(np.float32)
+  fn = losses.hierarchical_complement_nll if complement else losses.hierarchical_nll
+  ours = np.asarray(jax.jit(fn, static_argnums=3)(u, rows_w, labels.astype(np.int32), tree), np.float64)
+  rows = []
+  for i in range(n):
+    loss, grad = reference.hierarchical(u[i].astype(np.float64), rows_w[i].astype(np.float64),
+                                        cluster[i], slot[i], complement)
+    if abs(loss) < TINY32:
+      continue
+    cond = reference.condition_number(np.concatenate([u[i], rows_w[i]]), loss, grad)
+    ulps = float(abs((ours[i] - loss) / loss)) / EPS32
+    rows.append((ulps / (1.0 + cond), ulps, cond))
+  return np.array(rows).reshape(-1, 3)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", type=int, default=40, help="examples per loss, regime and K")
@@ -135,6 +187,14 @@ def main(argv=None):
   worst = max(worst, rows[:, 0].max())
   print(f"| sigmoid_binary_cross_entropy | z in [-90, 90] | {len(rows)} "
         f"| {rows[:, 0].max():.2f} | {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
+  for complement in (False, True):
+    name = "hierarchical_complement_nll" if complement else "hierarchical_nll"
+    for regime in HIERARCHICAL_REGIMES:
+      rows = np.concatenate([measure_hierarchical(regime, args.cases, k, complement, seed=k)
+                             for k in args.classes])
+      worst = max(worst, rows[:, 0].max())
+      print(f"| {name} (balanced tree) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
+            f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
   print()
   print(f"worst case over all losses: {worst:.2f} ulps per unit of (1 + condition number)")
 

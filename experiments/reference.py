@@ -87,3 +87,28 @@ def condition_number(z, loss, grad) -> float:
   """Relative condition number of the loss in the logits: sum_k |z_k dl/dz_k| / |l|."""
   num = mp.fsum(abs(mp.mpf(float(zk)) * g) for zk, g in zip(z, grad) if mp.isfinite(zk))
   return float(num / abs(loss))
+
+
+def hierarchical(u, row, cluster, slot, complement):
+  """``-log p_l`` or ``-log(1 - p_l)`` for ``p_l = p(c) p(l | c)``, and its gradient.
+
+  ``u`` are the cluster logits, ``row`` the label's cluster row (padding at -inf),
+  ``cluster`` and ``slot`` the label's place in the tree. The gradient is over
+  ``u`` then ``row``, concatenated. ``1 - p_l = (1 - p(c)) + p(c) (1 - p(l | c))``
+  keeps every quantity a sum of positive terms.
+  """
+  _, e1, in1, out1 = _masses(u, np.arange(len(u)) == cluster)
+  _, e2, in2, out2 = _masses(row, np.arange(len(row)) == slot)
+  t1, t2 = in1 + out1, in2 + out2
+  p_c, not_c, q, not_q = in1 / t1, out1 / t1, in2 / t2, out2 / t2
+  if not complement:
+    loss = mp.log1p(out1 / in1) + mp.log1p(out2 / in2)
+    grad_u = [-not_c if k == cluster else x / t1 for k, x in enumerate(e1)]
+    grad_row = [-not_q if j == slot else x / t2 for j, x in enumerate(e2)]
+    return loss, grad_u + grad_row
+  rest = not_c + p_c * not_q
+  scale = p_c * q / rest   # d(-log(1 - p_l)) = dp_l / (1 - p_l), dp_l = p_l dlog p_l
+  grad_u = [scale * not_c if k == cluster else -scale * x / t1 for k, x in enumerate(e1)]
+  grad_row = [scale * not_q if j == slot else -scale * x / t2 for j, x in enumerate(e2)]
+  # -log(rest) = log(1 + p_l / rest): no 1 - tiny rounding when p_l is far below 1e-40.
+  return mp.log1p(scale), grad_u + grad_row

@@ -10,12 +10,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsoftmax.losses import hierarchical_log_softmax
+from jaxsoftmax.tree import ClassTree
+
 
 class MLP(nnx.Module):
   """Flattens the input, then ReLU hidden layers and a linear layer of logits.
 
+  Given a ``tree``, the output layer is a :class:`HierarchicalSoftmax` instead.
+
   Example:
     >>> from flax import nnx
+
+from jaxsoftmax.losses import hierarchical_log_softmax
+from jaxsoftmax.tree import ClassTree
     >>> import jax.numpy as jnp
     >>> model = MLP((8, 8), num_classes=10, hidden=(32,), rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((4, 8, 8))).shape
@@ -23,30 +31,39 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, input_shape: Sequence[int], num_classes: int, *,
-               hidden: Sequence[int] = (100, 100), rngs: nnx.Rngs):
+               hidden: Sequence[int] = (100, 100), tree: ClassTree | None = None,
+               rngs: nnx.Rngs):
     if num_classes < 1 or any(h < 1 for h in hidden):
       raise ValueError(f"num_classes and hidden sizes must be positive, got {num_classes}, {tuple(hidden)}.")
     self.input_shape = tuple(input_shape)
     sizes = (math.prod(self.input_shape), *hidden)
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+    self.head = make_head(sizes[-1], num_classes, tree, rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def features(self, x: jax.Array) -> jax.Array:
+    """The last hidden layer's activations, the head's input."""
     x = x.reshape(*x.shape[: x.ndim - len(self.input_shape)], -1)
     for layer in self.hidden:
       x = jax.nn.relu(layer(x))
-    return self.head(x)
+    return x
+
+  def __call__(self, x: jax.Array):
+    return self.head(self.features(x))
 
 
 class CNN(nnx.Module):
   """Strided ReLU convolutions over a 1-D signal ``[L]`` or a 2-D image ``[H, W]``.
 
   Each layer halves the spatial size; a linear layer maps the flattened features to
-  logits. With the defaults on a 1-D input it is the MNIST-1D paper's CNN (three
-  layers of 25 channels, kernel 5, stride 2).
+  logits (a :class:`HierarchicalSoftmax`, given a ``tree``). With the defaults on a
+  1-D input it is the MNIST-1D paper's CNN (three layers of 25 channels, kernel 5,
+  stride 2).
 
   Example:
     >>> from flax import nnx
+
+from jaxsoftmax.losses import hierarchical_log_softmax
+from jaxsoftmax.tree import ClassTree
     >>> import jax.numpy as jnp
     >>> model = CNN((40,), num_classes=10, rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((4, 40))).shape
@@ -55,7 +72,7 @@ class CNN(nnx.Module):
 
   def __init__(self, input_shape: Sequence[int], num_classes: int, *,
                channels: Sequence[int] = (25, 25, 25), kernel_size: int | None = None,
-               rngs: nnx.Rngs):
+               tree: ClassTree | None = None, rngs: nnx.Rngs):
     self.input_shape = tuple(input_shape)
     rank = len(self.input_shape)
     if rank not in (1, 2):
@@ -69,14 +86,33 @@ class CNN(nnx.Module):
     spatial = self.input_shape
     for _ in channels:
       spatial = tuple(-(-s // 2) for s in spatial)  # SAME padding, stride 2
-    self.head = nnx.Linear(math.prod(spatial) * sizes[-1], num_classes, rngs=rngs)
+    self.head = make_head(math.prod(spatial) * sizes[-1], num_classes, tree, rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def features(self, x: jax.Array) -> jax.Array:
+    """The flattened last convolution's activations, the head's input."""
     batch = x.shape[: x.ndim - len(self.input_shape)]
     x = x.reshape(-1, *self.input_shape, 1)
     for conv in self.convs:
       x = jax.nn.relu(conv_as_matmul(conv, x))
-    return self.head(x.reshape(*batch, -1))
+    return x.reshape(*batch, -1)
+
+  def __call__(self, x: jax.Array):
+    return self.head(self.features(x))
+
+
+def make_head(in_features: int, num_classes: int, tree: ClassTree | None,
+              rngs: nnx.Rngs) -> nnx.Module:
+  """A ``Linear`` layer of logits, or a :class:`HierarchicalSoftmax` over ``tree``.
+
+  With a tree, the model's call returns ``(cluster_logits, within_logits)``
+  instead of logits.
+  """
+  if tree is None:
+    return nnx.Linear(in_features, num_classes, rngs=rngs)
+  if tree.num_classes != num_classes:
+    raise ValueError(f"the class tree has {tree.num_classes} classes, but the model has "
+                     f"{num_classes}: cluster_of needs one entry per class.")
+  return HierarchicalSoftmax(in_features, tree, rngs=rngs)
 
 
 def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
@@ -103,3 +139,59 @@ def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   patches = jnp.concatenate(taps, axis=-1)       # [..., *out, prod(window) * C_in], window-major
   y = patches @ kernel.reshape(-1, kernel.shape[-1])
   return y + conv.bias[...] if conv.bias is not None else y
+
+
+class HierarchicalSoftmax(nnx.Module):
+  """A two-level softmax output layer: cluster logits and within-cluster logits.
+
+  ``p(y = l) = p(c) * p(l | c)`` with ``c`` the cluster of ``l`` in ``tree``. The
+  cluster layer is a ``Linear(in_features, C)``; each cluster ``c`` has its own
+  ``[in_features, M]`` kernel and ``[M]`` bias (``M`` the largest cluster's size;
+  the slots past a smaller cluster's size are never used).
+
+  Calling the head computes every logit (O(K) per example), for prediction and
+  :func:`~jaxsoftmax.losses.hierarchical_log_softmax`; :meth:`target_logits`
+  computes only the label's cluster row (O(C + M) per example, O(sqrt K) for a
+  balanced tree), which is all that :func:`~jaxsoftmax.losses.hierarchical_nll` and
+  :func:`~jaxsoftmax.losses.hierarchical_complement_nll` need.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from jaxsoftmax.losses import hierarchical_nll
+    >>> from jaxsoftmax.tree import balanced_tree
+    >>> head = HierarchicalSoftmax(16, balanced_tree(100), rngs=nnx.Rngs(0))
+    >>> x, y = jnp.ones((4, 16)), jnp.array([0, 5, 50, 99])
+    >>> cluster_logits, row = head.target_logits(x, y)
+    >>> cluster_logits.shape, row.shape
+    ((4, 10), (4, 10))
+    >>> head.log_probs(x).shape
+    (4, 100)
+    >>> bool(jnp.allclose(hierarchical_nll(cluster_logits, row, y, head.tree),
+    ...                   -head.log_probs(x)[jnp.arange(4), y], rtol=1e-5))
+    True
+  """
+
+  def __init__(self, in_features: int, tree: ClassTree, *, rngs: nnx.Rngs):
+    if not isinstance(tree, ClassTree):
+      raise TypeError(f"tree must be a jaxsoftmax.tree.ClassTree, got {type(tree).__name__}.")
+    self.tree = tree
+    self.clusters = nnx.Linear(in_features, tree.num_clusters, rngs=rngs)
+    init = jax.nn.initializers.lecun_normal(batch_axis=0)
+    self.kernel = nnx.Param(init(rngs.params(), (tree.num_clusters, in_features, tree.max_size)))
+    self.bias = nnx.Param(jnp.zeros((tree.num_clusters, tree.max_size)))
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(cluster_logits [..., C], within_logits [..., C, M])`` for features ``[..., D]``."""
+    within = jnp.einsum("...d,cdm->...cm", x, self.kernel[...]) + self.bias[...]
+    return self.clusters(x), within
+
+  def target_logits(self, x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(cluster_logits [..., C], row [..., M])``: only the labels' cluster rows."""
+    cluster = jnp.asarray(self.tree.cluster_of)[labels]
+    row = jnp.einsum("...d,...dm->...m", x, self.kernel[...][cluster]) + self.bias[...][cluster]
+    return self.clusters(x), row
+
+  def log_probs(self, x: jax.Array) -> jax.Array:
+    """Log-probabilities of all ``K`` classes, ``[..., K]``."""
+    return hierarchical_log_softmax(*self(x), self.tree)

@@ -9,7 +9,8 @@ from flax import nnx
 
 from experiments import data
 from jaxsoftmax import losses
-from jaxsoftmax.models import CNN, MLP, conv_as_matmul
+from jaxsoftmax.models import CNN, MLP, HierarchicalSoftmax, conv_as_matmul
+from jaxsoftmax.tree import ClassTree, balanced_tree
 
 
 @pytest.mark.parametrize("make", [
@@ -60,3 +61,50 @@ def test_conv_as_matmul_equals_nnx_conv(shape, window, strides):
   x = jax.random.normal(jax.random.key(1), shape)
   # Reference: nnx.Conv itself (lax.conv_general_dilated).
   np.testing.assert_allclose(conv_as_matmul(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hierarchical_head_rows_are_the_full_tables_rows():
+  tree = ClassTree.from_clusters([2, 0, 1, 0, 2, 2, 1])
+  head = HierarchicalSoftmax(6, tree, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 4, 6))
+  y = jnp.arange(12).reshape(3, 4) % 7
+  cluster_logits, within = head(x)
+  assert cluster_logits.shape == (3, 4, 3) and within.shape == (3, 4, 3, 3)
+  u, rows = head.target_logits(x, y)
+  np.testing.assert_allclose(u, cluster_logits, rtol=1e-6)
+  expected = jnp.take_along_axis(within, jnp.asarray(tree.cluster_of)[y][..., None, None], -2)[..., 0, :]
+  np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-6)
+  logp = head.log_probs(x)
+  np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_hierarchical_head_bad_arguments():
+  with pytest.raises(ValueError, match="the class tree has 9 classes, but the model has 10"):
+    MLP((4,), 10, tree=balanced_tree(9), rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="tree must be a jaxsoftmax.tree.ClassTree, got list"):
+    HierarchicalSoftmax(4, [0, 1], rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("model_cls", [MLP, CNN])
+def test_trains_on_synthetic_with_a_hierarchical_head(model_cls):
+  ds = data.load("synthetic")
+  tree = balanced_tree(ds.num_classes)
+  model = model_cls(ds.input_shape, ds.num_classes, tree=tree, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    def loss_fn(m):
+      return losses.hierarchical_nll(*m.head.target_logits(m.features(x), y), y, tree).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+  first = float(step(model, optimizer, x, y))
+  for _ in range(150):
+    last = float(step(model, optimizer, x, y))
+  predictions = jnp.argmax(model.head.log_probs(model.features(jnp.asarray(ds.x_test))), -1)
+  # As for the softmax head above: chance is 1/5 and the clusters are well separated.
+  assert last < 0.5 * first
+  assert float(jnp.mean(predictions == ds.y_test)) > 0.8

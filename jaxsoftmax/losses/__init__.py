@@ -1,9 +1,14 @@
 """Exact softmax-family losses, each a pure function with a ``jax.custom_vjp`` rule.
 
 Classes lie on the last axis; every loss returns per-example values (the caller
-reduces) and takes a keyword-only ``where`` mask over classes.
+reduces); the flat losses take a keyword-only ``where`` mask over classes. The
+hierarchical losses take a head's cluster and within-cluster logits and a
+:class:`jaxsoftmax.tree.ClassTree`.
 """
 
+from jaxsoftmax.losses._hierarchical import hierarchical_complement_nll
+from jaxsoftmax.losses._hierarchical import hierarchical_log_softmax
+from jaxsoftmax.losses._hierarchical import hierarchical_nll
 from jaxsoftmax.losses._label import complement_nll
 from jaxsoftmax.losses._label import negated_nll
 from jaxsoftmax.losses._label import nll
@@ -16,6 +21,9 @@ from jaxsoftmax.losses._soft import soft_cross_entropy
 __all__ = (
     "complement_nll",
     "complement_set_nll",
+    "hierarchical_complement_nll",
+    "hierarchical_log_softmax",
+    "hierarchical_nll",
     "multilabel_softmax_cross_entropy",
     "negated_nll",
     "nll",

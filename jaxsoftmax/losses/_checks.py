@@ -46,8 +46,11 @@ def as_logits(logits: ArrayLike, *, name: str = "logits") -> jax.Array:
   return logits
 
 
-def as_labels(labels: ArrayLike, logits: jax.Array) -> jax.Array:
+def as_labels(labels: ArrayLike, logits: jax.Array, num_classes: int | None = None) -> jax.Array:
   """Returns int32 labels with every label outside ``[0, K)`` replaced by -1.
+
+  ``K`` is ``num_classes`` when given (a hierarchical head, whose logits are not
+  one per class), else the logits' last axis; labels have shape ``logits.shape[:-1]``.
 
   Eagerly, a label outside ``[0, K)`` raises a ValueError naming the first one
   and its position. Under a transformation the values are unknown at trace time,
@@ -61,7 +64,8 @@ def as_labels(labels: ArrayLike, logits: jax.Array) -> jax.Array:
         f"labels shape {labels.shape} does not match logits shape {logits.shape}: "
         f"labels must have shape logits.shape[:-1] = {logits.shape[:-1]}."
     )
-  num_classes = logits.shape[-1]
+  if num_classes is None:
+    num_classes = logits.shape[-1]
   if is_concrete(labels):
     values = np.asarray(labels)
     bad = (values < 0) | (values >= num_classes)
