@@ -5,13 +5,17 @@ judge marks each prediction right (a positive example) or wrong (a negative exam
 "not that label"). Each regime then trains an MLP on those examples, 5 seeds at once.
 
     python -m experiments.run --config=configs/feedback_digits.py --workdir=runs/feedback_digits
+
+``configs/feedback_digits.py:hierarchical`` gives the MLP a hierarchical softmax head
+(a balanced tree of the 10 classes in 4 clusters) in place of its softmax layer.
 """
 
 from experiments import config
 
 
-def get_config():
+def get_config(head="softmax"):
   c = config.defaults()
+  c.head = head
   c.dataset = "digits"
   c.protocol = "feedback"
   c.model = "mlp"

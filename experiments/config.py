@@ -16,6 +16,7 @@ from experiments import data
 REGIMES = ("positive_only", "negated_gradient", "complement_likelihood")
 PROTOCOLS = ("feedback", "uniform", "biased", "supervised")
 MODELS = ("mlp", "cnn")
+HEADS = ("softmax", "hierarchical")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 
@@ -33,6 +34,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.hidden = (100, 100)         # MLP hidden layer sizes
   c.channels = (25, 25, 25)     # CNN channels, one strided convolution each
   c.kernel_size = 0             # CNN kernel size; 0: 5 for 1-D inputs, 3 for 2-D
+  c.head = "softmax"            # output layer: softmax, or hierarchical (two-level class tree)
+  c.num_clusters = 0            # hierarchical: balanced clusters; 0: ceil(sqrt(classes))
   c.regimes = REGIMES           # how negative examples are used, each of REGIMES
   c.num_seeds = 5               # seeds trained in parallel (jax.vmap)
   c.steps = 1000                # optimizer steps per regime (per feedback round)
@@ -76,6 +79,8 @@ _RULES = {
     "hidden": (_int_tuple, "a tuple of positive ints"),
     "channels": (lambda v: _int_tuple(v) and len(v) >= 1, "a non-empty tuple of positive ints"),
     "kernel_size": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
+    "num_clusters": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "regimes": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
                 and len(set(v)) == len(v) and all(r in REGIMES for r in v),
                 f"a non-empty tuple of distinct names from {', '.join(REGIMES)}"),
@@ -98,13 +103,16 @@ _RULES = {
 KEYS = tuple(_RULES)
 
 
-def validate(config: ml_collections.ConfigDict, num_train: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
+             num_classes: int | None = None) -> None:
   """Raises :class:`ConfigError` naming the first key that is unknown, missing or bad.
 
   Args:
     config: an experiment config.
     num_train: the size of the dataset's training split, when known, to check
       ``num_labeled`` against it.
+    num_classes: the dataset's number of classes, when known, to check
+      ``num_clusters`` against it.
   """
   values = config.to_dict()
   unknown = sorted(set(values) - set(_RULES))
@@ -123,6 +131,12 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None) ->
                       f"not {values['protocol']!r}.")
   if values["model"] == "cnn" and values["dataset"] == "synthetic":
     raise ConfigError("config.model: the synthetic dataset has flat features; use 'mlp'.")
+  if values["num_clusters"] and values["head"] != "hierarchical":
+    raise ConfigError(f"config.num_clusters: only the hierarchical head has clusters; "
+                      f"set config.head='hierarchical' or num_clusters=0, got {values['num_clusters']}.")
+  if num_classes is not None and values["num_clusters"] > num_classes:
+    raise ConfigError(f"config.num_clusters: must be at most the {num_classes} classes of "
+                      f"{values['dataset']!r} (no empty cluster), got {values['num_clusters']}.")
   if num_train is not None and values["num_labeled"] > num_train:
     raise ConfigError(f"config.num_labeled: must be at most the {num_train} training examples "
                       f"of {values['dataset']!r}, got {values['num_labeled']}.")

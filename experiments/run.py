@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     config_lib.validate(config)
     dataset = data.load(config.dataset)
-    config_lib.validate(config, len(dataset.y_train))
+    config_lib.validate(config, len(dataset.y_train), dataset.num_classes)
   except config_lib.ConfigError as e:
     return _error(str(e))
 

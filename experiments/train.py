@@ -26,17 +26,27 @@ from experiments import protocols
 from experiments.data import Dataset
 from jaxsoftmax import losses
 from jaxsoftmax.models import CNN, MLP
+from jaxsoftmax.tree import ClassTree, balanced_tree
 
 POSITIVE_ONLY, NEGATED_GRADIENT, COMPLEMENT_LIKELIHOOD = range(3)
 REGIME_IDS = dict(zip(config_lib.REGIMES, range(3)))
 
 
+def make_tree(config: ml_collections.ConfigDict, dataset: Dataset) -> ClassTree | None:
+  """The balanced class tree of a hierarchical head; None for a softmax head."""
+  if config.head != "hierarchical":
+    return None
+  return balanced_tree(dataset.num_classes, config.num_clusters or None)
+
+
 def make_model(config: ml_collections.ConfigDict, dataset: Dataset, rngs: nnx.Rngs) -> nnx.Module:
-  """The config's model for the dataset's input shape and classes."""
+  """The config's model and head for the dataset's input shape and classes."""
+  tree = make_tree(config, dataset)
   if config.model == "mlp":
-    return MLP(dataset.input_shape, dataset.num_classes, hidden=tuple(config.hidden), rngs=rngs)
+    return MLP(dataset.input_shape, dataset.num_classes, hidden=tuple(config.hidden),
+               tree=tree, rngs=rngs)
   return CNN(dataset.input_shape, dataset.num_classes, channels=tuple(config.channels),
-             kernel_size=config.kernel_size or None, rngs=rngs)
+             kernel_size=config.kernel_size or None, tree=tree, rngs=rngs)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -51,19 +61,40 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
   return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr, momentum=0.9))
 
 
+def _by_regime(kind, regime, positive, negated, complement):
+  negative = jnp.where(regime == NEGATED_GRADIENT, negated, complement)
+  negative = jnp.where(regime == POSITIVE_ONLY, 0.0, negative)
+  return jnp.where(kind == protocols.POSITIVE, positive,
+                   jnp.where(kind == protocols.NEGATIVE, negative, 0.0))
+
+
+def _labels(examples: protocols.Examples) -> jax.Array:
+  return jnp.where(examples.kind == protocols.EMPTY, 0, examples.label)
+
+
 def example_losses(logits: jax.Array, examples: protocols.Examples, regime: jax.Array) -> jax.Array:
   """The per-example training loss of a regime; empty slots give 0.
 
   Positives get ``nll``; negatives get nothing (``positive_only``), ``negated_nll``
   (``negated_gradient``) or ``complement_nll`` (``complement_likelihood``).
   """
-  label = jnp.where(examples.kind == protocols.EMPTY, 0, examples.label)
-  positive = losses.nll(logits, label)
-  negative = jnp.where(regime == NEGATED_GRADIENT, losses.negated_nll(logits, label),
-                       losses.complement_nll(logits, label))
-  negative = jnp.where(regime == POSITIVE_ONLY, 0.0, negative)
-  return jnp.where(examples.kind == protocols.POSITIVE, positive,
-                   jnp.where(examples.kind == protocols.NEGATIVE, negative, 0.0))
+  label = _labels(examples)
+  return _by_regime(examples.kind, regime, losses.nll(logits, label),
+                    losses.negated_nll(logits, label), losses.complement_nll(logits, label))
+
+
+def hierarchical_example_losses(cluster_logits: jax.Array, rows: jax.Array,
+                                examples: protocols.Examples, regime: jax.Array,
+                                tree: ClassTree) -> jax.Array:
+  """:func:`example_losses` through a class tree, from the labels' cluster rows.
+
+  Positives get ``hierarchical_nll``; negatives nothing, its negation, or
+  ``hierarchical_complement_nll``.
+  """
+  label = _labels(examples)
+  nll = losses.hierarchical_nll(cluster_logits, rows, label, tree)
+  return _by_regime(examples.kind, regime, nll, -nll,
+                    losses.hierarchical_complement_nll(cluster_logits, rows, label, tree))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -104,6 +135,7 @@ class Trainer:
     self.dataset = dataset
     self.optimizer = make_optimizer(config, total_steps)
     self.graphdef = nnx.graphdef(make_model(config, dataset, nnx.Rngs(0)))
+    self.tree = make_tree(config, dataset)
     self.x_train = jnp.asarray(dataset.x_train)
     self.x_test = jnp.asarray(dataset.x_test)
     self.y_test = jnp.asarray(dataset.y_test)
@@ -123,8 +155,41 @@ class Trainer:
     """:meth:`init_one` for every pair of keys, stacked."""
     return self._init(init_keys, train_keys)
 
-  def logits(self, params, x: jax.Array) -> jax.Array:
+  def logits(self, params, x: jax.Array):
+    """The model's output: logits, or ``(cluster_logits, within_logits)`` for a hierarchical head."""
     return nnx.merge(self.graphdef, params)(x)
+
+  def _valid_max(self, cluster_logits, within, cluster=None):
+    """The largest |logit| of a hierarchical head, padding slots left out."""
+    sizes = jnp.asarray(self.tree.sizes)
+    sizes = sizes[cluster] if cluster is not None else sizes
+    valid = jnp.arange(self.tree.max_size) < sizes[..., None]
+    return jnp.maximum(jnp.max(jnp.abs(cluster_logits)),
+                       jnp.max(jnp.where(valid, jnp.abs(within), 0.0)))
+
+  def training_losses(self, params, x: jax.Array, batch: protocols.Examples,
+                      regime: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example regime losses of a batch, and its largest |logit|.
+
+    A hierarchical head computes only the labels' cluster rows.
+    """
+    model = nnx.merge(self.graphdef, params)
+    if self.tree is None:
+      logits = model(x)
+      return example_losses(logits, batch, regime), jnp.max(jnp.abs(logits))
+    label = _labels(batch)
+    cluster_logits, rows = model.head.target_logits(model.features(x), label)
+    per_example = hierarchical_example_losses(cluster_logits, rows, batch, regime, self.tree)
+    cluster = jnp.asarray(self.tree.cluster_of)[label]
+    return per_example, self._valid_max(cluster_logits, rows, cluster)
+
+  def outputs(self, params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Class scores whose argmax is the prediction, the NLL of ``y``, the largest |logit|."""
+    out = self.logits(params, x)
+    if self.tree is None:
+      return out, losses.nll(out, y), jnp.max(jnp.abs(out))
+    return (losses.hierarchical_log_softmax(*out, self.tree),
+            losses.hierarchical_nll(*out, y, self.tree), self._valid_max(*out))
 
   def step(self, state: RunState, examples: protocols.Examples, regime: jax.Array,
            x_train: jax.Array) -> tuple[RunState, StepStats]:
@@ -138,8 +203,8 @@ class Trainer:
     x = x_train[slots % x_train.shape[0]]
 
     def objective(params):
-      logits = self.logits(params, x)
-      return jnp.mean(example_losses(logits, batch, regime)), jnp.max(jnp.abs(logits))
+      per_example, max_logit = self.training_losses(params, x, batch, regime)
+      return jnp.mean(per_example), max_logit
 
     (loss, max_logit), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -169,11 +234,11 @@ class Trainer:
 
   def evaluate_one(self, params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
     """Accuracy, mean NLL and largest |logit| on (x, y), and the parameters' L2 norm."""
-    logits = self.logits(params, x)
+    scores, nll, max_logit = self.outputs(params, x, y)
     return {
-        "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-        "test_nll": jnp.mean(losses.nll(logits, y)),
-        "test_max_logit": jnp.max(jnp.abs(logits)),
+        "test_accuracy": jnp.mean(jnp.argmax(scores, -1) == y),
+        "test_nll": jnp.mean(nll),
+        "test_max_logit": max_logit,
         "param_norm": optax.tree.norm(params),
     }
 
@@ -182,7 +247,9 @@ class Trainer:
     return self.evaluate(state.params, self.x_test, self.y_test)
 
   def predict_one(self, params, x: jax.Array) -> jax.Array:
-    return jnp.argmax(self.logits(params, x), -1).astype(jnp.int32)
+    out = self.logits(params, x)
+    scores = out if self.tree is None else losses.hierarchical_log_softmax(*out, self.tree)
+    return jnp.argmax(scores, -1).astype(jnp.int32)
 
   def train_predictions(self, state: RunState) -> jax.Array:
     """Every run's predicted class for every training input, ``[runs, n]``."""

@@ -44,7 +44,7 @@ def test_defaults_hold_every_key_the_issue_requires():
     ("learning_rate", 0.0), ("learning_rate", float("nan")), ("weight_decay", -0.1),
     ("schedule", "step"), ("warmup_steps", -1), ("num_labeled", 0), ("initial_steps", 0),
     ("feedback_rounds", 0), ("bias", 1.5), ("logit_bound", float("inf")), ("seed", -1),
-    ("eval_every", 0),
+    ("eval_every", 0), ("head", "adaptive"), ("num_clusters", -1),
 ])
 def test_bad_value_names_its_key(key, value):
   c = config.defaults()
@@ -85,3 +85,15 @@ def test_cross_key_checks():
   config.validate(c)
   with pytest.raises(config.ConfigError, match=r"^config\.num_labeled: must be at most the 1347"):
     config.validate(c, num_train=1347)
+
+
+def test_num_clusters_needs_the_hierarchical_head_and_at_most_k_clusters():
+  c = config.defaults()
+  c.num_clusters = 3
+  with pytest.raises(config.ConfigError, match=r"^config\.num_clusters: only the hierarchical head"):
+    config.validate(c)
+  c.head = "hierarchical"
+  config.validate(c, num_classes=10)
+  c.num_clusters = 11
+  with pytest.raises(config.ConfigError, match=r"^config\.num_clusters: must be at most the 10 classes"):
+    config.validate(c, num_classes=10)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import config as config_lib
 from experiments import report, run
 
 CONFIG = "configs/feedback_digits.py"
@@ -135,6 +136,19 @@ def test_tiny_runs_of_every_protocol(tmp_path):
     # supervised: all 500 synthetic inputs positive; otherwise 50 labeled, 450 wrong labels.
     want = (500, 0) if protocol == "supervised" else (50, 450)
     assert (r["num_positive"], r["num_negative"]) == ([want[0]] * 2, [want[1]] * 2)
+
+
+def test_hierarchical_head_runs_every_regime(tmp_path):
+  workdir = tmp_path / "hierarchical"
+  assert run.main([f"--config={CONFIG}:hierarchical", f"--workdir={workdir}", *TINY,
+                   "--config.steps=200", "--config.initial_steps=200",
+                   "--config.learning_rate=0.01"]) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["config"]["head"] == "hierarchical"
+  assert sorted(results["regimes"]) == sorted(config_lib.REGIMES)
+  for regime in ("positive_only", "complement_likelihood"):
+    accuracy = results["regimes"][regime]["test_accuracy"]
+    assert all(a > 0.6 for a in accuracy), (regime, accuracy)  # chance on synthetic is 0.2
 
 
 def test_two_feedback_rounds_add_examples_only_for_unresolved_inputs(tmp_path):

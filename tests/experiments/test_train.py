@@ -10,8 +10,9 @@ import pytest
 from experiments import config as config_lib
 from experiments import data, protocols
 from experiments.protocols import EMPTY, NEGATIVE, POSITIVE
-from experiments.train import REGIME_IDS, Trainer, example_losses
+from experiments.train import REGIME_IDS, Trainer, example_losses, hierarchical_example_losses
 from jaxsoftmax import losses
+from jaxsoftmax.tree import balanced_tree
 
 
 def small_config(**overrides):
@@ -49,8 +50,23 @@ def test_example_losses_per_regime(regime, negative_loss):
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_vmapped_step_equals_one_run_at_a_time(synthetic):
-  trainer = Trainer(small_config(), synthetic, 100)
+@pytest.mark.parametrize("regime", sorted(REGIME_IDS))
+def test_hierarchical_example_losses_equal_the_flat_ones_on_the_implied_logits(regime):
+  tree = balanced_tree(5)
+  u = jax.random.normal(jax.random.key(0), (6, tree.num_clusters)) * 3
+  w = jax.random.normal(jax.random.key(1), (6, tree.num_clusters, tree.max_size)) * 3
+  label = jnp.array([0, 1, 2, 3, 4, 1])
+  kind = jnp.array([POSITIVE, NEGATIVE, EMPTY, POSITIVE, NEGATIVE, NEGATIVE])
+  ex, r = protocols.Examples(label, kind), jnp.int32(REGIME_IDS[regime])
+  # The flat logits the tree implies: log p(class), whose softmax is p itself.
+  flat = losses.hierarchical_log_softmax(u, w, tree)
+  np.testing.assert_allclose(hierarchical_example_losses(u, w, ex, r, tree),
+                             example_losses(flat, ex, r), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["softmax", "hierarchical"])
+def test_vmapped_step_equals_one_run_at_a_time(synthetic, head):
+  trainer = Trainer(small_config(head=head), synthetic, 100)
   y = jnp.asarray(synthetic.y_train)
   ex = protocols.complementary(jax.random.key(2), y, jnp.arange(len(y)) < 100, 5)
   examples = jax.tree.map(lambda a: jnp.stack([a, a, a]), ex)
