@@ -52,6 +52,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.logit_bound = 1e3           # a run whose largest |logit| passes this has diverged
   c.seed = 0
   c.eval_every = 100            # steps between evaluations on the test split
+  c.checkpoint_every = 500      # steps between checkpoints (taken at evaluations); 0: none
   return c
 
 
@@ -99,6 +100,7 @@ _RULES = {
     "logit_bound": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
     "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
     "eval_every": (_positive_int, "an int >= 1"),
+    "checkpoint_every": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
 }
 KEYS = tuple(_RULES)
 

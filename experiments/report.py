@@ -60,15 +60,18 @@ def _mean_std(values) -> str:
   return f"{finite.mean():.4f} ± {std:.4f}{missing}"
 
 
-def summary_markdown(results: dict[str, Any]) -> str:
-  """The regime table of ``results``, with a line saying what was run."""
+def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
+                     resumed_from: int | None = None) -> str:
+  """The regime table of ``results``, with a line saying what was run and how long it took."""
   c = results["config"]
   lines = [f"# {c['protocol']} protocol on {c['dataset']}",
            "",
            f"Model {c['model']}, {c['num_seeds']} seeds, {c['steps']} steps"
            + (f" x {c['feedback_rounds']} rounds" if c["feedback_rounds"] > 1 else "")
            + f", batch {c['batch_size']}, {c['optimizer']} at learning rate {c['learning_rate']:g}; "
-           f"{results['num_devices']} device(s), {results['wall_seconds']:.1f} s.",
+           f"{results['num_devices']} device(s)"
+           + (f", {wall_seconds:.1f} s" if wall_seconds is not None else "")
+           + (f" (resumed at step {resumed_from})" if resumed_from is not None else "") + ".",
            ""]
   if "initial_model_test_accuracy" in results:
     lines += [f"The model that made the judged predictions ({c['num_labeled']} labels, "

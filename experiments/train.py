@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from experiments import config as config_lib
-from experiments import protocols
+from experiments import parallel, protocols
 from experiments.data import Dataset
 from jaxsoftmax import losses
 from jaxsoftmax.models import CNN, MLP
@@ -124,26 +124,39 @@ class StepStats(NamedTuple):
 class Trainer:
   """The model, optimizer and data of one experiment, and its jitted functions.
 
+  Stacked runs are split over the mesh's ``runs`` axis and each run's batch over its
+  ``batch`` axis (:mod:`experiments.parallel`); the data are replicated.
+
   Args:
     config: a validated experiment config.
-    dataset: the data; its splits are put on the default device once.
+    dataset: the data; its splits are put on the mesh's devices once.
     total_steps: the length of the learning-rate schedule.
+    mesh: a ``(runs, batch)`` mesh from :func:`experiments.parallel.make_mesh`, whose
+      ``runs`` size divides the number of stacked runs; by default one device.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, dataset: Dataset, total_steps: int):
+  def __init__(self, config: ml_collections.ConfigDict, dataset: Dataset, total_steps: int,
+               mesh: jax.sharding.Mesh | None = None):
     self.config = config
     self.dataset = dataset
+    self.mesh = mesh or parallel.make_mesh(1, 1, jax.devices()[:1])
+    self.runs = parallel.run_sharding(self.mesh)
     self.optimizer = make_optimizer(config, total_steps)
     self.graphdef = nnx.graphdef(make_model(config, dataset, nnx.Rngs(0)))
     self.tree = make_tree(config, dataset)
-    self.x_train = jnp.asarray(dataset.x_train)
-    self.x_test = jnp.asarray(dataset.x_test)
-    self.y_test = jnp.asarray(dataset.y_test)
-    self.batch_step = jax.jit(jax.vmap(self.step, in_axes=(0, 0, 0, None)))
-    self._init = jax.jit(jax.vmap(self.init_one))
-    self._train = jax.jit(self.train_steps, static_argnames="length")
-    self.evaluate = jax.jit(jax.vmap(self.evaluate_one, in_axes=(0, None, None)))
-    self.predict = jax.jit(jax.vmap(self.predict_one, in_axes=(0, None)))
+    put = lambda a: jax.device_put(jnp.asarray(a), parallel.replicated(self.mesh))
+    self.x_train, self.x_test, self.y_test = put(dataset.x_train), put(dataset.x_test), put(dataset.y_test)
+    vmap = lambda f, in_axes: jax.vmap(f, in_axes=in_axes, spmd_axis_name=parallel.RUNS)
+    self.batch_step = jax.jit(vmap(self.step, (0, 0, 0, None)))
+    self._init = jax.jit(vmap(self.init_one, (0, 0)), out_shardings=self.runs)
+    self._train = jax.jit(self.train_steps, static_argnames="length",
+                          out_shardings=(self.runs, parallel.steps_sharding(self.mesh)))
+    self.evaluate = jax.jit(vmap(self.evaluate_one, (0, None, None)), out_shardings=self.runs)
+    self.predict = jax.jit(vmap(self.predict_one, (0, None)), out_shardings=self.runs)
+
+  def shard(self, tree):
+    """Puts arrays with a leading runs axis (state, examples, regimes) on the mesh."""
+    return jax.device_put(tree, self.runs)
 
   def init_one(self, init_key: jax.Array, train_key: jax.Array) -> RunState:
     """A fresh state: parameters drawn from ``init_key``, batches from ``train_key``."""
@@ -152,8 +165,8 @@ class Trainer:
                     jnp.bool_(True), jnp.int32(-1))
 
   def init(self, init_keys: jax.Array, train_keys: jax.Array) -> RunState:
-    """:meth:`init_one` for every pair of keys, stacked."""
-    return self._init(init_keys, train_keys)
+    """:meth:`init_one` for every pair of keys, stacked and split over the mesh."""
+    return self._init(*self.shard((init_keys, train_keys)))
 
   def logits(self, params, x: jax.Array):
     """The model's output: logits, or ``(cluster_logits, within_logits)`` for a hierarchical head."""
@@ -201,6 +214,8 @@ class Trainer:
     slots = jax.random.choice(batch_key, p.shape[0], (self.config.batch_size,), p=p)
     batch = jax.tree.map(lambda a: a[slots], examples)
     x = x_train[slots % x_train.shape[0]]
+    # The batch is split over the mesh's batch axis (under vmap, runs over its runs axis).
+    x, batch = jax.lax.with_sharding_constraint((x, batch), parallel.batch_sharding(self.mesh))
 
     def objective(params):
       per_example, max_logit = self.training_losses(params, x, batch, regime)
@@ -230,7 +245,7 @@ class Trainer:
   def train(self, state: RunState, examples: protocols.Examples, regimes: jax.Array,
             length: int) -> tuple[RunState, StepStats]:
     """``length`` steps of every run in one compiled scan; stats are ``[length, runs]``."""
-    return self._train(state, examples, regimes, self.x_train, length=length)
+    return self._train(state, *self.shard((examples, regimes)), self.x_train, length=length)
 
   def evaluate_one(self, params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
     """Accuracy, mean NLL and largest |logit| on (x, y), and the parameters' L2 norm."""

@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -52,8 +51,9 @@ def test_results_json_has_the_documented_fields(feedback_run):
     assert all(p + n <= 1347 for p, n in zip(r["num_positive"], r["num_negative"]))
   assert results["config"] == json.loads((workdir / "config.json").read_text())
   assert results["config"]["steps"] == 300
-  assert results["num_devices"] == jax.device_count()
-  assert results["wall_seconds"] > 0
+  assert results["num_devices"] == 1  # 15 runs and batch 128 on this machine's one CPU device
+  timing = json.loads((workdir / "timing.json").read_text())
+  assert timing["wall_seconds"] > 0 and timing["resumed_from_step"] is None
   assert not list(workdir.glob(".*tmp*"))  # no temporary files left behind
 
 

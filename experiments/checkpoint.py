@@ -1,0 +1,136 @@
+"""Checkpoints of a running experiment with Orbax: save every few steps, resume from the
+newest one that restores.
+
+A checkpoint holds a pytree of arrays (saved leaf by leaf, so any pytree of the
+trainer's state fits, typed PRNG keys included) and a small JSON record of where the
+experiment stood. Orbax writes each one to a temporary folder and renames it when
+complete, so a process killed mid-save leaves the previous checkpoints intact. A
+checkpoint whose files were damaged afterwards fails to restore: it is moved aside
+with a warning and the next newest is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+MAX_TO_KEEP = 3
+_LEAF = "{:05d}"
+
+logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+
+
+class CheckpointWarning(UserWarning):
+  """A checkpoint could not be restored and was moved aside."""
+
+
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(x):
+  """The PRNG implementation of a key array, or of an abstract one of the default kind."""
+  if isinstance(x, jax.Array):
+    return jax.random.key_impl(x)
+  default = jax.random.key(0)
+  if x.dtype != default.dtype:
+    raise TypeError(f"cannot tell the PRNG implementation of an abstract {x.dtype} key; "
+                    "restore into a concrete key array.")
+  return jax.random.key_impl(default)
+
+
+def _to_leaves(tree) -> dict[str, jax.Array]:
+  leaves = jax.tree.leaves(tree)
+  return {_LEAF.format(i): jax.random.key_data(x) if _is_key(x) else x for i, x in enumerate(leaves)}
+
+
+def _abstract(x):
+  """What to restore a leaf as: its shape, dtype and sharding (key data for a key)."""
+  if _is_key(x):
+    data = jax.eval_shape(jax.random.key_data, x)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+class Checkpointer:
+  """An Orbax ``CheckpointManager`` in ``directory`` keeping the newest ``max_to_keep``.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> ckpt = Checkpointer(tempfile.mkdtemp())
+    >>> ckpt.save(10, {"w": jnp.ones(3)}, {"round": 0})
+    >>> step, tree, meta = ckpt.restore_latest({"w": jnp.zeros(3)})
+    >>> step, tree["w"].tolist(), meta
+    (10, [1.0, 1.0, 1.0], {'round': 0})
+    >>> ckpt.close()
+  """
+
+  def __init__(self, directory: str | Path, max_to_keep: int = MAX_TO_KEEP):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, tree, meta: dict[str, Any]) -> None:
+    """Saves ``tree`` (a pytree of arrays) and ``meta`` (JSON) as checkpoint ``step``."""
+    self.manager.save(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(_to_leaves(tree)), meta=ocp.args.JsonSave(meta)))
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, target, usable: Callable[[dict], bool] = lambda meta: True
+                     ) -> tuple[int, Any, dict] | None:
+    """The newest checkpoint that restores and whose meta passes ``usable``.
+
+    Args:
+      target: a pytree like the saved one; its leaves' shapes, dtypes and shardings
+        say how to restore (abstract ``jax.ShapeDtypeStruct`` leaves work too).
+      usable: a check of a checkpoint's meta; one that fails it is skipped (kept).
+
+    Returns:
+      ``(step, tree, meta)``, or None when no checkpoint restores. Each newer one
+      that failed to restore is moved to ``<directory>-damaged/`` with a
+      :class:`CheckpointWarning`.
+    """
+    leaves, treedef = jax.tree.flatten(target)
+    abstract = {_LEAF.format(i): _abstract(x) for i, x in enumerate(leaves)}
+    for step in reversed(self.steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        arrays, meta = restored["arrays"], restored["meta"]
+        if set(arrays) != set(abstract):
+          raise ValueError(f"it holds {len(arrays)} arrays, the experiment {len(abstract)}")
+      except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
+        self._set_aside(step, e)
+        continue
+      if not usable(meta):
+        continue
+      values = [jax.random.wrap_key_data(arrays[_LEAF.format(i)], impl=_key_impl(x))
+                if _is_key(x) else arrays[_LEAF.format(i)] for i, x in enumerate(leaves)]
+      return step, jax.tree.unflatten(treedef, values), meta
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    damaged = self.directory.with_name(self.directory.name + "-damaged")
+    damaged.mkdir(exist_ok=True)
+    destination = damaged / str(step)
+    if destination.exists():
+      shutil.rmtree(destination)
+    shutil.move(str(self.directory / str(step)), destination)
+    self.manager.reload()
+    warnings.warn(f"checkpoint {step} in {self.directory} could not be restored "
+                  f"({type(error).__name__}: {str(error)[:200]}); moved it to {destination} "
+                  f"and trying the previous one.", CheckpointWarning, stacklevel=3)
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,106 @@
+"""The experiment on 8 simulated CPU devices, in a subprocess (XLA_FLAGS must be set
+before JAX starts): the same accuracies as on one device, and arrays really split."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WORKER = r'''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from experiments import config as config_lib, data, experiment, parallel, protocols
+from experiments.train import Trainer
+
+out = {"device_count": jax.device_count()}
+c = config_lib.defaults()
+c.dataset, c.hidden, c.steps, c.eval_every, c.initial_steps = "synthetic", (16,), 60, 20, 40
+c.num_seeds, c.num_labeled, c.batch_size = 2, 60, 32        # 6 runs: a 2 x 4 mesh on 8 devices
+config_lib.validate(c)
+ds = data.load("synthetic")
+for name, devices in (("one", jax.devices()[:1]), ("eight", None)):
+  r = experiment.run_experiment(c, ds, progress=False, devices=devices)
+  out[name] = {"num_devices": r["num_devices"],
+               "accuracy": {k: v["test_accuracy"] for k, v in r["regimes"].items()},
+               "nll": {k: v["test_nll"] for k, v in r["regimes"].items()},
+               "initial": r["initial_model_test_accuracy"]}
+
+# Shardings of the training state and of what a step computes.
+for runs in (6, 5):
+  mesh = parallel.make_mesh(runs, 32)
+  trainer = Trainer(c, ds, 60, mesh)
+  keys = jax.random.split(jax.random.key(0), runs)
+  state = trainer.init(keys, keys)
+  y = jnp.asarray(ds.y_train)
+  ex = jax.tree.map(lambda a: jnp.stack([a] * runs), protocols.supervised(y))
+  regimes = jnp.zeros(runs, jnp.int32)
+  state, stats = trainer.train(state, ex, regimes, 3)
+  leaf = jax.tree.leaves(state.params)[0]
+  compiled = trainer._train.lower(state, *trainer.shard((ex, regimes)), trainer.x_train,
+                                  length=3).compile()
+  out[f"runs{runs}"] = {
+      "mesh": dict(mesh.shape),
+      "param_spec": list(leaf.sharding.spec),
+      "param_devices": len(leaf.sharding.device_set),
+      "param_shard_rows": sorted({s.data.shape[0] for s in leaf.addressable_shards}),
+      "examples_spec": list(trainer.shard(ex).label.sharding.spec),
+      "stats_spec": list(stats.loss.sharding.spec),
+      "x_train_replicated": trainer.x_train.sharding.is_fully_replicated,
+      "all_reduce": "all-reduce" in compiled.as_text(),
+      "compiled_train_programs": trainer._train._cache_size(),
+  }
+  state, _ = trainer.train(state, ex, regimes, 3)  # a second call: no new program
+  out[f"runs{runs}"]["compiled_after_second_call"] = trainer._train._cache_size()
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])
+
+
+def test_sharded_run_matches_the_single_device_run(eight_devices):
+  one, eight = eight_devices["one"], eight_devices["eight"]
+  assert eight_devices["device_count"] == 8
+  assert one["num_devices"] == 1 and eight["num_devices"] == 8
+  assert eight["initial"] == pytest.approx(one["initial"], abs=1e-6)
+  for regime, accuracy in one["accuracy"].items():
+    # Test accuracies are counts over 250 examples: float tolerance means equal.
+    assert eight["accuracy"][regime] == pytest.approx(accuracy, abs=1e-6), regime
+    assert eight["nll"][regime] == pytest.approx(one["nll"][regime], rel=1e-3), regime
+
+
+def test_runs_split_over_devices_and_each_batch_over_the_rest(eight_devices):
+  six = eight_devices["runs6"]
+  # 6 runs on 8 devices: gcd(6, 8) = 2 groups of runs, each run's batch over 4 devices.
+  assert six["mesh"] == {"runs": 2, "batch": 4}
+  assert six["param_spec"] == ["runs"] and six["param_devices"] == 8
+  assert six["param_shard_rows"] == [3]  # each device holds 3 of the 6 runs' parameters
+  assert six["examples_spec"] == ["runs"]
+  assert six["stats_spec"] == [None, "runs"]
+  assert six["x_train_replicated"]
+  assert six["all_reduce"]  # the batch axis reduces gradients across its devices
+
+
+def test_runs_that_do_not_divide_are_data_parallel_only(eight_devices):
+  five = eight_devices["runs5"]
+  assert five["mesh"] == {"runs": 1, "batch": 8}
+  assert five["param_shard_rows"] == [5] and five["param_devices"] == 8  # replicated
+  assert five["all_reduce"]
+
+
+def test_one_compiled_program_for_every_step(eight_devices):
+  for key in ("runs6", "runs5"):
+    assert eight_devices[key]["compiled_train_programs"] == 1
+    assert eight_devices[key]["compiled_after_second_call"] == 1
