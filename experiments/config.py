@@ -52,7 +52,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.logit_bound = 1e3           # a run whose largest |logit| passes this has diverged
   c.seed = 0
   c.eval_every = 100            # steps between evaluations on the test split
-  c.checkpoint_every = 500      # steps between checkpoints (taken at evaluations); 0: none
+  c.checkpoint_every = 500      # steps between checkpoints (at evaluations); 0: only the last
   return c
 
 

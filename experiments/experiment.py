@@ -111,7 +111,7 @@ def first_round_examples(config, dataset, keys, progress=None,
         key, y, lab, dataset.num_classes, bias=bias, rounds=rounds)
     return jax.vmap(draw)(keys["protocol"], labeled), notes
   predictions, accuracy = initial_model_predictions(config, dataset, keys, labeled, progress, devices)
-  notes["initial_model_test_accuracy"] = [float(a) for a in accuracy]
+  notes["initial_model_test_accuracy"] = [float(a) for a in parallel.fetch(accuracy)]
   examples = protocols.judge(protocols.labeled_only(ys, labeled, rounds), predictions, y, 0)
   return examples, notes
 

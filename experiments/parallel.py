@@ -57,6 +57,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def put(tree, sharding: NamedSharding):
+  """``jax.device_put`` onto a mesh; across hosts, each host gives its copy's pieces.
+
+  With several processes every process holds the same values (they are computed
+  from the same seeds), so each one supplies the shards on its own devices.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x  # already global
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(one, tree)
+
+
 def fetch(tree):
   """``jax.device_get``, gathering across hosts when there are several."""
   if jax.process_count() > 1:

@@ -190,8 +190,9 @@ def _run(config, resolved: dict, dataset, workdir: Path, *, progress: bool, num_
   saved = []
 
   def on_snapshot(snapshot):
-    metrics.flush()
-    os.fsync(metrics.fileno())  # the lines a checkpoint counts are on disk before it is
+    if primary:  # the lines a checkpoint counts are on disk before it is
+      metrics.flush()
+      os.fsync(metrics.fileno())
     checkpoints.save(snapshot.step, (snapshot.state, snapshot.examples),
                      {"step": snapshot.step, "notes": snapshot.notes,
                       "num_records": snapshot.num_records})

@@ -144,7 +144,7 @@ class Trainer:
     self.optimizer = make_optimizer(config, total_steps)
     self.graphdef = nnx.graphdef(make_model(config, dataset, nnx.Rngs(0)))
     self.tree = make_tree(config, dataset)
-    put = lambda a: jax.device_put(jnp.asarray(a), parallel.replicated(self.mesh))
+    put = lambda a: parallel.put(jnp.asarray(a), parallel.replicated(self.mesh))
     self.x_train, self.x_test, self.y_test = put(dataset.x_train), put(dataset.x_test), put(dataset.y_test)
     vmap = lambda f, in_axes: jax.vmap(f, in_axes=in_axes, spmd_axis_name=parallel.RUNS)
     self.batch_step = jax.jit(vmap(self.step, (0, 0, 0, None)))
@@ -156,7 +156,7 @@ class Trainer:
 
   def shard(self, tree):
     """Puts arrays with a leading runs axis (state, examples, regimes) on the mesh."""
-    return jax.device_put(tree, self.runs)
+    return parallel.put(tree, self.runs)
 
   def init_one(self, init_key: jax.Array, train_key: jax.Array) -> RunState:
     """A fresh state: parameters drawn from ``init_key``, batches from ``train_key``."""
