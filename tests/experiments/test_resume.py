@@ -18,9 +18,10 @@ from experiments.checkpoint import CheckpointWarning
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "configs/feedback_digits.py"
-# Uniform protocol on digits, 2 seeds x 3 regimes: about 6 s, a checkpoint every 100 steps.
+# Uniform protocol on digits, 2 seeds x 3 regimes: a few seconds of training after
+# compilation, a checkpoint every 50 steps.
 ARGS = ["--config.protocol=uniform", "--config.num_seeds=2", "--config.hidden=(32,)",
-        "--config.steps=800", "--config.eval_every=50", "--config.checkpoint_every=100",
+        "--config.steps=500", "--config.eval_every=25", "--config.checkpoint_every=50",
         "--progress=false"]
 
 
@@ -57,38 +58,38 @@ def _keys(metrics_text):
           for r in map(json.loads, metrics_text.splitlines())]
 
 
-def test_sigkill_then_rerun_gives_the_uninterrupted_results(reference, tmp_path):
-  _, results, metrics = reference
-  workdir = tmp_path / "killed"
-  proc = _start_and_wait_for_a_checkpoint(workdir)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (workdir / "results.json").exists()  # it really stopped part-way
-  steps = _checkpoint_steps(workdir)
-  assert steps and steps[-1] < 800
-  assert run.main(_command(workdir)[3:]) == 0
-  assert (workdir / "results.json").read_text() == results
-  # metrics.jsonl: every evaluation once, in order, byte for byte.
-  resumed = (workdir / "metrics.jsonl").read_text()
-  assert len(set(_keys(resumed))) == len(_keys(resumed))
-  assert resumed == metrics
-  assert json.loads((workdir / "timing.json").read_text())["resumed_from_step"] >= steps[-1]
-
-
-def test_sigint_saves_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
+def test_sigint_then_sigkill_then_rerun_gives_the_uninterrupted_results(reference, tmp_path):
   _, results, metrics = reference
   workdir = tmp_path / "interrupted"
+  # Ctrl-C: a checkpoint at the next evaluation, a message saying how to resume, status 130.
   proc = _start_and_wait_for_a_checkpoint(workdir)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == run.INTERRUPTED, err
-  stopped = int(re.search(r"Stopped at step (\d+) of 800", err).group(1))
+  stopped = int(re.search(r"Stopped at step (\d+) of 500", err).group(1))
   assert "Resume with the same command" in err and str(workdir) in err
   assert _checkpoint_steps(workdir)[-1] == stopped
   assert not (workdir / "results.json").exists()
+  # Resumed, then killed outright once it has saved a newer checkpoint.
+  proc = subprocess.Popen(_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while _checkpoint_steps(workdir)[-1] == stopped:
+    assert proc.poll() is None, proc.communicate()
+    assert time.monotonic() < deadline, "no new checkpoint within 120 s"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / "results.json").exists()  # it really stopped part-way
+  killed_at = _checkpoint_steps(workdir)[-1]
+  assert stopped < killed_at < 500
+  # The rerun finishes with the uninterrupted run's results and metrics, byte for byte.
   assert run.main(_command(workdir)[3:]) == 0
   assert (workdir / "results.json").read_text() == results
-  assert (workdir / "metrics.jsonl").read_text() == metrics
+  resumed = (workdir / "metrics.jsonl").read_text()
+  assert len(set(_keys(resumed))) == len(_keys(resumed))  # every evaluation once, in order
+  assert resumed == metrics
+  assert json.loads((workdir / "timing.json").read_text())["resumed_from_step"] >= killed_at
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
@@ -115,8 +116,47 @@ def test_a_different_config_is_refused_naming_the_keys(reference, tmp_path, caps
   args = _command(workdir)[3:] + ["--config.steps=1000", "--config.seed=7"]
   assert run.main(args) == 2
   err = capsys.readouterr().err
-  assert "differing keys: seed (0 -> 7), steps (800 -> 1000)" in err and "--overwrite" in err
+  assert "differing keys: seed (0 -> 7), steps (500 -> 1000)" in err and "--overwrite" in err
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before  # untouched
-  assert run.main([*args, "--config.steps=200", "--overwrite"]) == 0
-  assert json.loads((workdir / "results.json").read_text())["config"]["steps"] == 200
-  assert _checkpoint_steps(workdir) == [100, 200]  # the old run's checkpoints are gone
+  assert run.main([*args, "--config.steps=100", "--overwrite"]) == 0
+  assert json.loads((workdir / "results.json").read_text())["config"]["steps"] == 100
+  assert _checkpoint_steps(workdir) == [50, 100]  # the old run's checkpoints are gone
+
+
+def test_resuming_from_any_snapshot_of_a_two_round_experiment_gives_the_same_results():
+  """run_experiment itself: snapshots at every evaluation, across the round boundary."""
+  from experiments import config as config_lib
+  from experiments import data, experiment
+
+  c = config_lib.defaults()
+  c.dataset, c.hidden, c.steps, c.eval_every, c.initial_steps = "synthetic", (8,), 30, 10, 20
+  c.num_seeds, c.num_labeled, c.feedback_rounds = 2, 50, 2
+  config_lib.validate(c)
+  ds = data.load("synthetic")
+  records, snapshots = [], []
+  full = experiment.run_experiment(c, ds, progress=False, on_eval=records.extend,
+                                   on_snapshot=snapshots.append, snapshot_every=10)
+  assert [s.step for s in snapshots] == [10, 20, 30, 40, 50, 60]  # 30 is the round boundary
+  for snapshot in (snapshots[2], snapshots[3]):  # at the round boundary, and after it
+    tail = []
+    resumed = experiment.run_experiment(
+        c, ds, progress=False, on_eval=tail.extend, resume=snapshot,
+        records=records[:snapshot.num_records])
+    assert resumed == full, snapshot.step
+    assert records[:snapshot.num_records] + tail == records
+
+
+def test_stop_snapshots_at_the_next_evaluation_and_returns_none():
+  from experiments import config as config_lib
+  from experiments import data, experiment
+
+  c = config_lib.defaults()
+  c.dataset, c.hidden, c.steps, c.eval_every, c.protocol = "synthetic", (8,), 50, 10, "uniform"
+  c.num_seeds, c.num_labeled = 2, 50
+  config_lib.validate(c)
+  evaluations, snapshots = [], []
+  result = experiment.run_experiment(
+      c, data.load("synthetic"), progress=False, on_eval=evaluations.append,
+      on_snapshot=snapshots.append, snapshot_every=0, stop=lambda: len(evaluations) >= 3)
+  assert result is None
+  assert [s.step for s in snapshots] == [20]  # evaluations at steps 0, 10, 20

@@ -202,7 +202,7 @@ def test_reverse_mode_gradients_in_float64():
     w = jnp.asarray(rng.normal(0, 1, (4, 3, 3)))
     y = jnp.array([0, 2, 5, 3])
     for fn in (hierarchical_nll, hierarchical_complement_nll):
-      check_grads(lambda u, w: fn(u, w, y, tree), (u, w), order=1, modes=("rev",))
+      check_grads(jax.jit(lambda u, w: fn(u, w, y, tree)), (u, w), order=1, modes=("rev",))
 
 
 def test_composes_with_jit_and_vmap():
