@@ -196,13 +196,16 @@ class Trainer:
     cluster = jnp.asarray(self.tree.cluster_of)[label]
     return per_example, self._valid_max(cluster_logits, rows, cluster)
 
+  def _scores(self, out) -> jax.Array:
+    """Per-class scores whose argmax is the prediction: the logits, or the tree's log p."""
+    return out if self.tree is None else losses.hierarchical_log_softmax(*out, self.tree)
+
   def outputs(self, params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Class scores whose argmax is the prediction, the NLL of ``y``, the largest |logit|."""
     out = self.logits(params, x)
     if self.tree is None:
       return out, losses.nll(out, y), jnp.max(jnp.abs(out))
-    return (losses.hierarchical_log_softmax(*out, self.tree),
-            losses.hierarchical_nll(*out, y, self.tree), self._valid_max(*out))
+    return self._scores(out), losses.hierarchical_nll(*out, y, self.tree), self._valid_max(*out)
 
   def step(self, state: RunState, examples: protocols.Examples, regime: jax.Array,
            x_train: jax.Array) -> tuple[RunState, StepStats]:
@@ -262,9 +265,7 @@ class Trainer:
     return self.evaluate(state.params, self.x_test, self.y_test)
 
   def predict_one(self, params, x: jax.Array) -> jax.Array:
-    out = self.logits(params, x)
-    scores = out if self.tree is None else losses.hierarchical_log_softmax(*out, self.tree)
-    return jnp.argmax(scores, -1).astype(jnp.int32)
+    return jnp.argmax(self._scores(self.logits(params, x)), -1).astype(jnp.int32)
 
   def train_predictions(self, state: RunState) -> jax.Array:
     """Every run's predicted class for every training input, ``[runs, n]``."""

@@ -31,15 +31,14 @@ def test_bad_arguments():
     MLP((4,), 0, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("model_cls", [MLP, CNN])
-def test_trains_on_synthetic_with_nll_and_adam(model_cls):
+def _train_on_synthetic(model, loss_fn, predict):
+  """150 full-batch Adam steps; returns (first loss, last loss, test accuracy)."""
   ds = data.load("synthetic")
-  model = model_cls(ds.input_shape, ds.num_classes, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
   @nnx.jit
   def step(model, optimizer, x, y):
-    loss, grads = nnx.value_and_grad(lambda m: losses.nll(m(x), y).mean())(model)
+    loss, grads = nnx.value_and_grad(lambda m: loss_fn(m, x, y))(model)
     optimizer.update(model, grads)
     return loss
 
@@ -47,7 +46,17 @@ def test_trains_on_synthetic_with_nll_and_adam(model_cls):
   first = float(step(model, optimizer, x, y))
   for _ in range(150):
     last = float(step(model, optimizer, x, y))
-  accuracy = float(jnp.mean(jnp.argmax(model(jnp.asarray(ds.x_test)), -1) == ds.y_test))
+  accuracy = float(jnp.mean(predict(model, jnp.asarray(ds.x_test)) == ds.y_test))
+  return first, last, accuracy
+
+
+@pytest.mark.parametrize("model_cls", [MLP, CNN])
+def test_trains_on_synthetic_with_nll_and_adam(model_cls):
+  ds = data.load("synthetic")
+  first, last, accuracy = _train_on_synthetic(
+      model_cls(ds.input_shape, ds.num_classes, rngs=nnx.Rngs(0)),
+      lambda m, x, y: losses.nll(m(x), y).mean(),
+      lambda m, x: jnp.argmax(m(x), -1))
   # Chance is 1/5; the clusters are well separated, so a trained model does far better.
   assert last < 0.5 * first
   assert accuracy > 0.8
@@ -89,22 +98,10 @@ def test_hierarchical_head_bad_arguments():
 def test_trains_on_synthetic_with_a_hierarchical_head(model_cls):
   ds = data.load("synthetic")
   tree = balanced_tree(ds.num_classes)
-  model = model_cls(ds.input_shape, ds.num_classes, tree=tree, rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, x, y):
-    def loss_fn(m):
-      return losses.hierarchical_nll(*m.head.target_logits(m.features(x), y), y, tree).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
-  x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-  first = float(step(model, optimizer, x, y))
-  for _ in range(150):
-    last = float(step(model, optimizer, x, y))
-  predictions = jnp.argmax(model.head.log_probs(model.features(jnp.asarray(ds.x_test))), -1)
+  first, last, accuracy = _train_on_synthetic(
+      model_cls(ds.input_shape, ds.num_classes, tree=tree, rngs=nnx.Rngs(0)),
+      lambda m, x, y: losses.hierarchical_nll(*m.head.target_logits(m.features(x), y), y, tree).mean(),
+      lambda m, x: jnp.argmax(m.head.log_probs(m.features(x)), -1))
   # As for the softmax head above: chance is 1/5 and the clusters are well separated.
   assert last < 0.5 * first
-  assert float(jnp.mean(predictions == ds.y_test)) > 0.8
+  assert accuracy > 0.8
