@@ -66,7 +66,9 @@ def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
   c = results["config"]
   lines = [f"# {c['protocol']} protocol on {c['dataset']}",
            "",
-           f"Model {c['model']}, {c['num_seeds']} seeds, {c['steps']} steps"
+           f"Model {c['model']}"
+           + (" with a hierarchical softmax head" if c.get("head") == "hierarchical" else "")
+           + f", {c['num_seeds']} seeds, {c['steps']} steps"
            + (f" x {c['feedback_rounds']} rounds" if c["feedback_rounds"] > 1 else "")
            + f", batch {c['batch_size']}, {c['optimizer']} at learning rate {c['learning_rate']:g}; "
            f"{results['num_devices']} device(s)"

@@ -145,6 +145,7 @@ def test_hierarchical_head_runs_every_regime(tmp_path):
                    "--config.learning_rate=0.01"]) == 0
   results = json.loads((workdir / "results.json").read_text())
   assert results["config"]["head"] == "hierarchical"
+  assert "Model mlp with a hierarchical softmax head, 2 seeds" in (workdir / "summary.md").read_text()
   assert sorted(results["regimes"]) == sorted(config_lib.REGIMES)
   for regime in ("positive_only", "complement_likelihood"):
     accuracy = results["regimes"][regime]["test_accuracy"]
