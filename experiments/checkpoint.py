@@ -11,7 +11,6 @@ with a warning and the next newest is used.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import warnings
 from collections.abc import Callable
@@ -24,7 +23,6 @@ import orbax.checkpoint as ocp
 MAX_TO_KEEP = 3
 _LEAF = "{:05d}"
 
-logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
 
 
 class CheckpointWarning(UserWarning):
