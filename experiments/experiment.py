@@ -203,10 +203,6 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
     state = trainer.init(tile(keys["init"]), tile(keys["batches"]))
     records = evaluate(0, None)
   examples = trainer.shard(examples)
-  best = {}  # run -> best test accuracy over evaluations
-  for i, record in enumerate(records):
-    run = i % len(run_regimes)
-    best[run] = max(best.get(run, -1.0), record["test_accuracy"])
   next_snapshot = (done // snapshot_every + 1) * snapshot_every if snapshot_every else None
 
   for round_ in range(rounds):
@@ -219,10 +215,7 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
       state, stats = trainer.train(state, examples, run_regimes, length)
       done += length
       bar.update(length)
-      new = evaluate(round_ + 1, stats)
-      records.extend(new)
-      for run, record in enumerate(new):
-        best[run] = max(best[run], record["test_accuracy"])
+      records.extend(evaluate(round_ + 1, stats))
       stopping = stop is not None and stop()
       due = next_snapshot is not None and done >= next_snapshot
       if on_snapshot is not None and (due or done == total_steps or stopping):
@@ -234,12 +227,15 @@ def run_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
         return None
   bar.close()
 
-  final = records[-len(run_regimes):]
+  runs = len(run_regimes)
+  final = records[-runs:]
   positives, negatives = parallel.fetch(examples.counts())
   columns = {key: [r[key] for r in final]
              for key in ("test_accuracy", "test_nll", "train_loss", "max_logit", "param_norm",
                          "diverged", "diverged_at_step")}
-  columns["best_test_accuracy"] = [best[run] for run in range(len(run_regimes))]
+  # Records come one per run per evaluation, in run order.
+  columns["best_test_accuracy"] = [max(r["test_accuracy"] for r in records[run::runs])
+                                   for run in range(runs)]
   columns["num_positive"] = [int(c) for c in positives]
   columns["num_negative"] = [int(c) for c in negatives]
   split = {key: per_regime(values) for key, values in columns.items()}

@@ -143,20 +143,21 @@ def _check_resumable(workdir: Path, resolved: dict) -> str | None:
   return None
 
 
-def _read_metrics(path: Path) -> list[str]:
-  """The complete lines of ``metrics.jsonl`` (a line cut short by a kill is dropped)."""
-  if not path.exists():
-    return []
-  lines = []
-  for line in path.read_text().splitlines(keepends=True):
-    try:
-      json.loads(line)
-    except ValueError:
-      break
-    if not line.endswith("\n"):
-      break
-    lines.append(line)
-  return lines
+def _read_metrics(path: Path) -> tuple[list[str], list[dict]]:
+  """The complete lines of ``metrics.jsonl`` and their records (a line cut short by a
+  kill, and anything after it, is dropped)."""
+  lines, records = [], []
+  if path.exists():
+    for line in path.read_text().splitlines(keepends=True):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        break
+      if not line.endswith("\n"):
+        break
+      lines.append(line)
+      records.append(record)
+  return lines, records
 
 
 def _run(config, resolved: dict, dataset, workdir: Path, *, progress: bool, num_devices: int,
@@ -172,7 +173,7 @@ def _run(config, resolved: dict, dataset, workdir: Path, *, progress: bool, num_
   if primary:
     report.write_atomic(workdir / "config.json", report.to_json(resolved))
   checkpoints = Checkpointer(workdir / CHECKPOINTS)
-  lines = _read_metrics(workdir / "metrics.jsonl")
+  lines, records = _read_metrics(workdir / "metrics.jsonl")
   state, examples = experiment.snapshot_template(config, dataset, devices)
   found = checkpoints.restore_latest((state, examples),
                                      usable=lambda meta: meta["num_records"] <= len(lines))
@@ -180,13 +181,11 @@ def _run(config, resolved: dict, dataset, workdir: Path, *, progress: bool, num_
   if found:
     _, (state, examples), meta = found
     resume = experiment.Snapshot(meta["step"], state, examples, meta["notes"], meta["num_records"])
-    lines = lines[:resume.num_records]
     print(f"Resuming from the checkpoint at step {resume.step} in {checkpoints.directory}.")
-  else:
-    lines = []
+  kept = resume.num_records if resume else 0
+  lines, records = lines[:kept], records[:kept]
   if primary:  # keep exactly the evaluations the checkpoint had seen
     report.write_atomic(workdir / "metrics.jsonl", "".join(lines))
-  records = [json.loads(line) for line in lines]
   saved = []
 
   def on_snapshot(snapshot):
