@@ -80,6 +80,15 @@ def draw(rng, case: Case, regime: str, n: int, k: int):
   return z, aux
 
 
+def _add_row(rows, ours, loss, grad, z) -> None:
+  """Appends (ulps / (1 + cond), ulps, cond) for one value; skips losses below float32's tiny."""
+  if abs(loss) < TINY32:
+    return
+  cond = reference.condition_number(z, loss, grad)
+  ulps = float(abs((ours - loss) / loss)) / EPS32
+  rows.append((ulps / (1.0 + cond), ulps, cond))
+
+
 def measure(case: Case, regime: str, n: int, k: int, seed: int = 0):
   """Returns rows (ulps / (1 + cond), ulps, cond) for one loss, regime and K."""
   rng = np.random.default_rng(seed)
@@ -88,11 +97,7 @@ def measure(case: Case, regime: str, n: int, k: int, seed: int = 0):
   rows = []
   for i in range(n):
     loss, grad = case.ref(z[i].astype(np.float64), aux[i])
-    if abs(loss) < TINY32:
-      continue
-    cond = reference.condition_number(z[i], loss, grad)
-    ulps = float(abs((ours[i] - loss) / loss)) / EPS32
-    rows.append((ulps / (1.0 + cond), ulps, cond))
+    _add_row(rows, ours[i], loss, grad, z[i])
   return np.array(rows).reshape(-1, 3)
 
 
@@ -106,11 +111,7 @@ def measure_sigmoid(n: int, seed: int = 0):
   for i in range(n):
     ref_losses, ref_grads = reference.sigmoid_binary_cross_entropy(z[i], t[i])
     for j, (loss, grad) in enumerate(zip(ref_losses, ref_grads)):
-      if abs(loss) < TINY32:
-        continue
-      cond = reference.condition_number([z[i, j]], loss, [grad])
-      ulps = float(abs((ours[i, j] - loss) / loss)) / EPS32
-      rows.append((ulps / (1.0 + cond), ulps, cond))
+      _add_row(rows, ours[i, j], loss, [grad], [z[i, j]])
   return np.array(rows).reshape(-1, 3)
 
 
@@ -157,11 +158,7 @@ def measure_hierarchical(regime: str, n: int, k: int, complement: bool, seed: in
   for i in range(n):
     loss, grad = reference.hierarchical(u[i].astype(np.float64), rows_w[i].astype(np.float64),
                                         cluster[i], slot[i], complement)
-    if abs(loss) < TINY32:
-      continue
-    cond = reference.condition_number(np.concatenate([u[i], rows_w[i]]), loss, grad)
-    ulps = float(abs((ours[i] - loss) / loss)) / EPS32
-    rows.append((ulps / (1.0 + cond), ulps, cond))
+    _add_row(rows, ours[i], loss, grad, np.concatenate([u[i], rows_w[i]]))
   return np.array(rows).reshape(-1, 3)
 
 
