@@ -122,6 +122,14 @@ def test_complement_confidently_wrong_keeps_an_order_one_gradient():
 # --- the flat distribution the tree implies -----------------------------------
 
 
+def _draw(tree, n, seed, scale=2.0, dtype=np.float32):
+  """Random cluster logits [n, C], within-cluster tables [n, C, M] and labels [n]."""
+  rng = np.random.default_rng(seed)
+  u = rng.normal(0, scale, (n, tree.num_clusters)).astype(dtype)
+  w = rng.normal(0, scale, (n, tree.num_clusters, tree.max_size)).astype(dtype)
+  return u, w, rng.integers(0, tree.num_classes, n)
+
+
 def _flat_logits(u, w, tree):
   """z_k = u_c + w_{c,s} - logsumexp(w_c) in float64: softmax(z) is the tree's p."""
   u, w = np.asarray(u, np.float64), np.asarray(w, np.float64)
@@ -136,11 +144,9 @@ def _flat_logits(u, w, tree):
 ], ids=["balanced", "unordered", "one-cluster", "singletons"])
 def test_equal_to_the_flat_losses_of_the_implied_distribution(cluster_of):
   tree = ClassTree.from_clusters(cluster_of)
-  rng = np.random.default_rng(1)
+  u, w, y = _draw(tree, 8, seed=1, scale=3.0, dtype=np.float64)
   with jax.enable_x64(True):
-    u = jnp.asarray(rng.normal(0, 3, (8, tree.num_clusters)))
-    w = jnp.asarray(rng.normal(0, 3, (8, tree.num_clusters, tree.max_size)))
-    y = jnp.asarray(rng.integers(0, tree.num_classes, 8))
+    u, w, y = jnp.asarray(u), jnp.asarray(w), jnp.asarray(y)
     z = jnp.asarray(_flat_logits(u, w, tree))
 
     @jax.jit
@@ -178,10 +184,7 @@ def _flat_logits_jnp(u, w, tree):
 
 def test_row_input_equals_full_table_in_value_and_gradient():
   tree = balanced_tree(30)
-  rng = np.random.default_rng(2)
-  u = rng.normal(0, 2, (5, tree.num_clusters)).astype(np.float32)
-  w = rng.normal(0, 2, (5, tree.num_clusters, tree.max_size)).astype(np.float32)
-  y = rng.integers(0, 30, 5)
+  u, w, y = _draw(tree, 5, seed=2)
   rows = w[np.arange(5), tree.cluster_of[y]]
   for fn in (hierarchical_nll, hierarchical_complement_nll):
     np.testing.assert_array_equal(fn(u, w, y, tree), fn(u, rows, y, tree))
@@ -196,21 +199,16 @@ def test_row_input_equals_full_table_in_value_and_gradient():
 
 def test_reverse_mode_gradients_in_float64():
   tree = ClassTree.from_clusters([0, 1, 1, 2, 2, 2])
-  rng = np.random.default_rng(3)
+  u, w, _ = _draw(tree, 4, seed=3, scale=1.0, dtype=np.float64)
   with jax.enable_x64(True):
-    u = jnp.asarray(rng.normal(0, 1, (4, 3)))
-    w = jnp.asarray(rng.normal(0, 1, (4, 3, 3)))
-    y = jnp.array([0, 2, 5, 3])
+    u, w, y = jnp.asarray(u), jnp.asarray(w), jnp.array([0, 2, 5, 3])
     for fn in (hierarchical_nll, hierarchical_complement_nll):
       check_grads(jax.jit(lambda u, w: fn(u, w, y, tree)), (u, w), order=1, modes=("rev",))
 
 
 def test_composes_with_jit_and_vmap():
   tree = balanced_tree(12)
-  rng = np.random.default_rng(4)
-  u = rng.normal(0, 2, (6, tree.num_clusters)).astype(np.float32)
-  w = rng.normal(0, 2, (6, tree.num_clusters, tree.max_size)).astype(np.float32)
-  y = rng.integers(0, 12, 6)
+  u, w, y = _draw(tree, 6, seed=4)
   for fn in (hierarchical_nll, hierarchical_complement_nll):
     eager = fn(u, w, y, tree)
     jitted = jax.jit(fn, static_argnums=3)(u, w, y, tree)
