@@ -21,9 +21,6 @@ class MLP(nnx.Module):
 
   Example:
     >>> from flax import nnx
-
-from jaxsoftmax.losses import hierarchical_log_softmax
-from jaxsoftmax.tree import ClassTree
     >>> import jax.numpy as jnp
     >>> model = MLP((8, 8), num_classes=10, hidden=(32,), rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((4, 8, 8))).shape
@@ -61,9 +58,6 @@ class CNN(nnx.Module):
 
   Example:
     >>> from flax import nnx
-
-from jaxsoftmax.losses import hierarchical_log_softmax
-from jaxsoftmax.tree import ClassTree
     >>> import jax.numpy as jnp
     >>> model = CNN((40,), num_classes=10, rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((4, 40))).shape

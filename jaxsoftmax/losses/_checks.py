@@ -46,40 +46,77 @@ def as_logits(logits: ArrayLike, *, name: str = "logits") -> jax.Array:
   return logits
 
 
-def as_labels(labels: ArrayLike, logits: jax.Array, num_classes: int | None = None) -> jax.Array:
-  """Returns int32 labels with every label outside ``[0, K)`` replaced by -1.
+def as_labels(
+    labels: ArrayLike,
+    logits: jax.Array,
+    num_classes: int | None = None,
+    *,
+    ignore_index: int | None = None,
+    logits_shape: tuple[int, ...] | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+  """Returns ``(labels, ignored)``: int32 labels with every invalid label replaced by -1.
 
   ``K`` is ``num_classes`` when given (a hierarchical head, whose logits are not
-  one per class), else the logits' last axis; labels have shape ``logits.shape[:-1]``.
+  one per class), else the logits' last axis; labels have shape ``logits.shape[:-1]``
+  (``logits_shape`` names the caller's layout in the error message).
+
+  Labels equal to ``ignore_index`` are padding: ``ignored`` marks them (None when
+  ``ignore_index`` is None) and they come back as label 0, so the kernels see a
+  valid label; the caller zeroes their loss.
 
   Eagerly, a label outside ``[0, K)`` raises a ValueError naming the first one
-  and its position. Under a transformation the values are unknown at trace time,
-  so the kernels turn the -1 into NaN for that example only.
+  and its position. The check reads the values before any cast, so an int64 or
+  uint64 label of 2**31 or more never wraps into range when JAX holds 32-bit
+  integers. Under a transformation the values are unknown at trace time, so the
+  kernels turn the -1 into NaN for that example only.
   """
-  labels = jnp.asarray(labels)
+  if is_concrete(labels) and not isinstance(labels, jax.Array):
+    labels = np.asarray(labels)  # a NumPy array or Python int: check before JAX casts it
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integers, got dtype {labels.dtype}.")
   if labels.shape != logits.shape[:-1]:
+    shown = logits.shape if logits_shape is None else logits_shape
     raise ValueError(
-        f"labels shape {labels.shape} does not match logits shape {logits.shape}: "
-        f"labels must have shape logits.shape[:-1] = {logits.shape[:-1]}."
+        f"labels shape {labels.shape} does not match logits shape {shown}: "
+        f"labels must have the logits' shape without the class axis, {logits.shape[:-1]}."
     )
+  if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
+    raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
   if num_classes is None:
     num_classes = logits.shape[-1]
   if is_concrete(labels):
     values = np.asarray(labels)
     bad = (values < 0) | (values >= num_classes)
+    if ignore_index is not None:
+      bad &= values != ignore_index
     if bad.any():
       where = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(
           f"labels{index_str(where)} = {values[where]} is outside [0, {num_classes}) "
           f"({int(bad.sum())} of {values.size} labels are out of range)."
       )
+    if values.dtype.itemsize > 4:
+      # In range (or ignored) now, so int32 holds every value; ignored ones become 0 below.
+      ignored = None if ignore_index is None else values == ignore_index
+      values = np.where(ignored, 0, values) if ignored is not None else values
+      labels = jnp.asarray(values.astype(np.int32))
+      return labels, None if ignored is None else jnp.asarray(ignored)
+    labels = jnp.asarray(labels)
+  ignored = None
+  if ignore_index is not None:
+    info = jnp.iinfo(labels.dtype)
+    if info.min <= ignore_index <= info.max:
+      ignored = labels == jnp.asarray(ignore_index, labels.dtype)
+    else:  # no label of this dtype can equal it
+      ignored = jnp.zeros(labels.shape, bool)
   # Compare in the labels' own dtype so that no cast can wrap a bad label into range.
   valid = labels >= 0
   if num_classes <= jnp.iinfo(labels.dtype).max:
     valid &= labels < jnp.asarray(num_classes, labels.dtype)
-  return jnp.where(valid, labels, -1).astype(jnp.int32)
+  labels = jnp.where(valid, labels, -1).astype(jnp.int32)
+  if ignored is not None:
+    labels = jnp.where(ignored, 0, labels)
+  return labels, ignored
 
 
 def as_class_mask(mask: ArrayLike, logits: jax.Array, *, name: str) -> jax.Array:
@@ -109,13 +146,28 @@ def as_targets(targets: ArrayLike, logits: jax.Array) -> jax.Array:
   return targets.astype(logits.dtype)
 
 
-def apply_where(logits: jax.Array, where: ArrayLike | None) -> jax.Array:
-  """Gives the classes that ``where`` excludes a logit of -inf (probability 0).
+def class_axis(axis: int, logits: jax.Array) -> int:
+  """Returns ``axis`` as a non-negative index into the logits' axes, or raises."""
+  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+    raise TypeError(f"axis must be an int (the class axis), got {axis!r}.")
+  if not -logits.ndim <= axis < logits.ndim:
+    raise ValueError(f"axis {axis} is out of range for logits of shape {logits.shape}.")
+  return int(axis) % logits.ndim
 
-  The select passes no gradient to excluded entries, so they get exactly zero.
+
+def move_to_last(x: jax.Array, axis: int) -> jax.Array:
+  """Moves the class axis ``axis`` of ``x`` to the end (a no-op for the last axis)."""
+  return x if axis == x.ndim - 1 else jnp.moveaxis(x, axis, -1)
+
+
+def as_where(where: ArrayLike | None, logits: jax.Array, axis: int) -> jax.Array | None:
+  """Checks ``where`` against the caller's logits and moves its class axis to the end.
+
+  ``logits`` is in the caller's layout, ``axis`` its class axis. A mask whose class
+  axis has size 1 (one flag per example) stays that small.
   """
   if where is None:
-    return logits
+    return None
   where = jnp.asarray(where)
   if where.dtype != jnp.bool_:
     raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
@@ -127,4 +179,38 @@ def apply_where(logits: jax.Array, where: ArrayLike | None) -> jax.Array:
     raise ValueError(
         f"where shape {where.shape} does not broadcast to logits shape {logits.shape}."
     )
-  return jnp.where(where, logits, -jnp.inf)
+  where = where.reshape((1,) * (logits.ndim - where.ndim) + where.shape)
+  return move_to_last(where, axis)
+
+
+def apply_where(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+  """Gives excluded classes a logit of -inf (probability 0); returns ``(logits, kept)``.
+
+  ``where`` comes from :func:`as_where`. ``kept`` marks the examples with at least
+  one admissible class (None without ``where``); as in optax, the others get loss 0
+  (see :func:`finish`). The select passes no gradient to excluded entries, so they
+  get exactly zero.
+  """
+  if where is None:
+    return logits, None
+  return jnp.where(where, logits, -jnp.inf), jnp.any(where, axis=-1)
+
+
+def finish(loss: jax.Array, kept: jax.Array | None, ignored: jax.Array | None = None) -> jax.Array:
+  """Loss 0 (and, through the kernels' zero-cotangent rule, gradient 0) for the
+  examples ``where`` excludes entirely and for those ``ignore_index`` marks."""
+  if ignored is not None:
+    kept = ~ignored if kept is None else kept & ~ignored
+  if kept is None:
+    return loss
+  return jnp.where(kept, loss, jnp.zeros((), loss.dtype))
+
+
+def zero_where_no_cotangent(g: jax.Array, grad: jax.Array) -> jax.Array:
+  """``g * grad``, exactly 0 wherever the cotangent ``g`` is 0, whatever ``grad`` holds.
+
+  A masked example (``jnp.where(mask, loss, 0)``, ``loss * mask``, ``ignore_index``)
+  receives a zero cotangent; its own gradient may be NaN or inf (a padding label, a
+  padded row of garbage logits), and ``0 * nan`` would poison every parameter.
+  """
+  return jnp.where(g == 0, jnp.zeros((), grad.dtype), g * grad)

@@ -35,13 +35,15 @@ from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
 from jaxsoftmax.losses._partition import _split_logsumexp
+from jaxsoftmax.losses._partition import _split_logsumexp_value
 from jaxsoftmax.tree import ClassTree
 
 _LOG2 = math.log(2.0)
 
 
-def _target_row(cluster_logits, within_logits, labels, tree):
-  """Checked inputs: cluster logits, the label's cluster row (padding at -inf), ids."""
+def _target_row(cluster_logits, within_logits, labels, tree, ignore_index=None):
+  """Checked inputs: cluster logits, the label's cluster row (padding at -inf), ids, and
+  the examples ``ignore_index`` marks (None without it)."""
   if not isinstance(tree, ClassTree):
     raise TypeError(f"tree must be a jaxsoftmax.tree.ClassTree, got {type(tree).__name__}.")
   cluster_logits = _checks.as_logits(cluster_logits, name="cluster_logits")
@@ -49,13 +51,19 @@ def _target_row(cluster_logits, within_logits, labels, tree):
   if cluster_logits.shape[-1] != tree.num_clusters:
     raise ValueError(f"cluster_logits has {cluster_logits.shape[-1]} entries on its last axis, "
                      f"but the tree has {tree.num_clusters} clusters.")
-  labels = _checks.as_labels(labels, cluster_logits, num_classes=tree.num_classes)
+  labels, ignored = _checks.as_labels(labels, cluster_logits, num_classes=tree.num_classes,
+                                      ignore_index=ignore_index)
   batch, width = cluster_logits.shape[:-1], tree.max_size
   valid = labels >= 0
   cluster = jnp.where(valid, jnp.asarray(tree.cluster_of)[jnp.maximum(labels, 0)], -1)
   slot = jnp.where(valid, jnp.asarray(tree.slot_of)[jnp.maximum(labels, 0)], -1)
   if within_logits.shape == (*batch, tree.num_clusters, width):
     row = jnp.take_along_axis(within_logits, jnp.maximum(cluster, 0)[..., None, None], axis=-2)[..., 0, :]
+    # A NaN anywhere in the table poisons the example (loss and gradient), as a NaN
+    # among flat logits does, although only the label's row enters the loss.
+    poisoned = jnp.any(jnp.isnan(within_logits), axis=(-2, -1))
+    cluster_logits = cluster_logits + jnp.where(poisoned, jnp.nan, 0.0)[..., None].astype(
+        cluster_logits.dtype)
   elif within_logits.shape == (*batch, width):
     row = within_logits
   else:
@@ -66,7 +74,7 @@ def _target_row(cluster_logits, within_logits, labels, tree):
   sizes = jnp.asarray(tree.sizes)[jnp.maximum(cluster, 0)]
   row = jnp.where(jnp.arange(width) < sizes[..., None], row, -jnp.inf)
   dtype = jnp.result_type(cluster_logits, row)
-  return cluster_logits.astype(dtype), row.astype(dtype), cluster, slot
+  return cluster_logits.astype(dtype), row.astype(dtype), cluster, slot, ignored
 
 
 def _log_not(a, b):
@@ -74,9 +82,8 @@ def _log_not(a, b):
   return -jax.nn.softplus(a - b)
 
 
-def _forward(cluster_logits, row, cluster, slot, complement):
-  a1, b1, e1, _, s1 = _split_logsumexp(cluster_logits, cluster)
-  a2, b2, e2, _, s2 = _split_logsumexp(row, slot)
+def _loss(a1, b1, a2, b2, complement):
+  """The loss from the two levels' label and rest logsumexps; also L and the two logs."""
   nll = jax.nn.softplus(b1 - a1) + jax.nn.softplus(b2 - a2)   # L = A + B
   log_u, log_v = _log_not(a1, b1), _log_not(a2, b2)             # log(1 - p(c)), log(1 - p(l|c))
   if complement:
@@ -85,17 +92,22 @@ def _forward(cluster_logits, row, cluster, slot, complement):
     loss = jnp.where(nll > _LOG2, small, -log_rest)
   else:
     loss = nll
-  residuals = (e1, s1, e2, s2, cluster, slot, nll, loss, log_u, log_v)
-  return loss, residuals
+  return loss, nll, log_u, log_v
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _hierarchical(cluster_logits, row, cluster, slot, complement):
-  return _forward(cluster_logits, row, cluster, slot, complement)[0]
+  """The value alone, from ``jax.nn.logsumexp``; the forward rule keeps the exponentials."""
+  a1, b1 = _split_logsumexp_value(cluster_logits, cluster)
+  a2, b2 = _split_logsumexp_value(row, slot)
+  return _loss(a1, b1, a2, b2, complement)[0]
 
 
 def _hierarchical_fwd(cluster_logits, row, cluster, slot, complement):
-  return _forward(cluster_logits, row, cluster, slot, complement)
+  a1, b1, e1, _, s1 = _split_logsumexp(cluster_logits, cluster)
+  a2, b2, e2, _, s2 = _split_logsumexp(row, slot)
+  loss, nll, log_u, log_v = _loss(a1, b1, a2, b2, complement)
+  return loss, (e1, s1, e2, s2, cluster, slot, nll, loss, log_u, log_v)
 
 
 def _direction(e, total, members):
@@ -116,16 +128,17 @@ def _hierarchical_bwd(complement, residuals, g):
   else:
     w1, w2 = jnp.exp(log_u), jnp.exp(log_v)
     dead = nll == jnp.inf                            # p_l is exactly 0
-  w1, w2 = (jnp.where(dead & ~jnp.isnan(nll), 0.0, w) * g for w in (w1, w2))
-  return (w1[..., None] * _direction(e1, s1, cluster),
-          w2[..., None] * _direction(e2, s2, slot), None, None)
+  w1, w2 = (jnp.where(dead & ~jnp.isnan(nll), 0.0, w) for w in (w1, w2))
+  g = g[..., None]
+  return (_checks.zero_where_no_cotangent(g, w1[..., None] * _direction(e1, s1, cluster)),
+          _checks.zero_where_no_cotangent(g, w2[..., None] * _direction(e2, s2, slot)), None, None)
 
 
 _hierarchical.defvjp(_hierarchical_fwd, _hierarchical_bwd)
 
 
 def hierarchical_nll(cluster_logits: ArrayLike, within_logits: ArrayLike, labels: ArrayLike,
-                     tree: ClassTree) -> jax.Array:
+                     tree: ClassTree, *, ignore_index: int | None = None) -> jax.Array:
   r"""Negative log-likelihood of the label through the tree, ``-log p(c) - log p(l | c)``.
 
   Args:
@@ -135,6 +148,8 @@ def hierarchical_nll(cluster_logits: ArrayLike, within_logits: ArrayLike, labels
     labels: ``[...]`` integer classes in ``[0, K)``. Eagerly, a label out of range
       raises ``ValueError``; under ``jit`` that example's loss is NaN.
     tree: the :class:`~jaxsoftmax.tree.ClassTree` (static).
+    ignore_index: a label value that marks padding (e.g. -100): those examples have
+      loss 0 and a zero gradient, eagerly and under ``jit``.
 
   Returns:
     ``[...]`` per-example losses, no reduction. Equal to ``nll`` of the flat
@@ -155,12 +170,14 @@ def hierarchical_nll(cluster_logits: ArrayLike, within_logits: ArrayLike, labels
   language model", AISTATS 2005; J. Goodman, "Classes for fast maximum entropy
   training", ICASSP 2001 (the two-level class factorisation).
   """
-  u, row, cluster, slot = _target_row(cluster_logits, within_logits, labels, tree)
-  return _hierarchical(u, row, cluster, slot, False)
+  u, row, cluster, slot, ignored = _target_row(cluster_logits, within_logits, labels, tree,
+                                               ignore_index)
+  return _checks.finish(_hierarchical(u, row, cluster, slot, False), None, ignored)
 
 
 def hierarchical_complement_nll(cluster_logits: ArrayLike, within_logits: ArrayLike,
-                                labels: ArrayLike, tree: ClassTree) -> jax.Array:
+                                labels: ArrayLike, tree: ClassTree, *,
+                                ignore_index: int | None = None) -> jax.Array:
   r"""Complement likelihood of a negative example through the tree, ``-log(1 - p(y = l))``.
 
   .. math::
@@ -177,6 +194,8 @@ def hierarchical_complement_nll(cluster_logits: ArrayLike, within_logits: ArrayL
     within_logits: ``[..., C, M]`` or the label's cluster row ``[..., M]``.
     labels: ``[...]`` integer classes in ``[0, K)`` (the classes the examples are not).
     tree: the :class:`~jaxsoftmax.tree.ClassTree` (static).
+    ignore_index: a label value that marks padding (e.g. -100): those examples have
+      loss 0 and a zero gradient, eagerly and under ``jit``.
 
   Returns:
     ``[...]`` per-example losses, no reduction, >= 0; +inf with a zero gradient only
@@ -196,8 +215,9 @@ def hierarchical_complement_nll(cluster_logits: ArrayLike, within_logits: ArrayL
   "Complementary-label learning for arbitrary losses and models", ICML 2019,
   through the class factorisation of :func:`hierarchical_nll`.
   """
-  u, row, cluster, slot = _target_row(cluster_logits, within_logits, labels, tree)
-  return _hierarchical(u, row, cluster, slot, True)
+  u, row, cluster, slot, ignored = _target_row(cluster_logits, within_logits, labels, tree,
+                                               ignore_index)
+  return _checks.finish(_hierarchical(u, row, cluster, slot, True), None, ignored)
 
 
 def hierarchical_log_softmax(cluster_logits: ArrayLike, within_logits: ArrayLike,

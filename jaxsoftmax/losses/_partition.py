@@ -31,6 +31,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxsoftmax.losses import _checks
+
 
 def _in_set(members: jax.Array, num_classes: int) -> jax.Array:
   if jnp.issubdtype(members.dtype, jnp.integer):
@@ -39,18 +41,36 @@ def _in_set(members: jax.Array, num_classes: int) -> jax.Array:
 
 
 def _masked_max(masked_logits):
+  """The shift of one side: its maximum, 0 for an empty (all -inf) side, NaN kept."""
   top = jnp.max(masked_logits, axis=-1)
-  return jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  return jax.lax.stop_gradient(jnp.where(jnp.isinf(top), 0.0, top))
 
 
 def _log(total):
-  """log of a sum of exponentials: -inf for an empty sum, with a finite derivative.
+  """log of a sum of exponentials: -inf for an empty sum, NaN for a NaN sum.
 
   The inner select keeps log's derivative 1/0 out of the discarded branch, so
   differentiating this (for grad of grad) never forms 0 * inf.
   """
-  positive = total > 0
-  return jnp.where(positive, jnp.log(jnp.where(positive, total, 1.0)), -jnp.inf)
+  empty = total == 0
+  return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, total)))
+
+
+def _split_logsumexp_value(logits, members):
+  """``(a, b)`` of :func:`_split_logsumexp` by ``jax.nn.logsumexp`` on masked logits.
+
+  The same algorithm and values; used where nothing is differentiated, so no
+  exponential needs to be kept. A NaN among a side's logits makes that side NaN.
+  """
+  in_set = _in_set(members, logits.shape[-1])
+  b = jax.nn.logsumexp(jnp.where(in_set, -jnp.inf, logits), axis=-1)
+  if jnp.issubdtype(members.dtype, jnp.integer):
+    safe = jnp.maximum(members, 0)[..., None]
+    picked = jnp.take_along_axis(logits, safe, axis=-1)[..., 0]
+    a = jnp.where(members >= 0, picked, jnp.nan)  # -1 marks an invalid label
+  else:
+    a = jax.nn.logsumexp(jnp.where(in_set, logits, -jnp.inf), axis=-1)
+  return a, b
 
 
 def _split_logsumexp(logits, members):
@@ -97,8 +117,15 @@ def _forward(logits, members, complement):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _partition_nll(logits, members, complement):
-  """-log P(S) per example; S from ``members``, swapped when ``complement``."""
-  return _forward(logits, members, complement)[0]
+  """-log P(S) per example; S from ``members``, swapped when ``complement``.
+
+  The value alone (nothing differentiates it) is two ``jax.nn.logsumexp`` calls;
+  the forward rule below computes the same numbers and keeps the exponentials.
+  """
+  a, b = _split_logsumexp_value(logits, members)
+  if complement:
+    a, b = b, a
+  return jax.nn.softplus(b - a)
 
 
 def _partition_nll_fwd(logits, members, complement):
@@ -109,7 +136,10 @@ def _partition_nll_bwd(complement, residuals, g):
   e, members, a, b, sum_in, sum_out = residuals
   is_member = _in_set(members, e.shape[-1])
   in_set = ~is_member if complement else is_member
-  not_s = jax.nn.sigmoid(b - a)[..., None]  # P(not S)
+  # P(not S). An example with a zero cotangent contributes nothing; its b - a may be
+  # NaN (an invalid label), so it is replaced before the sigmoid: the derivative of
+  # this rule (grad of grad) then stays finite for it too.
+  not_s = jax.nn.sigmoid(jnp.where(g != 0, b - a, 0.0))[..., None]
   # e / sum is the softmax restricted to k's own side: p_k / P(not S) outside S,
   # p_k / P(S) inside. Each e_k <= 1, so nothing here can overflow. A side whose
   # logits are all -inf has e = 0 and sum 0: dividing by 1 there gives its entries
@@ -126,7 +156,7 @@ def _partition_nll_bwd(complement, residuals, g):
   # a == -inf: S has probability 0 (loss +inf) or no class is admissible (loss NaN).
   # The gradient there is zero by convention, so -inf logits never receive NaN.
   grad = jnp.where((a == -jnp.inf)[..., None], 0.0, grad)
-  return g[..., None] * grad, None
+  return _checks.zero_where_no_cotangent(g[..., None], grad), None
 
 
 _partition_nll.defvjp(_partition_nll_fwd, _partition_nll_bwd)

@@ -9,15 +9,21 @@ from jaxsoftmax.losses import _checks
 from jaxsoftmax.losses._partition import _partition_nll
 
 
-def _set_loss(logits, members, where, complement):
+def _set_loss(logits, members, where, axis, complement):
   logits = _checks.as_logits(logits)
-  members = _checks.as_class_mask(members, logits, name="members")
-  logits = _checks.apply_where(logits, where)
-  return _partition_nll(logits, members, complement)
+  axis = _checks.class_axis(axis, logits)
+  members = _checks.move_to_last(_checks.as_class_mask(members, logits, name="members"), axis)
+  where = _checks.as_where(where, logits, axis)
+  logits, kept = _checks.apply_where(_checks.move_to_last(logits, axis), where)
+  return _checks.finish(_partition_nll(logits, members, complement), kept)
 
 
 def set_nll(
-    logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None
+    logits: ArrayLike,
+    members: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    axis: int = -1,
 ) -> jax.Array:
   r"""Negative log-probability of a set of labels, ``-log sum_{k in S} p_k``.
 
@@ -31,10 +37,12 @@ def set_nll(
   maximum, so a set far below the top logit gives a large finite loss, not inf.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on the last axis.
-    members: ``[..., K]`` boolean mask of the set S.
-    where: optional boolean mask broadcastable to ``[..., K]``; excluded classes
-      have probability 0 and get a zero gradient.
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
+    members: boolean mask of the logits' shape, of the set S.
+    where: optional boolean mask broadcastable to the logits' shape; excluded classes
+      have probability 0 and get a zero gradient. An example that ``where`` excludes
+      entirely has loss 0 and a zero gradient, as in optax.
+    axis: the class axis of ``logits`` and ``members`` (default -1), as in optax.
 
   Returns:
     ``[...]`` per-example losses. +inf only where S has probability exactly 0 (S
@@ -53,11 +61,15 @@ def set_nll(
   "Learning with Multiple Labels", NeurIPS 2002; Feng et al., "Provably Consistent
   Partial-Label Learning", NeurIPS 2020.
   """
-  return _set_loss(logits, members, where, complement=False)
+  return _set_loss(logits, members, where, axis, complement=False)
 
 
 def complement_set_nll(
-    logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None
+    logits: ArrayLike,
+    members: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    axis: int = -1,
 ) -> jax.Array:
   r"""Complement likelihood of several known-wrong labels, ``-log sum_{k not in S} p_k``.
 
@@ -70,9 +82,12 @@ def complement_set_nll(
   finite for every finite logit vector while some class lies outside S.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on the last axis.
-    members: ``[..., K]`` boolean mask of the wrong labels S.
-    where: optional boolean mask broadcastable to ``[..., K]``.
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
+    members: boolean mask of the logits' shape, of the wrong labels S.
+    where: optional boolean mask broadcastable to the logits' shape; excluded classes
+      have probability 0 and get a zero gradient. An example that ``where`` excludes
+      entirely has loss 0 and a zero gradient, as in optax.
+    axis: the class axis of ``logits`` and ``members`` (default -1), as in optax.
 
   Returns:
     ``[...]`` per-example losses. +inf only where every admissible class is in S,
@@ -90,4 +105,4 @@ def complement_set_nll(
   Reference: MCL-LOG, Feng et al., "Learning with Multiple Complementary Labels",
   ICML 2020.
   """
-  return _set_loss(logits, members, where, complement=True)
+  return _set_loss(logits, members, where, axis, complement=True)

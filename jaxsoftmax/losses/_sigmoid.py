@@ -39,7 +39,8 @@ def _sigmoid_cross_entropy_bwd(residuals, g):
                 | ((targets != 1) & (logits == jnp.inf)))
   grad = jnp.where(impossible, 0.0, grad)
   # d/dt [t softplus(-z) + (1 - t) softplus(z)] = softplus(-z) - softplus(z) = -z.
-  return g * grad, g * -logits
+  return (_checks.zero_where_no_cotangent(g, grad),
+          _checks.zero_where_no_cotangent(g, -logits))
 
 
 _sigmoid_cross_entropy.defvjp(_sigmoid_cross_entropy_fwd, _sigmoid_cross_entropy_bwd)
@@ -86,5 +87,6 @@ def sigmoid_binary_cross_entropy(
   if targets.dtype == jnp.bool_ or jnp.issubdtype(targets.dtype, jnp.integer):
     targets = targets.astype(logits.dtype)
   targets = _checks.as_targets(targets, logits)
-  logits = _checks.apply_where(logits, where)
+  if where is not None:
+    logits = _checks.apply_where(logits, _checks.as_where(where, logits, logits.ndim - 1))[0]
   return _sigmoid_cross_entropy(logits, targets)

@@ -19,12 +19,17 @@ from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
 from jaxsoftmax.losses._partition import _split_logsumexp
+from jaxsoftmax.losses._partition import _split_logsumexp_value
 
 
 def _neg_log_probs(logits, top):
   """Returns (-log p, u) with ``u = logsumexp_{k != j} z_k - z_j`` for ``j = top``."""
-  is_top = top[..., None] == jnp.arange(logits.shape[-1])
   z_top, lse_others, _, _, _ = _split_logsumexp(logits, top.astype(jnp.int32))
+  return _neg_log_probs_from(logits, top, z_top, lse_others)
+
+
+def _neg_log_probs_from(logits, top, z_top, lse_others):
+  is_top = top[..., None] == jnp.arange(logits.shape[-1])
   u = lse_others - z_top
   gap = jnp.where(is_top, 0.0, z_top[..., None] - logits)
   return gap + jax.nn.softplus(u)[..., None], u, is_top
@@ -52,8 +57,14 @@ def _as_weights(targets, dtype):
 
 @jax.custom_vjp
 def _soft_cross_entropy(logits, targets):
-  """sum_k q_k (-log p_k) per example; ``targets`` weights or a boolean label mask."""
-  neg_log_probs, _, _ = _neg_log_probs(logits, jnp.argmax(logits, axis=-1))
+  """sum_k q_k (-log p_k) per example; ``targets`` weights or a boolean label mask.
+
+  The value alone takes ``logsumexp_{k != j} z_k`` from ``jax.nn.logsumexp``; the
+  forward rule computes the same numbers through the shared kernel.
+  """
+  top = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  z_top, lse_others = _split_logsumexp_value(logits, top)
+  neg_log_probs = _neg_log_probs_from(logits, top, z_top, lse_others)[0]
   return _weighted_sum(_as_weights(targets, logits.dtype), neg_log_probs)
 
 
@@ -78,16 +89,21 @@ def _soft_cross_entropy_bwd(residuals, g):
   impossible = jnp.any((targets != 0) & (logits == -jnp.inf), axis=-1, keepdims=True)
   grad = jnp.where(impossible, 0.0, grad)
   g = g[..., None]
+  grad = _checks.zero_where_no_cotangent(g, grad)
   if mask_or_targets.dtype == jnp.bool_:
-    return g * grad, None
-  return g * grad, g * neg_log_probs
+    return grad, None
+  return grad, _checks.zero_where_no_cotangent(g, neg_log_probs)
 
 
 _soft_cross_entropy.defvjp(_soft_cross_entropy_fwd, _soft_cross_entropy_bwd)
 
 
 def soft_cross_entropy(
-    logits: ArrayLike, targets: ArrayLike, *, where: ArrayLike | None = None
+    logits: ArrayLike,
+    targets: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    axis: int = -1,
 ) -> jax.Array:
   r"""Cross-entropy against a target distribution, ``-sum_k q_k log p_k``.
 
@@ -103,10 +119,13 @@ def soft_cross_entropy(
   differentiated in both arguments, e.g. for distillation.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on the last axis.
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
     targets: ``[..., K]`` floating target weights, usually a distribution.
-    where: optional boolean mask broadcastable to ``[..., K]``; excluded classes
-      have probability 0 and get a zero gradient. A zero target on them costs 0.
+    where: optional boolean mask broadcastable to the logits' shape; excluded classes
+      have probability 0 and get a zero gradient. An example that ``where`` excludes
+      entirely has loss 0 and a zero gradient, as in optax.
+    axis: the class axis (default -1), as in optax. A zero target on an
+      excluded class costs 0.
 
   Returns:
     ``[...]`` per-example losses. +inf where a class of probability exactly 0 has a
@@ -126,13 +145,19 @@ def soft_cross_entropy(
   Architecture" (label smoothing), CVPR 2016.
   """
   logits = _checks.as_logits(logits)
-  targets = _checks.as_targets(targets, logits)
-  logits = _checks.apply_where(logits, where)
-  return _soft_cross_entropy(logits, targets)
+  axis = _checks.class_axis(axis, logits)
+  targets = _checks.move_to_last(_checks.as_targets(targets, logits), axis)
+  where = _checks.as_where(where, logits, axis)
+  logits, kept = _checks.apply_where(_checks.move_to_last(logits, axis), where)
+  return _checks.finish(_soft_cross_entropy(logits, targets), kept)
 
 
 def multilabel_softmax_cross_entropy(
-    logits: ArrayLike, label_mask: ArrayLike, *, where: ArrayLike | None = None
+    logits: ArrayLike,
+    label_mask: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    axis: int = -1,
 ) -> jax.Array:
   r"""Softmax cross-entropy against several correct labels, with targets ``Y / |Y|``.
 
@@ -141,11 +166,14 @@ def multilabel_softmax_cross_entropy(
     \qquad \nabla_z \ell = \mathrm{softmax}(z) - \frac{Y}{|Y|}
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on the last axis.
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
     label_mask: ``[..., K]`` boolean mask of the correct labels Y. Every example
       needs at least one: eagerly, an empty row raises ``ValueError``; under
       ``jit`` its loss is NaN.
-    where: optional boolean mask broadcastable to ``[..., K]``.
+    where: optional boolean mask broadcastable to the logits' shape; excluded classes
+      have probability 0 and get a zero gradient. An example that ``where`` excludes
+      entirely has loss 0 and a zero gradient, as in optax.
+    axis: the class axis (default -1), as in optax.
 
   Returns:
     ``[...]`` per-example losses; +inf where a label in Y has probability 0.
@@ -163,14 +191,17 @@ def multilabel_softmax_cross_entropy(
   Pretraining", ECCV 2018 (softmax with targets Y/|Y|).
   """
   logits = _checks.as_logits(logits)
+  axis = _checks.class_axis(axis, logits)
   label_mask = _checks.as_class_mask(label_mask, logits, name="label_mask")
   if _checks.is_concrete(label_mask):
-    empty = ~np.asarray(label_mask).any(axis=-1)
+    empty = ~np.asarray(label_mask).any(axis=axis)
     if empty.any():
       row = tuple(int(i) for i in np.argwhere(empty)[0])
       raise ValueError(
           f"label_mask{_checks.index_str(row)} has no label: every example needs at least one "
           f"({int(empty.sum())} of {empty.size} rows are empty)."
       )
-  logits = _checks.apply_where(logits, where)
-  return _soft_cross_entropy(logits, label_mask)
+  where = _checks.as_where(where, logits, axis)
+  logits, kept = _checks.apply_where(_checks.move_to_last(logits, axis), where)
+  label_mask = _checks.move_to_last(label_mask, axis)
+  return _checks.finish(_soft_cross_entropy(logits, label_mask), kept)

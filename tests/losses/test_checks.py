@@ -114,10 +114,11 @@ def test_probability_zero_events():
   # complement of the only admissible class: p = 1, so -log(1 - p) = +inf, zero gradient.
   loss, grad = jax.value_and_grad(lambda z: losses.complement_nll(z, 0, where=only_0))(z)
   assert loss == np.inf and np.all(grad == 0.0)
-  # No admissible class at all: NaN, and still a zero gradient.
+  # No admissible class at all: loss 0 and a zero gradient, as optax gives.
   none = jnp.zeros(3, bool)
   loss, grad = jax.value_and_grad(lambda z: losses.nll(z, 0, where=none))(z)
-  assert np.isnan(loss) and np.all(grad == 0.0)
+  assert loss == 0.0 and np.all(grad == 0.0)
+  assert optax.softmax_cross_entropy_with_integer_labels(z, 0, where=none) == 0.0
 
 
 def test_a_side_of_only_minus_inf_logits_gets_zero_gradient(loss_case):

@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 from experiments import accuracy_losses, reference
 from jaxsoftmax.losses import complement_nll, negated_nll, nll
 
+EPS32 = np.finfo(np.float32).eps
 LABEL_CASES = [c for c in accuracy_losses.CASES if c.aux == "label"]
 
 
@@ -120,3 +121,60 @@ def test_forward_mode_raises_a_clear_error():
   z = jnp.zeros((2, 3))
   with pytest.raises(TypeError, match="forward-mode"):
     jax.jvp(lambda z: nll(z, jnp.array([0, 1])), (z,), (z,))
+
+
+# --- label smoothing ------------------------------------------------------------------
+
+
+def _smoothed_reference(z, y, eps, admissible):
+  """mpmath (experiments/reference.py): soft cross-entropy against (1 - eps) onehot + eps / K'."""
+  q = np.where(admissible, eps / admissible.sum(), 0.0) + (1 - eps) * (np.arange(len(z)) == y)
+  z = np.where(admissible, z, -np.inf)
+  return reference.soft_cross_entropy(z, q)
+
+
+@pytest.mark.parametrize("gap, eps", [(0.0, 0.1), (8.0, 0.2), (30.0, 1e-12), (-20.0, 0.05)])
+def test_label_smoothing_matches_mpmath_value_and_closed_form_gradient(gap, eps):
+  rng = np.random.default_rng(4)
+  z = rng.normal(0, 1, (3, 6)).astype(np.float32)
+  z[:, 1] += gap
+  y = np.array([1, 1, 3])
+  keep = np.arange(6) != 5
+  for where in (None, keep):
+    admissible = np.ones(6, bool) if where is None else keep
+    loss, grad = jax.vmap(jax.value_and_grad(lambda z, y: nll(z, y, where=where, label_smoothing=eps)))(
+        jnp.asarray(z), jnp.asarray(y))
+    for i in range(3):
+      ref_loss, ref_grad = _smoothed_reference(z[i].astype(np.float64), y[i], eps, admissible)
+      cond = 1 + abs(gap)
+      np.testing.assert_allclose(float(loss[i]), float(ref_loss), rtol=4 * EPS32 * cond)
+      # Closed form: softmax(z) - ((1 - eps) onehot(y) + eps / K'), zero on excluded classes.
+      np.testing.assert_allclose(np.asarray(grad[i], np.float64), np.array(ref_grad, float),
+                                 rtol=1e-5, atol=1e-7)
+  # eps = 0 is exactly the plain nll.
+  np.testing.assert_array_equal(nll(jnp.asarray(z), jnp.asarray(y), label_smoothing=0.0),
+                                nll(jnp.asarray(z), jnp.asarray(y)))
+
+
+def test_label_smoothing_matches_optax_smooth_labels_and_finite_differences():
+  rng = np.random.default_rng(5)
+  z = jnp.asarray(rng.normal(0, 2, (8, 5)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 5, 8))
+  targets = optax.smooth_labels(jax.nn.one_hot(y, 5), 0.1)  # optax: (1 - eps) onehot + eps / K
+  np.testing.assert_allclose(nll(z, y, label_smoothing=0.1), optax.softmax_cross_entropy(z, targets),
+                             rtol=2e-6)
+  with jax.enable_x64(True):
+    z64 = jnp.asarray(rng.normal(0, 1, (3, 5)))
+    check_grads(jax.jit(lambda z: nll(z, jnp.array([0, 2, 4]), label_smoothing=0.3)), (z64,),
+                order=2, modes=["rev"])
+
+
+def test_label_smoothing_keeps_padding_and_bad_labels_apart():
+  z = jnp.zeros((3, 4))
+  y = jnp.array([1, -100, 9])
+  out = jax.jit(lambda z, y: nll(z, y, ignore_index=-100, label_smoothing=0.1))(z, y)
+  np.testing.assert_allclose(out[0], np.log(4.0), rtol=1e-6)  # uniform p: every -log p_k = log 4
+  assert out[1] == 0.0 and np.isnan(out[2])
+  for bad in (1.0, -0.1, "0.1"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be a float in \[0, 1\)"):
+      nll(z, jnp.array([0, 1, 2]), label_smoothing=bad)
