@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import data
+from jaxsoftmax_experiments import data
 from jaxsoftmax import losses
 from jaxsoftmax.models import CNN, MLP, HierarchicalSoftmax, conv_as_matmul
 from jaxsoftmax.tree import ClassTree, balanced_tree

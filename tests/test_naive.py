@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import reference
+from tests.losses import reference
 from jaxsoftmax import naive
 from jaxsoftmax.losses import complement_nll, nll
 

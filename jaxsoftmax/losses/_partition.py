@@ -18,6 +18,17 @@ The gradient is ``softmax(z) - softmax(z restricted to S)``, computed as
 with ``P(not S) = sigmoid(b - a)``: no ``1 - p`` is ever formed, so the gradient keeps
 its precision as P(S) -> 1 and never vanishes while the loss is large.
 
+The value alone (what evaluation computes) is written with ``jax.nn.logsumexp`` on
+the logits with S (or its complement) set to -inf. On XLA:CPU (jax 0.10.2) that masked
+copy is a logits-sized temporary (128 MiB at [1024, 32768], where optax's
+cross-entropy needs none) and the call takes about 2.2x optax's time: the CPU's
+reduction fusions (XNNPACK) take a subtract, exp and multiply of their input, but no
+select, compare or iota, and any elementwise value that two reductions read is written
+to memory. Every exact form needs the label's side apart from the rest (a mask, or a
+count of ties with the maximum) in a second reduction; shifting both sides by the
+global maximum instead is not exact (complement_nll becomes +inf once the label leads
+by 100). ``jaxsoftmax_experiments/benchmarks/losses.py`` reports these forward-only rows.
+
 Members are either int32 labels (S = {label}; -1 marks an invalid label and gives
 NaN) or a boolean mask over classes. ``complement=True`` swaps S and its complement.
 The residuals are the exponentials (one per logit, in place of the logits), the

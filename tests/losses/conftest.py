@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from experiments import accuracy_losses
+from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax import losses
 
 
 def _assert_accurate(case, regime, cases_per_k, ks=(2, 16, 64), bound=4.0):
   """Float32 error <= ``bound`` ulps per unit of (1 + condition number).
 
-  Expected values: mpmath at 40 digits (experiments/reference.py).
+  Expected values: mpmath at 40 digits (tests/losses/reference.py).
   """
   rows = np.concatenate([accuracy_losses.measure(case, regime, cases_per_k, k, seed=k) for k in ks])
   assert len(rows) >= 0.7 * cases_per_k * len(ks)  # few losses fall below float32's tiny

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from experiments import accuracy_losses, reference
+from tests.losses import accuracy as accuracy_losses
+from tests.losses import reference
 from jaxsoftmax import losses
 from jaxsoftmax.losses import hierarchical_complement_nll, hierarchical_log_softmax, hierarchical_nll
 from jaxsoftmax.tree import ClassTree, balanced_tree

@@ -7,7 +7,8 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
-from experiments import accuracy_losses, reference
+from tests.losses import accuracy as accuracy_losses
+from tests.losses import reference
 from jaxsoftmax.losses import complement_nll, negated_nll, nll
 
 EPS32 = np.finfo(np.float32).eps
@@ -127,7 +128,7 @@ def test_forward_mode_raises_a_clear_error():
 
 
 def _smoothed_reference(z, y, eps, admissible):
-  """mpmath (experiments/reference.py): soft cross-entropy against (1 - eps) onehot + eps / K'."""
+  """mpmath (tests/losses/reference.py): soft cross-entropy against (1 - eps) onehot + eps / K'."""
   q = np.where(admissible, eps / admissible.sum(), 0.0) + (1 - eps) * (np.arange(len(z)) == y)
   z = np.where(admissible, z, -np.inf)
   return reference.soft_cross_entropy(z, q)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from experiments import accuracy_losses
+from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax.losses import complement_nll, complement_set_nll, nll, set_nll
 
 SET_CASES = [c for c in accuracy_losses.CASES if c.name in ("set_nll", "complement_set_nll")]

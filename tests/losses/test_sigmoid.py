@@ -6,7 +6,7 @@ import numpy as np
 import optax
 from jax.test_util import check_grads
 
-from experiments import accuracy_losses
+from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax.losses import sigmoid_binary_cross_entropy
 
 

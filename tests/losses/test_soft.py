@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
-from experiments import accuracy_losses
+from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax.losses import multilabel_softmax_cross_entropy, nll, soft_cross_entropy
 
 SOFT_CASES = [c for c in accuracy_losses.CASES

@@ -1,0 +1,1 @@
+"""Benchmarks and demos, each a script: python -m jaxsoftmax_experiments.benchmarks.NAME."""

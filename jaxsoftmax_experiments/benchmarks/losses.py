@@ -1,0 +1,126 @@
+"""Times the losses against optax's cross-entropy, in training and in evaluation.
+
+For each shape, every call below is compiled once and timed in the same interleaved
+rounds (:func:`jaxsoftmax_experiments.benchmarks.timer.interleaved`, order rotated each round),
+and each row's ratio is to the optax call of its own group measured in those rounds:
+
+- ``value_and_grad``: ``jit(value_and_grad)`` of the summed loss (training);
+  ``value``: ``jit`` of the per-example loss alone (evaluation);
+- float32 and bfloat16 logits;
+- plain calls, a ``where`` mask over classes (optax's ``where``), and padding labels
+  (``ignore_index=-100`` against ``jnp.where`` around optax on clipped labels).
+
+Memory is the compiled program's temp and output size (``memory_analysis()``). Run:
+
+    python -m jaxsoftmax_experiments.benchmarks.losses [--rounds 30] [--shapes 8192x16 1024x32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsoftmax_experiments.benchmarks import timer
+from jaxsoftmax import losses
+
+SHAPES = ((8192, 16), (65536, 1000), (1024, 32768), (64, 262144))
+PAD = -100
+
+
+def _optax_padded(z, y):
+  keep = y != PAD
+  return jnp.where(keep, optax.softmax_cross_entropy_with_integer_labels(z, jnp.where(keep, y, 0)), 0.0)
+
+
+# (group, name) -> loss(logits, labels, where); the first name of a group is its peer.
+FUNCTIONS = {
+    ("plain", "optax CE"): lambda z, y, w: optax.softmax_cross_entropy_with_integer_labels(z, y),
+    ("plain", "nll"): lambda z, y, w: losses.nll(z, y),
+    ("plain", "complement_nll"): lambda z, y, w: losses.complement_nll(z, y),
+    ("where", "optax CE"): lambda z, y, w: optax.softmax_cross_entropy_with_integer_labels(z, y, where=w),
+    ("where", "nll"): lambda z, y, w: losses.nll(z, y, where=w),
+    ("ignore_index", "optax CE"): lambda z, y, w: _optax_padded(z, y),
+    ("ignore_index", "nll"): lambda z, y, w: losses.nll(z, y, ignore_index=PAD),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODES = ("value_and_grad", "value")
+
+
+def _program(fn, mode):
+  if mode == "value":
+    return jax.jit(fn)
+  return jax.jit(jax.value_and_grad(lambda z, y, w: jnp.sum(fn(z, y, w))))
+
+
+def _memory(compiled) -> str:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return "n/a"
+  return f"{stats.temp_size_in_bytes / 2**20:.1f} + {stats.output_size_in_bytes / 2**20:.1f}"
+
+
+def _inputs(shape, dtype, group, seed=0):
+  rng = np.random.default_rng(seed)
+  logits = jnp.asarray(rng.normal(0, 3, shape), dtype)
+  labels = rng.integers(0, shape[1] - 1, shape[0])
+  if group == "ignore_index":
+    labels[rng.random(shape[0]) < 0.1] = PAD  # 10% padding
+  where = (jnp.arange(shape[1]) < shape[1] - 1)[None]  # the last class excluded
+  return logits, jnp.asarray(labels, jnp.int32), where
+
+
+def cases(dtypes=tuple(DTYPES)):
+  """(mode, dtype, group, name) of every timed call, in table order."""
+  out = []
+  for mode in MODES:
+    for dtype in dtypes:
+      for group, name in FUNCTIONS:
+        if dtype == "bfloat16" and group != "plain":
+          continue
+        out.append((mode, dtype, group, name))
+  return out
+
+
+def bench(shape, rounds: int, dtypes=tuple(DTYPES)):
+  """{(mode, dtype, group, name): (median seconds, ratio to the group's optax, memory)}."""
+  calls, memory = {}, {}
+  for case in cases(dtypes):
+    mode, dtype, group, name = case
+    args = _inputs(shape, DTYPES[dtype], group)
+    compiled = _program(FUNCTIONS[group, name], mode).lower(*args).compile()
+    calls[case] = functools.partial(compiled, *args)
+    memory[case] = _memory(compiled)
+  times = timer.interleaved(calls, rounds)
+  medians = {case: float(np.median(t)) for case, t in times.items()}
+  return {(mode, dtype, group, name): (seconds, seconds / medians[mode, dtype, group, "optax CE"],
+                                       memory[mode, dtype, group, name])
+          for (mode, dtype, group, name), seconds in medians.items()}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=30)
+  parser.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES],
+                      help="NxK shapes of the logits")
+  parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+  args = parser.parse_args(argv)
+  print(f"{timer.machine()}; optax {optax.__version__}; median of {args.rounds} interleaved "
+        "rounds, call order rotated each round")
+  print()
+  print("| shape | call | dtype | variant | function | median ms | ratio to optax | temp + output MiB |")
+  print("|---|---|---|---|---|---:|---:|---:|")
+  for text in args.shapes:
+    shape = tuple(int(v) for v in text.split("x"))
+    for (mode, dtype, group, name), (seconds, ratio, memory) in bench(shape, args.rounds,
+                                                                       tuple(args.dtypes)).items():
+      print(f"| {text} | {mode} | {dtype} | {group} | {name} | {seconds * 1e3:.2f} | {ratio:.2f} "
+            f"| {memory} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

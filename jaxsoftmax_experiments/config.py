@@ -1,0 +1,159 @@
+"""The experiment config: its defaults, and the checks that every config must pass.
+
+Config files under ``configs/`` start from :func:`defaults` and change what their
+experiment needs; :func:`validate` then checks every key's type and range, so a typo
+or a bad override fails before anything is computed or written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from jaxsoftmax_experiments import data
+from jaxsoftmax_experiments import regimes as regimes_lib
+
+REGIMES = regimes_lib.NAMES
+PROTOCOLS = ("feedback", "uniform", "biased", "supervised")
+MODELS = ("mlp", "cnn")
+HEADS = ("softmax", "hierarchical")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+  """A config key with a wrong type or a value out of range; the message names the key."""
+
+
+# key -> (default, help): every key an experiment config may set, in --help's order.
+_DEFAULTS = {
+    "dataset": ("digits", "digits, mnist1d, synthetic, or npz:PATH (a file with x_train, y_train, "
+                          "x_test, y_test and optionally num_classes)"),
+    "protocol": ("feedback", "where the examples come from: " + ", ".join(PROTOCOLS)),
+    "model": ("mlp", "mlp or cnn"),
+    "hidden": ((100, 100), "MLP hidden layer sizes"),
+    "channels": ((25, 25, 25), "CNN channels, one strided convolution each"),
+    "kernel_size": (0, "CNN kernel size; 0: 5 for 1-D inputs, 3 for 2-D"),
+    "head": ("softmax", "output layer: softmax, or hierarchical (a two-level class tree)"),
+    "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(classes))"),
+    "regimes": (REGIMES, "how negative examples are used, each of " + ", ".join(REGIMES)),
+    "num_seeds": (5, "seeds trained in parallel (jax.vmap)"),
+    "steps": (1000, "optimizer steps per regime (per feedback round)"),
+    "batch_size": (128, "examples per step, drawn with replacement"),
+    "optimizer": ("adam", "adam (AdamW when weight_decay > 0) or sgd (momentum 0.9)"),
+    "learning_rate": (1e-3, "peak learning rate"),
+    "weight_decay": (0.0, "decoupled weight decay"),
+    "schedule": ("constant", "constant, or cosine decay to 0 after warmup_steps"),
+    "warmup_steps": (0, "linear warmup from 0"),
+    "num_labeled": (100, "true labels per seed, drawn from the training split"),
+    "initial_steps": (500, "feedback: steps that train the model making the predictions"),
+    "feedback_rounds": (1, "feedback: rounds of predict, judge, train"),
+    "bias": (0.5, "biased: probability that the wrong label is (y + 1) mod K"),
+    "logit_bound": (1e3, "a run whose largest |logit| passes this has diverged"),
+    "seed": (0, "the root of every random draw"),
+    "eval_every": (100, "steps between evaluations on the test split"),
+    "checkpoint_every": (500, "steps between checkpoints (at evaluations); 0: only the last"),
+}
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The feedback experiment on digits: every key an experiment config may set."""
+  return ml_collections.ConfigDict({key: default for key, (default, _) in _DEFAULTS.items()})
+
+
+def describe() -> str:
+  """Every config key with its default and what it means, for ``--help``."""
+  width = max(map(len, _DEFAULTS))
+  return "\n".join(f"  --config.{key:<{width}}  {help_} (default: {default!r})"
+                   for key, (default, help_) in _DEFAULTS.items())
+
+
+def _is_int(v):
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+  return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _positive_int(v):
+  return _is_int(v) and v >= 1
+
+
+def _int_tuple(v):
+  return isinstance(v, (tuple, list)) and all(_positive_int(x) for x in v)
+
+
+# key -> (test, what the value must be)
+_RULES = {
+    "dataset": (lambda v: v in data.NAMES or (isinstance(v, str) and v.startswith("npz:")),
+                f"one of {', '.join(data.NAMES)}, or npz:PATH"),
+    "protocol": (lambda v: v in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}"),
+    "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+    "hidden": (_int_tuple, "a tuple of positive ints"),
+    "channels": (lambda v: _int_tuple(v) and len(v) >= 1, "a non-empty tuple of positive ints"),
+    "kernel_size": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
+    "num_clusters": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "regimes": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
+                and len(set(v)) == len(v) and all(r in REGIMES for r in v),
+                f"a non-empty tuple of distinct names from {', '.join(REGIMES)}"),
+    "num_seeds": (_positive_int, "an int >= 1"),
+    "steps": (_positive_int, "an int >= 1"),
+    "batch_size": (_positive_int, "an int >= 1"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "learning_rate": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+    "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "num_labeled": (_positive_int, "an int >= 1"),
+    "initial_steps": (_positive_int, "an int >= 1"),
+    "feedback_rounds": (_positive_int, "an int >= 1"),
+    "bias": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "logit_bound": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
+    "eval_every": (_positive_int, "an int >= 1"),
+    "checkpoint_every": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+}
+KEYS = tuple(_RULES)
+assert KEYS == tuple(_DEFAULTS), "every key needs a default, a help line and a rule"
+
+
+def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
+             num_classes: int | None = None) -> None:
+  """Raises :class:`ConfigError` naming the first key that is unknown, missing or bad.
+
+  Args:
+    config: an experiment config.
+    num_train: the size of the dataset's training split, when known, to check
+      ``num_labeled`` against it.
+    num_classes: the dataset's number of classes, when known, to check
+      ``num_clusters`` against it.
+  """
+  values = config.to_dict()
+  unknown = sorted(set(values) - set(_RULES))
+  if unknown:
+    raise ConfigError(f"config.{unknown[0]}: unknown key; the keys are {', '.join(KEYS)}.")
+  for key, (test, want) in _RULES.items():
+    if key not in values:
+      raise ConfigError(f"config.{key}: missing; start the config from jaxsoftmax_experiments.config.defaults().")
+    if not test(values[key]):
+      raise ConfigError(f"config.{key}: must be {want}, got {values[key]!r}.")
+  if values["warmup_steps"] > values["steps"]:
+    raise ConfigError(f"config.warmup_steps: must be at most config.steps ({values['steps']}), "
+                      f"got {values['warmup_steps']}.")
+  if values["feedback_rounds"] > 1 and values["protocol"] != "feedback":
+    raise ConfigError(f"config.feedback_rounds: more than one round needs protocol 'feedback', "
+                      f"not {values['protocol']!r}.")
+  if values["model"] == "cnn" and values["dataset"] == "synthetic":
+    raise ConfigError("config.model: the synthetic dataset has flat features; use 'mlp'.")
+  if values["num_clusters"] and values["head"] != "hierarchical":
+    raise ConfigError(f"config.num_clusters: only the hierarchical head has clusters; "
+                      f"set config.head='hierarchical' or num_clusters=0, got {values['num_clusters']}.")
+  if num_classes is not None and values["num_clusters"] > num_classes:
+    raise ConfigError(f"config.num_clusters: must be at most the {num_classes} classes of "
+                      f"{values['dataset']!r} (no empty cluster), got {values['num_clusters']}.")
+  if num_train is not None and values["num_labeled"] > num_train:
+    raise ConfigError(f"config.num_labeled: must be at most the {num_train} training examples "
+                      f"of {values['dataset']!r}, got {values['num_labeled']}.")

@@ -1,0 +1,24 @@
+"""The default experiment: feedback on a model's predictions, digits, three regimes.
+
+A model trained on 100 true labels predicts the rest of the 1347 training digits; a
+judge marks each prediction right (a positive example) or wrong (a negative example,
+"not that label"). Each regime then trains an MLP on those examples, 5 seeds at once.
+
+    python -m jaxsoftmax_experiments.run --config=configs/feedback_digits.py --workdir=runs/feedback_digits
+
+``configs/feedback_digits.py:hierarchical`` gives the MLP a hierarchical softmax head
+(a balanced tree of the 10 classes in 4 clusters) in place of its softmax layer.
+"""
+
+from jaxsoftmax_experiments import config
+
+
+def get_config(head="softmax"):
+  c = config.defaults()
+  c.head = head
+  c.dataset = "digits"
+  c.protocol = "feedback"
+  c.model = "mlp"
+  c.num_labeled = 100
+  c.steps = 1000
+  return c.lock()

@@ -1,0 +1,110 @@
+"""Where the training examples come from: true labels, judged predictions, wrong labels.
+
+An experiment's examples live in a fixed-size table with one slot per training
+example per feedback round (slot ``r * n + i`` holds round ``r``'s example for input
+``i``). Each slot is empty, a positive example ("x_i is label") or a negative
+example ("x_i is not label"). A negative slot may also hold a set of further wrong
+labels of the same input (``wrong``: int32 ``[..., rounds * n, M]``, -1 where unused),
+which the complement losses then take as one set; the protocols here give one wrong
+label per slot and leave ``wrong`` as None. Every function here is pure and works on any leading
+batch shape (seeds, regimes), so a whole experiment's tables are built at once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+EMPTY, POSITIVE, NEGATIVE = 0, 1, 2
+
+
+class Examples(NamedTuple):
+  """A table of examples: ``label`` and ``kind`` int32 ``[..., rounds * n]``, and
+  optionally ``wrong`` int32 ``[..., rounds * n, M]``, further wrong labels per slot."""
+  label: jax.Array
+  kind: jax.Array
+  wrong: jax.Array | None = None
+
+  def counts(self) -> tuple[jax.Array, jax.Array]:
+    """The numbers of positive and of negative examples, over the last axis."""
+    return (jnp.sum(self.kind == POSITIVE, axis=-1), jnp.sum(self.kind == NEGATIVE, axis=-1))
+
+
+def labeled_mask(key: jax.Array, n: int, num_labeled: int) -> jax.Array:
+  """A bool ``[n]`` mask of ``num_labeled`` inputs drawn without replacement."""
+  chosen = jax.random.permutation(key, n)[:num_labeled]
+  return jnp.zeros(n, bool).at[chosen].set(True)
+
+
+def _table(label, kind, rounds):
+  """Round 0's slots from ``label`` and ``kind`` ``[..., n]``; later rounds empty."""
+  pad = [(0, 0)] * (label.ndim - 1) + [(0, (rounds - 1) * label.shape[-1])]
+  return Examples(jnp.pad(label.astype(jnp.int32), pad), jnp.pad(kind.astype(jnp.int32), pad))
+
+
+def supervised(y: jax.Array, rounds: int = 1) -> Examples:
+  """Every input with its true label."""
+  return _table(y, jnp.full(y.shape, POSITIVE), rounds)
+
+
+def labeled_only(y: jax.Array, labeled: jax.Array, rounds: int = 1) -> Examples:
+  """The labeled inputs with their true labels; the rest empty."""
+  return _table(y, jnp.where(labeled, POSITIVE, EMPTY), rounds)
+
+
+def transition_matrix(num_classes: int, bias: float) -> jax.Array:
+  """``T[y, l]``: the probability that the wrong label shown for class y is l.
+
+  With probability ``bias`` it is ``(y + 1) mod K``; otherwise it is uniform over the
+  K - 1 wrong labels. ``bias = 0`` is the uniform complementary-label setting.
+  """
+  k = num_classes
+  uniform = (1.0 - jnp.eye(k)) / (k - 1)
+  shift = jnp.roll(jnp.eye(k), 1, axis=1)
+  return bias * shift + (1.0 - bias) * uniform
+
+
+def wrong_labels(key: jax.Array, y: jax.Array, num_classes: int, bias: float = 0.0) -> jax.Array:
+  """One wrong label per input, drawn from ``transition_matrix(num_classes, bias)[y]``."""
+  if num_classes < 2:
+    raise ValueError(f"wrong labels need at least 2 classes, got {num_classes}.")
+  log_t = jnp.log(transition_matrix(num_classes, bias))
+  return jax.random.categorical(key, log_t[y]).astype(jnp.int32)
+
+
+def complementary(key: jax.Array, y: jax.Array, labeled: jax.Array, num_classes: int, *,
+                  bias: float = 0.0, rounds: int = 1) -> Examples:
+  """Labeled inputs with their true labels; every other input with one wrong label."""
+  wrong = wrong_labels(key, y, num_classes, bias)
+  return _table(jnp.where(labeled, y, wrong), jnp.where(labeled, POSITIVE, NEGATIVE), rounds)
+
+
+def judge(examples: Examples, predictions: jax.Array, y: jax.Array, round_: int) -> Examples:
+  """Fills round ``round_``'s slots with a judge's verdicts on ``predictions``.
+
+  An input that already has a positive example is not shown again. For every other
+  input, a right prediction becomes a positive example with that label and a wrong one
+  a negative example "not that label".
+
+  Args:
+    examples: the table, ``[..., rounds * n]``.
+    predictions: int ``[..., n]``, the predicted class of every training input.
+    y: int ``[n]``, the true labels the judge holds.
+    round_: which round's slots to fill.
+
+  Returns:
+    The table with that round's slots filled.
+  """
+  n = y.shape[-1]
+  shape = examples.kind.shape
+  kind = examples.kind.reshape(*shape[:-1], -1, n)
+  label = examples.label.reshape(*shape[:-1], -1, n)
+  resolved = jnp.any(kind == POSITIVE, axis=-2)
+  right = predictions == y
+  new_kind = jnp.where(resolved, kind[..., round_, :], jnp.where(right, POSITIVE, NEGATIVE))
+  new_label = jnp.where(resolved, label[..., round_, :], predictions.astype(jnp.int32))
+  kind = kind.at[..., round_, :].set(new_kind)
+  label = label.at[..., round_, :].set(new_label)
+  return examples._replace(label=label.reshape(shape), kind=kind.reshape(shape))

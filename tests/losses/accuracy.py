@@ -1,0 +1,200 @@
+"""Measures the float32 accuracy of every loss against the mpmath references.
+
+For each loss and regime it draws random examples, evaluates the loss in float32
+under ``jax.jit`` and reports the relative error in units of float32 epsilon
+(ulps), divided by ``1 + condition number`` (the error a backward-stable
+computation is allowed). Run:
+
+    python -m tests.losses.accuracy [--cases 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsoftmax import losses
+from jaxsoftmax.tree import balanced_tree
+from tests.losses import reference
+
+EPS32 = float(np.finfo(np.float32).eps)
+# XLA flushes float32 subnormals to zero, so smaller losses are reported as 0.
+TINY32 = float(np.finfo(np.float32).tiny)
+
+# The logit gap of the target set over the best class outside it, per regime.
+REGIMES = {
+    "p(S) -> 1": lambda rng, n: rng.uniform(10.0, 80.0, n),
+    "middle": lambda rng, n: rng.uniform(-5.0, 5.0, n),
+    "p(S) -> 0": lambda rng, n: -np.exp(rng.uniform(np.log(10.0), np.log(1e4), n)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One loss: how to call it on a batch and on one example of the reference."""
+  name: str
+  ours: Callable  # (logits [N, K] float32, aux [N, ...]) -> [N] or [N, K]
+  ref: Callable  # (z [K] float64, aux row) -> (loss, grad)
+  aux: str  # "label", "mask" or "soft"
+
+
+CASES = (
+    Case("nll", losses.nll, reference.nll, "label"),
+    Case("complement_nll", losses.complement_nll, reference.complement_nll, "label"),
+    Case("negated_nll", losses.negated_nll, reference.negated_nll, "label"),
+    Case("set_nll", losses.set_nll, reference.set_nll, "mask"),
+    Case("complement_set_nll", losses.complement_set_nll, reference.complement_set_nll, "mask"),
+    Case("soft_cross_entropy", losses.soft_cross_entropy, reference.soft_cross_entropy, "soft"),
+    Case("multilabel_softmax_cross_entropy", losses.multilabel_softmax_cross_entropy,
+         reference.multilabel_softmax_cross_entropy, "mask"),
+)
+
+
+def draw(rng, case: Case, regime: str, n: int, k: int):
+  """Random float32 logits with the target set shifted by the regime's gap."""
+  z = rng.normal(0.0, 3.0, (n, k)).astype(np.float32)
+  in_set = np.zeros((n, k), bool)
+  if case.aux == "mask":
+    sizes = rng.integers(1, k, n)
+    for i, s in enumerate(sizes):
+      in_set[i, rng.choice(k, s, replace=False)] = True
+  else:
+    in_set[np.arange(n), rng.integers(0, k, n)] = True
+  # The complement losses are small when the *labelled* class is unlikely.
+  target_in = ~in_set if case.name in ("complement_nll", "complement_set_nll") else in_set
+  gap = REGIMES[regime](rng, n)
+  best_out = np.where(target_in, -np.inf, z).max(axis=1)
+  top_in = np.where(target_in, z, -np.inf).max(axis=1)
+  z = np.where(target_in, z + (best_out + gap - top_in)[:, None], z).astype(np.float32)
+  if case.aux == "label":
+    aux = np.argmax(in_set, axis=1)
+  elif case.aux == "mask":
+    aux = in_set
+  else:  # label smoothing 0.01 around one class
+    aux = (0.99 * in_set + 0.01 / k).astype(np.float32)
+  return z, aux
+
+
+def _add_row(rows, ours, loss, grad, z) -> None:
+  """Appends (ulps / (1 + cond), ulps, cond) for one value; skips losses below float32's tiny."""
+  if abs(loss) < TINY32:
+    return
+  cond = reference.condition_number(z, loss, grad)
+  ulps = float(abs((ours - loss) / loss)) / EPS32
+  rows.append((ulps / (1.0 + cond), ulps, cond))
+
+
+def measure(case: Case, regime: str, n: int, k: int, seed: int = 0):
+  """Returns rows (ulps / (1 + cond), ulps, cond) for one loss, regime and K."""
+  rng = np.random.default_rng(seed)
+  z, aux = draw(rng, case, regime, n, k)
+  ours = np.asarray(jax.jit(case.ours)(jnp.asarray(z), jnp.asarray(aux)), np.float64)
+  rows = []
+  for i in range(n):
+    loss, grad = case.ref(z[i].astype(np.float64), aux[i])
+    _add_row(rows, ours[i], loss, grad, z[i])
+  return np.array(rows).reshape(-1, 3)
+
+
+def measure_sigmoid(n: int, seed: int = 0):
+  """The same rows for sigmoid_binary_cross_entropy, logits spread over +-90."""
+  rng = np.random.default_rng(seed)
+  z = rng.uniform(-90.0, 90.0, (n, 4)).astype(np.float32)
+  t = rng.choice(np.array([0.0, 1.0, 0.3], np.float32), (n, 4))
+  ours = np.asarray(jax.jit(losses.sigmoid_binary_cross_entropy)(z, t), np.float64)
+  rows = []
+  for i in range(n):
+    ref_losses, ref_grads = reference.sigmoid_binary_cross_entropy(z[i], t[i])
+    for j, (loss, grad) in enumerate(zip(ref_losses, ref_grads)):
+      _add_row(rows, ours[i, j], loss, [grad], [z[i, j]])
+  return np.array(rows).reshape(-1, 3)
+
+
+def _far_and_middle(rng, n):
+  """One level's gap far below its rivals, the other's anywhere in the middle."""
+  far, middle = REGIMES["p(S) -> 0"](rng, n), REGIMES["middle"](rng, n)
+  swap = rng.random(n) < 0.5
+  return np.where(swap, middle, far), np.where(swap, far, middle)
+
+
+# (cluster gap, within-cluster gap) of the label over the best other entry; the
+# regimes are named by p_l = p(y = label) for both losses.
+HIERARCHICAL_REGIMES = {
+    "p_l -> 1": lambda rng, n: (REGIMES["p(S) -> 1"](rng, n), REGIMES["p(S) -> 1"](rng, n)),
+    "middle": lambda rng, n: (REGIMES["middle"](rng, n), REGIMES["middle"](rng, n)),
+    "p_l -> 0": _far_and_middle,
+}
+
+
+def measure_hierarchical(regime: str, n: int, k: int, complement: bool, seed: int = 0):
+  """The same rows for hierarchical_nll or hierarchical_complement_nll.
+
+  A balanced tree of ``k`` classes; each example's label is shifted by the regime's
+  gaps at both levels (its cluster among the clusters, itself inside its cluster).
+  """
+  rng = np.random.default_rng(seed)
+  tree = balanced_tree(k)
+  u = rng.normal(0.0, 3.0, (n, tree.num_clusters))
+  w = rng.normal(0.0, 3.0, (n, tree.num_clusters, tree.max_size))
+  labels = rng.integers(0, k, n)
+  cluster, slot = tree.cluster_of[labels], tree.slot_of[labels]
+  rows_w = np.where(np.arange(tree.max_size) < tree.sizes[cluster][:, None],
+                    w[np.arange(n), cluster], -np.inf)
+  gap_u, gap_w = HIERARCHICAL_REGIMES[regime](rng, n)
+  for values, index, gap in ((u, cluster, gap_u), (rows_w, slot, gap_w)):
+    others = values.copy()
+    others[np.arange(n), index] = -np.inf
+    best = others.max(axis=1)
+    values[np.arange(n), index] = np.where(np.isfinite(best), best + gap, 0.0)
+  u, rows_w = u.astype(np.float32), rows_w.astype(np.float32)
+  fn = losses.hierarchical_complement_nll if complement else losses.hierarchical_nll
+  ours = np.asarray(jax.jit(fn, static_argnums=3)(u, rows_w, labels.astype(np.int32), tree), np.float64)
+  rows = []
+  for i in range(n):
+    loss, grad = reference.hierarchical(u[i].astype(np.float64), rows_w[i].astype(np.float64),
+                                        cluster[i], slot[i], complement)
+    _add_row(rows, ours[i], loss, grad, np.concatenate([u[i], rows_w[i]]))
+  return np.array(rows).reshape(-1, 3)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", type=int, default=40, help="examples per loss, regime and K")
+  parser.add_argument("--classes", type=int, nargs="+", default=[2, 16, 64])
+  args = parser.parse_args(argv)
+  print(f"float32 relative error against mpmath (40 digits), {args.cases} examples "
+        f"per loss, regime and K in {args.classes}; ulps of eps = {EPS32:.3g}")
+  print()
+  print("| loss | regime | examples | worst ulps / (1 + cond) | worst ulps | median cond |")
+  print("|---|---|---:|---:|---:|---:|")
+  worst = 0.0
+  for case in CASES:
+    for regime in REGIMES:
+      rows = np.concatenate(
+          [measure(case, regime, args.cases, k, seed=k) for k in args.classes])
+      worst = max(worst, rows[:, 0].max())
+      print(f"| {case.name} | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
+            f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
+  rows = measure_sigmoid(args.cases * len(args.classes))
+  worst = max(worst, rows[:, 0].max())
+  print(f"| sigmoid_binary_cross_entropy | z in [-90, 90] | {len(rows)} "
+        f"| {rows[:, 0].max():.2f} | {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
+  for complement in (False, True):
+    name = "hierarchical_complement_nll" if complement else "hierarchical_nll"
+    for regime in HIERARCHICAL_REGIMES:
+      rows = np.concatenate([measure_hierarchical(regime, args.cases, k, complement, seed=k)
+                             for k in args.classes])
+      worst = max(worst, rows[:, 0].max())
+      print(f"| {name} (balanced tree) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
+            f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
+  print()
+  print(f"worst case over all losses: {worst:.2f} ulps per unit of (1 + condition number)")
+
+
+if __name__ == "__main__":
+  main()
