@@ -13,14 +13,14 @@ The sides alternate in rounds; the median round is reported.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxsoftmax.models import conv_as_matmul
+from jaxsoftmax_experiments.benchmarks import timer
 
 
 def _convs(key):
@@ -50,19 +50,16 @@ def bench(seeds: int, chunk: int, rounds: int) -> dict[str, dict[str, float]]:
     scan = lambda p, step=step: jax.lax.scan(lambda c, _: (step(c), None), p, None, length=chunk)[0]
     calls[name, "per call"] = (jax.jit(step), 1)
     calls[name, "in scan"] = (jax.jit(scan), chunk)
-  times = {key: [] for key in calls}
-  for fn, _ in calls.values():
-    jax.block_until_ready(fn(params))  # compile and warm up
-  for _ in range(rounds):
-    for key, (fn, steps) in calls.items():
-      out, start = params, time.perf_counter()
-      for _ in range(chunk // steps):
-        out = fn(out)
-      jax.block_until_ready(out)
-      times[key].append((time.perf_counter() - start) * 1e3 / chunk)
+  def run(fn, steps):
+    out = params
+    for _ in range(chunk // steps):
+      out = fn(out)
+    return out
+  times = timer.interleaved({key: (lambda fn=fn, steps=steps: run(fn, steps))
+                             for key, (fn, steps) in calls.items()}, rounds)
   result: dict[str, dict[str, float]] = {}
   for (name, how), t in times.items():
-    result.setdefault(name, {})[how] = statistics.median(t)
+    result.setdefault(name, {})[how] = float(np.median(t)) * 1e3 / chunk
   return result
 
 
@@ -73,8 +70,8 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args(argv)
   r = bench(args.seeds, args.chunk, args.rounds)
-  print(f"{args.seeds} seeds, batch 128, on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
-        f"median of {args.rounds} rounds of {args.chunk} steps, ms per vmapped step")
+  print(f"{timer.machine()}; {args.seeds} seeds, batch 128; median of {args.rounds} interleaved "
+        f"rounds of {args.chunk} steps, ms per vmapped step")
   print()
   print("| convolution | per call | in lax.scan | scan / per call |")
   print("|---|---:|---:|---:|")

@@ -21,8 +21,7 @@ cancel out). Run:
 from __future__ import annotations
 
 import argparse
-import platform
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from flax import nnx
 from jaxsoftmax import losses
 from jaxsoftmax.models import HierarchicalSoftmax
 from jaxsoftmax.tree import balanced_tree
+from jaxsoftmax_experiments.benchmarks import timer
 
 CLASSES = (1024, 32768, 262144)
 
@@ -89,14 +89,8 @@ def bench(k: int, dim: int, batch: int, rounds: int):
     memory[name] = (_temp_bytes(_compile(loss, params, h2, y2))
                     - _temp_bytes(compiled[name][0])) / batch
     jax.block_until_ready(compiled[name][0](params, h, y))  # warm up
-  times = {name: [] for name in compiled}
-  names = list(compiled)
-  for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who follows whom
-      c, params = compiled[name]
-      start = time.perf_counter()
-      jax.block_until_ready(c(params, h, y))
-      times[name].append(time.perf_counter() - start)
+  times = timer.interleaved({name: functools.partial(c, params, h, y)
+                             for name, (c, params) in compiled.items()}, rounds, warmup=0)
   return {name: (float(np.median(t)) / batch, memory[name]) for name, t in times.items()}
 
 
@@ -107,10 +101,8 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--classes", type=int, nargs="+", default=list(CLASSES))
   args = parser.parse_args(argv)
-  device = jax.devices()[0]
-  print(f"jax {jax.__version__}, {device.platform}: {device.device_kind}; host "
-        f"{platform.processor() or platform.machine()}; D = {args.dim}, batch {args.batch}, "
-        f"median of {args.rounds} interleaved rounds, float32")
+  print(f"{timer.machine()}; D = {args.dim}, batch {args.batch}, median of {args.rounds} "
+        "interleaved rounds (call order rotated), float32")
   print()
   print("| K | clusters x size | function | logits per example | us per example "
         "| speed-up over flat | temp KiB per example |")

@@ -1,10 +1,11 @@
 """Training throughput of the default experiment on 1, 2, 4 and 8 devices of one mesh.
 
-Times ``Trainer.train`` (a compiled scan of vmapped steps for all runs of the
-default experiment, ``configs/feedback_digits.py``) on the first N devices, with the
-mesh of :func:`jaxsoftmax_experiments.experiment.make_mesh`: its 15 runs give a runs axis of 1
-and each run's batch split over the N devices; with 8 seeds (24 runs) the runs are
-split instead. It reports steps per second,
+Times the training function of :mod:`jaxsoftmax_experiments.training` (a compiled scan
+of vmapped steps for all runs of the default experiment, ``feedback_digits``: three
+regime groups) on the first N devices, with the mesh of
+:func:`jaxsoftmax_experiments.parallel.make_mesh`: 5 seeds per group give a runs axis
+of 1 and each run's batch split over the N devices; with 8 seeds per group the runs
+are split instead. It reports steps per second,
 the ratio to one device measured in the same process, compile time, and how many
 programs XLA compiled during the timed calls (0: no step recompiles).
 
@@ -27,15 +28,13 @@ if "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS"
                              + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxsoftmax_experiments import config as config_lib  # noqa: E402
-from jaxsoftmax_experiments import data, experiment, protocols  # noqa: E402
-from jaxsoftmax_experiments.train import Trainer  # noqa: E402
+from jaxsoftmax_experiments import data, parallel, protocols, training  # noqa: E402
+from jaxsoftmax_experiments.benchmarks import timer  # noqa: E402
 
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -51,24 +50,22 @@ def compiles_since(start: int) -> int:
 def bench(config, dataset, devices, calls: int, steps: int):
   """Returns (mesh shape, compile seconds, median seconds per step, programs compiled
   during the timed calls)."""
-  runs = experiment.num_runs(config)
-  trainer = Trainer(config, dataset, steps * (calls + 1), experiment.make_mesh(config, devices))
-  keys = jax.random.split(jax.random.key(0), runs)
-  state = trainer.init(keys, keys)
-  y = jnp.asarray(dataset.y_train)
-  examples = jax.tree.map(lambda a: jnp.stack([a] * runs), protocols.supervised(y))
-  regimes = jnp.repeat(jnp.arange(3, dtype=jnp.int32), runs // 3)
-  start = time.perf_counter()
-  state, stats = trainer.train(state, examples, regimes, steps)
-  jax.block_until_ready(stats)
-  compile_seconds = time.perf_counter() - start
+  regimes = tuple(config.regimes)
+  setup = training.make_setup(config, dataset, regimes=regimes, total_steps=steps * (calls + 1),
+                              devices=devices)
+  fns = training.functions(setup)
+  keys = jax.random.split(jax.random.key(0), len(regimes) * config.num_seeds)
+  state = fns.init(keys.reshape(len(regimes), -1), keys.reshape(len(regimes), -1))
+  one = protocols.supervised(np.asarray(dataset.y_train))
+  examples = parallel.put((jax.tree.map(lambda a: np.stack([a] * config.num_seeds), one),) * len(regimes),
+                          parallel.run_sharding(setup.mesh))
+  x = parallel.put(dataset.x_train, parallel.replicated(setup.mesh))
+  (state, _), compile_seconds = timer.timed(lambda: fns.train(state, examples, x, length=steps))
   times, mark = [], len(_events)
   for _ in range(calls):
-    start = time.perf_counter()
-    state, stats = trainer.train(state, examples, regimes, steps)
-    jax.block_until_ready(stats)
-    times.append(time.perf_counter() - start)
-  return (dict(trainer.mesh.shape), compile_seconds, float(np.median(times)) / steps,
+    (state, _), seconds = timer.timed(lambda: fns.train(state, examples, x, length=steps))
+    times.append(seconds)
+  return (dict(setup.mesh.shape), compile_seconds, float(np.median(times)) / steps,
           compiles_since(mark))
 
 
@@ -77,12 +74,10 @@ def main(argv=None):
   parser.add_argument("--calls", type=int, default=5, help="timed calls per device count")
   parser.add_argument("--steps", type=int, default=100, help="steps per call (one scan)")
   args = parser.parse_args(argv)
-  config = config_lib.defaults()  # configs/feedback_digits.py's experiment
+  config = config_lib.defaults()  # feedback_digits's experiment
   dataset = data.load(config.dataset)
-  device = jax.devices()[0]
-  print(f"jax {jax.__version__}, {device.platform}: {device.device_kind}, "
-        f"{jax.device_count()} devices, {os.cpu_count()} host cores; configs/feedback_digits.py, "
-        f"batch {config.batch_size}; median of {args.calls} calls of {args.steps} steps")
+  print(f"{timer.machine()}; feedback_digits, batch {config.batch_size}; median of "
+        f"{args.calls} calls of {args.steps} steps")
   print()
   print("| runs | devices | mesh (runs x batch) | compile s | ms per step | steps/s "
         "| ratio to 1 device | compiled while timed |")
@@ -97,7 +92,7 @@ def main(argv=None):
       shape, compile_seconds, per_step, programs = bench(
           config, dataset, jax.devices()[:n], args.calls, args.steps)
       base = base or per_step
-      print(f"| {experiment.num_runs(config)} | {n} | {shape['runs']} x {shape['batch']} "
+      print(f"| {len(config.regimes) * seeds} | {n} | {shape['runs']} x {shape['batch']} "
             f"| {compile_seconds:.2f} | {per_step * 1e3:.2f} | {1 / per_step:.0f} "
             f"| {base / per_step:.2f} | {programs} |")
 

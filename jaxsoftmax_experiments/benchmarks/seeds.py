@@ -1,12 +1,12 @@
 """Benchmark: seeds trained by one vmapped step against a Python loop over seeds.
 
-Both sides call the same single-run :meth:`jaxsoftmax_experiments.train.Trainer.step`, jitted
+Both sides call the same single-run :func:`jaxsoftmax_experiments.training.step`, jitted
 once: the loop calls it once per seed per step, the vmapped side calls
-``jax.jit(jax.vmap(step))`` once per step for all seeds. A third row scans
-``--chunk`` vmapped steps per call, as :func:`jaxsoftmax_experiments.experiment.run_experiment`
-does. Compile time is measured separately (ahead-of-time lower and compile); the
-timed steps alternate between the sides in rounds so that both see the same machine
-load, and the median round is reported. Throughput counts seed-steps per second.
+``jax.jit(jax.vmap(step))`` once per step for all seeds. A third side scans ``--chunk``
+vmapped steps per call, as the experiment loop does. Compile time is measured apart
+(ahead-of-time lower and compile); the timed rounds interleave the sides with the
+shared timer, and the median round is reported. Throughput counts seed-steps per
+second.
 
     python -m jaxsoftmax_experiments.benchmarks.seeds --seeds 8 --steps 100 --rounds 5
 """
@@ -14,85 +14,68 @@ load, and the median round is reported. Throughput counts seed-steps per second.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from jaxsoftmax_experiments import config as config_lib
-from jaxsoftmax_experiments import data, protocols
-from jaxsoftmax_experiments.train import REGIME_IDS, Trainer
+from jaxsoftmax_experiments import data, protocols, training
+from jaxsoftmax_experiments.benchmarks import timer
 
 CASES = (("digits", "mlp"), ("mnist1d", "cnn"))
+REGIME = "complement_likelihood"
 
 
 def _setup(dataset_name, model, seeds, batch_size=128):
   c = config_lib.defaults()
-  c.dataset, c.model, c.batch_size = dataset_name, model, batch_size
+  c.dataset, c.model, c.batch_size, c.num_seeds = dataset_name, model, batch_size, seeds
   config_lib.validate(c)
   ds = data.load(dataset_name)
-  trainer = Trainer(c, ds, 1000)
-  y = jnp.asarray(ds.y_train)
-  labeled = jnp.arange(len(y)) < c.num_labeled
-  one = protocols.complementary(jax.random.key(0), y, labeled, ds.num_classes)
-  examples = jax.tree.map(lambda a: jnp.stack([a] * seeds), one)
-  regimes = jnp.full(seeds, REGIME_IDS["complement_likelihood"])
-  keys = jax.random.split(jax.random.key(1), seeds)
-  state = trainer.init(keys, jax.random.split(jax.random.key(2), seeds))
-  return trainer, one, examples, regimes, state
-
-
-def _compile(fn, *args):
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  return compiled, time.perf_counter() - start
+  setup = training.make_setup(c, ds, regimes=(REGIME,), total_steps=1000, devices=jax.devices()[:1])
+  y = np.asarray(ds.y_train)
+  one = protocols.complementary(jax.random.key(0), y, np.arange(len(y)) < c.num_labeled, ds.num_classes)
+  examples = jax.tree.map(lambda a: np.stack([a] * seeds), one)
+  keys = jax.random.split(jax.random.key(1), seeds)[None]
+  state = training.functions(setup).init(keys, jax.random.split(jax.random.key(2), seeds)[None])[0]
+  return setup, one, examples, state, jax.numpy.asarray(ds.x_train)
 
 
 def bench(dataset_name: str, model: str, seeds: int, batch_size: int, steps: int, rounds: int,
           chunk: int) -> dict:
   """Compile seconds and seed-steps per second of the loop, vmap and vmap+scan sides."""
-  trainer, one, examples, regimes, state = _setup(dataset_name, model, seeds, batch_size)
-  x = trainer.x_train
+  setup, one, examples, state, x = _setup(dataset_name, model, seeds, batch_size)
+  step = functools.partial(training.step, setup, REGIME)
   states = [jax.tree.map(lambda a, i=i: a[i], state) for i in range(seeds)]
-  regime = regimes[0]
-  single, single_compile = _compile(trainer.step, states[0], one, regime, x)
-  batched, batched_compile = _compile(jax.vmap(trainer.step, in_axes=(0, 0, 0, None)),
-                                      state, examples, regimes, x)
-  scanned, scanned_compile = _compile(lambda *a: trainer.train_steps(*a, length=chunk),
-                                      state, examples, regimes, x)
+  compile_ = lambda fn, *args: timer.timed(lambda: jax.jit(fn).lower(*args).compile())
+  single, single_compile = compile_(step, states[0], one, x)
+  batched, batched_compile = compile_(jax.vmap(step, in_axes=(0, 0, None)), state, examples, x)
+
+  def scan_fn(state, examples, x):
+    return jax.lax.scan(lambda s, _: jax.vmap(step, in_axes=(0, 0, None))(s, examples, x),
+                        state, None, length=chunk)
+  scanned, scanned_compile = compile_(scan_fn, state, examples, x)
+  held = {"loop": states, "vmap": state, "vmap+scan": state}
 
   def loop():
-    nonlocal states
     for _ in range(steps):
-      states = [single(s, one, regime, x)[0] for s in states]
-    jax.block_until_ready(states)
+      held["loop"] = [single(s, one, x)[0] for s in held["loop"]]
+    return held["loop"]
 
   def vmapped():
-    nonlocal state
     for _ in range(steps):
-      state = batched(state, examples, regimes, x)[0]
-    jax.block_until_ready(state)
+      held["vmap"] = batched(held["vmap"], examples, x)[0]
+    return held["vmap"]
 
-  scan_state = state
   def scan():
-    nonlocal scan_state
     for _ in range(steps // chunk):
-      scan_state = scanned(scan_state, examples, regimes, x)[0]
-    jax.block_until_ready(scan_state)
+      held["vmap+scan"] = scanned(held["vmap+scan"], examples, x)[0]
+    return held["vmap+scan"]
 
-  sides = {"loop": loop, "vmap": vmapped, "vmap+scan": scan}
-  times = {name: [] for name in sides}
-  for fn in sides.values():  # warm-up: first executions allocate buffers
-    fn()
-  for _ in range(rounds):
-    for name, fn in sides.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
+  times = timer.interleaved({"loop": loop, "vmap": vmapped, "vmap+scan": scan}, rounds)
   done = {"loop": steps, "vmap": steps, "vmap+scan": (steps // chunk) * chunk}
-  throughput = {name: seeds * done[name] / statistics.median(t) for name, t in times.items()}
+  throughput = {name: seeds * done[name] / float(np.median(t)) for name, t in times.items()}
   return {"compile": {"loop": single_compile, "vmap": batched_compile, "vmap+scan": scanned_compile},
           "throughput": throughput}
 
@@ -105,8 +88,8 @@ def main(argv=None) -> None:
   parser.add_argument("--chunk", type=int, default=50, help="steps per scanned call")
   parser.add_argument("--batch-sizes", default="16,128", help="comma-separated")
   args = parser.parse_args(argv)
-  print(f"{args.seeds} seeds, complement_likelihood, on {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}); median of {args.rounds} rounds of {args.steps} steps")
+  print(f"{timer.machine()}; {args.seeds} seeds, {REGIME}; median of {args.rounds} "
+        f"interleaved rounds of {args.steps} steps")
   print()
   print("| data, model, batch | loop: compile s, seed-steps/s | vmap: compile s, seed-steps/s "
         "| vmap+scan: compile s, seed-steps/s | vmap / loop | vmap+scan / loop |")

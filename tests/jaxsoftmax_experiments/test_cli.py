@@ -1,0 +1,153 @@
+"""The command line as a newcomer meets it: --help, configs by name from anywhere, a
+finished run left alone, Ctrl-C while compiling, progress in a log, and a user's data."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsoftmax_experiments import config as config_lib
+from jaxsoftmax_experiments import run
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--config.dataset=synthetic", "--config.steps=20", "--config.eval_every=10",
+        "--config.num_seeds=2", "--config.initial_steps=20", "--config.num_labeled=50",
+        "--config.hidden=(8,)", "--progress=false", "--compilation_cache="]
+
+
+def _files(workdir):
+  return {p.relative_to(workdir): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def test_help_lists_the_flags_and_every_config_key_with_its_default(capsys):
+  # Before: exit 2 with "Unknown command line flag 'help'".
+  assert run.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  for flag in ("--config=", "--workdir=", "--overwrite", "--num_devices", "--compilation_cache"):
+    assert flag in out
+  defaults = config_lib.defaults()
+  for key in config_lib.KEYS:
+    line = next(l for l in out.splitlines() if l.strip().startswith(f"--config.{key} "))
+    assert f"(default: {defaults[key]!r})" in line
+  assert "feedback_digits" in out and "mnist1d_supervised" in out
+
+
+def test_the_console_script_answers_help():
+  script = Path(sys.executable).with_name("jaxsoftmax-run")
+  out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "--config.learning_rate" in out.stdout
+
+
+def test_installing_claims_no_generic_top_level_name():
+  # Before: `pip install .` put a package named `experiments` into site-packages.
+  assert importlib.util.find_spec("experiments") is None
+  assert importlib.util.find_spec("jaxsoftmax_experiments") is not None
+
+
+def test_a_config_by_name_runs_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no configs/ folder here
+  assert run.main(["--config=feedback_digits:hierarchical", "--workdir=out", *TINY]) == 0
+  results = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert results["config"]["head"] == "hierarchical"
+  path = ROOT / "jaxsoftmax_experiments" / "configs" / "feedback_digits.py"
+  assert run.main([f"--config={path}", "--workdir=by_path", *TINY]) == 0  # a path works too
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
+  workdir = tmp_path / "done"
+  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY]) == 0
+  before = _files(workdir)
+  capsys.readouterr()
+  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY]) == 0
+  out = capsys.readouterr().out
+  assert "is complete" in out and "resuming" not in out.lower()
+  assert _files(workdir) == before  # timing.json and summary.md included
+  # More steps on a finished run: refused, saying so and naming --overwrite.
+  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY,
+                   "--config.steps=40"]) == 2
+  err = capsys.readouterr().err
+  assert "cannot be continued with more steps" in err and "--overwrite" in err
+  assert _files(workdir) == before
+
+
+def test_ctrl_c_while_compiling_prints_one_line_and_exits_130(tmp_path):
+  workdir = tmp_path / "early"
+  proc = subprocess.Popen([sys.executable, "-m", "jaxsoftmax_experiments.run", "--config=feedback_digits",
+                           f"--workdir={workdir}", *TINY], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 60
+  while not (workdir / "config.json").exists():  # past flag parsing: loading, compiling
+    assert proc.poll() is None and time.monotonic() < deadline
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == run.INTERRUPTED
+  assert "Traceback" not in err
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1 and "Interrupted" in lines[0], err
+
+
+def test_progress_in_a_log_is_one_line_per_evaluation_counting_the_asked_steps(tmp_path):
+  args = [a for a in TINY if a != "--progress=false"]
+  out = subprocess.run([sys.executable, "-m", "jaxsoftmax_experiments.run", "--config=feedback_digits",
+                        f"--workdir={tmp_path / 'log'}", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.startswith("step ")]
+  # Evaluations at steps 0, 10 and 20 of the 20 asked for (the initial model's 20 not counted).
+  assert [l.split(":")[0] for l in lines] == ["step 0/20", "step 10/20", "step 20/20"]
+  assert "\r" not in out.stderr and max(map(len, out.stderr.splitlines())) < 200
+
+
+# --- a user's own data ------------------------------------------------------------------
+
+
+def _npz(path, **arrays):
+  rng = np.random.default_rng(0)
+  base = {"x_train": rng.normal(size=(60, 4)).astype(np.float32), "y_train": rng.integers(0, 3, 60),
+          "x_test": rng.normal(size=(30, 4)).astype(np.float32), "y_test": rng.integers(0, 3, 30)}
+  base.update(arrays)
+  np.savez(path, **{k: v for k, v in base.items() if v is not None})
+  return f"--config.dataset=npz:{path}"
+
+
+def test_a_users_npz_file_runs_the_feedback_experiment(tmp_path):
+  flag = _npz(tmp_path / "mine.npz", num_classes=np.int64(4))
+  workdir = tmp_path / "mine"
+  args = [a for a in TINY if not a.startswith("--config.dataset")]
+  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", flag, *args,
+                   "--config.num_labeled=20"]) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  assert (results["num_train"], results["num_test"]) == (60, 30)
+  r = results["regimes"]["complement_likelihood"]
+  assert [p + n for p, n in zip(r["num_positive"], r["num_negative"])] == [60, 60]
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y_test": None}, "has no y_test"),
+    ({"x_test": np.zeros((30, 5), np.float32)}, "x_test inputs have shape (5,), x_train's (4,)"),
+    ({"y_train": np.zeros(59, np.int64)}, "y_train has shape (59,)"),
+    ({"y_train": np.zeros(60, np.float32)}, "y_train must hold integer labels"),
+    ({"x_train": np.full((60, 4), np.nan, np.float32)}, "x_train[0, 0] = nan is not finite"),
+    ({"y_test": np.full(30, 7), "num_classes": np.int64(3)}, "y_test[0] = 7 is outside [0, 3)"),
+    ({"x_train": np.array(["a"] * 60)}, "x_train must hold real numbers"),
+])
+def test_a_bad_npz_file_is_named_and_nothing_is_written(tmp_path, capsys, arrays, message):
+  flag = _npz(tmp_path / "bad.npz", **arrays)
+  workdir = tmp_path / "out"
+  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", flag, *TINY[1:]]) == 2
+  assert message in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def test_a_missing_npz_file_is_named(tmp_path, capsys):
+  assert run.main(["--config=feedback_digits", f"--workdir={tmp_path / 'out'}",
+                   f"--config.dataset=npz:{tmp_path / 'none.npz'}", *TINY[1:]]) == 2
+  assert "cannot read" in capsys.readouterr().err and not (tmp_path / "out").exists()
