@@ -7,6 +7,11 @@ experiment stood. Orbax writes each one to a temporary folder and renames it whe
 complete, so a process killed mid-save leaves the previous checkpoints intact. A
 checkpoint whose files were damaged afterwards fails to restore: it is moved aside
 with a warning and the next newest is used.
+
+Each checkpoint's record carries the fingerprint of the config and data it belongs to;
+:meth:`Checkpointer.restore_latest` refuses one of another fingerprint
+(:class:`CheckpointError`) instead of resuming from it. A save that Orbax does not
+carry out is an error too, never silent.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ _LEAF = "{:05d}"
 
 class CheckpointWarning(UserWarning):
   """A checkpoint could not be restored and was moved aside."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that must not be used or written; the message says why."""
 
 
 def _is_key(x) -> bool:
@@ -73,26 +82,44 @@ class Checkpointer:
   def __init__(self, directory: str | Path, max_to_keep: int = MAX_TO_KEEP):
     self.directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, tree, meta: dict[str, Any]) -> None:
-    """Saves ``tree`` (a pytree of arrays) and ``meta`` (JSON) as checkpoint ``step``."""
-    self.manager.save(step, args=ocp.args.Composite(
+    """Saves ``tree`` (a pytree of arrays) and ``meta`` (JSON) as checkpoint ``step``.
+
+    Raises :class:`CheckpointError` if Orbax did not write it (it skips a step at or
+    below its newest one).
+    """
+    saved = self.manager.save(step, args=ocp.args.Composite(
         arrays=ocp.args.StandardSave(_to_leaves(tree)), meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
+    if not saved or step not in self.manager.all_steps():
+      raise CheckpointError(f"checkpoint {step} was not written to {self.directory} "
+                            f"(it holds steps {self.steps()}).")
 
-  def restore_latest(self, target, usable: Callable[[dict], bool] = lambda meta: True
-                     ) -> tuple[int, Any, dict] | None:
+  def drop_after(self, step: int) -> list[int]:
+    """Deletes this run's checkpoints newer than ``step`` (stale after resuming from it)."""
+    stale = [s for s in self.steps() if s > step]
+    for s in stale:
+      self.manager.delete(s)
+    self.manager.reload()
+    return stale
+
+  def restore_latest(self, target, usable: Callable[[dict], bool] = lambda meta: True,
+                     fingerprint: str | None = None) -> tuple[int, Any, dict] | None:
     """The newest checkpoint that restores and whose meta passes ``usable``.
 
     Args:
       target: a pytree like the saved one; its leaves' shapes, dtypes and shardings
         say how to restore (abstract ``jax.ShapeDtypeStruct`` leaves work too).
       usable: a check of a checkpoint's meta; one that fails it is skipped (kept).
+      fingerprint: when given, a checkpoint whose meta holds another ``fingerprint``
+        raises :class:`CheckpointError`: it belongs to another run.
 
     Returns:
       ``(step, tree, meta)``, or None when no checkpoint restores. Each newer one
@@ -111,6 +138,10 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
         self._set_aside(step, e)
         continue
+      if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {step} in {self.directory} belongs to another config or dataset "
+            f"(fingerprint {str(meta.get('fingerprint'))[:12]}, this run's {fingerprint[:12]}).")
       if not usable(meta):
         continue
       values = [jax.random.wrap_key_data(arrays[_LEAF.format(i)], impl=_key_impl(x))
@@ -120,6 +151,10 @@ class Checkpointer:
 
   def _set_aside(self, step: int, error: Exception) -> None:
     damaged = self.directory.with_name(self.directory.name + "-damaged")
+    if damaged.is_symlink():
+      raise CheckpointError(f"checkpoint {step} in {self.directory} could not be restored "
+                            f"({type(error).__name__}), and {damaged} is a symbolic link: "
+                            "nothing is moved through links; remove it and rerun.") from error
     damaged.mkdir(exist_ok=True)
     destination = damaged / str(step)
     if destination.exists():

@@ -8,6 +8,7 @@ or a bad override fails before anything is computed or written.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -121,7 +122,8 @@ assert KEYS == tuple(_DEFAULTS), "every key needs a default, a help line and a r
 
 
 def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
-             num_classes: int | None = None) -> None:
+             num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
+             memory_bytes: int | None = None) -> None:
   """Raises :class:`ConfigError` naming the first key that is unknown, missing or bad.
 
   Args:
@@ -130,7 +132,15 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
       ``num_labeled`` against it.
     num_classes: the dataset's number of classes, when known, to check
       ``num_clusters`` against it.
+    input_shape: the dataset's input shape, when known, to check the CNN's kernel and
+      to estimate the memory a run needs.
+    memory_bytes: the memory the runs may use; a config whose estimate passes it is
+      refused, with the estimate.
   """
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"the config must be an ml_collections.ConfigDict (get_config() returns "
+                      f"one built on jaxsoftmax_experiments.config.defaults()), got "
+                      f"{type(config).__name__}.")
   values = config.to_dict()
   unknown = sorted(set(values) - set(_RULES))
   if unknown:
@@ -157,3 +167,63 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
   if num_train is not None and values["num_labeled"] > num_train:
     raise ConfigError(f"config.num_labeled: must be at most the {num_train} training examples "
                       f"of {values['dataset']!r}, got {values['num_labeled']}.")
+  if values["schedule"] == "cosine":
+    phases = {"steps": values["steps"]}
+    if values["protocol"] == "feedback":
+      phases["initial_steps"] = values["initial_steps"]
+    for key, steps in phases.items():
+      if values["warmup_steps"] >= steps:
+        raise ConfigError(f"config.warmup_steps: a cosine schedule needs its warmup below the "
+                          f"steps of every phase, but config.{key} is {steps}, got "
+                          f"{values['warmup_steps']}.")
+  if input_shape is not None and values["model"] == "cnn":
+    kernel = values["kernel_size"] or (5 if len(input_shape) == 1 else 3)
+    if len(input_shape) not in (1, 2):
+      raise ConfigError(f"config.model: the CNN takes 1-D or 2-D inputs, and "
+                        f"{values['dataset']!r} has input shape {tuple(input_shape)}; use 'mlp'.")
+    if kernel > min(input_shape):
+      raise ConfigError(f"config.kernel_size: the kernel ({kernel}) is larger than the input "
+                        f"{tuple(input_shape)} of {values['dataset']!r}.")
+  if input_shape is not None and num_classes is not None and memory_bytes is not None:
+    need = estimate_bytes(values, input_shape, num_classes)
+    if need > memory_bytes:
+      raise ConfigError(
+          f"config.{_largest_key(values)}: the runs need about {need / 2**30:.1f} GiB "
+          f"(parameters, optimizer state, gradients and one batch's activations, float32), "
+          f"more than the {memory_bytes / 2**30:.1f} GiB available.")
+
+
+def _widths(values, input_shape):
+  """Input, hidden and output widths of the model, for the estimate."""
+  size = math.prod(input_shape)
+  if values["model"] == "mlp":
+    return [size, *values["hidden"]]
+  return [size, *(size * c // 2 ** (i + 1) for i, c in enumerate(values["channels"]))]
+
+
+def estimate_bytes(values: dict, input_shape, num_classes: int) -> int:
+  """A lower estimate of the memory of all runs' training: parameters x 4 (values,
+  Adam's two moments, gradients) and one batch's activations, float32."""
+  widths = [*_widths(values, input_shape), num_classes]
+  if values["model"] == "mlp":
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+  else:
+    kernel = values["kernel_size"] or (5 if len(input_shape) == 1 else 3)
+    chans = (1, *values["channels"])
+    params = sum(kernel ** len(input_shape) * a * b + b for a, b in zip(chans[:-1], chans[1:]))
+    params += widths[-2] * num_classes + num_classes
+  runs = len(values["regimes"]) * values["num_seeds"]
+  activations = values["batch_size"] * sum(widths)
+  return 4 * runs * (4 * params + 2 * activations)
+
+
+def _largest_key(values) -> str:
+  """The key most likely behind a too-large estimate, to name in the message."""
+  if values["batch_size"] > 10 ** 5:
+    return "batch_size"
+  return "hidden" if values["model"] == "mlp" else "channels"
+
+
+def available_memory() -> int:
+  """The machine's physical memory in bytes (an upper bound for the CPU backend)."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -136,7 +137,7 @@ def _main(argv: list[str], interrupt: _Interrupt) -> int:
 
   from jaxsoftmax_experiments import config as config_lib
   from jaxsoftmax_experiments import data, report
-  from jaxsoftmax_experiments.workdir import Workdir
+  from jaxsoftmax_experiments.workdir import Workdir, WorkdirError
 
   command = list(argv)  # as the user typed it, for the resume hint
   for i, arg in enumerate(argv):
@@ -149,23 +150,35 @@ def _main(argv: list[str], interrupt: _Interrupt) -> int:
       argv[i] = "--config=" + resolve_config_arg(arg[len("--config="):])
   argv = ["jaxsoftmax-run", *argv]
   fv = _flags(argv)
+  if not any(a.startswith("--config=") for a in argv) and any(a.startswith("--config.") for a in argv):
+    return _error("--config.KEY=VALUE overrides need a config: add --config=NAME or "
+                  "--config=PATH (e.g. --config=feedback_digits).")
   try:
     fv(argv)
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError) as e:
+    missing = re.fullmatch(r"\"?'([\w.]+)'\"?", str(e))
+    if missing:  # an override of a key that the config file does not hold
+      return _error(f"--config.{missing.group(1)}: the config has no such key; a config file "
+                    "starts from jaxsoftmax_experiments.config.defaults(), which holds every key.")
     return _error(f"{e} (--help lists the flags and config keys).")
+  except Exception as e:  # the config file itself: a syntax error, or get_config raising  # noqa: BLE001
+    return _error(f"cannot load --config: {type(e).__name__}: {e}")
   if not fv["config"].present and fv["config"].value is None:
     return _error("--config is required, e.g. --config=feedback_digits.")
   if not fv.workdir:
     return _error("--workdir is required, e.g. --workdir=runs/feedback_digits.")
   try:
     config = fv.config
-    config.to_dict()
+    if type(config).__name__ == "_ErrorConfig":  # absl's stand-in for a file that failed
+      config.to_dict()                            # to load raises that failure here
   except Exception as e:  # a missing config file, or one that raises  # noqa: BLE001
-    return _error(f"cannot load --config: {e}")
+    return _error(f"cannot load --config: {type(e).__name__}: {e}")
   try:
     config_lib.validate(config)
     dataset = data.load(config.dataset)
-    config_lib.validate(config, len(dataset.y_train), dataset.num_classes)
+    # Before jax.distributed.initialize nothing may start a JAX backend: no estimate then.
+    config_lib.validate(config, len(dataset.y_train), dataset.num_classes, dataset.input_shape,
+                        None if fv.distributed else _memory_bytes())
   except (config_lib.ConfigError, data.DataError) as e:
     return _error(str(e))
 
@@ -173,23 +186,50 @@ def _main(argv: list[str], interrupt: _Interrupt) -> int:
   if workdir.path.exists() and not workdir.path.is_dir():
     return _error(f"--workdir {workdir.path} exists and is not a folder.")
   resolved = json.loads(report.to_json(config.to_dict()))
-  if fv.overwrite:
-    workdir.clear()
-  else:
-    problem = workdir.config_problem(resolved)
-    if problem:
-      return _error(problem)
-    if workdir.is_complete():
-      print(f"The run in {workdir.path} is complete ({config.steps * config.feedback_rounds} "
-            "steps); nothing to do. Its results are in results.json and summary.md; pass "
-            "--overwrite to run it afresh.")
-      return 0
+  primary = True
   if fv.distributed:
+    import jax
+
     from jaxsoftmax_experiments import parallel
     parallel.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
-  return _run(config, resolved, dataset, workdir, progress=fv.progress,
-              num_devices=fv.num_devices, cache=fv.compilation_cache, command=command,
-              interrupt=interrupt)
+    primary = jax.process_index() == 0
+  if not primary:  # process 0 claims, checks and writes the folder
+    return _run(config, resolved, dataset, workdir, progress=False, num_devices=fv.num_devices,
+                cache=fv.compilation_cache, command=command, interrupt=interrupt)
+  try:
+    workdir.lock()
+  except WorkdirError as e:
+    return _error(str(e))
+  try:
+    workdir.remove_temporary_files()
+    if fv.overwrite:
+      try:
+        workdir.clear()
+      except OSError as e:
+        return _error(f"--overwrite could not delete the earlier run in {workdir.path}: {e}")
+    else:
+      problem = workdir.config_problem(resolved)
+      if problem:
+        return _error(problem)
+      if workdir.is_complete():
+        print(f"The run in {workdir.path} is complete ({config.steps * config.feedback_rounds} "
+              "steps); nothing to do. Its results are in results.json and summary.md; pass "
+              "--overwrite to run it afresh.")
+        return 0
+    return _run(config, resolved, dataset, workdir, progress=fv.progress,
+                num_devices=fv.num_devices, cache=fv.compilation_cache, command=command,
+                interrupt=interrupt)
+  finally:
+    workdir.unlock()
+
+
+def _memory_bytes() -> int:
+  """What the runs may use: the accelerator's memory, or the machine's for the CPU."""
+  import jax
+
+  from jaxsoftmax_experiments import config as config_lib
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit") or config_lib.available_memory()
 
 
 def _enable_cache(directory: str) -> None:
@@ -227,58 +267,83 @@ def _run(config, resolved: dict, dataset, workdir, *, progress: bool, num_device
   import numpy as np
 
   from jaxsoftmax_experiments import loop, parallel
-  from jaxsoftmax_experiments.checkpoint import Checkpointer
+  from jaxsoftmax_experiments import workdir as workdir_lib
+  from jaxsoftmax_experiments.checkpoint import Checkpointer, CheckpointError
 
   _enable_cache(cache)
   start_time = time.perf_counter()
   devices = jax.devices()[:num_devices] if num_devices else None
   primary = jax.process_index() == 0
   if primary:
+    workdir.claim(" ".join(["jaxsoftmax-run", *command]))
     workdir.write_config(resolved)
-  plan = loop.make_plan(config, dataset, devices)
-  runs = len(plan.setup.regimes) * plan.setup.seeds
-  checkpoints = Checkpointer(workdir.checkpoints)
-  lines, records = workdir.read_metrics()
-  found = checkpoints.restore_latest(loop.template(plan),
-                                     usable=lambda meta: meta["num_records"] <= len(lines))
-  state, resumed_from = None, None
-  if found:
-    resumed_from, state, _ = found
-    print(f"Resuming from the checkpoint at step {resumed_from} in {checkpoints.directory}.")
-  kept = int(found[2]["num_records"]) if found else 0
-  lines, records = lines[:kept], records[:kept]
-  if primary:  # keep exactly the evaluations the checkpoint had seen
-    workdir.keep_metrics(lines)
-  total = plan.total_steps
-  bar = _Progress(total, resumed_from or 0, f"{config.dataset}/{config.protocol}", progress)
-  saved = []
-  every = config.checkpoint_every
-  next_save = ((resumed_from or 0) // every + 1) * every if every else None
+  saved, resumed_from, step, checkpoints = [], None, 0, None
   try:
-    with open(workdir / "metrics.jsonl", "a") if primary else open(os.devnull, "w") as log:
-      for state in loop.run(plan, state):
-        host = parallel.fetch(loop.light(state))
-        step = int(host.step)
-        if step != resumed_from:  # a restored state's evaluation is in the log already
-          new = loop.records(plan, host)
-          records.extend(new)
-          if primary:
-            workdir.append_metrics(log, new)
-        accuracy = {r: float(np.mean(m["test_accuracy"]))
-                    for r, m in zip(plan.setup.regimes, host.metrics)}
-        bar.update(step, accuracy)
-        due = next_save is not None and step >= next_save
-        if step > 0 and step != resumed_from and (due or step == total or interrupt.requested):
-          checkpoints.save(step, state, {"step": step, "num_records": len(records)})
-          saved.append(step)
-          if every:
-            next_save = (step // every + 1) * every
-        if interrupt.requested:
-          break
-        interrupt.started = True  # from now on, Ctrl-C stops at the next evaluation
+    plan = loop.make_plan(config, dataset, devices)
+    checkpoints = Checkpointer(workdir.checkpoints)
+    fingerprint = workdir_lib.fingerprint(resolved, dataset)
+    lines, records = workdir.read_metrics()
+    found = checkpoints.restore_latest(loop.template(plan), fingerprint=fingerprint,
+                                       usable=lambda meta: meta["num_records"] <= len(lines))
+    state = None
+    if found:
+      resumed_from, state, _ = found
+      print(f"Resuming from the checkpoint at step {resumed_from} in {checkpoints.directory}.")
+    if primary:  # newer ones are stale now: the run goes on from the one restored
+      checkpoints.drop_after(resumed_from if found else -1)
+    kept = int(found[2]["num_records"]) if found else 0
+    lines, records = lines[:kept], records[:kept]
+    if primary:  # keep exactly the evaluations the checkpoint had seen
+      workdir.keep_metrics(lines)
+    total = plan.total_steps
+    bar = _Progress(total, resumed_from or 0, f"{config.dataset}/{config.protocol}", progress)
+    every = config.checkpoint_every
+    next_save = ((resumed_from or 0) // every + 1) * every if every else None
+    try:
+      with open(workdir / "metrics.jsonl", "a") if primary else open(os.devnull, "w") as log:
+        for state in loop.run(plan, state):
+          host = parallel.fetch(loop.light(state))
+          step = int(host.step)
+          if step != resumed_from:  # a restored state's evaluation is in the log already
+            new = loop.records(plan, host)
+            records.extend(new)
+            if primary:
+              workdir.append_metrics(log, new)
+          accuracy = {r: float(np.mean(m["test_accuracy"]))
+                      for r, m in zip(plan.setup.regimes, host.metrics)}
+          bar.update(step, accuracy)
+          due = next_save is not None and step >= next_save
+          if step > 0 and step != resumed_from and (due or step == total or interrupt.requested):
+            checkpoints.save(step, state, {"step": step, "num_records": len(records),
+                                           "fingerprint": fingerprint})
+            saved.append(step)
+            if every:
+              next_save = (step // every + 1) * every
+          if interrupt.requested:
+            break
+          interrupt.started = True  # from now on, Ctrl-C stops at the next evaluation
+    finally:
+      bar.close()
+  except CheckpointError as e:
+    return _error(f"{e} Pass --overwrite to start afresh, or choose another --workdir.")
+  except OSError as e:  # a full disk, a folder that became unwritable
+    last = saved[-1] if saved else resumed_from
+    kept = f"the checkpoint at step {last} is kept" if last else "no checkpoint was taken"
+    print(f"error: writing to {workdir.path} failed at step {step} ({e.strerror or e}); {kept}. "
+          "Rerun the same command once the problem is fixed.", file=sys.stderr)
+    if primary and not last:
+      workdir.forget_start()
+    return 1
+  except BaseException:
+    if checkpoints is not None:
+      checkpoints.close()
+      checkpoints = None
+    if primary and not saved and resumed_from is None:
+      workdir.forget_start()  # nothing to resume: the corrected command must not be refused
+    raise
   finally:
-    bar.close()
-    checkpoints.close()
+    if checkpoints is not None:
+      checkpoints.close()
   if step < total:
     again = " ".join(shlex.quote(a) for a in ["jaxsoftmax-run", *command])
     where = (f"the checkpoint is in {checkpoints.directory}" if saved
@@ -286,7 +351,6 @@ def _run(config, resolved: dict, dataset, workdir, *, progress: bool, num_device
     print(f"Stopped at step {saved[-1] if saved else step} of {total}; {where}. Resume with the "
           f"same command:\n  {again}", file=sys.stderr)
     return INTERRUPTED
-  assert len(records) == (1 + len(list(plan.chunks(0)))) * runs, "one record per run per evaluation"
   results = loop.results(plan, parallel.fetch(loop.light(state, examples=True)))
   results["config"] = resolved
   wall = time.perf_counter() - start_time

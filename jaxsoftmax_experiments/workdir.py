@@ -9,12 +9,28 @@
     checkpoints/    Orbax checkpoints of the whole state, the newest 3
 
 Whole files are written atomically (:func:`jaxsoftmax_experiments.report.write_atomic`).
+
+Guarantees, each tested (``tests/jaxsoftmax_experiments/test_workdir.py``):
+
+- One run at a time: :meth:`Workdir.lock` takes an OS file lock (``fcntl.flock``) on
+  ``.lock`` before anything is checked or written; a second command on the same folder
+  is refused at once, naming the process that holds it. The OS releases the lock when
+  that process ends, however it ends.
+- The project deletes or moves only what it created inside the folder. A
+  ``checkpoints`` folder that is a symbolic link (to a bigger disk) is used, but
+  ``--overwrite`` removes only the checkpoint folders inside it, never the link or
+  the folder it points to, and nothing is moved into a linked ``checkpoints-damaged``.
+- Temporary files left by a kill before an atomic rename are removed when the next
+  run starts.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +42,23 @@ CONFIG, METRICS, RESULTS, TIMING, SUMMARY, CURVES = (
 OUTPUTS = (CONFIG, METRICS, RESULTS, TIMING, SUMMARY, CURVES)
 CHECKPOINTS = "checkpoints"
 DAMAGED = CHECKPOINTS + "-damaged"
+LOCK = ".lock"
+_TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(n) for n in OUTPUTS) + r")\..*\.tmp$")
+_STEP = re.compile(r"^\d+$|\.orbax-checkpoint-tmp")
+
+
+class WorkdirError(RuntimeError):
+  """The folder cannot be used as asked; the message says why and what to do."""
+
+
+def fingerprint(resolved: dict, dataset) -> str:
+  """A hash of the resolved config and of the data's arrays: what a checkpoint belongs to."""
+  h = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
+  for a in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
+    h.update(str(a.shape).encode() + str(a.dtype).encode())
+    h.update(a.tobytes())
+  h.update(str(dataset.num_classes).encode())
+  return h.hexdigest()
 
 
 class Workdir:
@@ -33,6 +66,51 @@ class Workdir:
 
   def __init__(self, path: str | Path):
     self.path = Path(path)
+    self._lock = None
+
+  def lock(self) -> None:
+    """Claims the folder for this process (creating it), or raises :class:`WorkdirError`.
+
+    Taking the lock writes nothing; :meth:`claim` records who holds it once the run
+    goes ahead, so a refused or finished command leaves every file as it was.
+    """
+    if self.path.is_symlink() and not self.path.exists():
+      raise WorkdirError(f"--workdir {self.path} is a symbolic link to a folder that does not "
+                         "exist; create the folder it points to or choose another.")
+    try:
+      self.path.mkdir(parents=True, exist_ok=True)
+      handle = open(self.path / LOCK, "a+")
+    except OSError as e:
+      raise WorkdirError(f"--workdir {self.path} cannot be written ({e.strerror}); choose a "
+                         "folder you can write to.") from None
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      handle.close()
+      raise WorkdirError(f"--workdir {self.path} is in use by {holder}; wait for it to finish "
+                         "or choose another folder.") from None
+    self._lock = handle
+
+  def claim(self, command: str) -> None:
+    """Records this process as the lock's holder, for the message a second command gets."""
+    self._lock.seek(0)
+    self._lock.truncate()
+    self._lock.write(f"process {os.getpid()} ({command})\n")
+    self._lock.flush()
+
+  def unlock(self) -> None:
+    if self._lock is not None:
+      self._lock.close()  # closing the file releases the lock
+      self._lock = None
+
+  def remove_temporary_files(self) -> list[str]:
+    """Deletes temporary files an interrupted atomic write left here; returns their names."""
+    names = [p.name for p in self.path.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
+    for name in names:
+      (self.path / name).unlink()
+    return names
 
   def __truediv__(self, name: str) -> Path:
     return self.path / name
@@ -42,15 +120,32 @@ class Workdir:
     return self.path / CHECKPOINTS
 
   def holds_a_run(self) -> list[str]:
-    """The run files already here (outputs and checkpoints)."""
-    return [name for name in (*OUTPUTS, CHECKPOINTS) if (self.path / name).exists()]
+    """The run files already here (outputs, and a checkpoints folder holding checkpoints)."""
+    found = [name for name in OUTPUTS if (self.path / name).exists()]
+    checkpoints = self.path / CHECKPOINTS
+    if checkpoints.is_dir() and any(_STEP.search(p.name) for p in checkpoints.iterdir()):
+      found.append(CHECKPOINTS)
+    return found
 
   def clear(self) -> None:
-    """Deletes a run's outputs and checkpoints from the folder, nothing else."""
+    """Deletes a run's outputs and checkpoints from the folder, nothing else.
+
+    Through a symbolic link it deletes only checkpoint folders (step numbers), never
+    the link or what else the folder it points to holds. Any failure raises.
+    """
     for name in OUTPUTS:
-      (self.path / name).unlink(missing_ok=True)
+      path = self.path / name
+      if path.is_symlink() or path.is_file():
+        path.unlink()
     for name in (CHECKPOINTS, DAMAGED):
-      shutil.rmtree(self.path / name, ignore_errors=True)
+      folder = self.path / name
+      if folder.is_symlink():
+        if folder.is_dir():
+          for entry in folder.iterdir():
+            if _STEP.search(entry.name) and entry.is_dir() and not entry.is_symlink():
+              shutil.rmtree(entry)
+      elif folder.is_dir():
+        shutil.rmtree(folder)
 
   def config_problem(self, resolved: dict) -> str | None:
     """Why the run here cannot be resumed with the config ``resolved``; None if it can."""
@@ -80,8 +175,19 @@ class Workdir:
     return (self.path / RESULTS).exists()
 
   def write_config(self, resolved: dict) -> None:
-    self.path.mkdir(parents=True, exist_ok=True)
     report.write_atomic(self.path / CONFIG, report.to_json(resolved))
+
+  def forget_start(self) -> None:
+    """Removes what a run that failed before its first checkpoint wrote (config.json, the
+    log, an empty checkpoints folder), so that the corrected command is not refused as
+    another config. A run with a checkpoint is kept: it can be resumed."""
+    checkpoints = self.path / CHECKPOINTS
+    if checkpoints.is_dir() and any(_STEP.search(p.name) for p in checkpoints.iterdir()):
+      return
+    for name in (CONFIG, METRICS):
+      (self.path / name).unlink(missing_ok=True)
+    if checkpoints.is_dir() and not checkpoints.is_symlink() and not any(checkpoints.iterdir()):
+      checkpoints.rmdir()
 
   def read_metrics(self) -> tuple[list[str], list[dict]]:
     """The complete lines of ``metrics.jsonl`` and their records (a line cut short by a
