@@ -7,7 +7,6 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxsoftmax_experiments import data
 from jaxsoftmax import losses
 from jaxsoftmax.models import CNN, MLP, HierarchicalSoftmax, conv_as_matmul
 from jaxsoftmax.tree import ClassTree, balanced_tree
@@ -31,9 +30,28 @@ def test_bad_arguments():
     MLP((4,), 0, rngs=nnx.Rngs(0))
 
 
+class _Synthetic:
+  """Gaussian class clusters: 5 classes in 10 dimensions, 500 train and 250 test points,
+  standardised on the training split (the library's tests carry their own data)."""
+
+  def __init__(self, num_classes=5, dim=10, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 1.5, (num_classes, dim))
+    def draw(n):
+      y = rng.integers(0, num_classes, n)
+      return centres[y] + rng.normal(0.0, 1.0, (n, dim)), y
+    x_train, y_train = draw(500)
+    x_test, y_test = draw(250)
+    mean, std = x_train.mean(0), x_train.std(0)
+    self.x_train = ((x_train - mean) / std).astype(np.float32)
+    self.x_test = ((x_test - mean) / std).astype(np.float32)
+    self.y_train, self.y_test = y_train.astype(np.int32), y_test.astype(np.int32)
+    self.num_classes, self.input_shape = num_classes, (dim,)
+
+
 def _train_on_synthetic(model, loss_fn, predict):
   """150 full-batch Adam steps; returns (first loss, last loss, test accuracy)."""
-  ds = data.load("synthetic")
+  ds = _Synthetic()
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
   @nnx.jit
@@ -52,7 +70,7 @@ def _train_on_synthetic(model, loss_fn, predict):
 
 @pytest.mark.parametrize("model_cls", [MLP, CNN])
 def test_trains_on_synthetic_with_nll_and_adam(model_cls):
-  ds = data.load("synthetic")
+  ds = _Synthetic()
   first, last, accuracy = _train_on_synthetic(
       model_cls(ds.input_shape, ds.num_classes, rngs=nnx.Rngs(0)),
       lambda m, x, y: losses.nll(m(x), y).mean(),
@@ -96,7 +114,7 @@ def test_hierarchical_head_bad_arguments():
 
 @pytest.mark.parametrize("model_cls", [MLP, CNN])
 def test_trains_on_synthetic_with_a_hierarchical_head(model_cls):
-  ds = data.load("synthetic")
+  ds = _Synthetic()
   tree = balanced_tree(ds.num_classes)
   first, last, accuracy = _train_on_synthetic(
       model_cls(ds.input_shape, ds.num_classes, tree=tree, rngs=nnx.Rngs(0)),

@@ -3,7 +3,6 @@ finished run left alone, Ctrl-C while compiling, progress in a log, and a user's
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
