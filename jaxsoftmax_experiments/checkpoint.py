@@ -82,8 +82,7 @@ class Checkpointer:
   def __init__(self, directory: str | Path, max_to_keep: int = MAX_TO_KEEP):
     self.directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+                                           enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:

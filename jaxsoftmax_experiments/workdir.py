@@ -178,16 +178,14 @@ class Workdir:
     report.write_atomic(self.path / CONFIG, report.to_json(resolved))
 
   def forget_start(self) -> None:
-    """Removes what a run that failed before its first checkpoint wrote (config.json, the
-    log, an empty checkpoints folder), so that the corrected command is not refused as
-    another config. A run with a checkpoint is kept: it can be resumed."""
+    """Removes what a run that failed before its first checkpoint wrote (config.json and
+    the log), so that the corrected command is not refused as another config. A run with
+    a checkpoint is kept: it can be resumed. (An empty checkpoints folder is no run.)"""
     checkpoints = self.path / CHECKPOINTS
     if checkpoints.is_dir() and any(_STEP.search(p.name) for p in checkpoints.iterdir()):
       return
     for name in (CONFIG, METRICS):
       (self.path / name).unlink(missing_ok=True)
-    if checkpoints.is_dir() and not checkpoints.is_symlink() and not any(checkpoints.iterdir()):
-      checkpoints.rmdir()
 
   def read_metrics(self) -> tuple[list[str], list[dict]]:
     """The complete lines of ``metrics.jsonl`` and their records (a line cut short by a

@@ -70,8 +70,8 @@ def nll(
   ``sigmoid(logsumexp_{k != y} z_k - z_y)``.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default). bfloat16 and
-      float16 compute in float32.
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
+      default). bfloat16 and float16 compute in float32.
     labels: ``[...]`` integer labels in ``[0, K)``, any integer dtype. Eagerly, a
       label out of range raises ``ValueError``; under ``jit`` that example's loss
       and gradient are NaN.
@@ -136,8 +136,8 @@ def complement_nll(
   clipping gives a zero gradient. Finite for every finite logit vector.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default). bfloat16 and
-      float16 compute in float32.
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
+      default). bfloat16 and float16 compute in float32.
     labels: ``[...]`` integer labels known to be wrong, in ``[0, K)``. Eagerly, a
       label out of range raises ``ValueError``; under ``jit`` that example's loss
       and gradient are NaN.
@@ -188,7 +188,8 @@ def negated_nll(
   :func:`complement_nll` instead.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
+      default).
     labels: ``[...]`` integer labels in ``[0, K)``; out-of-range labels as in
       :func:`nll`.
     where: optional boolean mask broadcastable to the logits' shape; excluded classes

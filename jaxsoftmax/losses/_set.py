@@ -37,7 +37,8 @@ def set_nll(
   maximum, so a set far below the top logit gives a large finite loss, not inf.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
+      default).
     members: boolean mask of the logits' shape, of the set S.
     where: optional boolean mask broadcastable to the logits' shape; excluded classes
       have probability 0 and get a zero gradient. An example that ``where`` excludes
@@ -82,7 +83,8 @@ def complement_set_nll(
   finite for every finite logit vector while some class lies outside S.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
+      default).
     members: boolean mask of the logits' shape, of the wrong labels S.
     where: optional boolean mask broadcastable to the logits' shape; excluded classes
       have probability 0 and get a zero gradient. An example that ``where`` excludes

@@ -119,7 +119,8 @@ def soft_cross_entropy(
   differentiated in both arguments, e.g. for distillation.
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
+      default).
     targets: ``[..., K]`` floating target weights, usually a distribution.
     where: optional boolean mask broadcastable to the logits' shape; excluded classes
       have probability 0 and get a zero gradient. An example that ``where`` excludes
@@ -166,7 +167,8 @@ def multilabel_softmax_cross_entropy(
     \qquad \nabla_z \ell = \mathrm{softmax}(z) - \frac{Y}{|Y|}
 
   Args:
-    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by default).
+    logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
+      default).
     label_mask: ``[..., K]`` boolean mask of the correct labels Y. Every example
       needs at least one: eagerly, an empty row raises ``ValueError``; under
       ``jit`` its loss is NaN.
