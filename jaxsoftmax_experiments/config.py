@@ -51,6 +51,8 @@ _DEFAULTS = {
     "initial_steps": (500, "feedback: steps that train the model making the predictions"),
     "feedback_rounds": (1, "feedback: rounds of predict, judge, train"),
     "bias": (0.5, "biased: probability that the wrong label is (y + 1) mod K"),
+    "num_negatives": (1, "uniform and biased: distinct wrong labels per unlabeled input, "
+                         "used as one set"),
     "logit_bound": (1e3, "a run whose largest |logit| passes this has diverged"),
     "seed": (0, "the root of every random draw"),
     "eval_every": (100, "steps between evaluations on the test split"),
@@ -112,6 +114,7 @@ _RULES = {
     "initial_steps": (_positive_int, "an int >= 1"),
     "feedback_rounds": (_positive_int, "an int >= 1"),
     "bias": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "num_negatives": (_positive_int, "an int >= 1"),
     "logit_bound": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
     "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
     "eval_every": (_positive_int, "an int >= 1"),
@@ -156,6 +159,15 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
   if values["feedback_rounds"] > 1 and values["protocol"] != "feedback":
     raise ConfigError(f"config.feedback_rounds: more than one round needs protocol 'feedback', "
                       f"not {values['protocol']!r}.")
+  if values["num_negatives"] > 1 and values["protocol"] not in ("uniform", "biased"):
+    raise ConfigError(f"config.num_negatives: several wrong labels per input need protocol "
+                      f"'uniform' or 'biased', not {values['protocol']!r}.")
+  if values["num_negatives"] > 1 and values["head"] == "hierarchical":
+    raise ConfigError("config.num_negatives: the hierarchical head takes one wrong label per "
+                      "input; use head 'softmax' for sets.")
+  if num_classes is not None and values["num_negatives"] > num_classes - 1:
+    raise ConfigError(f"config.num_negatives: must be at most the {num_classes - 1} wrong labels "
+                      f"of {values['dataset']!r}, got {values['num_negatives']}.")
   if values["model"] == "cnn" and values["dataset"] == "synthetic":
     raise ConfigError("config.model: the synthetic dataset has flat features; use 'mlp'.")
   if values["num_clusters"] and values["head"] != "hierarchical":

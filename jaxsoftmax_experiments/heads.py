@@ -4,8 +4,9 @@ A head answers four calls on a model (an ``MLP`` or ``CNN`` of :mod:`jaxsoftmax.
 
 - ``training_output(model, x, labels)``: what the losses need for these labels (the
   logits, or only the labels' cluster rows of a tree);
-- ``nll(out, labels)`` and ``complement_nll(out, labels, wrong)``: per-example losses
-  on that output (``wrong``: further wrong labels of each example, or None);
+- ``nll(out, labels)``, ``set_nll(out, labels, wrong)`` and
+  ``complement_nll(out, labels, wrong)``: per-example losses on that output
+  (``wrong``: further wrong labels of each example, or None);
 - ``largest_logit(out)``: the largest |logit| in it, for the divergence check;
 - ``scores(model, x)``: per-class scores whose argmax is the prediction, and
   ``evaluation(model, x, y)``: those scores, the NLL of ``y`` and the largest |logit|.
@@ -47,6 +48,12 @@ class SoftmaxHead:
       return losses.complement_nll(out, labels)
     return losses.complement_set_nll(out, _members(labels, wrong, self.num_classes))
 
+  def set_nll(self, out, labels, wrong=None):
+    """``-log P(labels and wrong)``: the NLL of the example's label, or of its set."""
+    if wrong is None:
+      return losses.nll(out, labels)
+    return losses.set_nll(out, _members(labels, wrong, self.num_classes))
+
   def largest_logit(self, out):
     return jnp.max(jnp.abs(out))
 
@@ -74,6 +81,11 @@ class HierarchicalHead:
     if wrong is not None:
       raise ValueError("the hierarchical head takes one wrong label per example, not sets.")
     return losses.hierarchical_complement_nll(out[0], out[1], labels, self.tree)
+
+  def set_nll(self, out, labels, wrong=None):
+    if wrong is not None:
+      raise ValueError("the hierarchical head takes one wrong label per example, not sets.")
+    return self.nll(out, labels)
 
   def _largest(self, cluster_logits, within, sizes):
     valid = jnp.arange(self.tree.max_size) < sizes[..., None]

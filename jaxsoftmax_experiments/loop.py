@@ -115,7 +115,8 @@ def _first_examples(plan: Plan, keys, data: Data):
   if c.protocol in ("uniform", "biased"):
     bias = c.bias if c.protocol == "biased" else 0.0
     draw = lambda key, lab: protocols.complementary(key, y, lab, plan.dataset.num_classes,
-                                                    bias=bias, rounds=c.feedback_rounds)
+                                                    bias=bias, rounds=c.feedback_rounds,
+                                                    num_negatives=c.num_negatives)
     return jax.vmap(draw)(keys["protocol"], labeled), {}
   examples = protocols.labeled_only(ys, labeled, c.feedback_rounds)
   fns = training.functions(plan.initial)

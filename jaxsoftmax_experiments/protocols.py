@@ -74,11 +74,35 @@ def wrong_labels(key: jax.Array, y: jax.Array, num_classes: int, bias: float = 0
   return jax.random.categorical(key, log_t[y]).astype(jnp.int32)
 
 
+def wrong_label_sets(key: jax.Array, y: jax.Array, num_classes: int, count: int,
+                     bias: float = 0.0) -> jax.Array:
+  """``count`` distinct wrong labels per input, int32 ``[n, count]``.
+
+  Drawn without replacement from ``transition_matrix(num_classes, bias)[y]`` by the
+  Gumbel top-k trick; ``count = 1`` draws exactly what :func:`wrong_labels` draws.
+  """
+  if not 1 <= count <= num_classes - 1:
+    raise ValueError(f"count must be in [1, {num_classes - 1}] (the wrong labels of "
+                     f"{num_classes} classes), got {count}.")
+  if count == 1:
+    return wrong_labels(key, y, num_classes, bias)[..., None]
+  log_t = jnp.log(transition_matrix(num_classes, bias))[y]
+  noisy = log_t + jax.random.gumbel(key, log_t.shape)
+  return jax.lax.top_k(noisy, count)[1].astype(jnp.int32)
+
+
 def complementary(key: jax.Array, y: jax.Array, labeled: jax.Array, num_classes: int, *,
-                  bias: float = 0.0, rounds: int = 1) -> Examples:
-  """Labeled inputs with their true labels; every other input with one wrong label."""
-  wrong = wrong_labels(key, y, num_classes, bias)
-  return _table(jnp.where(labeled, y, wrong), jnp.where(labeled, POSITIVE, NEGATIVE), rounds)
+                  bias: float = 0.0, rounds: int = 1, num_negatives: int = 1) -> Examples:
+  """Labeled inputs with their true labels; every other input with ``num_negatives``
+  distinct wrong labels, one negative example holding them as a set."""
+  if num_negatives == 1:
+    wrong = wrong_labels(key, y, num_classes, bias)
+    return _table(jnp.where(labeled, y, wrong), jnp.where(labeled, POSITIVE, NEGATIVE), rounds)
+  sets = wrong_label_sets(key, y, num_classes, num_negatives, bias)
+  table = _table(jnp.where(labeled, y, sets[..., 0]), jnp.where(labeled, POSITIVE, NEGATIVE), rounds)
+  rest = jnp.where(labeled[..., None], -1, sets[..., 1:])
+  pad = [(0, 0)] * (rest.ndim - 2) + [(0, (rounds - 1) * rest.shape[-2]), (0, 0)]
+  return table._replace(wrong=jnp.pad(rest, pad, constant_values=-1))
 
 
 def judge(examples: Examples, predictions: jax.Array, y: jax.Array, round_: int) -> Examples:

@@ -24,7 +24,7 @@ def _nll(head, out, batch):
 
 
 def _negated(head, out, batch):
-  return -head.nll(out, batch.label)
+  return -head.set_nll(out, batch.label, batch.wrong)  # +log P(the wrong labels)
 
 
 def _complement(head, out, batch):
@@ -56,8 +56,10 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
     Regime("positive_only", _nll, None,
            summary="nll on the positives; the negatives are ignored"),
     Regime("negated_gradient", _nll, _negated,
-           summary="nll on the positives plus +log p_l on the negatives (the naive method)"),
+           summary="nll on the positives plus +log p_l (+log P(S) for a set) on the negatives "
+                   "(the naive method)"),
     Regime("complement_likelihood", _nll, _complement,
-           summary="nll on the positives plus -log(1 - p_l) on the negatives"),
+           summary="nll on the positives plus -log(1 - p_l) (-log(1 - P(S)) for a set) on the "
+                   "negatives"),
 )}
 NAMES = tuple(REGIMES)

@@ -150,3 +150,19 @@ def test_a_missing_npz_file_is_named(tmp_path, capsys):
   assert run.main(["--config=feedback_digits", f"--workdir={tmp_path / 'out'}",
                    f"--config.dataset=npz:{tmp_path / 'none.npz'}", *TINY[1:]]) == 2
   assert "cannot read" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_several_negatives_per_input_train_as_one_set(tmp_path, capsys):
+  workdir = tmp_path / "sets"
+  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY,
+                   "--config.protocol=uniform", "--config.num_negatives=3"]) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  for r in results["regimes"].values():  # 50 labeled, 450 negative examples of 3 labels each
+    assert (r["num_positive"], r["num_negative"]) == ([50, 50], [450, 450])
+  assert results["config"]["num_negatives"] == 3
+  assert run.main(["--config=feedback_digits", f"--workdir={tmp_path / 'no'}", *TINY,
+                   "--config.num_negatives=3"]) == 2
+  assert "config.num_negatives: several wrong labels per input need protocol" in capsys.readouterr().err
+  assert run.main(["--config=feedback_digits", f"--workdir={tmp_path / 'no'}", *TINY,
+                   "--config.protocol=uniform", "--config.num_negatives=5"]) == 2
+  assert "must be at most the 4 wrong labels" in capsys.readouterr().err

@@ -76,3 +76,47 @@ def test_judge_works_on_a_batch_of_tables():
   ex = protocols.labeled_only(jnp.broadcast_to(y, (3, 2)), jnp.zeros((3, 2), bool))
   ex = protocols.judge(ex, jnp.array([[0, 1], [1, 1], [1, 0]]), y, 0)
   np.testing.assert_array_equal(ex.counts()[0], [2, 1, 0])
+
+
+def test_sets_of_wrong_labels_are_distinct_and_never_the_true_label():
+  y = jnp.asarray(np.random.default_rng(0).integers(0, 10, 2000))
+  sets = np.asarray(protocols.wrong_label_sets(jax.random.key(0), y, 10, 4))
+  assert sets.shape == (2000, 4)
+  assert np.all(sets != np.asarray(y)[:, None])
+  assert all(len(set(row)) == 4 for row in sets)
+  # Uniform: for inputs of class c each of the 9 wrong labels is in the set with
+  # probability 4/9 (4 of 9 drawn without replacement), the true one never.
+  yn = np.asarray(y)
+  for c in range(10):
+    freq = np.bincount(sets[yn == c].ravel(), minlength=10) / (yn == c).sum()
+    np.testing.assert_allclose(np.delete(freq, c), 4 / 9, atol=0.12)
+    assert freq[c] == 0
+  # One label per input: exactly wrong_labels's draw.
+  np.testing.assert_array_equal(protocols.wrong_label_sets(jax.random.key(3), y, 10, 1)[:, 0],
+                                protocols.wrong_labels(jax.random.key(3), y, 10))
+  with pytest.raises(ValueError, match=r"count must be in \[1, 9\]"):
+    protocols.wrong_label_sets(jax.random.key(0), y, 10, 10)
+
+
+def test_biased_sets_draw_the_shifted_label_more_often():
+  y = jnp.zeros(4000, jnp.int32)
+  sets = np.asarray(protocols.wrong_label_sets(jax.random.key(1), y, 5, 2, bias=0.8))
+  # Expected: label 1 = (0 + 1) mod 5 is in almost every pair (its weight 0.85 of 1).
+  assert (sets == 1).any(axis=1).mean() > 0.9
+  assert np.all(sets != 0)
+
+
+def test_complementary_with_several_negatives_holds_one_set_per_input():
+  y = jnp.array([0, 1, 2, 3, 4])
+  labeled = jnp.array([True, False, False, False, False])
+  ex = protocols.complementary(jax.random.key(0), y, labeled, 5, num_negatives=3, rounds=2)
+  assert ex.wrong.shape == (10, 2)
+  np.testing.assert_array_equal(ex.kind[:5], [POSITIVE, NEGATIVE, NEGATIVE, NEGATIVE, NEGATIVE])
+  np.testing.assert_array_equal(ex.wrong[0], [-1, -1])   # the labeled input has no set
+  np.testing.assert_array_equal(ex.wrong[5:], -1)        # later rounds are empty
+  for i in range(1, 5):
+    labels = {int(ex.label[i]), *map(int, ex.wrong[i])}
+    assert len(labels) == 3 and i not in labels
+  assert [int(c) for c in ex.counts()] == [1, 4]  # one negative example per input, not three
+  one = protocols.complementary(jax.random.key(0), y, labeled, 5)
+  assert one.wrong is None
