@@ -6,6 +6,11 @@ hierarchical losses take a head's cluster and within-cluster logits and a
 :class:`jaxsoftmax.tree.ClassTree`.
 """
 
+from jaxsoftmax.losses._complementary import forward_nll
+from jaxsoftmax.losses._complementary import mcl_exp
+from jaxsoftmax.losses._complementary import mcl_mae
+from jaxsoftmax.losses._complementary import pairwise_comparison
+from jaxsoftmax.losses._complementary import scl_exp
 from jaxsoftmax.losses._hierarchical import hierarchical_complement_nll
 from jaxsoftmax.losses._hierarchical import hierarchical_log_softmax
 from jaxsoftmax.losses._hierarchical import hierarchical_nll
@@ -21,12 +26,17 @@ from jaxsoftmax.losses._soft import soft_cross_entropy
 __all__ = (
     "complement_nll",
     "complement_set_nll",
+    "forward_nll",
     "hierarchical_complement_nll",
     "hierarchical_log_softmax",
     "hierarchical_nll",
+    "mcl_exp",
+    "mcl_mae",
     "multilabel_softmax_cross_entropy",
     "negated_nll",
     "nll",
+    "pairwise_comparison",
+    "scl_exp",
     "set_nll",
     "sigmoid_binary_cross_entropy",
     "soft_cross_entropy",

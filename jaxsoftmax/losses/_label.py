@@ -11,7 +11,9 @@ from jaxsoftmax.losses._partition import _partition_nll
 from jaxsoftmax.losses._soft import _soft_cross_entropy
 
 
-def _label_loss(logits, labels, where, axis, ignore_index, complement, label_smoothing=0.0):
+def label_inputs(logits, labels, where, axis, ignore_index):
+  """Checked inputs of a label loss: ``(logits, labels, where, kept, ignored)`` with the
+  class axis last, excluded classes at -inf and padding labels replaced by 0."""
   logits = _checks.as_logits(logits)
   axis = _checks.class_axis(axis, logits)
   where = _checks.as_where(where, logits, axis)
@@ -19,6 +21,11 @@ def _label_loss(logits, labels, where, axis, ignore_index, complement, label_smo
   logits = _checks.move_to_last(logits, axis)
   labels, ignored = _checks.as_labels(labels, logits, ignore_index=ignore_index, logits_shape=shape)
   logits, kept = _checks.apply_where(logits, where)
+  return logits, labels, where, kept, ignored
+
+
+def _label_loss(logits, labels, where, axis, ignore_index, complement, label_smoothing=0.0):
+  logits, labels, where, kept, ignored = label_inputs(logits, labels, where, axis, ignore_index)
   if label_smoothing:
     loss = _smoothed_nll(logits, labels, where, label_smoothing)
   else:

@@ -9,12 +9,18 @@ from jaxsoftmax.losses import _checks
 from jaxsoftmax.losses._partition import _partition_nll
 
 
-def _set_loss(logits, members, where, axis, complement):
+def set_inputs(logits, members, where, axis):
+  """Checked inputs of a set loss: ``(logits, members, kept)`` with the class axis last."""
   logits = _checks.as_logits(logits)
   axis = _checks.class_axis(axis, logits)
   members = _checks.move_to_last(_checks.as_class_mask(members, logits, name="members"), axis)
   where = _checks.as_where(where, logits, axis)
   logits, kept = _checks.apply_where(_checks.move_to_last(logits, axis), where)
+  return logits, members, kept
+
+
+def _set_loss(logits, members, where, axis, complement):
+  logits, members, kept = set_inputs(logits, members, where, axis)
   return _checks.finish(_partition_nll(logits, members, complement), kept)
 
 

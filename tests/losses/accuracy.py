@@ -52,7 +52,17 @@ CASES = (
     Case("soft_cross_entropy", losses.soft_cross_entropy, reference.soft_cross_entropy, "soft"),
     Case("multilabel_softmax_cross_entropy", losses.multilabel_softmax_cross_entropy,
          reference.multilabel_softmax_cross_entropy, "mask"),
+    Case("scl_exp", losses.scl_exp, reference.scl_exp, "label"),
+    Case("pairwise_comparison", losses.pairwise_comparison, reference.pairwise_comparison, "label"),
+    Case("forward_nll (uniform T)",
+         lambda z, y: losses.forward_nll(z, y, (1.0 - jnp.eye(z.shape[-1])) / (z.shape[-1] - 1)),
+         reference.forward_uniform, "label"),
+    Case("mcl_mae", losses.mcl_mae, reference.mcl_mae, "mask"),
+    Case("mcl_exp", losses.mcl_exp, reference.mcl_exp, "mask"),
 )
+# Losses on a negative example: small when the labelled class (or set) is unlikely.
+NEGATIVE = ("complement_nll", "complement_set_nll", "scl_exp", "pairwise_comparison",
+            "forward_nll (uniform T)", "mcl_exp")
 
 
 def draw(rng, case: Case, regime: str, n: int, k: int):
@@ -66,7 +76,7 @@ def draw(rng, case: Case, regime: str, n: int, k: int):
   else:
     in_set[np.arange(n), rng.integers(0, k, n)] = True
   # The complement losses are small when the *labelled* class is unlikely.
-  target_in = ~in_set if case.name in ("complement_nll", "complement_set_nll") else in_set
+  target_in = ~in_set if case.name in NEGATIVE else in_set
   gap = REGIMES[regime](rng, n)
   best_out = np.where(target_in, -np.inf, z).max(axis=1)
   top_in = np.where(target_in, z, -np.inf).max(axis=1)

@@ -43,6 +43,19 @@ def _binary(rng, shape):
   return (rng.random(shape) < 0.5).astype(np.float32)
 
 
+def _forward_uniform(z, y, **kwargs):
+  """forward_nll with the uniform transition matrix of z's classes."""
+  axis = kwargs.get("axis", -1)
+  k = z.shape[axis] if -z.ndim <= axis < z.ndim else z.shape[-1]  # a bad axis: the loss says so
+  return losses.forward_nll(z, y, (1.0 - np.eye(k, dtype=np.float32)) / (k - 1), **kwargs)
+
+
+# The losses of one integer label per example, and of a boolean set.
+LABEL_LOSSES = ("nll", "complement_nll", "negated_nll", "scl_exp", "pairwise_comparison",
+                "forward_nll")
+SET_LOSSES = ("set_nll", "complement_set_nll", "multilabel_softmax_cross_entropy", "mcl_mae",
+              "mcl_exp")
+
 LOSSES = {
     "nll": (losses.nll, _labels),
     "complement_nll": (losses.complement_nll, _labels),
@@ -52,6 +65,11 @@ LOSSES = {
     "soft_cross_entropy": (losses.soft_cross_entropy, _soft),
     "multilabel_softmax_cross_entropy": (losses.multilabel_softmax_cross_entropy, _mask),
     "sigmoid_binary_cross_entropy": (losses.sigmoid_binary_cross_entropy, _binary),
+    "scl_exp": (losses.scl_exp, _labels),
+    "pairwise_comparison": (losses.pairwise_comparison, _labels),
+    "forward_nll": (_forward_uniform, _labels),
+    "mcl_mae": (losses.mcl_mae, _mask),
+    "mcl_exp": (losses.mcl_exp, _mask),
 }
 
 

@@ -83,6 +83,45 @@ def sigmoid_binary_cross_entropy(z, t):
   return losses, grad
 
 
+def scl_exp(z, label):
+  """exp(p_l): dL/dz = exp(p_l) dp_l/dz with dp_l/dz = -p_l d(nll)/dz."""
+  n, dn = nll(z, label)
+  p = mp.exp(-n)
+  return mp.exp(p), [-mp.exp(p) * p * g for g in dn]
+
+
+def mcl_mae(z, members):
+  """P(S) = exp(-set_nll)."""
+  n, dn = set_nll(z, np.asarray(members))
+  loss = mp.exp(-n)
+  return loss, [-loss * g for g in dn]
+
+
+def mcl_exp(z, members):
+  """exp(-P(not S)), P(not S) = exp(-complement_set_nll)."""
+  c, dc = complement_set_nll(z, members)
+  q = mp.exp(-c)
+  loss = mp.exp(-q)
+  return loss, [loss * q * g for g in dc]
+
+
+def pairwise_comparison(z, label):
+  """sum_{k != l} sigmoid(z_l - z_k)."""
+  zs = [mp.mpf(float(v)) for v in z]
+  sigmoid = lambda x: 1 / (1 + mp.exp(-x))
+  terms = [(k, zs[label] - zk) for k, zk in enumerate(zs) if k != label]
+  loss = mp.fsum(sigmoid(t) for _, t in terms)
+  slope = {k: sigmoid(t) * sigmoid(-t) for k, t in terms}
+  grad = [mp.fsum(slope.values()) if k == label else -slope[k] for k in range(len(zs))]
+  return loss, grad
+
+
+def forward_uniform(z, label):
+  """-log sum_{k != l} p_k / (K - 1) with the uniform transition matrix."""
+  c, dc = complement_nll(z, label)
+  return c + mp.log(len(z) - 1), dc
+
+
 def condition_number(z, loss, grad) -> float:
   """Relative condition number of the loss in the logits: sum_k |z_k dl/dz_k| / |l|."""
   num = mp.fsum(abs(mp.mpf(float(zk)) * g) for zk, g in zip(z, grad) if mp.isfinite(zk))

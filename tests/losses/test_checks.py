@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from jaxsoftmax import losses
+from tests.losses.conftest import LABEL_LOSSES, SET_LOSSES
 
 
 def test_label_out_of_range_names_value_and_position():
@@ -90,7 +91,7 @@ def test_masked_and_minus_inf_logits_get_zero_gradient_never_nan(loss_case):
   aux = jnp.asarray(make_aux(rng, (3, 6)))
   if name in ("soft_cross_entropy",):
     aux = aux.at[:, 4:].set(0.0)  # no target mass on the excluded classes
-  elif name in ("nll", "complement_nll", "negated_nll"):
+  elif name in LABEL_LOSSES:
     aux = aux % 4
   elif name != "sigmoid_binary_cross_entropy":
     aux = aux.at[:, 4:].set(False)
@@ -126,14 +127,12 @@ def test_a_side_of_only_minus_inf_logits_gets_zero_gradient(loss_case):
   # and every gradient entry, first and second order, is finite and 0 at -inf.
   name, fn, _ = loss_case
   z = jnp.array([[1.5, -jnp.inf, -jnp.inf]])
-  aux = {
-      "nll": jnp.array([0]), "complement_nll": jnp.array([0]), "negated_nll": jnp.array([0]),
-      "set_nll": jnp.array([[True, False, False]]),
-      "complement_set_nll": jnp.array([[True, False, False]]),
-      "soft_cross_entropy": jnp.array([[1.0, 0.0, 0.0]]),
-      "multilabel_softmax_cross_entropy": jnp.array([[True, False, False]]),
-      "sigmoid_binary_cross_entropy": jnp.array([[1.0, 0.0, 0.0]]),
-  }[name]
+  if name in LABEL_LOSSES:
+    aux = jnp.array([0])
+  elif name in SET_LOSSES:
+    aux = jnp.array([[True, False, False]])
+  else:  # soft_cross_entropy and sigmoid_binary_cross_entropy
+    aux = jnp.array([[1.0, 0.0, 0.0]])
   grad = jax.grad(lambda z: fn(z, aux).sum())(z)
   assert np.all(np.isfinite(grad)) and np.all(grad[:, 1:] == 0.0)
   grad2 = jax.grad(lambda z: jax.grad(lambda z: fn(z, aux).sum())(z).sum())(z)
