@@ -15,7 +15,7 @@ import ml_collections
 from jaxsoftmax_experiments import data
 from jaxsoftmax_experiments import regimes as regimes_lib
 
-REGIMES = regimes_lib.NAMES
+REGIMES = ("positive_only", "negated_gradient", "complement_likelihood")  # the default comparison
 PROTOCOLS = ("feedback", "uniform", "biased", "supervised")
 MODELS = ("mlp", "cnn")
 HEADS = ("softmax", "hierarchical")
@@ -38,7 +38,7 @@ _DEFAULTS = {
     "kernel_size": (0, "CNN kernel size; 0: 5 for 1-D inputs, 3 for 2-D"),
     "head": ("softmax", "output layer: softmax, or hierarchical (a two-level class tree)"),
     "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(classes))"),
-    "regimes": (REGIMES, "how negative examples are used, each of " + ", ".join(REGIMES)),
+    "regimes": (REGIMES, "how negative examples are used, each of " + ", ".join(regimes_lib.NAMES)),
     "num_seeds": (5, "seeds trained in parallel (jax.vmap)"),
     "steps": (1000, "optimizer steps per regime (per feedback round)"),
     "batch_size": (128, "examples per step, drawn with replacement"),
@@ -100,8 +100,8 @@ _RULES = {
     "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     "num_clusters": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "regimes": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
-                and len(set(v)) == len(v) and all(r in REGIMES for r in v),
-                f"a non-empty tuple of distinct names from {', '.join(REGIMES)}"),
+                and len(set(v)) == len(v) and all(r in regimes_lib.REGIMES for r in v),
+                f"a non-empty tuple of distinct names from {', '.join(regimes_lib.NAMES)}"),
     "num_seeds": (_positive_int, "an int >= 1"),
     "steps": (_positive_int, "an int >= 1"),
     "batch_size": (_positive_int, "an int >= 1"),
@@ -159,6 +159,17 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
   if values["feedback_rounds"] > 1 and values["protocol"] != "feedback":
     raise ConfigError(f"config.feedback_rounds: more than one round needs protocol 'feedback', "
                       f"not {values['protocol']!r}.")
+  for name in values["regimes"]:
+    needs = regimes_lib.REGIMES[name].needs
+    if regimes_lib.FLAT_LOGITS in needs and values["head"] != "softmax":
+      raise ConfigError(f"config.regimes: {name!r} needs the softmax head's logits; use "
+                        f"head 'softmax' or leave {name!r} out.")
+    if regimes_lib.TRANSITION in needs and values["protocol"] not in ("uniform", "biased"):
+      raise ConfigError(f"config.regimes: {name!r} needs the protocol's transition matrix, "
+                        f"which 'uniform' and 'biased' have and {values['protocol']!r} has not.")
+    if regimes_lib.ONE_WRONG_LABEL in needs and values["num_negatives"] > 1:
+      raise ConfigError(f"config.regimes: {name!r} takes one wrong label per input; set "
+                        f"num_negatives=1 or use complement_likelihood or an mcl_* regime.")
   if values["num_negatives"] > 1 and values["protocol"] not in ("uniform", "biased"):
     raise ConfigError(f"config.num_negatives: several wrong labels per input need protocol "
                       f"'uniform' or 'biased', not {values['protocol']!r}.")

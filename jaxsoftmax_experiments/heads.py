@@ -54,6 +54,16 @@ class SoftmaxHead:
       return losses.nll(out, labels)
     return losses.set_nll(out, _members(labels, wrong, self.num_classes))
 
+  def flat_loss(self, name, out, labels, **kwargs):
+    """A loss of :mod:`jaxsoftmax.losses` on the logits and one label per example."""
+    return getattr(losses, name)(out, labels, **kwargs)
+
+  def set_loss(self, name, out, labels, wrong=None):
+    """A set loss of :mod:`jaxsoftmax.losses` on the label and the further wrong labels."""
+    if wrong is None:
+      wrong = jnp.full((*labels.shape, 0), -1, labels.dtype)
+    return getattr(losses, name)(out, _members(labels, wrong, self.num_classes))
+
   def largest_logit(self, out):
     return jnp.max(jnp.abs(out))
 

@@ -1,8 +1,8 @@
 """The regime table: how a training run uses its positive and negative examples.
 
 A regime is one entry: its name, the per-example loss it applies to positives and to
-negatives (each a function of the head, the head's training output and the batch), and
-what else it needs. Adding a regime is adding an entry to :data:`REGIMES`. The trainer
+negatives (each a function of the head, the head's training output, the batch and the
+training setup), and what else it needs. Adding a regime is adding an entry to :data:`REGIMES`. The trainer
 groups runs by regime, so a run computes only its own regime's losses.
 """
 
@@ -15,20 +15,41 @@ import jax
 
 from jaxsoftmax_experiments import protocols
 
-# (head, head output, batch of examples) -> per-example loss, [batch]
-ExampleLoss = Callable[["Head", object, protocols.Examples], jax.Array]  # noqa: F821
+# (head, head output, batch of examples, setup) -> per-example loss, [batch]
+ExampleLoss = Callable[..., jax.Array]
+
+# What a regime may need; config validation checks each.
+FLAT_LOGITS = "flat_logits"            # a softmax head (the loss is on all K logits)
+TRANSITION = "transition_matrix"       # the protocol's T: uniform or biased wrong labels
+ONE_WRONG_LABEL = "one_wrong_label"    # no sets: num_negatives = 1
 
 
-def _nll(head, out, batch):
+def _nll(head, out, batch, setup=None):
   return head.nll(out, batch.label)
 
 
-def _negated(head, out, batch):
+def _negated(head, out, batch, setup=None):
   return -head.set_nll(out, batch.label, batch.wrong)  # +log P(the wrong labels)
 
 
-def _complement(head, out, batch):
+def _complement(head, out, batch, setup=None):
   return head.complement_nll(out, batch.label, batch.wrong)
+
+
+def _scl_exp(head, out, batch, setup=None):
+  return head.flat_loss("scl_exp", out, batch.label)
+
+
+def _pairwise(head, out, batch, setup=None):
+  return head.flat_loss("pairwise_comparison", out, batch.label)
+
+
+def _forward(head, out, batch, setup):
+  return head.flat_loss("forward_nll", out, batch.label, transition=setup.transition())
+
+
+def _mcl(name):
+  return lambda head, out, batch, setup=None: head.set_loss(name, out, batch.label, batch.wrong)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,5 +82,17 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
     Regime("complement_likelihood", _nll, _complement,
            summary="nll on the positives plus -log(1 - p_l) (-log(1 - P(S)) for a set) on the "
                    "negatives"),
+    Regime("scl_exp", _nll, _scl_exp, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
+           summary="nll on the positives plus exp(p_l) on the negatives (Chou et al. 2020)"),
+    Regime("forward", _nll, _forward, needs=(FLAT_LOGITS, TRANSITION, ONE_WRONG_LABEL),
+           summary="nll on the positives plus -log (T^T p)_l with the protocol's T (Yu et al. 2018)"),
+    Regime("pc", _nll, _pairwise, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
+           summary="nll on the positives plus sum_{k != l} sigmoid(z_l - z_k) (Ishida et al. 2017)"),
+    Regime("mcl_log", _nll, _mcl("complement_set_nll"), needs=(FLAT_LOGITS,),
+           summary="nll on the positives plus -log(1 - P(S)) on sets S (Feng et al. 2020)"),
+    Regime("mcl_mae", _nll, _mcl("mcl_mae"), needs=(FLAT_LOGITS,),
+           summary="nll on the positives plus P(S) on sets S (Feng et al. 2020)"),
+    Regime("mcl_exp", _nll, _mcl("mcl_exp"), needs=(FLAT_LOGITS,),
+           summary="nll on the positives plus exp(-(1 - P(S))) on sets S (Feng et al. 2020)"),
 )}
 NAMES = tuple(REGIMES)

@@ -81,6 +81,13 @@ class Setup:
   batch_size: int
   logit_bound: float
   mesh: Mesh
+  transition_bias: float | None = None  # the protocol's T (uniform: 0), None if it has none
+
+  def transition(self) -> jax.Array:
+    """The protocol's transition matrix ``T[y, l]``, for regimes that need it."""
+    if self.transition_bias is None:
+      raise ValueError("this protocol has no transition matrix (uniform or biased have one).")
+    return protocols.transition_matrix(self.model.num_classes, self.transition_bias)
 
   @functools.cached_property
   def graphdef(self) -> nnx.GraphDef:
@@ -124,10 +131,11 @@ def example_losses(setup: Setup, regime: str, params, x: jax.Array,
   model = nnx.merge(setup.graphdef, params)
   batch = batch._replace(label=jnp.where(batch.kind == protocols.EMPTY, 0, batch.label))
   out = setup.head.training_output(model, x, batch.label)
-  per_example = jnp.where(batch.kind == protocols.POSITIVE, rule.positive(setup.head, out, batch), 0.0)
+  per_example = jnp.where(batch.kind == protocols.POSITIVE,
+                          rule.positive(setup.head, out, batch, setup), 0.0)
   if rule.negative is not None:
-    per_example = jnp.where(batch.kind == protocols.NEGATIVE, rule.negative(setup.head, out, batch),
-                            per_example)
+    per_example = jnp.where(batch.kind == protocols.NEGATIVE,
+                            rule.negative(setup.head, out, batch, setup), per_example)
   return per_example, setup.head.largest_logit(out)
 
 
@@ -232,5 +240,6 @@ def make_setup(config, dataset, *, regimes: Sequence[str], total_steps: int,
                             float(config.weight_decay), config.schedule, config.warmup_steps,
                             total_steps if cosine else 0)
   mesh = parallel.make_mesh(config.num_seeds, config.batch_size, devices)
+  bias = {"uniform": 0.0, "biased": float(config.bias)}.get(config.protocol)
   return Setup(model, head, optimizer, tuple(regimes), config.num_seeds, config.batch_size,
-               float(config.logit_bound), mesh)
+               float(config.logit_bound), mesh, bias)

@@ -87,7 +87,7 @@ def test_a_set_of_wrong_labels_uses_the_complement_set_loss():
   np.testing.assert_allclose(got, losses.complement_set_nll(z, jnp.asarray(members)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("regime", sorted(REGIMES))
+@pytest.mark.parametrize("regime", sorted(config_lib.REGIMES))
 def test_hierarchical_example_losses_equal_the_flat_ones_on_the_implied_logits(regime):
   tree = balanced_tree(5)
   u = jax.random.normal(jax.random.key(0), (6, tree.num_clusters)) * 3
@@ -109,7 +109,7 @@ def test_hierarchical_example_losses_equal_the_flat_ones_on_the_implied_logits(r
 
 @pytest.mark.parametrize("head", ["softmax", "hierarchical"])
 def test_grouped_step_equals_one_run_at_a_time(synthetic, head):
-  setup = setup_for(small_config(head=head), synthetic, REGIMES)
+  setup = setup_for(small_config(head=head), synthetic, config_lib.REGIMES)
   y = jnp.asarray(synthetic.y_train)
   ex = protocols.complementary(jax.random.key(2), y, jnp.arange(len(y)) < 100, 5)
   state = fresh(setup)
@@ -131,7 +131,7 @@ def test_each_group_computes_only_its_own_regime_loss(synthetic):
   ex = protocols.complementary(jax.random.key(2), y, jnp.arange(len(y)) < 100, 5)
   x = jnp.asarray(synthetic.x_train)
   text = {}
-  for regime in REGIMES:
+  for regime in config_lib.REGIMES:
     setup = setup_for(small_config(), synthetic, (regime,))
     one = jax.tree.map(lambda a: a[0], fresh(setup)[0])
     text[regime] = str(jax.make_jaxpr(lambda s: training.step(setup, regime, s, ex, x))(one))

@@ -1,0 +1,87 @@
+"""The regime table: each regime's losses are the library's, and each trains (or, for the
+unbounded negated gradient, diverges) on the synthetic data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsoftmax import losses
+from jaxsoftmax_experiments import config as config_lib
+from jaxsoftmax_experiments import data, heads, loop, protocols, training
+from jaxsoftmax_experiments.protocols import NEGATIVE
+from jaxsoftmax_experiments.regimes import NAMES, REGIMES
+
+T = np.asarray(protocols.transition_matrix(5, 0.3))
+
+
+class _Setup:
+  def transition(self):
+    return jnp.asarray(T)
+
+
+@pytest.mark.parametrize("regime, expected", [
+    # The library's loss on the wrong label, one per regime (Chou, Yu, Ishida, Feng et al.).
+    ("complement_likelihood", lambda z, l, m: losses.complement_nll(z, l)),
+    ("negated_gradient", lambda z, l, m: losses.negated_nll(z, l)),
+    ("scl_exp", lambda z, l, m: losses.scl_exp(z, l)),
+    ("forward", lambda z, l, m: losses.forward_nll(z, l, T)),
+    ("pc", lambda z, l, m: losses.pairwise_comparison(z, l)),
+    ("mcl_log", lambda z, l, m: losses.complement_set_nll(z, m)),
+    ("mcl_mae", lambda z, l, m: losses.mcl_mae(z, m)),
+    ("mcl_exp", lambda z, l, m: losses.mcl_exp(z, m)),
+])
+def test_each_regime_applies_its_loss_to_the_negatives(regime, expected):
+  z = jax.random.normal(jax.random.key(0), (4, 5)) * 3
+  label = jnp.array([0, 1, 2, 3])
+  batch = protocols.Examples(label, jnp.full(4, NEGATIVE))
+  got = REGIMES[regime].negative(heads.SoftmaxHead(5), z, batch, _Setup())
+  members = label[:, None] == jnp.arange(5)
+  np.testing.assert_allclose(got, expected(z, label, members), rtol=1e-6)
+  np.testing.assert_allclose(REGIMES[regime].positive(heads.SoftmaxHead(5), z, batch),
+                             losses.nll(z, label), rtol=1e-6)
+
+
+def test_the_setup_gives_the_protocols_transition_matrix():
+  c = config_lib.defaults()
+  c.dataset, c.protocol, c.bias = "synthetic", "biased", 0.3
+  setup = training.make_setup(c, data.load("synthetic"), regimes=("forward",), total_steps=10)
+  np.testing.assert_allclose(setup.transition(), T, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def every_regime():
+  c = config_lib.defaults()
+  c.dataset, c.protocol, c.hidden, c.steps, c.eval_every = "synthetic", "uniform", (16,), 300, 100
+  c.num_seeds, c.num_labeled, c.learning_rate, c.regimes = 2, 25, 1e-2, NAMES
+  config_lib.validate(c)
+  plan = loop.make_plan(c, data.load("synthetic"))
+  *_, last = loop.run(plan)
+  return loop.results(plan, jax.device_get(loop.light(last, examples=True)))
+
+
+def test_every_bounded_regime_learns_from_wrong_labels_and_the_negated_gradient_diverges(every_regime):
+  acc = {r: float(np.mean(v["test_accuracy"])) for r, v in every_regime["regimes"].items()}
+  # Expected: 25 true labels (5 per class on average) and 475 uniformly drawn wrong labels
+  # on 5 well-separated Gaussian clusters; chance is 0.2.
+  for regime in NAMES:
+    if regime in ("negated_gradient", "positive_only"):
+      continue
+    assert acc[regime] > 0.6, (regime, acc)
+  neg = every_regime["regimes"]["negated_gradient"]
+  for diverged, loss in zip(neg["diverged"], neg["train_loss"]):
+    assert diverged or loss < 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"regimes": ("forward",), "protocol": "feedback"}, "'forward' needs the protocol's transition"),
+    ({"regimes": ("pc",), "head": "hierarchical"}, "'pc' needs the softmax head's logits"),
+    ({"regimes": ("scl_exp",), "protocol": "uniform", "num_negatives": 2},
+     "'scl_exp' takes one wrong label per input"),
+])
+def test_a_regime_without_what_it_needs_is_refused(overrides, message):
+  c = config_lib.defaults()
+  for key, value in overrides.items():
+    c[key] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
