@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import jax
 
-from jaxsoftmax_experiments import protocols
 
 # (head, head output, batch of examples, setup) -> per-example loss, [batch]
 ExampleLoss = Callable[..., jax.Array]
