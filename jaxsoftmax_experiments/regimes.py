@@ -12,6 +12,9 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+
+from jaxsoftmax_experiments.protocols import NEGATIVE, POSITIVE
 
 
 # (head, head output, batch of examples, setup) -> per-example loss, [batch]
@@ -51,6 +54,38 @@ def _mcl(name):
   return lambda head, out, batch, setup=None: head.set_loss(name, out, batch.label, batch.wrong)
 
 
+def _unbiased_term(head, out, batch, setup=None):
+  """Ishida et al. 2019's per-example term for a complementary label l (uniform T):
+  ``sum_j -log p_j - (K - 1)(-log p_l)``, an unbiased estimate of the NLL of the unseen
+  true label once averaged; it is negative whenever ``p_l`` is small enough."""
+  k = setup.model.num_classes
+  every = head.flat_loss("soft_cross_entropy", out, jnp.ones(out.shape, out.dtype))
+  return every - (k - 1) * head.nll(out, batch.label)
+
+
+def _ure(correction):
+  """The batch objective of the unbiased risk estimator with a correction (Ishida et al.
+  2019): per wrong label k the partial risk ``R_k = (1/K) mean_{l_i = k} term_i`` over the
+  batch's negatives; ``ga`` ascends on the negative ``R_k`` when there are any (else
+  descends on their sum), ``nn`` sums ``max(R_k, 0)``. Positives add their mean NLL,
+  weighted by their share of the batch."""
+  def objective(per_example, batch, setup):
+    k, size = setup.model.num_classes, per_example.shape[0]
+    positive, negative = batch.kind == POSITIVE, batch.kind == NEGATIVE
+    positive_part = jnp.sum(jnp.where(positive, per_example, 0.0)) / size
+    by_label = (batch.label[:, None] == jnp.arange(k)) & negative[:, None]      # [B, K]
+    sums = jnp.sum(jnp.where(by_label, per_example[:, None], 0.0), axis=0)
+    risks = sums / jnp.maximum(jnp.sum(by_label, axis=0), 1) / k
+    if correction == "ga":
+      below = risks < 0
+      negative_part = jnp.where(jnp.any(below), -jnp.sum(jnp.where(below, risks, 0.0)),
+                                jnp.sum(risks))
+    else:
+      negative_part = jnp.sum(jnp.maximum(risks, 0.0))
+    return positive_part + jnp.mean(negative) * negative_part
+  return objective
+
+
 @dataclasses.dataclass(frozen=True)
 class Regime:
   """One way to train on the examples.
@@ -61,14 +96,18 @@ class Regime:
     negative: the loss on a negative example "x is not l" (``batch.label`` holds l and
       ``batch.wrong`` any further wrong labels of the same input); None to ignore
       negatives, whose slots are then never drawn into a batch.
-    needs: what the regime needs beyond the examples (none of today's regimes needs
-      anything; a reference model or a transition matrix would be named here).
+    needs: what the regime needs beyond the examples (the flat logits, the protocol's
+      transition matrix, one wrong label per input).
+    batch_objective: None for the mean of the per-example losses; else a function of
+      the per-example losses, the batch and the setup that gives the batch's objective
+      (a risk estimator defined per batch, as the unbiased risk estimators are).
     summary: one line for ``--help`` and the README.
   """
   name: str
   positive: ExampleLoss
   negative: ExampleLoss | None
   needs: tuple[str, ...] = ()
+  batch_objective: Callable | None = None
   summary: str = ""
 
 
@@ -87,6 +126,14 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
            summary="nll on the positives plus -log (T^T p)_l with the protocol's T (Yu et al. 2018)"),
     Regime("pc", _nll, _pairwise, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
            summary="nll on the positives plus sum_{k != l} sigmoid(z_l - z_k) (Ishida et al. 2017)"),
+    Regime("ure_ga", _nll, _unbiased_term, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
+           batch_objective=_ure("ga"),
+           summary="nll on the positives; the unbiased risk estimator with gradient ascent on "
+                   "negative partial risks, per batch (Ishida et al. 2019)"),
+    Regime("ure_nn", _nll, _unbiased_term, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
+           batch_objective=_ure("nn"),
+           summary="nll on the positives; the unbiased risk estimator with the non-negative "
+                   "correction, per batch (Ishida et al. 2019)"),
     Regime("mcl_log", _nll, _mcl("complement_set_nll"), needs=(FLAT_LOGITS,),
            summary="nll on the positives plus -log(1 - P(S)) on sets S (Feng et al. 2020)"),
     Regime("mcl_mae", _nll, _mcl("mcl_mae"), needs=(FLAT_LOGITS,),

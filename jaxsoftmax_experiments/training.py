@@ -153,9 +153,13 @@ def step(setup: Setup, regime: str, state: RunState, examples: protocols.Example
   # The batch is split over the mesh's batch axis (under vmap, runs over its runs axis).
   x, batch = jax.lax.with_sharding_constraint((x, batch), parallel.batch_sharding(setup.mesh))
 
+  combine = REGIMES[regime].batch_objective
+
   def objective(params):
     per_example, max_logit = example_losses(setup, regime, params, x, batch)
-    return jnp.mean(per_example), max_logit
+    if combine is None:
+      return jnp.mean(per_example), max_logit
+    return combine(per_example, batch, setup), max_logit
 
   (loss, max_logit), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   ok = jnp.isfinite(loss) & _all_finite(grads) & (max_logit <= setup.logit_bound)

@@ -85,3 +85,44 @@ def test_a_regime_without_what_it_needs_is_refused(overrides, message):
     c[key] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c)
+
+
+def _libcll_ure(z, labels, correction):
+  """The unbiased risk estimator as the reference toolkit computes it (libcll's URE, after
+  Ishida et al. 2019), in float64 numpy: uniform Q, its inverse J - (K - 1) I applied
+  elementwise to the per-label sums of -log p, times the prior 1/K over the label count."""
+  k = z.shape[1]
+  neglog = -(z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True))
+  onehot = np.eye(k)[labels]
+  neg_vector = onehot.T @ neglog                                  # [label k, class j]
+  q_inv = np.ones((k, k)) - (k - 1) * np.eye(k)
+  counts = onehot.sum(0)
+  risks = (q_inv * neg_vector).sum(1) / k / np.maximum(counts, 1)
+  if correction == "ga":
+    return -risks[risks < 0].sum() if (risks < 0).any() else risks.sum()
+  return risks[risks > 0].sum()
+
+
+@pytest.mark.parametrize("regime, correction", [("ure_ga", "ga"), ("ure_nn", "nn")])
+def test_the_unbiased_risk_estimators_match_the_reference_toolkits_formula(regime, correction):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    for scale in (0.5, 4.0):  # small logits: every partial risk positive; large: some negative
+      z = rng.normal(0, scale, (32, 5))
+      labels = rng.integers(0, 5, 32)
+      batch = protocols.Examples(jnp.asarray(labels), jnp.full(32, NEGATIVE))
+      c = config_lib.defaults()
+      c.dataset = "synthetic"
+      setup = training.make_setup(c, data.load("synthetic"), regimes=(regime,), total_steps=10)
+      rule = REGIMES[regime]
+      per_example = rule.negative(heads.SoftmaxHead(5), jnp.asarray(z), batch, setup)
+      got = rule.batch_objective(per_example, batch, setup)
+      np.testing.assert_allclose(got, _libcll_ure(z, labels, correction), rtol=1e-10)
+    # With positives in the batch, they add their mean NLL by their share of it.
+    kind = jnp.where(jnp.arange(32) < 8, protocols.POSITIVE, NEGATIVE)
+    mixed = protocols.Examples(jnp.asarray(labels), kind)
+    per_example = jnp.where(kind == NEGATIVE, per_example, losses.nll(jnp.asarray(z), jnp.asarray(labels)))
+    got = rule.batch_objective(per_example, mixed, setup)
+    expected = (float(losses.nll(jnp.asarray(z[:8]), jnp.asarray(labels[:8])).sum()) / 32
+                + 24 / 32 * _libcll_ure(z[8:], labels[8:], correction))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
