@@ -53,6 +53,7 @@ _DEFAULTS = {
     "bias": (0.5, "biased: probability that the wrong label is (y + 1) mod K"),
     "num_negatives": (1, "uniform and biased: distinct wrong labels per unlabeled input, "
                          "used as one set"),
+    "npo_beta": (0.1, "npo: the inverse temperature beta of its loss"),
     "logit_bound": (1e3, "a run whose largest |logit| passes this has diverged"),
     "seed": (0, "the root of every random draw"),
     "eval_every": (100, "steps between evaluations on the test split"),
@@ -115,6 +116,7 @@ _RULES = {
     "feedback_rounds": (_positive_int, "an int >= 1"),
     "bias": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "num_negatives": (_positive_int, "an int >= 1"),
+    "npo_beta": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
     "logit_bound": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
     "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
     "eval_every": (_positive_int, "an int >= 1"),

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from jaxsoftmax_experiments import parallel, protocols, training
+from jaxsoftmax_experiments import regimes as regimes_lib
 from jaxsoftmax_experiments.data import Dataset
 
 METRICS = ("test_accuracy", "test_nll", "test_max_logit", "param_norm", "train_loss", "max_logit")
@@ -39,6 +40,7 @@ class State(NamedTuple):
   metrics: tuple                    # per regime: {name in METRICS: float32 [seeds]}
   best_accuracy: tuple              # per regime: float32 [seeds], best test accuracy so far
   notes: dict                       # protocol notes, e.g. the initial model's test accuracy
+  reference: jax.Array | None = None  # [seeds, n, K] log p of the reference model (npo)
 
 
 class Data(NamedTuple):
@@ -77,12 +79,17 @@ def make_plan(config, dataset: Dataset, devices: Sequence[jax.Device] | None = N
   setup = training.make_setup(config, dataset, regimes=tuple(config.regimes),
                               total_steps=config.steps * config.feedback_rounds, devices=devices)
   initial = None
-  if config.protocol == "feedback":
+  if config.protocol == "feedback" or needs_reference(config):
     initial = training.make_setup(config, dataset, regimes=("positive_only",),
                                   total_steps=config.initial_steps, devices=devices)
   arrays = (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
   data = Data(*parallel.put(arrays, parallel.replicated(setup.mesh)))
   return Plan(config, dataset, setup, initial, data)
+
+
+def needs_reference(config) -> bool:
+  """Whether a regime of the config trains against a reference model (npo)."""
+  return any(regimes_lib.REFERENCE in regimes_lib.REGIMES[r].needs for r in config.regimes)
 
 
 def round_of(config, step: int) -> int:
@@ -111,20 +118,32 @@ def _first_examples(plan: Plan, keys, data: Data):
                                                                c.num_labeled)
   ys = jnp.broadcast_to(y, labeled.shape)
   if c.protocol == "supervised":
-    return protocols.supervised(ys, c.feedback_rounds), {}
-  if c.protocol in ("uniform", "biased"):
+    examples = protocols.supervised(ys, c.feedback_rounds)
+  elif c.protocol in ("uniform", "biased"):
     bias = c.bias if c.protocol == "biased" else 0.0
     draw = lambda key, lab: protocols.complementary(key, y, lab, plan.dataset.num_classes,
                                                     bias=bias, rounds=c.feedback_rounds,
                                                     num_negatives=c.num_negatives)
-    return jax.vmap(draw)(keys["protocol"], labeled), {}
-  examples = protocols.labeled_only(ys, labeled, c.feedback_rounds)
-  fns = training.functions(plan.initial)
-  runs = fns.init(keys["init"][None], keys["batches"][None])
-  runs, _ = fns.train(runs, (examples,), data.x_train, length=c.initial_steps)
-  accuracy = fns.evaluate(runs, data.x_test, data.y_test)[0]["test_accuracy"]
-  predictions = fns.predict(runs, data.x_train)[0]
-  return protocols.judge(examples, predictions, y, 0), {"initial_model_test_accuracy": accuracy}
+    examples = jax.vmap(draw)(keys["protocol"], labeled)
+  else:
+    examples = protocols.labeled_only(ys, labeled, c.feedback_rounds)
+  notes, reference = {}, None
+  if plan.initial is not None:
+    # The model trained on the labeled inputs alone: it makes the judged predictions of
+    # the feedback protocol and is the frozen reference of npo.
+    fns = training.functions(plan.initial)
+    runs = fns.init(keys["init"][None], keys["batches"][None])
+    alone = protocols.labeled_only(ys, labeled, c.feedback_rounds)
+    runs, _ = fns.train(runs, (alone,), data.x_train, length=c.initial_steps)
+    accuracy = fns.evaluate(runs, data.x_test, data.y_test)[0]["test_accuracy"]
+    if c.protocol == "feedback":
+      examples = protocols.judge(examples, fns.predict(runs, data.x_train)[0], y, 0)
+    name = "initial" if c.protocol == "feedback" else "reference"
+    notes[f"{name}_model_test_accuracy"] = accuracy
+    if needs_reference(c):
+      reference = fns.log_probs(runs, data.x_train)[0]
+      examples = protocols.with_reference(examples, reference)
+  return examples, notes, reference
 
 
 def _evaluated(fns, state: State, x_test, y_test, stats) -> State:
@@ -150,12 +169,12 @@ def _evaluated(fns, state: State, x_test, y_test, stats) -> State:
 
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _start(plan: Plan, keys, data: Data) -> State:
-  examples, notes = _first_examples(plan, keys, data)
+  examples, notes, reference = _first_examples(plan, keys, data)
   fns = training.functions(plan.setup)
   groups = len(plan.setup.regimes)
   tile = lambda a: jnp.stack([a] * groups)
   runs = fns.init(tile(keys["init"]), tile(keys["batches"]))
-  state = State(runs, (examples,) * groups, jnp.int32(0), jnp.int32(0), (), (), notes)
+  state = State(runs, (examples,) * groups, jnp.int32(0), jnp.int32(0), (), (), notes, reference)
   return _constrain(plan, _evaluated(fns, state, data.x_test, data.y_test, None))
 
 
@@ -172,6 +191,8 @@ def _next_round(plan: Plan, state: State, data: Data, round_: int) -> State:
   predictions = training.functions(plan.setup).predict(state.runs, data.x_train)
   examples = tuple(protocols.judge(e, p, data.y_train, round_)
                    for e, p in zip(state.examples, predictions))
+  if state.reference is not None:
+    examples = tuple(protocols.with_reference(e, state.reference) for e in examples)
   return _constrain(plan, state._replace(examples=examples))
 
 
@@ -195,7 +216,7 @@ def run(plan: Plan, state: State | None = None) -> Iterator[State]:
     yield state
 
 
-_PER_RUN = ("runs", "examples", "metrics", "best_accuracy")
+_PER_RUN = ("runs", "examples", "metrics", "best_accuracy", "reference")
 
 
 def _shardings(plan: Plan, state):

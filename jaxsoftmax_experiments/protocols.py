@@ -26,6 +26,7 @@ class Examples(NamedTuple):
   label: jax.Array
   kind: jax.Array
   wrong: jax.Array | None = None
+  reference: jax.Array | None = None  # float32 [..., slots]: log p_ref(label | x), for NPO
 
   def counts(self) -> tuple[jax.Array, jax.Array]:
     """The numbers of positive and of negative examples, over the last axis."""
@@ -103,6 +104,17 @@ def complementary(key: jax.Array, y: jax.Array, labeled: jax.Array, num_classes:
   rest = jnp.where(labeled[..., None], -1, sets[..., 1:])
   pad = [(0, 0)] * (rest.ndim - 2) + [(0, (rounds - 1) * rest.shape[-2]), (0, 0)]
   return table._replace(wrong=jnp.pad(rest, pad, constant_values=-1))
+
+
+def with_reference(examples: Examples, log_probs: jax.Array) -> Examples:
+  """The table with each slot's reference log-probability of its label, from a reference
+  model's ``log_probs`` ``[..., n, K]`` of every training input."""
+  n = log_probs.shape[-2]
+  slots = examples.label.shape[-1]
+  inputs = jnp.arange(slots) % n
+  per_slot = jnp.take(log_probs, inputs, axis=-2)                     # [..., slots, K]
+  label = jnp.maximum(examples.label, 0)[..., None]
+  return examples._replace(reference=jnp.take_along_axis(per_slot, label, axis=-1)[..., 0])
 
 
 def judge(examples: Examples, predictions: jax.Array, y: jax.Array, round_: int) -> Examples:

@@ -24,6 +24,7 @@ ExampleLoss = Callable[..., jax.Array]
 FLAT_LOGITS = "flat_logits"            # a softmax head (the loss is on all K logits)
 TRANSITION = "transition_matrix"       # the protocol's T: uniform or biased wrong labels
 ONE_WRONG_LABEL = "one_wrong_label"    # no sets: num_negatives = 1
+REFERENCE = "reference_model"          # a frozen model trained on the labeled inputs alone
 
 
 def _nll(head, out, batch, setup=None):
@@ -48,6 +49,13 @@ def _pairwise(head, out, batch, setup=None):
 
 def _forward(head, out, batch, setup):
   return head.flat_loss("forward_nll", out, batch.label, transition=setup.transition())
+
+
+def _npo(head, out, batch, setup):
+  """``(2/beta) log(1 + (p_l / p_ref_l)^beta) = (2/beta) softplus(beta (log p_l - log p_ref_l))``
+  with ``log p_l = -nll``, exact from the label kernel."""
+  beta = setup.npo_beta
+  return (2.0 / beta) * jax.nn.softplus(beta * (-head.nll(out, batch.label) - batch.reference))
 
 
 def _mcl(name):
@@ -134,6 +142,9 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
            batch_objective=_ure("nn"),
            summary="nll on the positives; the unbiased risk estimator with the non-negative "
                    "correction, per batch (Ishida et al. 2019)"),
+    Regime("npo", _nll, _npo, needs=(REFERENCE, ONE_WRONG_LABEL),
+           summary="nll on the positives plus (2/beta) log(1 + (p_l / p_ref_l)^beta) against a "
+                   "frozen model trained on the labeled inputs alone (Zhang et al. 2024)"),
     Regime("mcl_log", _nll, _mcl("complement_set_nll"), needs=(FLAT_LOGITS,),
            summary="nll on the positives plus -log(1 - P(S)) on sets S (Feng et al. 2020)"),
     Regime("mcl_mae", _nll, _mcl("mcl_mae"), needs=(FLAT_LOGITS,),

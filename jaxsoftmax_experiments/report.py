@@ -79,6 +79,10 @@ def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
     lines += [f"The model that made the judged predictions ({c['num_labeled']} labels, "
               f"{c['initial_steps']} steps) had test accuracy "
               f"{_mean_std(results['initial_model_test_accuracy'])}.", ""]
+  if "reference_model_test_accuracy" in results:
+    lines += [f"npo's frozen reference model ({c['num_labeled']} labels alone, "
+              f"{c['initial_steps']} steps) had test accuracy "
+              f"{_mean_std(results['reference_model_test_accuracy'])}.", ""]
   lines += ["| regime | positives | negatives | test accuracy | test NLL | best evaluation | diverged |",
             "|---|---:|---:|---|---|---|---:|"]
   for regime, r in results["regimes"].items():

@@ -82,6 +82,7 @@ class Setup:
   logit_bound: float
   mesh: Mesh
   transition_bias: float | None = None  # the protocol's T (uniform: 0), None if it has none
+  npo_beta: float = 0.1
 
   def transition(self) -> jax.Array:
     """The protocol's transition matrix ``T[y, l]``, for regimes that need it."""
@@ -188,6 +189,11 @@ def predict_one(setup: Setup, params, x: jax.Array) -> jax.Array:
   return jnp.argmax(setup.head.scores(model, x), -1).astype(jnp.int32)
 
 
+def log_probs_one(setup: Setup, params, x: jax.Array) -> jax.Array:
+  """``log p(k | x)`` of every class, ``[n, K]``."""
+  return jax.nn.log_softmax(setup.head.scores(nnx.merge(setup.graphdef, params), x), axis=-1)
+
+
 Groups = tuple  # one entry per regime of the setup, each stacked over seeds
 
 
@@ -197,6 +203,7 @@ class Functions(NamedTuple):
   train: Any      # (runs, examples, x_train, length) -> (runs, stats [length, S] per group)
   evaluate: Any   # (runs, x, y) -> metrics per group
   predict: Any    # (runs, x) -> predictions [S, n] per group
+  log_probs: Any  # (runs, x) -> log p [S, n, K] per group
 
 
 @functools.lru_cache(maxsize=8)
@@ -224,12 +231,16 @@ def functions(setup: Setup) -> Functions:
   def predict(state, x):
     return tuple(vmap(functools.partial(predict_one, setup), (0, None))(s.params, x) for s in state)
 
+  def log_probs(state, x):
+    return tuple(vmap(functools.partial(log_probs_one, setup), (0, None))(s.params, x) for s in state)
+
   return Functions(
       init=jax.jit(init, out_shardings=runs),
       train=jax.jit(train, static_argnames="length",
                     out_shardings=(runs, parallel.steps_sharding(setup.mesh))),
       evaluate=jax.jit(evaluate, out_shardings=runs),
       predict=jax.jit(predict, out_shardings=runs),
+      log_probs=jax.jit(log_probs, out_shardings=runs),
   )
 
 
@@ -246,4 +257,4 @@ def make_setup(config, dataset, *, regimes: Sequence[str], total_steps: int,
   mesh = parallel.make_mesh(config.num_seeds, config.batch_size, devices)
   bias = {"uniform": 0.0, "biased": float(config.bias)}.get(config.protocol)
   return Setup(model, head, optimizer, tuple(regimes), config.num_seeds, config.batch_size,
-               float(config.logit_bound), mesh, bias)
+               float(config.logit_bound), mesh, bias, float(config.npo_beta))

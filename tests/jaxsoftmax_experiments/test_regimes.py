@@ -126,3 +126,31 @@ def test_the_unbiased_risk_estimators_match_the_reference_toolkits_formula(regim
     expected = (float(losses.nll(jnp.asarray(z[:8]), jnp.asarray(labels[:8])).sum()) / 32
                 + 24 / 32 * _libcll_ure(z[8:], labels[8:], correction))
     np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_npo_is_bounded_below_by_zero_and_uses_the_reference_log_probability():
+  z = jax.random.normal(jax.random.key(1), (4, 5)) * 3
+  label = jnp.array([0, 1, 2, 3])
+  reference = jnp.array([-0.5, -1.0, -2.0, -8.0])
+  batch = protocols.Examples(label, jnp.full(4, NEGATIVE), reference=reference)
+
+  class _Beta:
+    npo_beta = 0.1
+  got = REGIMES["npo"].negative(heads.SoftmaxHead(5), z, batch, _Beta())
+  # Zhang et al. 2024: (2 / beta) log(1 + (p_l / p_ref_l)^beta), in float64 numpy.
+  p = np.exp(np.asarray(z, np.float64) - np.log(np.exp(np.asarray(z, np.float64)).sum(1, keepdims=True)))
+  ratio = p[np.arange(4), np.asarray(label)] / np.exp(np.asarray(reference, np.float64))
+  np.testing.assert_allclose(got, 20.0 * np.log1p(ratio ** 0.1), rtol=1e-5)
+  assert np.all(np.asarray(got) > 0)
+
+
+def test_the_reference_table_holds_each_slots_label_log_probability():
+  log_probs = jnp.log(jax.nn.softmax(jax.random.normal(jax.random.key(2), (3, 4))))  # n=3, K=4
+  ex = protocols.Examples(jnp.array([1, 0, 3, 2, 2, 0]), jnp.full(6, NEGATIVE))     # 2 rounds
+  ref = protocols.with_reference(ex, log_probs).reference
+  np.testing.assert_allclose(ref, log_probs[jnp.array([0, 1, 2, 0, 1, 2]), ex.label], rtol=1e-6)
+
+
+def test_npo_trains_against_the_model_of_the_labels_alone(every_regime):
+  assert "reference_model_test_accuracy" in every_regime
+  assert float(np.mean(every_regime["regimes"]["npo"]["test_accuracy"])) > 0.6
