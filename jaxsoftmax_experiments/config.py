@@ -210,10 +210,14 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
       raise ConfigError(f"config.kernel_size: the kernel ({kernel}) is larger than the input "
                         f"{tuple(input_shape)} of {values['dataset']!r}.")
   if input_shape is not None and num_classes is not None and memory_bytes is not None:
-    need = estimate_bytes(values, input_shape, num_classes)
+    need = sum(estimate_bytes(values, input_shape, num_classes))
     if need > memory_bytes:
+      # The layer sizes are to blame if the default batch would not fit either.
+      default_batch = dict(values, batch_size=_DEFAULTS["batch_size"][0])
+      too_wide = sum(estimate_bytes(default_batch, input_shape, num_classes)) > memory_bytes
+      key = ("hidden" if values["model"] == "mlp" else "channels") if too_wide else "batch_size"
       raise ConfigError(
-          f"config.{_largest_key(values)}: the runs need about {need / 2**30:.1f} GiB "
+          f"config.{key}: the runs need about {need / 2**30:.1f} GiB "
           f"(parameters, optimizer state, gradients and one batch's activations, float32), "
           f"more than the {memory_bytes / 2**30:.1f} GiB available.")
 
@@ -226,9 +230,9 @@ def _widths(values, input_shape):
   return [size, *(size * c // 2 ** (i + 1) for i, c in enumerate(values["channels"]))]
 
 
-def estimate_bytes(values: dict, input_shape, num_classes: int) -> int:
-  """A lower estimate of the memory of all runs' training: parameters x 4 (values,
-  Adam's two moments, gradients) and one batch's activations, float32."""
+def estimate_bytes(values: dict, input_shape, num_classes: int) -> tuple[int, int]:
+  """A lower estimate of the memory of all runs' training, float32, in two parts:
+  ``(parameters x 4 (values, Adam's two moments, gradients), one batch's activations x 2)``."""
   widths = [*_widths(values, input_shape), num_classes]
   if values["model"] == "mlp":
     params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
@@ -239,14 +243,7 @@ def estimate_bytes(values: dict, input_shape, num_classes: int) -> int:
     params += widths[-2] * num_classes + num_classes
   runs = len(values["regimes"]) * values["num_seeds"]
   activations = values["batch_size"] * sum(widths)
-  return 4 * runs * (4 * params + 2 * activations)
-
-
-def _largest_key(values) -> str:
-  """The key most likely behind a too-large estimate, to name in the message."""
-  if values["batch_size"] > 10 ** 5:
-    return "batch_size"
-  return "hidden" if values["model"] == "mlp" else "channels"
+  return 4 * runs * 4 * params, 4 * runs * 2 * activations
 
 
 def available_memory() -> int:

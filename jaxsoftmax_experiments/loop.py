@@ -32,7 +32,8 @@ METRICS = ("test_accuracy", "test_nll", "test_max_logit", "param_norm", "train_l
 
 
 class State(NamedTuple):
-  """Where an experiment stands after an evaluation; every field is per regime group."""
+  """Where an experiment stands after an evaluation; the tuples hold one entry per regime
+  group, each stacked over seeds."""
   runs: tuple                       # training.RunState per regime, stacked over seeds
   examples: tuple                   # protocols.Examples per regime, [seeds, rounds * n]
   step: jax.Array                   # int32: training steps done, over all rounds
@@ -57,7 +58,7 @@ class Plan:
   config: ml_collections.ConfigDict
   dataset: Dataset
   setup: training.Setup                 # the experiment's runs
-  initial: training.Setup | None        # feedback: the model that makes the judged predictions
+  initial: training.Setup | None        # the model of the labeled inputs alone (feedback, npo)
   data: Data
 
   @property
@@ -76,8 +77,9 @@ class Plan:
 
 def make_plan(config, dataset: Dataset, devices: Sequence[jax.Device] | None = None) -> Plan:
   """The plan of a validated config on a dataset, over ``devices`` (default: all)."""
+  total_steps = config.steps * config.feedback_rounds
   setup = training.make_setup(config, dataset, regimes=tuple(config.regimes),
-                              total_steps=config.steps * config.feedback_rounds, devices=devices)
+                              total_steps=total_steps, devices=devices)
   initial = None
   if config.protocol == "feedback" or needs_reference(config):
     initial = training.make_setup(config, dataset, regimes=("positive_only",),
@@ -260,9 +262,7 @@ def records(plan: Plan, host: State) -> list[dict[str, Any]]:
   for regime, group, metrics in zip(plan.setup.regimes, host.runs, host.metrics):
     for seed in range(plan.setup.seeds):
       record = {"round": round_of(plan.config, step), "step": step, "regime": regime, "seed": seed}
-      record.update({k: _float(metrics[k][seed]) for k in METRICS[:4]})
-      record["train_loss"] = _float(metrics["train_loss"][seed])
-      record["max_logit"] = _float(metrics["max_logit"][seed])
+      record.update({k: _float(metrics[k][seed]) for k in METRICS})
       alive = bool(group.alive[seed])
       record["diverged"] = not alive
       record["diverged_at_step"] = None if alive else int(group.diverged_at[seed])
