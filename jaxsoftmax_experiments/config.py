@@ -50,6 +50,8 @@ _DEFAULTS = {
     "num_labeled": (100, "true labels per seed, drawn from the training split"),
     "initial_steps": (500, "feedback: steps that train the model making the predictions"),
     "feedback_rounds": (1, "feedback: rounds of predict, judge, train"),
+    "feedback_sets": (True, "feedback: an input's wrong predictions over the rounds form one "
+                            "set of wrong labels (False: one negative example per round)"),
     "bias": (0.5, "biased: probability that the wrong label is (y + 1) mod K"),
     "num_negatives": (1, "uniform and biased: distinct wrong labels per unlabeled input, "
                          "used as one set"),
@@ -114,6 +116,7 @@ _RULES = {
     "num_labeled": (_positive_int, "an int >= 1"),
     "initial_steps": (_positive_int, "an int >= 1"),
     "feedback_rounds": (_positive_int, "an int >= 1"),
+    "feedback_sets": (lambda v: isinstance(v, bool), "True or False"),
     "bias": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "num_negatives": (_positive_int, "an int >= 1"),
     "npo_beta": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
@@ -172,6 +175,15 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
     if regimes_lib.ONE_WRONG_LABEL in needs and values["num_negatives"] > 1:
       raise ConfigError(f"config.regimes: {name!r} takes one wrong label per input; set "
                         f"num_negatives=1 or use complement_likelihood or an mcl_* regime.")
+  if sets_across_rounds(values):
+    for name in values["regimes"]:
+      if regimes_lib.ONE_WRONG_LABEL in regimes_lib.REGIMES[name].needs:
+        raise ConfigError(f"config.feedback_sets: {name!r} takes one wrong label per input, and "
+                          f"{values['feedback_rounds']} feedback rounds gather sets; set "
+                          f"feedback_sets=False or leave {name!r} out.")
+    if values["head"] == "hierarchical":
+      raise ConfigError("config.feedback_sets: the hierarchical head takes one wrong label per "
+                        "input; set feedback_sets=False or use head 'softmax'.")
   if values["num_negatives"] > 1 and values["protocol"] not in ("uniform", "biased"):
     raise ConfigError(f"config.num_negatives: several wrong labels per input need protocol "
                       f"'uniform' or 'biased', not {values['protocol']!r}.")
@@ -220,6 +232,12 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
           f"config.{key}: the runs need about {need / 2**30:.1f} GiB "
           f"(parameters, optimizer state, gradients and one batch's activations, float32), "
           f"more than the {memory_bytes / 2**30:.1f} GiB available.")
+
+
+def sets_across_rounds(values) -> bool:
+  """Whether feedback rounds gather each input's wrong predictions into one set."""
+  return (values["protocol"] == "feedback" and values["feedback_rounds"] > 1
+          and values["feedback_sets"])
 
 
 def _widths(values, input_shape):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import parallel, protocols, training
 from jaxsoftmax_experiments import regimes as regimes_lib
 from jaxsoftmax_experiments.data import Dataset
@@ -129,6 +130,8 @@ def _first_examples(plan: Plan, keys, data: Data):
     examples = jax.vmap(draw)(keys["protocol"], labeled)
   else:
     examples = protocols.labeled_only(ys, labeled, c.feedback_rounds)
+    if config_lib.sets_across_rounds(c):
+      examples = protocols.with_sets(examples, c.feedback_rounds - 1)
   notes, reference = {}, None
   if plan.initial is not None:
     # The model trained on the labeled inputs alone: it makes the judged predictions of

@@ -5,8 +5,9 @@ example per feedback round (slot ``r * n + i`` holds round ``r``'s example for i
 ``i``). Each slot is empty, a positive example ("x_i is label") or a negative
 example ("x_i is not label"). A negative slot may also hold a set of further wrong
 labels of the same input (``wrong``: int32 ``[..., rounds * n, M]``, -1 where unused),
-which the complement losses then take as one set; the protocols here give one wrong
-label per slot and leave ``wrong`` as None. Every function here is pure and works on any leading
+which the complement losses then take as one set: ``complementary`` draws sets of
+``num_negatives`` labels, and :func:`judge` on a table made by :func:`with_sets`
+accumulates each input's wrong predictions over the feedback rounds into one set. Every function here is pure and works on any leading
 batch shape (seeds, regimes), so a whole experiment's tables are built at once.
 """
 
@@ -117,12 +118,24 @@ def with_reference(examples: Examples, log_probs: jax.Array) -> Examples:
   return examples._replace(reference=jnp.take_along_axis(per_slot, label, axis=-1)[..., 0])
 
 
+def with_sets(examples: Examples, size: int) -> Examples:
+  """The table with room for ``size`` further wrong labels per slot (all unused), so
+  that :func:`judge` accumulates each input's wrong predictions into one set."""
+  return examples._replace(wrong=jnp.full((*examples.label.shape, size), -1, jnp.int32))
+
+
 def judge(examples: Examples, predictions: jax.Array, y: jax.Array, round_: int) -> Examples:
   """Fills round ``round_``'s slots with a judge's verdicts on ``predictions``.
 
   An input that already has a positive example is not shown again. For every other
   input, a right prediction becomes a positive example with that label and a wrong one
   a negative example "not that label".
+
+  On a table with sets (``examples.wrong``, from :func:`with_sets` with ``size >=
+  rounds - 1``), a wrong prediction's negative example holds every wrong label the
+  input has been given so far, each once: the new one as ``label``, the earlier ones in
+  ``wrong``, and the input's earlier negative slot is emptied. Each input then has at
+  most one negative example, the set of all its wrong predictions.
 
   Args:
     examples: the table, ``[..., rounds * n]``.
@@ -141,6 +154,31 @@ def judge(examples: Examples, predictions: jax.Array, y: jax.Array, round_: int)
   right = predictions == y
   new_kind = jnp.where(resolved, kind[..., round_, :], jnp.where(right, POSITIVE, NEGATIVE))
   new_label = jnp.where(resolved, label[..., round_, :], predictions.astype(jnp.int32))
+  if examples.wrong is not None:
+    return _accumulate(examples, kind, label, new_kind, new_label, resolved, round_)
   kind = kind.at[..., round_, :].set(new_kind)
   label = label.at[..., round_, :].set(new_label)
   return examples._replace(label=label.reshape(shape), kind=kind.reshape(shape))
+
+
+def _accumulate(examples, kind, label, new_kind, new_label, resolved, round_):
+  """:func:`judge` on a table with sets; ``kind`` and ``label`` are ``[..., rounds, n]``."""
+  shape = examples.kind.shape
+  size = examples.wrong.shape[-1]
+  wrong = examples.wrong.reshape(*kind.shape, size)
+  negative = kind == NEGATIVE                                   # at most one slot per input
+  old_label = jnp.max(jnp.where(negative, label, -1), axis=-2)  # [..., n]
+  old_wrong = jnp.max(jnp.where(negative[..., None], wrong, -1), axis=-3)  # [..., n, size]
+  members = jnp.concatenate([old_label[..., None], old_wrong], axis=-1)
+  members = jnp.where(members == new_label[..., None], -1, members)  # each label once
+  # Sorted in decreasing order the unused -1s go last; the earlier set has at most
+  # round_ <= size labels, so the first ``size`` columns keep all of them.
+  members = -jnp.sort(-members, axis=-1)[..., :size]
+  moved = ~resolved & (new_kind == NEGATIVE)                    # [..., n]
+  kind = jnp.where(moved[..., None, :] & negative, EMPTY, kind)
+  wrong = jnp.where((moved[..., None, :] & negative)[..., None], -1, wrong)
+  kind = kind.at[..., round_, :].set(new_kind)
+  label = label.at[..., round_, :].set(new_label)
+  wrong = wrong.at[..., round_, :, :].set(jnp.where(moved[..., None], members, -1))
+  return examples._replace(label=label.reshape(shape), kind=kind.reshape(shape),
+                           wrong=wrong.reshape(*shape, size))

@@ -132,14 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, previous)
 
 
-def _main(argv: list[str], interrupt: _Interrupt) -> int:
+def parse(argv: list[str], program: str = "jaxsoftmax-run"):
+  """The parsed flags and the config of a command line, or the exit status of an error
+  (printed, naming the flag or key)."""
   from absl import flags
 
   from jaxsoftmax_experiments import config as config_lib
-  from jaxsoftmax_experiments import data, report
-  from jaxsoftmax_experiments.workdir import Workdir, WorkdirError
 
-  command = list(argv)  # as the user typed it, for the resume hint
+  argv = list(argv)
   for i, arg in enumerate(argv):
     if arg.startswith("--config."):
       key = arg[len("--config."):].split("=")[0].split(".")[0]
@@ -148,7 +148,7 @@ def _main(argv: list[str], interrupt: _Interrupt) -> int:
                       "(--help describes each).")
     elif arg.startswith("--config="):
       argv[i] = "--config=" + resolve_config_arg(arg[len("--config="):])
-  argv = ["jaxsoftmax-run", *argv]
+  argv = [program, *argv]
   fv = _flags(argv)
   if not any(a.startswith("--config=") for a in argv) and any(a.startswith("--config.") for a in argv):
     return _error("--config.KEY=VALUE overrides need a config: add --config=NAME or "
@@ -173,6 +173,19 @@ def _main(argv: list[str], interrupt: _Interrupt) -> int:
       config.to_dict()                            # to load raises that failure here
   except Exception as e:  # a missing config file, or one that raises  # noqa: BLE001
     return _error(f"cannot load --config: {type(e).__name__}: {e}")
+  return fv, config
+
+
+def _main(argv: list[str], interrupt: _Interrupt) -> int:
+  from jaxsoftmax_experiments import config as config_lib
+  from jaxsoftmax_experiments import data, report
+  from jaxsoftmax_experiments.workdir import Workdir, WorkdirError
+
+  command = list(argv)  # as the user typed it, for the resume hint
+  parsed = parse(argv)
+  if isinstance(parsed, int):
+    return parsed
+  fv, config = parsed
   try:
     config_lib.validate(config)
     dataset = data.load(config.dataset)

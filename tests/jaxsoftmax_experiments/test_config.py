@@ -97,3 +97,17 @@ def test_num_clusters_needs_the_hierarchical_head_and_at_most_k_clusters():
   c.num_clusters = 11
   with pytest.raises(config.ConfigError, match=r"^config\.num_clusters: must be at most the 10 classes"):
     config.validate(c, num_classes=10)
+
+
+def test_sets_across_feedback_rounds_refuse_one_label_regimes_and_the_hierarchical_head():
+  c = config.defaults()
+  c.feedback_rounds, c.regimes = 2, ("complement_likelihood", "mcl_exp", "pc")
+  with pytest.raises(config.ConfigError, match=r"^config\.feedback_sets: 'pc' takes one wrong"):
+    config.validate(c)
+  c.feedback_sets = False  # one negative example per round: pc can take each
+  config.validate(c)
+  c.feedback_sets, c.regimes, c.head = True, ("complement_likelihood",), "hierarchical"
+  with pytest.raises(config.ConfigError, match=r"^config\.feedback_sets: the hierarchical head"):
+    config.validate(c)
+  c.feedback_rounds = 1  # one round gathers no set
+  config.validate(c)

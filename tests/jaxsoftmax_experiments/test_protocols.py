@@ -71,6 +71,32 @@ def test_judge_marks_predictions_and_skips_resolved_inputs():
   assert [int(c) for c in ex.counts()] == [3, 3]
 
 
+def test_judge_gathers_an_inputs_wrong_predictions_into_one_set():
+  y = jnp.array([0, 1, 2, 3])
+  ex = protocols.with_sets(protocols.labeled_only(y, jnp.array([True, False, False, False]),
+                                                  rounds=3), 2)
+  ex = protocols.judge(ex, jnp.array([3, 1, 0, 0]), y, 0)   # 2 and 3 wrong (both said 0)
+  ex = protocols.judge(ex, jnp.array([9, 9, 1, 0]), y, 1)   # 2 wrong again (1), 3 again 0
+  # Input 2's set is {1, 0} in its round-1 slot; 3's is {0}, said twice, held once.
+  np.testing.assert_array_equal(ex.kind[:8], [POSITIVE, POSITIVE, EMPTY, EMPTY,
+                                              EMPTY, EMPTY, NEGATIVE, NEGATIVE])
+  np.testing.assert_array_equal(ex.label[6:8], [1, 0])
+  np.testing.assert_array_equal(ex.wrong[6:8], [[0, -1], [-1, -1]])
+  np.testing.assert_array_equal(ex.wrong[2:4], [[-1, -1], [-1, -1]])
+  ex = protocols.judge(ex, jnp.array([9, 9, 2, 1]), y, 2)   # 2 now right; 3 wrong (1)
+  np.testing.assert_array_equal(ex.kind[8:], [EMPTY, EMPTY, POSITIVE, NEGATIVE])
+  assert int(ex.kind[6]) == NEGATIVE and int(ex.kind[7]) == EMPTY  # 2 keeps its set
+  np.testing.assert_array_equal(ex.label[10:], [2, 1])
+  np.testing.assert_array_equal(ex.wrong[11], [0, -1])
+  assert [int(c) for c in ex.counts()] == [3, 2]
+  # The same on a batch of tables, vmapped over seeds.
+  batch = jax.tree.map(lambda a: jnp.stack([a, a]), protocols.with_sets(
+      protocols.labeled_only(y, jnp.array([True, False, False, False]), rounds=3), 2))
+  batch = protocols.judge(batch, jnp.array([[3, 1, 0, 0]] * 2), y, 0)
+  batch = protocols.judge(batch, jnp.array([[9, 9, 1, 0]] * 2), y, 1)
+  np.testing.assert_array_equal(batch.wrong[1, 6:8], [[0, -1], [-1, -1]])
+
+
 def test_judge_works_on_a_batch_of_tables():
   y = jnp.array([0, 1])
   ex = protocols.labeled_only(jnp.broadcast_to(y, (3, 2)), jnp.zeros((3, 2), bool))
