@@ -11,6 +11,10 @@ from jaxsoftmax.losses._complementary import mcl_exp
 from jaxsoftmax.losses._complementary import mcl_mae
 from jaxsoftmax.losses._complementary import pairwise_comparison
 from jaxsoftmax.losses._complementary import scl_exp
+from jaxsoftmax.losses._fused import fused_complement_nll
+from jaxsoftmax.losses._fused import fused_complement_set_nll
+from jaxsoftmax.losses._fused import fused_nll
+from jaxsoftmax.losses._fused import fused_set_nll
 from jaxsoftmax.losses._hierarchical import hierarchical_complement_nll
 from jaxsoftmax.losses._hierarchical import hierarchical_log_softmax
 from jaxsoftmax.losses._hierarchical import hierarchical_nll
@@ -27,6 +31,10 @@ __all__ = (
     "complement_nll",
     "complement_set_nll",
     "forward_nll",
+    "fused_complement_nll",
+    "fused_complement_set_nll",
+    "fused_nll",
+    "fused_set_nll",
     "hierarchical_complement_nll",
     "hierarchical_log_softmax",
     "hierarchical_nll",

@@ -1,10 +1,11 @@
 """What a run of the default experiment costs: regime groups, compilations and the cache.
 
 1. Regime groups. Each group of runs computes only its own regime's loss, so 3 regimes
-   x 5 seeds should cost about what 15 seeds of one regime cost. The benchmark times
-   one compiled call of ``--steps`` training steps for each layout, interleaved
+   x 5 seeds should cost about what 15 seeds of one regime cost, and every regime of
+   the table (``jaxsoftmax-table``) x 5 seeds about 4 times as much. The benchmark
+   times one compiled call of ``--steps`` training steps for each layout, interleaved
    (:func:`jaxsoftmax_experiments.benchmarks.timer.interleaved`), and gives each
-   layout's ratio to the three-regime one.
+   layout's cost per run and step as a ratio to the three-regime one.
 2. Compilations. It runs the default config (``feedback_digits``) through the loop in
    this process and counts XLA compilations and their seconds
    (``jax.monitoring``), without the persistent cache.
@@ -28,6 +29,7 @@ import numpy as np
 
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import data, loop, parallel, protocols, training
+from jaxsoftmax_experiments import regimes as regimes_lib
 from jaxsoftmax_experiments.benchmarks import timer
 from jaxsoftmax_experiments.configs import feedback_digits
 
@@ -40,12 +42,15 @@ LAYOUTS = {  # name -> (regimes, seeds per regime)
     "positive_only x 15": (("positive_only",), 15),
     "negated_gradient x 15": (("negated_gradient",), 15),
     "complement_likelihood x 15": (("complement_likelihood",), 15),
+    "every regime x 5 seeds": (tuple(regimes_lib.NAMES), 5),
 }
 
 
 def regime_cost(steps: int, rounds: int) -> dict[str, float]:
-  """Median seconds per training step of each layout, all timed in the same rounds."""
+  """Median seconds per training step and run of each layout, timed in the same rounds,
+  on uniformly drawn wrong labels (whose transition matrix ``forward`` needs)."""
   c = feedback_digits.get_config().copy_and_resolve_references()
+  c.protocol = "uniform"
   ds = data.load(c.dataset)
   y = np.asarray(ds.y_train)
   calls = {}
@@ -57,13 +62,15 @@ def regime_cost(steps: int, rounds: int) -> dict[str, float]:
     state = fns.init(keys, keys)
     one = protocols.complementary(jax.random.key(1), y, np.arange(len(y)) < c.num_labeled,
                                   ds.num_classes)
+    one = one._replace(reference=np.full(y.shape, -np.log(ds.num_classes), np.float32))  # npo
     examples = (jax.tree.map(lambda a: np.stack([a] * seeds), one),) * len(regimes)
     examples = parallel.put(examples, parallel.run_sharding(setup.mesh))
     x = parallel.put(ds.x_train, parallel.replicated(setup.mesh))
     compiled = fns.train.lower(state, examples, x, length=steps).compile()
     calls[name] = functools.partial(compiled, state, examples, x)
   times = timer.interleaved(calls, rounds)
-  return {name: float(np.median(t)) / steps for name, t in times.items()}
+  return {name: float(np.median(t)) / steps / (len(LAYOUTS[name][0]) * LAYOUTS[name][1])
+          for name, t in times.items()}
 
 
 def compilations() -> tuple[int, float, float]:
@@ -104,12 +111,13 @@ def main(argv=None):
   print()
   cost = regime_cost(args.steps, args.rounds)
   base = cost["3 regimes x 5 seeds"]
-  print(f"Training step of 15 runs, median of {args.rounds} interleaved calls of {args.steps} steps:")
+  print(f"Training step, median of {args.rounds} interleaved calls of {args.steps} steps:")
   print()
-  print("| layout | ms per step | ratio to 3 regimes x 5 seeds |")
-  print("|---|---:|---:|")
+  print("| layout | runs | ms per step and run | ratio to 3 regimes x 5 seeds |")
+  print("|---|---:|---:|---:|")
   for name, seconds in cost.items():
-    print(f"| {name} | {seconds * 1e3:.2f} | {seconds / base:.2f} |")
+    runs = len(LAYOUTS[name][0]) * LAYOUTS[name][1]
+    print(f"| {name} | {runs} | {seconds * 1e3:.3f} | {seconds / base:.2f} |")
   print()
   count, compile_seconds, wall = compilations()
   print(f"A first run of feedback_digits in one process (no persistent cache): {count} XLA "

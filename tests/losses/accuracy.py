@@ -60,9 +60,31 @@ CASES = (
     Case("mcl_mae", losses.mcl_mae, reference.mcl_mae, "mask"),
     Case("mcl_exp", losses.mcl_exp, reference.mcl_exp, "mask"),
 )
+
+
+def _fused(fn, chunk=7):
+  """A fused loss on ``h = z``, ``w = I`` (``h @ w`` is then exactly ``z``), streamed in
+  chunks of 7 columns (no K here is a multiple of 7)."""
+  def call(z, aux):
+    eye = jnp.eye(z.shape[-1], dtype=z.dtype)
+    if aux.dtype == jnp.bool_:  # a set: its padded list of ids
+      aux = jnp.where(aux, jnp.arange(z.shape[-1]), -1)
+    return fn(z, eye, aux, vocab_chunk=chunk)
+  return call
+
+
+CASES += (
+    Case("fused_nll", _fused(losses.fused_nll), reference.nll, "label"),
+    Case("fused_complement_nll", _fused(losses.fused_complement_nll), reference.complement_nll,
+         "label"),
+    Case("fused_set_nll", _fused(losses.fused_set_nll), reference.set_nll, "mask"),
+    Case("fused_complement_set_nll", _fused(losses.fused_complement_set_nll),
+         reference.complement_set_nll, "mask"),
+)
 # Losses on a negative example: small when the labelled class (or set) is unlikely.
 NEGATIVE = ("complement_nll", "complement_set_nll", "scl_exp", "pairwise_comparison",
-            "forward_nll (uniform T)", "mcl_exp")
+            "forward_nll (uniform T)", "mcl_exp", "fused_complement_nll",
+            "fused_complement_set_nll")
 
 
 def draw(rng, case: Case, regime: str, n: int, k: int):

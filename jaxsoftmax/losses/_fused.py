@@ -1,0 +1,427 @@
+"""Fused linear + softmax-family losses that never hold the ``[tokens, vocabulary]`` logits.
+
+With ``z = h @ w + bias`` (optionally soft-capped, ``c * tanh(z / c)``) and a set S of
+columns per token (its label, or a padded list of token ids), the kernel streams over
+vocabulary chunks of ``w`` and keeps, per token, the running logsumexp of the columns
+outside S (``b``, a running maximum and sum) and the logits of S's members. Then, as in
+:mod:`jaxsoftmax.losses._partition`, with ``a = logsumexp_{k in S} z_k``:
+
+    nll, set_nll:                      -log P(S)     = softplus(b - a)
+    complement_nll, complement_set_nll: -log(1 - P(S)) = softplus(a - b)
+
+Each side has its own maximum, so the losses are exact in float32 where
+``logsumexp(z) - z_l`` or ``log(1 - exp(-nll))`` is not: ``complement_nll`` stays finite
+and accurate after ``p_l`` rounds to 1, and a loss of 1e-9 is not rounded to 0.
+
+The backward pass recomputes each chunk's logits and forms its gradient
+
+    dz_k = P(not S) * exp(z_k - b)                 k not in S
+    dz_k = -P(not S) * exp(z_k - a)                k in S       (swapped for complements)
+
+plus the z-loss term ``2 * z_loss * lse * p_k``, so the residuals are ``h``, ``w``, the
+members and three numbers per token: never ``[N, V]``. The chunk's logits are computed
+in float32 whatever the dtype of ``h`` and ``w`` (``preferred_element_type``); the
+input gradient is accumulated across chunks in float32 and each chunk's weight and bias
+gradient is written once, from a float32 product, so nothing is summed in bfloat16.
+
+The last chunk of a vocabulary that is not a multiple of the chunk size starts at
+``V - chunk`` (it overlaps the one before); its already-seen columns are masked out, so
+no column enters a logsumexp twice and no padding column enters one at all, and ``w`` is
+never copied into a padded buffer.
+
+``vocab_axis_name`` runs the same kernel on one shard of the vocabulary inside
+``shard_map``: the per-token logsumexps and the members' logits are combined across the
+named axis (``pmax`` and ``psum``), and the input gradient is summed across it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxsoftmax.losses import _checks
+
+_F32 = jnp.float32
+
+
+def _chunks(vocab: int, chunk: int) -> tuple[int, int]:
+  """``(chunk, count)``: the chunk size used (at most ``vocab``) and the chunk count."""
+  chunk = min(chunk, vocab)
+  return chunk, -(-vocab // chunk)
+
+
+def _start(i, vocab, chunk):
+  """Chunk ``i``'s first column: ``i * chunk``, pulled back to ``vocab - chunk`` for the last."""
+  return jnp.minimum(i * chunk, vocab - chunk)
+
+
+def _compute_dtype(h, w):
+  """float32 for bfloat16, float16 and float32 inputs; float64 for float64."""
+  return jnp.promote_types(jnp.promote_types(h.dtype, w.dtype), _F32)
+
+
+def _chunk_logits(h, w, bias, start, chunk, soft_cap):
+  """``[N, chunk]`` logits of columns ``start .. start + chunk`` in the compute dtype (and
+  the tanh of the soft cap)."""
+  dtype = _compute_dtype(h, w)
+  wc = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
+  z = jnp.dot(h, wc, preferred_element_type=dtype)
+  if bias is not None:
+    z = z + jax.lax.dynamic_slice_in_dim(bias, start, chunk).astype(dtype)
+  t = None
+  if soft_cap is not None:
+    t = jnp.tanh(z / soft_cap)
+    z = soft_cap * t
+  return z, t
+
+
+def _in_chunk(members, start, chunk):
+  """``[N, chunk]`` bool: which of the chunk's columns are members, and ``[N, M]`` offsets."""
+  offset = members - start
+  inside = (members >= 0) & (offset >= 0) & (offset < chunk)
+  rows = jnp.arange(members.shape[0])[:, None]
+  mask = jnp.zeros((members.shape[0], chunk), bool)
+  mask = mask.at[rows, jnp.where(inside, offset, chunk)].set(True, mode="drop")
+  return mask, inside, offset
+
+
+def _logsumexp_pair(m1, s1, m2, s2):
+  """Combines two (max, sum of exp(x - max)) pairs; empty sides have max -inf, sum 0."""
+  m = jnp.maximum(m1, m2)
+  safe = jnp.where(jnp.isinf(m), 0.0, m)
+  return m, s1 * jnp.exp(m1 - safe) + s2 * jnp.exp(m2 - safe)
+
+
+def _finish_lse(m, s):
+  """log-sum-exp from (max, sum): -inf for an empty side, NaN kept."""
+  safe = jnp.where(jnp.isinf(m), 0.0, m)
+  return safe + jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
+
+
+def _varying(x, axis_name):
+  """``x`` marked as varying over ``axis_name`` inside ``shard_map`` (a scan carry that
+  the loop body makes shard-dependent must start so)."""
+  if axis_name is None:
+    return x
+  return jax.tree.map(lambda a: jax.lax.pcast(a, axis_name, to="varying"), x)
+
+
+def _offset(axis_name, vocab):
+  """The first global column id of this shard's ``vocab`` columns."""
+  return 0 if axis_name is None else jax.lax.axis_index(axis_name) * vocab
+
+
+def _stream(h, w, bias, members, chunk, soft_cap, axis_name):
+  """``(a, b, unique)`` per token: logsumexp over S's members and over the rest of the
+  vocabulary, and which entries of the padded member list count (valid, first of any
+  duplicates)."""
+  n, vocab = h.shape[0], w.shape[1]
+  dtype = _compute_dtype(h, w)
+  chunk, count = _chunks(vocab, chunk)
+  valid = members >= 0
+  later = (members[:, :, None] == members[:, None, :]) & jnp.tril(
+      jnp.ones((members.shape[1],) * 2, bool), -1)[None]
+  unique = valid & ~jnp.any(later, axis=2)
+  local = jnp.where(unique, members - _offset(axis_name, vocab), -1)
+
+  def body(carry, i):
+    m_out, s_out, member_logits = carry
+    start = _start(i, vocab, chunk)
+    z, _ = _chunk_logits(h, w, bias, start, chunk, soft_cap)
+    fresh = start + jnp.arange(chunk) >= i * chunk  # columns no earlier chunk has seen
+    in_s, inside, at = _in_chunk(local, start, chunk)
+    picked = jnp.take_along_axis(z, jnp.clip(at, 0, chunk - 1), axis=1)
+    first = inside & (local >= i * chunk)  # each member read from one chunk only
+    member_logits = jnp.where(first, picked, member_logits)
+    out = jnp.where(in_s | ~fresh[None, :], -jnp.inf, z)
+    top = jnp.max(out, axis=1)
+    safe = jnp.where(jnp.isinf(top), 0.0, top)
+    total = jnp.sum(jnp.exp(out - safe[:, None]), axis=1)
+    return (*_logsumexp_pair(m_out, s_out, top, total), member_logits), None
+
+  init = _varying((jnp.full(n, -jnp.inf, dtype), jnp.zeros(n, dtype),
+                   jnp.full(members.shape, -jnp.inf, dtype)), axis_name)
+  (m_out, s_out, member_logits), _ = jax.lax.scan(body, init, jnp.arange(count))
+  if axis_name is not None:
+    top = jax.lax.pmax(jax.lax.stop_gradient(m_out), axis_name)
+    safe = jnp.where(jnp.isinf(top), 0.0, top)
+    s_out = jax.lax.psum(s_out * jnp.exp(m_out - safe), axis_name)
+    m_out = top
+    member_logits = jax.lax.pmax(member_logits, axis_name)  # -inf on the other shards
+  b = _finish_lse(m_out, s_out)
+  a = jax.nn.logsumexp(jnp.where(unique, member_logits, -jnp.inf), axis=1)
+  return a, b, unique
+
+
+def _loss(a, b, z_loss, complement):
+  own, other = (b, a) if complement else (a, b)
+  loss = jax.nn.softplus(other - own)
+  if z_loss:
+    loss = loss + z_loss * jnp.square(jnp.logaddexp(a, b))
+  return loss
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused(h, w, bias, members, complement, chunk, soft_cap, z_loss, axis_name):
+  """Per-token loss of ``[N, D]`` ``h``, ``[D, V]`` ``w``, ``[V]`` bias (or None) and
+  ``[N, M]`` int32 member ids (-1 unused); see the module docstring."""
+  a, b, _ = _stream(h, w, bias, members, chunk, soft_cap, axis_name)
+  return _loss(a, b, z_loss, complement)
+
+
+def _fused_fwd(h, w, bias, members, complement, chunk, soft_cap, z_loss, axis_name):
+  a, b, unique = _stream(h, w, bias, members, chunk, soft_cap, axis_name)
+  return _loss(a, b, z_loss, complement), (h, w, bias, members, unique, a, b)
+
+
+def _fused_bwd(complement, chunk, soft_cap, z_loss, axis_name, residuals, g):
+  h, w, bias, members, unique, a, b = residuals
+  vocab = w.shape[1]
+  chunk, count = _chunks(vocab, chunk)
+  # A token with a zero cotangent (masked, ignored) or whose loss is +inf (its own
+  # side has probability 0) gets exactly zero gradient.
+  own = b if complement else a
+  live = (g != 0) & (own != -jnp.inf)
+  dtype = _compute_dtype(h, w)
+  g = jnp.where(live, g, 0.0).astype(dtype)
+  lse = jnp.logaddexp(a, b)
+  s = jax.nn.sigmoid(jnp.where(live, (a - b) if complement else (b - a), 0.0))
+  d_a = g * (s if complement else -s)   # d loss / d a; d loss / d b is its negative
+  d_lse = g * 2.0 * z_loss * jnp.where(live, lse, 0.0) if z_loss else None
+  finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)[:, None]
+  shift_a, shift_b, shift_l = finite(a), finite(b), finite(lse)
+  local = jnp.where(unique, members - _offset(axis_name, vocab), -1)
+  h32 = h.astype(dtype)
+
+  def body(carry, i):
+    dh, dw, dbias = carry
+    start = _start(i, vocab, chunk)
+    z, t = _chunk_logits(h, w, bias, start, chunk, soft_cap)
+    fresh = start + jnp.arange(chunk) >= i * chunk
+    in_s, _, _ = _in_chunk(local, start, chunk)
+    dz = jnp.where(in_s, d_a[:, None] * jnp.exp(z - shift_a), -d_a[:, None] * jnp.exp(z - shift_b))
+    if d_lse is not None:
+      dz = dz + d_lse[:, None] * jnp.exp(z - shift_l)
+    if soft_cap is not None:
+      dz = dz * (1.0 - jnp.square(t))
+    dz = jnp.where(live[:, None] & fresh[None, :], dz, 0.0)
+    wc = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1).astype(dtype)
+    dh = dh + jnp.dot(dz, wc.T, preferred_element_type=dtype)
+    dwc = jnp.dot(h32.T, dz, preferred_element_type=dtype)
+    old = jax.lax.dynamic_slice_in_dim(dw, start, chunk, axis=1)
+    dw = jax.lax.dynamic_update_slice_in_dim(
+        dw, jnp.where(fresh[None, :], dwc.astype(dw.dtype), old), start, axis=1)
+    if dbias is not None:
+      oldb = jax.lax.dynamic_slice_in_dim(dbias, start, chunk)
+      dbias = jax.lax.dynamic_update_slice_in_dim(
+          dbias, jnp.where(fresh, jnp.sum(dz, axis=0).astype(dbias.dtype), oldb), start, axis=0)
+    return (dh, dw, dbias), None
+
+  init = _varying((jnp.zeros(h.shape, dtype), jnp.zeros(w.shape, w.dtype),
+                   None if bias is None else jnp.zeros(bias.shape, bias.dtype)), axis_name)
+  (dh, dw, dbias), _ = jax.lax.scan(body, init, jnp.arange(count))
+  if axis_name is not None:
+    dh = jax.lax.psum(dh, axis_name)
+  return dh.astype(h.dtype), dw, dbias, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+DEFAULT_CHUNK = 2048
+
+
+def _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk):
+  h, w = jnp.asarray(h), jnp.asarray(w)
+  for name, x in (("h", h), ("w", w)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be a real floating array, got dtype {x.dtype}.")
+  if h.ndim < 1:
+    raise ValueError("h must have a feature axis (last axis), got a scalar.")
+  if w.ndim != 2 or w.shape[0] != h.shape[-1] or w.shape[1] == 0:
+    raise ValueError(f"w must be [D, V] with D = h.shape[-1] = {h.shape[-1]} and V >= 1, got "
+                     f"shape {w.shape}.")
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if bias.shape != (w.shape[1],) or not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise ValueError(f"bias must be a floating [V] = [{w.shape[1]}] array, got "
+                       f"{bias.dtype} {bias.shape}.")
+  if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and soft_cap > 0):
+    raise ValueError(f"soft_cap must be a number > 0 or None, got {soft_cap!r}.")
+  if not (isinstance(z_loss, (int, float)) and z_loss >= 0):
+    raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}.")
+  if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int) or vocab_chunk < 1:
+    raise ValueError(f"vocab_chunk must be an int >= 1, got {vocab_chunk!r}.")
+  return h, w, bias
+
+
+def _check_where(where, batch_shape):
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+  try:
+    ok = jnp.broadcast_shapes(where.shape, batch_shape) == batch_shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"where shape {where.shape} does not broadcast to the tokens' shape "
+                     f"{batch_shape} (h's shape without its feature axis).")
+  return jnp.broadcast_to(where, batch_shape)
+
+
+def _check_members(members, batch_shape, vocab):
+  """int32 ``[..., M]`` ids with -1 for padding; an id outside [-1, V) raises eagerly and
+  gives NaN under a transformation (returned as the ``bad`` token mask)."""
+  if _checks.is_concrete(members) and not isinstance(members, jax.Array):
+    members = np.asarray(members)
+  if not jnp.issubdtype(members.dtype, jnp.integer):
+    raise TypeError(f"negatives must be integers (token ids, -1 for padding), got dtype "
+                    f"{members.dtype}.")
+  if members.ndim < 1 or members.shape[:-1] != batch_shape:
+    raise ValueError(f"negatives shape {members.shape} must be the tokens' shape {batch_shape} "
+                     f"plus one axis of token ids.")
+  if vocab is not None and _checks.is_concrete(members):
+    values = np.asarray(members)
+    bad = (values < -1) | (values >= vocab)
+    if bad.any():
+      at = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"negatives{_checks.index_str(at)} = {values[at]} is outside [0, {vocab}) "
+                       f"(and is not the padding -1).")
+    return jnp.asarray(values.astype(np.int32)), None
+  members = jnp.asarray(members)
+  bad = (members < -1) | ((members >= vocab) if vocab is not None else False)
+  return jnp.where(bad, -1, members).astype(jnp.int32), jnp.any(bad, axis=-1)
+
+
+def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_chunk,
+         vocab_axis_name):
+  batch_shape = h.shape[:-1]
+  flat = _fused(h.reshape(-1, h.shape[-1]), w, bias, members.reshape(-1, members.shape[-1]),
+                complement, vocab_chunk, None if soft_cap is None else float(soft_cap),
+                float(z_loss), vocab_axis_name)
+  loss = flat.reshape(batch_shape)
+  if bad is not None:
+    loss = jnp.where(bad, jnp.nan, loss)
+  return _checks.finish(loss, kept)
+
+
+def _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
+                vocab_axis_name, complement):
+  h, w, bias = _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk)
+  batch_shape = h.shape[:-1]
+  where = _check_where(where, batch_shape)
+  labels_like = jax.ShapeDtypeStruct((*batch_shape, w.shape[1]), w.dtype)
+  num_classes = None if vocab_axis_name is not None else w.shape[1]
+  if vocab_axis_name is not None:  # the global vocabulary: not known to the range check
+    num_classes = np.iinfo(np.int32).max
+  labels, ignored = _checks.as_labels(labels, labels_like, num_classes,
+                                      ignore_index=ignore_index)
+  bad = labels < 0
+  kept = where
+  if ignored is not None:
+    kept = ~ignored if kept is None else kept & ~ignored
+  return _run(h, w, bias, labels[..., None], bad, kept, complement, z_loss=z_loss,
+              soft_cap=soft_cap, vocab_chunk=vocab_chunk, vocab_axis_name=vocab_axis_name)
+
+
+def _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, vocab_axis_name,
+              complement):
+  h, w, bias = _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk)
+  batch_shape = h.shape[:-1]
+  where = _check_where(where, batch_shape)
+  vocab = None if vocab_axis_name is not None else w.shape[1]
+  members, bad = _check_members(members, batch_shape, vocab)
+  return _run(h, w, bias, members, bad, where, complement, z_loss=z_loss, soft_cap=soft_cap,
+              vocab_chunk=vocab_chunk, vocab_axis_name=vocab_axis_name)
+
+
+_ARGS = """
+  Args:
+    h: ``[..., D]`` floating hidden states, one per token.
+    w: ``[D, V]`` floating output weights (the vocabulary on the last axis).
+    {third}
+    bias: optional ``[V]`` output bias.
+    where: optional boolean mask broadcastable to ``h.shape[:-1]``: tokens it excludes
+      get loss 0 and a zero gradient.{ignore}
+    z_loss: weight of the ``logsumexp(z)^2`` penalty added to each token's loss (PaLM's
+      z-loss, 1e-4 there); 0 adds nothing.
+    soft_cap: optional ``c > 0``: the logits are ``c * tanh((h @ w + bias) / c)`` (Gemma 2's
+      final-logit soft-capping, c = 30 there).
+    vocab_chunk: columns of ``w`` per step of the stream (default {chunk}); memory is
+      about ``3 * N * vocab_chunk`` floats. V need not be a multiple of it.
+    vocab_axis_name: inside ``shard_map`` with ``w`` (and ``bias``) sharded on V over this
+      mesh axis: its name. Ids are then global: shard ``i`` holds columns
+      ``i * V_local ..``; the logsumexps are combined across the axis.
+
+  Returns:
+    ``[...]`` float32 per-token losses (no reduction). Only reverse-mode differentiation
+    is defined (``jax.custom_vjp``); the gradients have the dtypes of ``h``, ``w`` and
+    ``bias``.
+"""
+_LABELS = ("labels: int ``[...]`` (``h.shape[:-1]``) token ids in ``[0, V)``; out of range "
+           "raises eagerly and gives NaN under ``jit``.")
+_IGNORE = ("\n    ignore_index: optional label value (e.g. -100) marking padding tokens: loss 0 "
+           "and a zero gradient.")
+
+
+def _doc(third, ignore=""):
+  return _ARGS.format(third=third, ignore=ignore, chunk=DEFAULT_CHUNK)
+
+
+def fused_nll(h: ArrayLike, w: ArrayLike, labels: ArrayLike, *, bias: ArrayLike | None = None,
+              where: ArrayLike | None = None, ignore_index: int | None = None,
+              z_loss: float = 0.0, soft_cap: float | None = None,
+              vocab_chunk: int = DEFAULT_CHUNK, vocab_axis_name: str | None = None) -> jax.Array:
+  """``nll(h @ w + bias, labels)`` without the ``[tokens, V]`` logits: ``-log p_label``,
+  as ``softplus(logsumexp_{k != label} z_k - z_label)``, exact when the loss is tiny."""
+  return _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
+                     vocab_axis_name, complement=False)
+
+
+def fused_complement_nll(h: ArrayLike, w: ArrayLike, labels: ArrayLike, *,
+                         bias: ArrayLike | None = None, where: ArrayLike | None = None,
+                         ignore_index: int | None = None, z_loss: float = 0.0,
+                         soft_cap: float | None = None, vocab_chunk: int = DEFAULT_CHUNK,
+                         vocab_axis_name: str | None = None) -> jax.Array:
+  """``complement_nll(h @ w + bias, labels)`` without the logits: ``-log(1 - p_label)``
+  ("the next token is not ``label``"), as ``softplus(z_label - logsumexp_{k != label}
+  z_k)``: finite and exact after ``p_label`` rounds to 1."""
+  return _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
+                     vocab_axis_name, complement=True)
+
+
+def fused_set_nll(h: ArrayLike, w: ArrayLike, members: ArrayLike, *,
+                  bias: ArrayLike | None = None, where: ArrayLike | None = None,
+                  z_loss: float = 0.0, soft_cap: float | None = None,
+                  vocab_chunk: int = DEFAULT_CHUNK,
+                  vocab_axis_name: str | None = None) -> jax.Array:
+  """``-log P(S)`` for a padded list S of token ids per token (``set_nll`` on ``h @ w``):
+  any token of S is right. Duplicates count once; an empty S gives +inf."""
+  return _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, vocab_axis_name,
+                   complement=False)
+
+
+def fused_complement_set_nll(h: ArrayLike, w: ArrayLike, negatives: ArrayLike, *,
+                             bias: ArrayLike | None = None, where: ArrayLike | None = None,
+                             z_loss: float = 0.0, soft_cap: float | None = None,
+                             vocab_chunk: int = DEFAULT_CHUNK,
+                             vocab_axis_name: str | None = None) -> jax.Array:
+  """``-log(1 - P(S))`` for a padded list S of wrong token ids per token
+  (``complement_set_nll`` on ``h @ w``; token-level unlikelihood with S the previous
+  context tokens). Duplicates count once; an empty S gives 0."""
+  return _set_loss(h, w, negatives, bias, where, z_loss, soft_cap, vocab_chunk,
+                   vocab_axis_name, complement=True)
+
+
+fused_nll.__doc__ += _doc(_LABELS, _IGNORE)
+fused_complement_nll.__doc__ += _doc(_LABELS, _IGNORE)
+fused_set_nll.__doc__ += _doc("members: int ``[..., M]`` token ids of the set S per token, "
+                              "-1 for padding.")
+fused_complement_set_nll.__doc__ += _doc("negatives: int ``[..., M]`` wrong token ids per "
+                                         "token, -1 for padding.")

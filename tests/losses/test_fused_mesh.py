@@ -1,0 +1,91 @@
+"""The fused losses on 8 simulated CPU devices, in a subprocess (XLA_FLAGS must be set
+before JAX starts): vocabulary-parallel (``w`` sharded on V inside ``shard_map``, the
+logsumexps combined across devices) and token-parallel (``h`` sharded on N under ``jit``)
+give the one-device values and gradients, and the compiled programs hold the collectives
+that combine them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WORKER = r'''
+import json
+from functools import partial
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxsoftmax import losses
+
+assert jax.device_count() == 8
+rng = np.random.default_rng(0)
+n, d, v = 64, 16, 8 * 37                   # 37 columns per device: not a multiple of the chunk
+h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+b = jnp.asarray(rng.normal(size=v), jnp.float32)
+y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+neg = jnp.asarray(rng.integers(-1, v, (n, 5)), jnp.int32).at[:, 0].set(y)
+out = {}
+mesh = Mesh(np.array(jax.devices()), ("vocab",))
+for name, target in (("fused_nll", y), ("fused_complement_nll", y),
+                     ("fused_set_nll", neg), ("fused_complement_set_nll", neg)):
+  fn = getattr(losses, name)
+  one = lambda h, w, b: fn(h, w, target, bias=b, vocab_chunk=16, z_loss=1e-3)
+  @jax.jit
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(None, "vocab"), P("vocab")), out_specs=P())
+  def sharded(h, w, b):
+    return fn(h, w, target, bias=b, vocab_chunk=16, z_loss=1e-3, vocab_axis_name="vocab")
+  loss = lambda f: (lambda h, w, b: f(h, w, b).sum())
+  got_v, got_g = sharded(h, w, b), jax.jit(jax.grad(loss(sharded), (0, 1, 2)))(h, w, b)
+  want_v, want_g = one(h, w, b), jax.grad(loss(one), (0, 1, 2))(h, w, b)
+  hlo = jax.jit(jax.grad(loss(sharded), (0, 1, 2))).lower(h, w, b).compile().as_text()
+  rel = lambda a, r: float(jnp.abs(a - r).max() / jnp.abs(r).max())
+  out["vocab/" + name] = {"value": rel(got_v, want_v), "grads": [rel(a, r) for a, r in zip(got_g, want_g)],
+                          "all_reduce": hlo.count("all-reduce"),
+                          "w_grad_sharded": str(jax.jit(jax.grad(loss(sharded), 1))(h, w, b).sharding.spec)}
+
+tokens = Mesh(np.array(jax.devices()), ("tokens",))
+hs = jax.device_put(h, NamedSharding(tokens, P("tokens")))
+ys = jax.device_put(y, NamedSharding(tokens, P("tokens")))
+step = jax.jit(jax.value_and_grad(lambda h, w, y: losses.fused_complement_nll(h, w, y, vocab_chunk=16).sum(), (0, 1)))
+(value, (gh, gw)) = step(hs, w, ys)
+(want, (wh, ww)) = jax.value_and_grad(lambda h, w, y: losses.fused_complement_nll(h, w, y, vocab_chunk=16).sum(), (0, 1))(h, w, y)
+hlo = step.lower(hs, w, ys).compile().as_text()
+out["tokens"] = {"value": float(abs(value - want) / abs(want)),
+                 "grads": [float(jnp.abs(a - r).max() / jnp.abs(r).max()) for a, r in ((gh, wh), (gw, ww))],
+                 "all_reduce": hlo.count("all-reduce"), "h_grad_spec": str(gh.sharding.spec),
+                 "h_grad_shards": len({s.device for s in gh.addressable_shards})}
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def eight():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("name", ["fused_nll", "fused_complement_nll", "fused_set_nll",
+                                  "fused_complement_set_nll"])
+def test_vocabulary_parallel_gives_the_one_device_values_and_gradients(eight, name):
+  r = eight["vocab/" + name]
+  assert r["value"] < 1e-5 and max(r["grads"]) < 1e-5, r
+  # Combining the logsumexps and summing the input gradient across shards: all-reduces.
+  assert r["all_reduce"] >= 2, r
+  assert "vocab" in r["w_grad_sharded"], r  # each device keeps its own columns' gradient
+
+
+def test_token_parallel_gives_the_one_device_values_and_gradients(eight):
+  r = eight["tokens"]
+  assert r["value"] < 1e-5 and max(r["grads"]) < 1e-5, r
+  assert r["all_reduce"] >= 1, r  # the weight gradient is summed over the token shards
+  assert r["h_grad_shards"] == 8 and "tokens" in r["h_grad_spec"], r
