@@ -189,3 +189,62 @@ class HierarchicalSoftmax(nnx.Module):
   def log_probs(self, x: jax.Array) -> jax.Array:
     """Log-probabilities of all ``K`` classes, ``[..., K]``."""
     return hierarchical_log_softmax(*self(x), self.tree)
+
+
+class TransformerLM(nnx.Module):
+  """A small decoder-only transformer: token and learned position embeddings, pre-norm
+  blocks of causal multi-head attention and a ReLU MLP, a final layer norm.
+
+  ``features(tokens)`` gives the last hidden states ``[..., T, D]``; ``output_layer()``
+  gives the output weights ``w`` ``[D, V]`` and bias ``[V]``, for the fused losses
+  (:func:`jaxsoftmax.losses.fused_nll` and the others), which never form the logits.
+  Calling the model gives the logits ``[..., T, V]``.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> lm = TransformerLM(vocab_size=100, max_length=16, width=32, depth=1, heads=2,
+    ...                    rngs=nnx.Rngs(0))
+    >>> lm(jnp.zeros((3, 16), jnp.int32)).shape
+    (3, 16, 100)
+  """
+
+  def __init__(self, vocab_size: int, max_length: int, *, width: int = 64, depth: int = 2,
+               heads: int = 4, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f"width ({width}) must be a multiple of heads ({heads}).")
+    self.max_length = max_length
+    self.embed = nnx.Embed(vocab_size, width, rngs=rngs)
+    self.position = nnx.Embed(max_length, width, rngs=rngs)
+    self.blocks = nnx.List([_Block(width, heads, rngs) for _ in range(depth)])
+    self.norm = nnx.LayerNorm(width, rngs=rngs)
+    self.out = nnx.Linear(width, vocab_size, rngs=rngs)
+
+  def features(self, tokens: jax.Array) -> jax.Array:
+    t = tokens.shape[-1]
+    if t > self.max_length:
+      raise ValueError(f"sequence length {t} is longer than max_length {self.max_length}.")
+    x = self.embed(tokens) + self.position(jnp.arange(t))
+    mask = nnx.make_causal_mask(jnp.ones(tokens.shape, bool))
+    for block in self.blocks:
+      x = block(x, mask)
+    return self.norm(x)
+
+  def output_layer(self) -> tuple[jax.Array, jax.Array]:
+    return self.out.kernel[...], self.out.bias[...]
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self.out(self.features(tokens))
+
+
+class _Block(nnx.Module):
+  def __init__(self, width: int, heads: int, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(width, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(heads, width, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(width, rngs=rngs)
+    self.up = nnx.Linear(width, 4 * width, rngs=rngs)
+    self.down = nnx.Linear(4 * width, width, rngs=rngs)
+
+  def __call__(self, x, mask):
+    x = x + self.attention(self.norm1(x), mask=mask)
+    return x + self.down(jax.nn.relu(self.up(self.norm2(x))))

@@ -1,0 +1,119 @@
+"""The language-model experiments: text, tokenizer, causal mask, unlikelihood candidates,
+metrics on hand-made sequences, a short run per regime, and resume byte for byte."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxsoftmax.models import TransformerLM
+from jaxsoftmax_experiments import language, text
+
+TINY = dict(seeds=2, steps=20, eval_every=10, batch_size=4, length=8, width=16, depth=1,
+            heads=2, vocab_chunk=256, prompt=4, generate=8, num_prompts=4, initial_steps=20,
+            learning_rate=1e-2)
+
+
+def test_topics_split_and_vocabulary_are_fixed():
+  parts = text.split(text.topics())
+  assert [len(parts[p]) for p in ("train", "validation", "test")] == [64, 7, 8]
+  assert not set(parts["train"]) & (set(parts["validation"]) | set(parts["test"]))
+  corpus = text.corpus()
+  assert len(corpus.vocabulary) == 1789 and corpus.vocabulary.words[0] == "<unk>"
+  ids = corpus.vocabulary.encode("The value of x is returned.")
+  assert corpus.vocabulary.decode(ids) == "the value of x is returned ."
+  assert corpus.vocabulary.encode("zyzzyva")[0] == 0  # unseen: <unk>
+
+
+def test_no_token_sees_the_future():
+  lm = TransformerLM(50, 12, width=16, depth=2, heads=2, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 12)), jnp.int32)
+  for t in (0, 5, 11):
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % 50)
+    diff = jnp.abs(lm(changed) - lm(tokens)).max(axis=(0, 2))
+    assert float(diff[:t].max(initial=0.0)) == 0.0 and float(diff[t]) > 0
+
+
+def test_unlikelihood_candidates_are_the_previous_context_tokens_without_the_target():
+  context = jnp.array([5, 6, 5, 7])
+  targets = jnp.array([6, 5, 7, 8])    # targets[t] = context[t + 1]
+  got = np.asarray(text.previous_tokens(context, targets))
+  # Row t: context[0..t] without targets[t]; -1 elsewhere (by hand).
+  want = [[5, -1, -1, -1], [-1, 6, -1, -1], [5, 6, 5, -1], [5, 6, 5, 7]]
+  np.testing.assert_array_equal(got, want)
+
+
+def test_repetition_metrics_on_hand_made_sequences():
+  # 4-grams of 1 2 3 4 1 2 3 4: 1234 2341 3412 4123 1234 -> 4 unique of 5.
+  assert language.seq_rep(np.array([1, 2, 3, 4, 1, 2, 3, 4])) == pytest.approx(0.2)
+  assert language.seq_rep(np.array([1, 2, 3, 4, 5])) == 0.0
+  # From position 2: token 1 is among [1, 2] (yes), 3 among [1, 2, 1] (no).
+  assert language.repetition_rate(np.array([1, 2, 1, 3]), 2) == 0.5
+  assert language.repetition_rate(np.array([9, 1, 2, 3, 4, 9]), 5, window=3) == 0.0
+
+
+@pytest.mark.parametrize("regime", ["mle", "unlikelihood", "negated"])
+def test_fused_and_unfused_objectives_agree(regime):
+  s = language.Settings(**TINY)
+  data, _ = language.make_data(s)
+  model = language.build(s, data.vocab_size, jax.random.key(0))
+  batch = (jnp.asarray(data.train[:4]),)
+  fused = language.objective(s, regime, model, batch)
+  unfused = language.objective(dataclasses.replace(s, fused=False), regime, model, batch)
+  np.testing.assert_allclose(fused, unfused, rtol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = {}
+  for experiment in ("repetition", "unlearning"):
+    workdir = tmp_path_factory.mktemp(experiment)
+    s = language.Settings(experiment=experiment, **TINY)
+    assert language.execute(s, workdir, progress=False) == 0
+    out[experiment] = (s, workdir, json.loads((workdir / "results.json").read_text()))
+  return out
+
+
+def test_a_short_run_of_every_repetition_regime(runs):
+  s, workdir, results = runs["repetition"]
+  assert list(results["regimes"]) == ["mle", "unlikelihood", "negated"]
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(lines) == 3 * 3 * 2  # evaluations at 0, 10, 20 x regimes x seeds
+  for name in ("mle", "unlikelihood"):
+    r = results["regimes"][name]
+    start = [l["validation_perplexity"] for l in lines if l["step"] == 0 and l["regime"] == name]
+    assert all(p < p0 for p, p0 in zip(r["validation_perplexity"], start)), (r, start)
+    assert all(0 <= x <= 1 for x in r["seq_rep_4"])
+
+
+def test_a_short_run_of_every_unlearning_regime(runs):
+  s, workdir, results = runs["unlearning"]
+  assert list(results["regimes"]) == ["gradient_ascent", "complement", "npo"]
+  assert len(results["data"]["forget_topics"]) == s.forget
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  start = {l["seed"]: l["forget_nll"] for l in lines if l["step"] == 0}
+  end = [l for l in lines if l["step"] == 20 and l["regime"] == "gradient_ascent"]
+  # Gradient ascent raises the forget NLL (or diverges doing so).
+  assert all(l["diverged"] or l["forget_nll"] > start[l["seed"]] for l in end)
+  # At the start the model is its reference (up to float32 rounding of two programs).
+  assert all(abs(l["forget_log_ratio"]) < 1e-5 for l in lines if l["step"] == 0)
+
+
+def test_a_stopped_run_resumes_to_the_same_files_byte_for_byte(runs, tmp_path):
+  s, workdir, _ = runs["repetition"]
+  assert language.execute(s, tmp_path, stop_after=2, progress=False) == 130
+  assert not (tmp_path / "results.json").exists()
+  assert language.execute(s, tmp_path, progress=False) == 0
+  for name in ("results.json", "metrics.jsonl", "summary.md", "config.json"):
+    assert (tmp_path / name).read_bytes() == (workdir / name).read_bytes(), name
+
+
+def test_bad_flags_are_refused(capsys):
+  assert language.main(["--workdir=x", "--prompt=40"]) == 2
+  assert "--prompt: must be shorter than --length" in capsys.readouterr().err
+  assert language.main(["--workdir=x", "--experiment=poetry"]) == 2
+  assert "--experiment: one of repetition, unlearning" in capsys.readouterr().err
