@@ -4,6 +4,10 @@ from jaxsoftmax import losses
 from jaxsoftmax.losses import complement_nll
 from jaxsoftmax.losses import complement_set_nll
 from jaxsoftmax.losses import forward_nll
+from jaxsoftmax.losses import fused_complement_nll
+from jaxsoftmax.losses import fused_complement_set_nll
+from jaxsoftmax.losses import fused_nll
+from jaxsoftmax.losses import fused_set_nll
 from jaxsoftmax.losses import hierarchical_complement_nll
 from jaxsoftmax.losses import hierarchical_log_softmax
 from jaxsoftmax.losses import hierarchical_nll

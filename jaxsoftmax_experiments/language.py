@@ -23,7 +23,8 @@ Metrics at each evaluation: validation perplexity and next-token accuracy; and o
 continuations (``--generate`` tokens) of validation prompts (their first ``--prompt``
 tokens): seq-rep-4 (the share of repeated 4-grams in a continuation), the repetition rate
 (the share of continuation tokens found in the 16 before them) and the number of unique
-tokens over all continuations.
+tokens over all continuations; and whether the validation perplexity is above the
+vocabulary size (worse than a uniform guess), the first evaluation at which it is.
 
 ``unlearning`` (Zhang et al. 2024): a model trained with ``mle`` on every training topic
 for ``--initial_steps`` is the start and the frozen reference. ``--forget`` topics are to be
@@ -36,7 +37,7 @@ forgotten, the other training topics retained. Each regime adds the retain NLL t
 
 Metrics: forget NLL, the forget log-likelihood ratio to the reference (per token), retain
 and test perplexity, and collapse: retain perplexity above ``--collapse`` times the
-start's.
+start's. Unless given, unlearning runs ``--steps=200`` and evaluates every 50.
 
 A run diverges at the first step whose loss or gradient is not finite or whose loss
 falls below ``-logit_bound``; it is then frozen and recorded. The workdir gets
@@ -68,8 +69,9 @@ from flax import nnx
 from jaxsoftmax import losses
 from jaxsoftmax.models import TransformerLM
 from jaxsoftmax_experiments import text
+from jaxsoftmax_experiments.report import mean_std
 
-UNLEARNING_STEPS = 200  # the unlearning phase's default length (--steps)
+UNLEARNING_DEFAULTS = {"steps": 200, "eval_every": 50}  # the unlearning phase's, when not given
 EXPERIMENTS = {"repetition": ("mle", "unlikelihood", "negated"),
                "unlearning": ("gradient_ascent", "complement", "npo")}
 
@@ -251,6 +253,14 @@ class Plan:
     return optax.adam(self.settings.learning_rate)
 
 
+@functools.lru_cache(maxsize=4)
+def plan_of(s: Settings) -> tuple[Plan, dict]:
+  """The plan of a settings and its data's description, built once per settings: the
+  compiled programs (keyed by the plan) are then reused by a rerun in the same process."""
+  data, info = make_data(s)
+  return make_plan(s, data), info
+
+
 def make_plan(s: Settings, data: Data) -> Plan:
   return Plan(s, data, nnx.graphdef(build(s, data.vocab_size, 0)))
 
@@ -362,6 +372,7 @@ def evaluate(plan: Plan, state: State, start_retain_ppl=None) -> list[dict]:
       rec["repetition_rate"] = np.array([np.mean([repetition_rate(q, s.prompt) for q in seed])
                                          for seed in seqs])
       rec["unique_tokens"] = np.array([len(np.unique(seed)) for seed in cont], float)
+      rec["worse_than_uniform"] = rec["validation_perplexity"] > d.vocab_size
     else:
       forget = np.asarray(_window_losses(plan, run.params, d.forget)[0], np.float64)
       rec["forget_nll"] = forget.mean((1, 2))
@@ -432,15 +443,6 @@ METRICS = {"repetition": ("validation_perplexity", "next_token_accuracy", "seq_r
                           "test_perplexity")}
 
 
-def _mean_std(values) -> str:
-  x = np.array([np.nan if v is None else v for v in values], float)
-  finite = x[np.isfinite(x)]
-  if finite.size == 0:
-    return "n/a"
-  std = finite.std(ddof=1) if finite.size > 1 else 0.0
-  return f"{finite.mean():.4f} ± {std:.4f}" + (f" ({x.size - finite.size} not finite)"
-                                               if finite.size < x.size else "")
-
 
 def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tuple[dict, str]:
   last = max(r["step"] for r in records)
@@ -451,10 +453,10 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
     mine = [r for r in final if r["regime"] == regime]
     entry = {k: [r.get(k) for r in mine] for k in (*METRICS[s.experiment], "diverged",
                                                    "diverged_at_step")}
-    if s.experiment == "unlearning":
-      entry["collapsed_at_step"] = [
-          next((r["step"] for r in records if r["regime"] == regime and r["seed"] == seed
-                and r.get("collapsed")), None) for seed in range(s.seeds)]
+    flag = "collapsed" if s.experiment == "unlearning" else "worse_than_uniform"
+    entry[f"{flag}_at_step"] = [  # a random start is worse than uniform: from step 1 on
+        next((r["step"] for r in records if r["regime"] == regime and r["seed"] == seed
+              and r["step"] > 0 and r.get(flag)), None) for seed in range(s.seeds)]
     results["regimes"][regime] = entry
   cols = METRICS[s.experiment]
   lines = [f"# {s.experiment} on CPython's help topics", "",
@@ -463,23 +465,28 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
            f"batch {s.batch_size} windows, Adam at {s.learning_rate:g}, "
            f"{'fused' if s.fused else 'unfused'} losses; {wall:.1f} s.", ""]
   if s.experiment == "unlearning":
-    start = {k: _mean_std([r.get(k) for r in first if r["regime"] == s.regimes[0]]) for k in cols}
+    start = {k: mean_std([r.get(k) for r in first if r["regime"] == s.regimes[0]]) for k in cols}
     lines += [f"Forget topics: {', '.join(info['forget_topics'])} ({info['forget_windows']} "
               f"windows). The start ({s.initial_steps} mle steps on every training topic): "
               + ", ".join(f"{k} {v}" for k, v in start.items()) + ".", ""]
-  lines += ["| regime | " + " | ".join(cols) + " | diverged |"
-            + (" collapsed |" if s.experiment == "unlearning" else ""),
-            "|---|" + "---|" * len(cols) + "---:|" + ("---:|" if s.experiment == "unlearning" else "")]
+  flag = "collapsed" if s.experiment == "unlearning" else "worse_than_uniform"
+  lines += ["| regime | " + " | ".join(cols) + f" | diverged | {flag.replace('_', ' ')} |",
+            "|---|" + "---|" * len(cols) + "---:|---:|"]
+  steps = lambda xs: (f" (steps {min(xs)}-{max(xs)})" if min(xs) != max(xs) else f" (step {xs[0]})") if xs else ""
   for regime, e in results["regimes"].items():
     div = [x for x in e["diverged_at_step"] if x is not None]
-    cell = f"{sum(e['diverged'])}/{s.seeds}" + (f" (steps {min(div)}-{max(div)})" if div else "")
-    row = f"| {regime} | " + " | ".join(_mean_std(e[k]) for k in cols) + f" | {cell} |"
-    if s.experiment == "unlearning":
-      col = [x for x in e["collapsed_at_step"] if x is not None]
-      row += f" {len(col)}/{s.seeds}" + (f" (by step {max(col)})" if col else "") + " |"
-    lines.append(row)
-  lines += ["", "Mean ± sample standard deviation over seeds at the last step. A diverged run "
-            "is frozen at its last finite parameters."]
+    bad = [x for x in e[f"{flag}_at_step"] if x is not None]
+    lines.append(f"| {regime} | " + " | ".join(mean_std(e[k]) for k in cols)
+                 + f" | {len(div)}/{s.seeds}{steps(div)} | {len(bad)}/{s.seeds}{steps(bad)} |")
+  lines += ["", "Mean ± sample standard deviation over seeds at the last step. A run diverges "
+            "at the first step whose loss or gradient is not finite or whose loss falls below "
+            f"-{s.logit_bound:g}, and is frozen there. "
+            + ("Collapsed: retain perplexity above "
+               f"{s.collapse:g} x the start's, first at the evaluation shown."
+               if s.experiment == "unlearning" else
+               "Worse than uniform: validation perplexity above the vocabulary size "
+               f"({results['data']['vocab_size']}) at an evaluation after the start, the first "
+               "shown.")]
   return results, "\n".join(lines) + "\n"
 
 
@@ -521,8 +528,8 @@ def execute(s: Settings, workdir: Path, *, stop_after: int | None = None,
   from jaxsoftmax_experiments import report
   from jaxsoftmax_experiments.checkpoint import Checkpointer, CheckpointError
   from jaxsoftmax_experiments.workdir import Workdir, WorkdirError
-  data, info = make_data(s)
-  plan = make_plan(s, data)
+  plan, info = plan_of(s)
+  data = plan.data
   wd = Workdir(workdir)
   try:
     wd.lock()
@@ -618,8 +625,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
-  if args.experiment == "unlearning" and not any(a.startswith("--steps") for a in argv):
-    values["steps"] = UNLEARNING_STEPS
+  if args.experiment == "unlearning":
+    for key, value in UNLEARNING_DEFAULTS.items():
+      if not any(a.startswith(f"--{key}") for a in argv):
+        values[key] = value
   s = Settings(**values)
   try:
     s.check()

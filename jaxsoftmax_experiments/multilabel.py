@@ -53,6 +53,7 @@ from flax import nnx
 
 from jaxsoftmax import losses
 from jaxsoftmax.models import MLP
+from jaxsoftmax_experiments.report import mean_std
 
 CLIP = 1e-7  # Keras's epsilon: probabilities clipped to [1e-7, 1 - 1e-7]
 
@@ -373,7 +374,7 @@ def predict_sets(p: np.ndarray, kind: str, knob: float) -> np.ndarray:
   return rank < count[:, None]
 
 
-KNOBS = {"sigmoid": np.linspace(0.05, 0.95, 19), "softmax": np.linspace(0.5, 1.5, 21)}
+KNOBS = {"sigmoid": np.linspace(0.05, 0.95, 19), "softmax": np.linspace(0.5, 3.0, 26)}
 
 
 def calibration_error(q: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
@@ -410,10 +411,6 @@ def metrics(val_scores, test_scores, data: Data, kind: str) -> dict[str, float]:
 # --- the command line -----------------------------------------------------------------
 
 
-def _mean_std(values) -> str:
-  x = np.asarray(values, float)
-  return f"{x.mean():.4f} ± {x.std(ddof=1) if x.size > 1 else 0.0:.4f}"
-
 
 def summary_markdown(results: dict[str, Any]) -> str:
   c = results["config"]
@@ -430,7 +427,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
            "|---|" + "---|" * len(cols) + "---|"]
   for n in names:
     r = results["objectives"][n]
-    cells = [_mean_std(r[k]) for k in cols]
+    cells = [mean_std(r[k]) for k in cols]
     zero = f"{np.mean(r['zero_gradient_steps']):.3f} ({np.mean(r['clipped_wrong_steps']):.3f})"
     lines.append(f"| {n} | " + " | ".join(cells) + f" | {zero} |")
   lines += ["", "Mean ± sample standard deviation over seeds, test split, last step. "
@@ -484,8 +481,8 @@ def gradient_figure(path: str, num_classes: int = 10) -> dict[str, list[float]]:
   curves = {}
   for name in ("softmax_y_over_size", "softmax_plus_complement", "clipped_softmax"):
     fn = OBJECTIVES[name].loss
-    value = fn(z, y)
-    grad = jax.grad(lambda z: jnp.sum(fn(z, y)))(z)[:, 0]
+    value = jax.jit(fn)(z, y)
+    grad = jax.jit(jax.grad(lambda z: jnp.sum(fn(z, y))))(z)[:, 0]
     curves[name] = (np.asarray(value), np.asarray(grad))
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   labels = {"softmax_y_over_size": "cross-entropy  -log p_y",

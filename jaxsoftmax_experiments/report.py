@@ -50,14 +50,16 @@ def to_json(value: Any) -> str:
   return json.dumps(value, indent=2, allow_nan=False) + "\n"
 
 
-def _mean_std(values) -> str:
+def mean_std(values) -> str:
+  """'mean ± sample std' of the finite values, saying how many were not finite."""
   x = np.array([np.nan if v is None else v for v in values], float)
   finite = x[np.isfinite(x)]
   if finite.size == 0:
     return "n/a"
   std = finite.std(ddof=1) if finite.size > 1 else 0.0
   missing = f" ({x.size - finite.size} not finite)" if finite.size < x.size else ""
-  return f"{finite.mean():.4f} ± {std:.4f}{missing}"
+  form = ".4g" if abs(finite.mean()) >= 1e5 else ".4f"  # a perplexity of 1e48 stays readable
+  return f"{finite.mean():{form}} ± {std:{form}}{missing}"
 
 
 def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
@@ -78,11 +80,11 @@ def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
   if "initial_model_test_accuracy" in results:
     lines += [f"The model that made the judged predictions ({c['num_labeled']} labels, "
               f"{c['initial_steps']} steps) had test accuracy "
-              f"{_mean_std(results['initial_model_test_accuracy'])}.", ""]
+              f"{mean_std(results['initial_model_test_accuracy'])}.", ""]
   if "reference_model_test_accuracy" in results:
     lines += [f"npo's frozen reference model ({c['num_labeled']} labels alone, "
               f"{c['initial_steps']} steps) had test accuracy "
-              f"{_mean_std(results['reference_model_test_accuracy'])}.", ""]
+              f"{mean_std(results['reference_model_test_accuracy'])}.", ""]
   lines += ["| regime | positives | negatives | test accuracy | test NLL | best evaluation | diverged |",
             "|---|---:|---:|---|---|---|---:|"]
   for regime, r in results["regimes"].items():
@@ -90,8 +92,8 @@ def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
     steps = [s for s in r["diverged_at_step"] if s is not None]
     where = f" (steps {min(steps)}-{max(steps)})" if steps else ""
     lines.append(f"| {regime} | {np.mean(r['num_positive']):.0f} | {np.mean(r['num_negative']):.0f} "
-                 f"| {_mean_std(r['test_accuracy'])} | {_mean_std(r['test_nll'])} "
-                 f"| {_mean_std(r['best_test_accuracy'])} | {diverged}/{len(r['diverged'])}{where} |")
+                 f"| {mean_std(r['test_accuracy'])} | {mean_std(r['test_nll'])} "
+                 f"| {mean_std(r['best_test_accuracy'])} | {diverged}/{len(r['diverged'])}{where} |")
   lines += ["",
             "Mean ± sample standard deviation over seeds, on the test split, at the last step; "
             "best evaluation: each seed's highest test accuracy over the evaluations (chosen on "

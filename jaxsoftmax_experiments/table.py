@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 PROTOCOLS = ("uniform", "biased", "feedback")
 TABLE_MD, TABLE_JSON = "table.md", "table.json"
@@ -56,10 +55,10 @@ def regimes_for(config, protocol: str, wanted: Sequence[str]) -> tuple[list[str]
 
 
 def _cell(r: dict[str, Any]) -> str:
-  from jaxsoftmax_experiments.report import _mean_std
+  from jaxsoftmax_experiments.report import mean_std
   diverged = sum(r["diverged"])
   steps = [s for s in r["diverged_at_step"] if s is not None]
-  text = f"{_mean_std(r['test_accuracy'])}<br>NLL {_mean_std(r['test_nll'])}"
+  text = f"{mean_std(r['test_accuracy'])}<br>NLL {mean_std(r['test_nll'])}"
   if diverged:
     at = f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
     text += f"<br>{diverged}/{len(r['diverged'])} diverged (steps {at})"

@@ -19,15 +19,17 @@ The backward pass recomputes each chunk's logits and forms its gradient
     dz_k = -P(not S) * exp(z_k - a)                k in S       (swapped for complements)
 
 plus the z-loss term ``2 * z_loss * lse * p_k``, so the residuals are ``h``, ``w``, the
-members and three numbers per token: never ``[N, V]``. The chunk's logits are computed
-in float32 whatever the dtype of ``h`` and ``w`` (``preferred_element_type``); the
-input gradient is accumulated across chunks in float32 and each chunk's weight and bias
-gradient is written once, from a float32 product, so nothing is summed in bfloat16.
+members and two logsumexps per token: never ``[N, V]``. For bfloat16, float16 and float32
+``h`` and ``w`` the chunk's logits are float32 products (``preferred_element_type``), the
+logit gradient is formed in float32 and enters the two gradient products in the dtype of
+``h`` and ``w`` (as in any mixed-precision matmul), the products accumulate in float32,
+the input gradient is accumulated across chunks in float32, and each chunk's weight and
+bias gradient is written once: nothing is summed in bfloat16 (float64 inputs compute in
+float64).
 
-The last chunk of a vocabulary that is not a multiple of the chunk size starts at
-``V - chunk`` (it overlaps the one before); its already-seen columns are masked out, so
-no column enters a logsumexp twice and no padding column enters one at all, and ``w`` is
-never copied into a padded buffer.
+A vocabulary that is not a multiple of the chunk size ends with one smaller chunk of
+the columns left (its own static size): no padding column enters a logsumexp and ``w``
+is never copied into a padded buffer.
 
 ``vocab_axis_name`` runs the same kernel on one shard of the vocabulary inside
 ``shard_map``: the per-token logsumexps and the members' logits are combined across the
@@ -48,15 +50,23 @@ from jaxsoftmax.losses import _checks
 _F32 = jnp.float32
 
 
-def _chunks(vocab: int, chunk: int) -> tuple[int, int]:
-  """``(chunk, count)``: the chunk size used (at most ``vocab``) and the chunk count."""
+def _sweep(body, carry, vocab: int, chunk: int):
+  """``body(carry, start, size)`` over the vocabulary: a ``lax.scan`` over the
+  ``vocab // chunk`` full chunks, then once over the ``vocab % chunk`` columns left, if
+  any (a chunk of their own static size: no padding column, no column seen twice)."""
   chunk = min(chunk, vocab)
-  return chunk, -(-vocab // chunk)
+  full, rest = divmod(vocab, chunk)
+  carry, _ = jax.lax.scan(lambda c, i: (body(c, i * chunk, chunk), None), carry,
+                          jnp.arange(full))
+  if rest:
+    carry = body(carry, full * chunk, rest)
+  return carry
 
 
-def _start(i, vocab, chunk):
-  """Chunk ``i``'s first column: ``i * chunk``, pulled back to ``vocab - chunk`` for the last."""
-  return jnp.minimum(i * chunk, vocab - chunk)
+def _columns(x, start, size, axis):
+  """Columns ``start .. start + size`` of ``x``, behind an optimization barrier so that
+  XLA converts (upcasts) the slice, not all of ``x`` hoisted out of the loop."""
+  return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis))
 
 
 def _compute_dtype(h, w):
@@ -68,8 +78,7 @@ def _chunk_logits(h, w, bias, start, chunk, soft_cap):
   """``[N, chunk]`` logits of columns ``start .. start + chunk`` in the compute dtype (and
   the tanh of the soft cap)."""
   dtype = _compute_dtype(h, w)
-  wc = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
-  z = jnp.dot(h, wc, preferred_element_type=dtype)
+  z = jnp.dot(h, _columns(w, start, chunk, 1), preferred_element_type=dtype)
   if bias is not None:
     z = z + jax.lax.dynamic_slice_in_dim(bias, start, chunk).astype(dtype)
   t = None
@@ -121,31 +130,27 @@ def _stream(h, w, bias, members, chunk, soft_cap, axis_name):
   duplicates)."""
   n, vocab = h.shape[0], w.shape[1]
   dtype = _compute_dtype(h, w)
-  chunk, count = _chunks(vocab, chunk)
   valid = members >= 0
   later = (members[:, :, None] == members[:, None, :]) & jnp.tril(
       jnp.ones((members.shape[1],) * 2, bool), -1)[None]
   unique = valid & ~jnp.any(later, axis=2)
   local = jnp.where(unique, members - _offset(axis_name, vocab), -1)
 
-  def body(carry, i):
+  def body(carry, start, size):
     m_out, s_out, member_logits = carry
-    start = _start(i, vocab, chunk)
-    z, _ = _chunk_logits(h, w, bias, start, chunk, soft_cap)
-    fresh = start + jnp.arange(chunk) >= i * chunk  # columns no earlier chunk has seen
-    in_s, inside, at = _in_chunk(local, start, chunk)
-    picked = jnp.take_along_axis(z, jnp.clip(at, 0, chunk - 1), axis=1)
-    first = inside & (local >= i * chunk)  # each member read from one chunk only
-    member_logits = jnp.where(first, picked, member_logits)
-    out = jnp.where(in_s | ~fresh[None, :], -jnp.inf, z)
+    z, _ = _chunk_logits(h, w, bias, start, size, soft_cap)
+    in_s, inside, at = _in_chunk(local, start, size)
+    picked = jnp.take_along_axis(z, jnp.clip(at, 0, size - 1), axis=1)
+    member_logits = jnp.where(inside, picked, member_logits)
+    out = jnp.where(in_s, -jnp.inf, z)
     top = jnp.max(out, axis=1)
     safe = jnp.where(jnp.isinf(top), 0.0, top)
     total = jnp.sum(jnp.exp(out - safe[:, None]), axis=1)
-    return (*_logsumexp_pair(m_out, s_out, top, total), member_logits), None
+    return (*_logsumexp_pair(m_out, s_out, top, total), member_logits)
 
   init = _varying((jnp.full(n, -jnp.inf, dtype), jnp.zeros(n, dtype),
                    jnp.full(members.shape, -jnp.inf, dtype)), axis_name)
-  (m_out, s_out, member_logits), _ = jax.lax.scan(body, init, jnp.arange(count))
+  m_out, s_out, member_logits = _sweep(body, init, vocab, chunk)
   if axis_name is not None:
     top = jax.lax.pmax(jax.lax.stop_gradient(m_out), axis_name)
     safe = jnp.where(jnp.isinf(top), 0.0, top)
@@ -181,7 +186,6 @@ def _fused_fwd(h, w, bias, members, complement, chunk, soft_cap, z_loss, axis_na
 def _fused_bwd(complement, chunk, soft_cap, z_loss, axis_name, residuals, g):
   h, w, bias, members, unique, a, b = residuals
   vocab = w.shape[1]
-  chunk, count = _chunks(vocab, chunk)
   # A token with a zero cotangent (masked, ignored) or whose loss is +inf (its own
   # side has probability 0) gets exactly zero gradient.
   own = b if complement else a
@@ -195,35 +199,34 @@ def _fused_bwd(complement, chunk, soft_cap, z_loss, axis_name, residuals, g):
   finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)[:, None]
   shift_a, shift_b, shift_l = finite(a), finite(b), finite(lse)
   local = jnp.where(unique, members - _offset(axis_name, vocab), -1)
-  h32 = h.astype(dtype)
 
-  def body(carry, i):
+  def body(carry, start, size):
     dh, dw, dbias = carry
-    start = _start(i, vocab, chunk)
-    z, t = _chunk_logits(h, w, bias, start, chunk, soft_cap)
-    fresh = start + jnp.arange(chunk) >= i * chunk
-    in_s, _, _ = _in_chunk(local, start, chunk)
+    z, t = _chunk_logits(h, w, bias, start, size, soft_cap)
+    in_s, _, _ = _in_chunk(local, start, size)
     dz = jnp.where(in_s, d_a[:, None] * jnp.exp(z - shift_a), -d_a[:, None] * jnp.exp(z - shift_b))
     if d_lse is not None:
       dz = dz + d_lse[:, None] * jnp.exp(z - shift_l)
     if soft_cap is not None:
       dz = dz * (1.0 - jnp.square(t))
-    dz = jnp.where(live[:, None] & fresh[None, :], dz, 0.0)
-    wc = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1).astype(dtype)
-    dh = dh + jnp.dot(dz, wc.T, preferred_element_type=dtype)
-    dwc = jnp.dot(h32.T, dz, preferred_element_type=dtype)
-    old = jax.lax.dynamic_slice_in_dim(dw, start, chunk, axis=1)
+    dz = jnp.where(live[:, None], dz, 0.0)
+    # Low-precision h and w: dz enters each product in their dtype, as any mixed-precision
+    # matmul input, and the products accumulate in float32; no float32 copy of h or w.
+    dh = dh + jnp.dot(dz.astype(w.dtype), _columns(w, start, size, 1).T,
+                      preferred_element_type=dtype)
+    dwc = jnp.dot(h.T, dz.astype(h.dtype), preferred_element_type=dtype)
+    # The barrier keeps XLA from moving the cast after the update, which would convert
+    # the whole of a low-precision dw to float32 and back at every chunk.
     dw = jax.lax.dynamic_update_slice_in_dim(
-        dw, jnp.where(fresh[None, :], dwc.astype(dw.dtype), old), start, axis=1)
+        dw, jax.lax.optimization_barrier(dwc.astype(dw.dtype)), start, axis=1)
     if dbias is not None:
-      oldb = jax.lax.dynamic_slice_in_dim(dbias, start, chunk)
       dbias = jax.lax.dynamic_update_slice_in_dim(
-          dbias, jnp.where(fresh, jnp.sum(dz, axis=0).astype(dbias.dtype), oldb), start, axis=0)
-    return (dh, dw, dbias), None
+          dbias, jnp.sum(dz, axis=0).astype(dbias.dtype), start, axis=0)
+    return dh, dw, dbias
 
   init = _varying((jnp.zeros(h.shape, dtype), jnp.zeros(w.shape, w.dtype),
                    None if bias is None else jnp.zeros(bias.shape, bias.dtype)), axis_name)
-  (dh, dw, dbias), _ = jax.lax.scan(body, init, jnp.arange(count))
+  dh, dw, dbias = _sweep(body, init, vocab, chunk)
   if axis_name is not None:
     dh = jax.lax.psum(dh, axis_name)
   return dh.astype(h.dtype), dw, dbias, None

@@ -47,7 +47,7 @@ def _pair(name, h, w, bias, labels, ids, **kw):
 
 
 @pytest.mark.parametrize("name", sorted(FUSED))
-@pytest.mark.parametrize("chunk", [7, 32, V, 4096])
+@pytest.mark.parametrize("chunk", [7, 4096])
 def test_equals_the_unfused_loss_on_the_logits_with_gradients(name, chunk):
   h, w, bias, labels, ids = _problem()
   fused, unfused = _pair(name, h, w, bias, labels, ids, vocab_chunk=chunk)
@@ -104,26 +104,29 @@ def test_bfloat16_gradients_match_a_float32_reference(scale):
   labels = jnp.where(jnp.arange(64) % 2 == 0, top, rng.integers(0, 1000, 64)).astype(jnp.int32)
   for fused, unfused in ((losses.fused_nll, losses.nll),
                          (losses.fused_complement_nll, losses.complement_nll)):
-    got = jax.grad(lambda h, w: fused(h, w, labels, vocab_chunk=96).sum(), (0, 1))(h, w)
+    got = jax.jit(jax.grad(lambda h, w: fused(h, w, labels, vocab_chunk=96).sum(), (0, 1)))(h, w)
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
-    want = jax.grad(lambda h, w: unfused(h @ w, labels).sum(), (0, 1))(
+    want = jax.jit(jax.grad(lambda h, w: unfused(h @ w, labels).sum(), (0, 1)))(
         h.astype(jnp.float32), w.astype(jnp.float32))
     for g, r in zip(got, want):
       err = jnp.abs(g.astype(jnp.float32) - r).max() / jnp.abs(r).max()
       assert float(err) < 2 ** -7, (fused.__name__, scale, float(err))  # bfloat16 rounding
-    value = fused(h, w, labels, vocab_chunk=96)
+    value = jax.jit(lambda h, w: fused(h, w, labels, vocab_chunk=96))(h, w)
     assert value.dtype == jnp.float32
     np.testing.assert_allclose(value, unfused(h.astype(jnp.float32) @ w.astype(jnp.float32),
                                               labels), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(FUSED))
-def test_check_grads_in_float64_to_second_order(name):
+@pytest.mark.parametrize("name, order", [("fused_nll", 2), ("fused_complement_set_nll", 2),
+                                         ("fused_complement_nll", 1), ("fused_set_nll", 1)])
+def test_check_grads_in_float64(name, order):
+  # The four share one kernel (a label is a set of one, a complement swaps the sides):
+  # second order on one label and one set loss.
   with jax.enable_x64(True):
-    h, w, bias, labels, ids = _problem(n=5, d=3, v=11)
+    h, w, bias, labels, ids = _problem(n=4, d=3, v=11)
     h, w, bias = (x.astype(jnp.float64) for x in (h, w, bias))
     fused, _ = _pair(name, h, w, bias, labels, ids, vocab_chunk=4)
-    check_grads(fused, (h, w, bias), order=2, modes=["rev"])
+    check_grads(jax.jit(fused), (h, w, bias), order=order, modes=["rev"])
 
 
 @pytest.mark.parametrize("name", sorted(FUSED))
@@ -133,10 +136,10 @@ def test_vmap_equals_a_loop_and_leading_axes_are_kept(name):
   fn = getattr(losses, name)
   target = ids if takes_set else labels
   hb = jnp.stack([h, 2 * h, -h]).reshape(3, N, D)
-  batched = jax.vmap(lambda x: fn(x, w, target, bias=bias, vocab_chunk=16))(hb)
+  one = jax.jit(lambda x: fn(x, w, target, bias=bias, vocab_chunk=16))
+  batched = jax.jit(jax.vmap(one))(hb)
   for i in range(3):
-    np.testing.assert_allclose(batched[i], fn(hb[i], w, target, bias=bias, vocab_chunk=16),
-                               rtol=1e-6)
+    np.testing.assert_allclose(batched[i], one(hb[i]), rtol=1e-6)
   # [2, N/... ] leading axes: the same per-token values, reshaped.
   h2, t2 = h[:36].reshape(4, 9, D), target[:36].reshape(4, 9, *target.shape[1:])
   np.testing.assert_allclose(fn(h2, w, t2, bias=bias).reshape(-1),
