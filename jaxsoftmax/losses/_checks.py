@@ -160,6 +160,21 @@ def move_to_last(x: jax.Array, axis: int) -> jax.Array:
   return x if axis == x.ndim - 1 else jnp.moveaxis(x, axis, -1)
 
 
+def boolean_mask_for(where: ArrayLike, shape: tuple[int, ...], target: str) -> jax.Array:
+  """``where`` as a boolean array that broadcasts to ``shape``, or a TypeError or
+  ValueError naming ``target`` (e.g. "logits shape (4, 10)")."""
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+  try:
+    ok = jnp.broadcast_shapes(where.shape, shape) == tuple(shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"where shape {where.shape} does not broadcast to {target}.")
+  return where
+
+
 def as_where(where: ArrayLike | None, logits: jax.Array, axis: int) -> jax.Array | None:
   """Checks ``where`` against the caller's logits and moves its class axis to the end.
 
@@ -168,17 +183,7 @@ def as_where(where: ArrayLike | None, logits: jax.Array, axis: int) -> jax.Array
   """
   if where is None:
     return None
-  where = jnp.asarray(where)
-  if where.dtype != jnp.bool_:
-    raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
-  try:
-    shape = jnp.broadcast_shapes(where.shape, logits.shape)
-  except ValueError:
-    shape = None
-  if shape != logits.shape:
-    raise ValueError(
-        f"where shape {where.shape} does not broadcast to logits shape {logits.shape}."
-    )
+  where = boolean_mask_for(where, logits.shape, f"logits shape {logits.shape}")
   where = where.reshape((1,) * (logits.ndim - where.ndim) + where.shape)
   return move_to_last(where, axis)
 

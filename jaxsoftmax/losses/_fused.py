@@ -265,16 +265,8 @@ def _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk):
 def _check_where(where, batch_shape):
   if where is None:
     return None
-  where = jnp.asarray(where)
-  if where.dtype != jnp.bool_:
-    raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
-  try:
-    ok = jnp.broadcast_shapes(where.shape, batch_shape) == batch_shape
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(f"where shape {where.shape} does not broadcast to the tokens' shape "
-                     f"{batch_shape} (h's shape without its feature axis).")
+  where = _checks.boolean_mask_for(
+      where, batch_shape, f"the tokens' shape {batch_shape} (h's shape without its feature axis)")
   return jnp.broadcast_to(where, batch_shape)
 
 
