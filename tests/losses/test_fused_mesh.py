@@ -31,8 +31,8 @@ y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
 neg = jnp.asarray(rng.integers(-1, v, (n, 5)), jnp.int32).at[:, 0].set(y)
 out = {}
 mesh = Mesh(np.array(jax.devices()), ("vocab",))
-for name, target in (("fused_nll", y), ("fused_complement_nll", y),
-                     ("fused_set_nll", neg), ("fused_complement_set_nll", neg)):
+# One label loss and one set loss: the other two are the same kernel with the sides swapped.
+for name, target in (("fused_nll", y), ("fused_complement_set_nll", neg)):
   fn = getattr(losses, name)
   one = lambda h, w, b: fn(h, w, target, bias=b, vocab_chunk=16, z_loss=1e-3)
   @jax.jit
@@ -74,8 +74,7 @@ def eight():
   return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("name", ["fused_nll", "fused_complement_nll", "fused_set_nll",
-                                  "fused_complement_set_nll"])
+@pytest.mark.parametrize("name", ["fused_nll", "fused_complement_set_nll"])
 def test_vocabulary_parallel_gives_the_one_device_values_and_gradients(eight, name):
   r = eight["vocab/" + name]
   assert r["value"] < 1e-5 and max(r["grads"]) < 1e-5, r
