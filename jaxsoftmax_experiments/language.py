@@ -167,6 +167,16 @@ def build(s: Settings, vocab_size: int, key) -> TransformerLM:
                        rngs=nnx.Rngs(key))
 
 
+def id_mask(ids, vocab: int):
+  """The ``[..., V]`` boolean mask of padded id lists ``[..., M]`` (-1 unused), written by
+  one scatter (no ``[..., M, V]`` comparison)."""
+  flat = ids.reshape(-1, ids.shape[-1])
+  rows = jnp.arange(flat.shape[0])[:, None]
+  mask = jnp.zeros((flat.shape[0], vocab), bool).at[rows, jnp.where(flat < 0, vocab, flat)].set(
+      True, mode="drop")
+  return mask.reshape(*ids.shape[:-1], vocab)
+
+
 def token_losses(s: Settings, model, windows, kind: str, negatives=None):
   """Per-token losses ``[B, T]`` of ``kind`` on windows ``[B, T + 1]``: ``nll``,
   ``complement`` (of the target), ``complement_set`` / ``set`` (of ``negatives``)."""
@@ -177,11 +187,11 @@ def token_losses(s: Settings, model, windows, kind: str, negatives=None):
       return losses.nll(z, targets)
     if kind == "complement":
       return losses.complement_nll(z, targets)
-    mask = jnp.any(negatives[..., None] == jnp.arange(z.shape[-1]), axis=-2)
+    mask = id_mask(negatives, z.shape[-1])
     if kind == "complement_set":
       return losses.complement_set_nll(z, mask)
-    return jnp.where(mask.any(-1), losses.set_nll(z, jnp.where(mask.any(-1, keepdims=True), mask,
-                                                               jnp.arange(z.shape[-1]) == 0)), 0.0)
+    # An empty set has set_nll +inf with a zero gradient: the select makes its loss 0.
+    return jnp.where(mask.any(-1), losses.set_nll(z, mask), 0.0)
   h = model.features(inputs)
   w, b = model.output_layer()
   kw = dict(bias=b, vocab_chunk=s.vocab_chunk)
@@ -382,8 +392,9 @@ def evaluate(plan: Plan, state: State, start_retain_ppl=None) -> list[dict]:
       rec["retain_perplexity"] = np.exp(retain.mean((1, 2)))
       test = np.asarray(_window_losses(plan, run.params, d.test)[0], np.float64)
       rec["test_perplexity"] = np.exp(test.mean((1, 2)))
-      if start_retain_ppl is not None:
-        rec["collapsed"] = rec["retain_perplexity"] > s.collapse * start_retain_ppl
+      # At step 0 every regime is the start: its own retain perplexity is the baseline.
+      start = rec["retain_perplexity"] if start_retain_ppl is None else start_retain_ppl
+      rec["collapsed"] = rec["retain_perplexity"] > s.collapse * start
     alive = np.asarray(run.alive)
     at = np.asarray(run.diverged_at)
     for seed in range(s.seeds):
@@ -576,10 +587,9 @@ def execute(s: Settings, workdir: Path, *, stop_after: int | None = None,
         step = int(state.step)
         if step == resumed:
           continue
-        if step == 0 and s.experiment == "unlearning":
-          start_ppl = np.array([r["retain_perplexity"] for r in evaluate(plan, state)
-                                if r["regime"] == s.regimes[0]])
         new = evaluate(plan, state, start_ppl)
+        if step == 0 and s.experiment == "unlearning":
+          start_ppl = np.array([r["retain_perplexity"] for r in new if r["regime"] == s.regimes[0]])
         records += new
         f.write("".join(json.dumps(r) + "\n" for r in new))
         f.flush()

@@ -260,16 +260,13 @@ def _train_fn(settings: Settings, graphdef, objective: Objective, length: int):
     idx = jax.random.randint(sub, (settings.batch_size,), 0, x.shape[0])
     xb, yb = x[idx], y[idx]
 
-    def loss_of_logits(z):
-      return objective.loss(z, yb)
-
-    def total(p):
-      z = nnx.merge(graphdef, p)(xb)
-      return jnp.mean(loss_of_logits(z)), z
-
-    (loss, z), grads = jax.value_and_grad(total, has_aux=True)(params)
-    per_example = loss_of_logits(z)
-    dz = jax.grad(lambda z: jnp.sum(loss_of_logits(z)))(z)
+    # One forward and one backward pass give the loss, each example's gradient with
+    # respect to its logits (for the zero-gradient count) and the parameters' gradient.
+    z, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p)(xb), params)
+    per_example, loss_vjp = jax.vjp(lambda z: objective.loss(z, yb), z)
+    (dz,) = loss_vjp(jnp.ones_like(per_example))
+    (grads,) = pullback(dz / settings.batch_size)
+    loss = jnp.mean(per_example)
     zero = jnp.all(dz == 0, axis=-1)
     updates, opt_state = opt.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)

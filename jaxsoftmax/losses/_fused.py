@@ -46,6 +46,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
+from jaxsoftmax.losses._partition import _log
 
 _F32 = jnp.float32
 
@@ -107,8 +108,7 @@ def _logsumexp_pair(m1, s1, m2, s2):
 
 def _finish_lse(m, s):
   """log-sum-exp from (max, sum): -inf for an empty side, NaN kept."""
-  safe = jnp.where(jnp.isinf(m), 0.0, m)
-  return safe + jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
+  return jnp.where(jnp.isinf(m), 0.0, m) + _log(s)
 
 
 def _varying(x, axis_name):
@@ -295,7 +295,7 @@ def _check_members(members, batch_shape, vocab):
 
 
 def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_chunk,
-         vocab_axis_name):
+         vocab_axis_name, ignored=None):
   batch_shape = h.shape[:-1]
   flat = _fused(h.reshape(-1, h.shape[-1]), w, bias, members.reshape(-1, members.shape[-1]),
                 complement, vocab_chunk, None if soft_cap is None else float(soft_cap),
@@ -303,7 +303,7 @@ def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_
   loss = flat.reshape(batch_shape)
   if bad is not None:
     loss = jnp.where(bad, jnp.nan, loss)
-  return _checks.finish(loss, kept)
+  return _checks.finish(loss, kept, ignored)
 
 
 def _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
@@ -312,17 +312,13 @@ def _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab
   batch_shape = h.shape[:-1]
   where = _check_where(where, batch_shape)
   labels_like = jax.ShapeDtypeStruct((*batch_shape, w.shape[1]), w.dtype)
-  num_classes = None if vocab_axis_name is not None else w.shape[1]
-  if vocab_axis_name is not None:  # the global vocabulary: not known to the range check
-    num_classes = np.iinfo(np.int32).max
+  # Sharded, ids are global and the shard's V does not bound them: no range check.
+  num_classes = np.iinfo(np.int32).max if vocab_axis_name is not None else w.shape[1]
   labels, ignored = _checks.as_labels(labels, labels_like, num_classes,
                                       ignore_index=ignore_index)
-  bad = labels < 0
-  kept = where
-  if ignored is not None:
-    kept = ~ignored if kept is None else kept & ~ignored
-  return _run(h, w, bias, labels[..., None], bad, kept, complement, z_loss=z_loss,
-              soft_cap=soft_cap, vocab_chunk=vocab_chunk, vocab_axis_name=vocab_axis_name)
+  return _run(h, w, bias, labels[..., None], labels < 0, where, complement, ignored=ignored,
+              z_loss=z_loss, soft_cap=soft_cap, vocab_chunk=vocab_chunk,
+              vocab_axis_name=vocab_axis_name)
 
 
 def _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, vocab_axis_name,

@@ -120,3 +120,8 @@ def test_bad_flags_are_refused(capsys):
   assert "--prompt: must be shorter than --length" in capsys.readouterr().err
   assert language.main(["--workdir=x", "--experiment=poetry"]) == 2
   assert "--experiment: one of repetition, unlearning" in capsys.readouterr().err
+
+
+def test_id_mask_marks_each_listed_id_once_and_ignores_padding():
+  got = language.id_mask(jnp.array([[[1, -1, 3, 1]], [[-1, -1, -1, -1]]]), 5)
+  np.testing.assert_array_equal(got, [[[False, True, False, True, False]], [[False] * 5]])
