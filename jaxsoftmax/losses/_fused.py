@@ -31,6 +31,13 @@ A vocabulary that is not a multiple of the chunk size ends with one smaller chun
 the columns left (its own static size): no padding column enters a logsumexp and ``w``
 is never copied into a padded buffer.
 
+The tokens go in blocks of at most ``token_chunk``, each streaming over the vocabulary
+(in the backward pass, each chunk of columns over the blocks, so that its weight
+gradient is summed in float32 and written once). The working memory is then a few
+``[token_chunk, vocab_chunk]`` buffers whatever the number of tokens. The blocks are
+strided (block ``i`` holds tokens ``i, i + count, ..``), so that under ``jit`` with the
+token axis sharded each device works on its own rows.
+
 ``vocab_axis_name`` runs the same kernel on one shard of the vocabulary inside
 ``shard_map``: the per-token logsumexps and the members' logits are combined across the
 named axis (``pmax`` and ``psum``), and the input gradient is summed across it.
@@ -51,23 +58,152 @@ from jaxsoftmax.losses._partition import _log
 _F32 = jnp.float32
 
 
-def _sweep(body, carry, vocab: int, chunk: int):
-  """``body(carry, start, size)`` over the vocabulary: a ``lax.scan`` over the
-  ``vocab // chunk`` full chunks, then once over the ``vocab % chunk`` columns left, if
-  any (a chunk of their own static size: no padding column, no column seen twice)."""
-  chunk = min(chunk, vocab)
-  full, rest = divmod(vocab, chunk)
-  carry, _ = jax.lax.scan(lambda c, i: (body(c, i * chunk, chunk), None), carry,
-                          jnp.arange(full))
+def _sweep(body, carry, total: int, chunk: int):
+  """``body(carry, start, size)`` over ``total`` columns (or rows): a ``lax.scan`` over the
+  ``total // chunk`` full chunks, then once over the ``total % chunk`` left, if any (a
+  chunk of their own static size: no padding column, no column seen twice)."""
+  if total == 0:
+    return carry
+  chunk = min(chunk, total)
+  full, rest = divmod(total, chunk)
+  if full == 1:
+    carry = body(carry, 0, chunk)
+  else:
+    carry, _ = jax.lax.scan(lambda c, i: (body(c, i * chunk, chunk), None), carry,
+                            jnp.arange(full))
   if rest:
     carry = body(carry, full * chunk, rest)
   return carry
 
 
-def _columns(x, start, size, axis):
-  """Columns ``start .. start + size`` of ``x``, behind an optimization barrier so that
-  XLA converts (upcasts) the slice, not all of ``x`` hoisted out of the loop."""
-  return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis))
+def _token_blocks(n: int, token_chunk: int):
+  """``(count, rest)``: the first ``n - rest`` tokens form ``count`` strided blocks of at
+  most ``token_chunk`` tokens (block ``i``: tokens ``i, i + count, i + 2 count, ..``), the
+  last ``rest`` are streamed in blocks of their own. Strided blocks keep a token axis
+  sharded under ``jit`` sharded: each device takes its own rows of every block. ``count``
+  divides ``n`` where a divisor is near (``rest = 0``)."""
+  if n <= token_chunk:
+    return 1, 0
+  least = -(-n // token_chunk)
+  for count in range(least, 2 * least + 1):
+    if n % count == 0:
+      return count, 0
+  return least, n % least
+
+
+def _split_rows(x, count, rest):
+  """``x`` ``[N, ...]`` as its bits (:func:`_as_bits`) split into a ``[N' / count, count,
+  ...]`` head of strided blocks and a ``[rest, ...]`` tail."""
+  bits = _as_bits(x)
+  m = x.shape[0] - rest
+  head = (bits[:m] if rest else bits).reshape(m // count, count, *x.shape[1:])
+  return head, bits[m:]
+
+
+def _rows(part, start, size, axis, dtype):
+  """Rows of a split array (one strided block of the head along axis 1 with ``size``
+  None, or ``size`` rows of the tail), from its bits behind an optimization barrier."""
+  if size is None:
+    block = jax.lax.dynamic_index_in_dim(part, start, axis=axis, keepdims=False)
+  else:
+    block = jax.lax.dynamic_slice_in_dim(part, start, size, axis=axis)
+  return _from_bits(jax.lax.optimization_barrier(block), dtype)
+
+
+def _map_tokens(fn, xs, token_chunk):
+  """``fn(*rows)`` (a tree of ``[rows, ...]`` arrays) over all tokens of the ``[N, ...]``
+  arrays ``xs``, a block of at most ``token_chunk`` tokens at a time, reassembled in
+  token order."""
+  n = xs[0].shape[0]
+  count, rest = _token_blocks(n, token_chunk)
+  if count == 1:
+    return fn(*xs)
+  parts = [_split_rows(x, count, rest) for x in xs]
+  out = jax.lax.map(
+      lambda i: fn(*(_rows(head, i, None, 1, x.dtype) for (head, _), x in zip(parts, xs))),
+      jnp.arange(count))
+  out = jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), out)
+  if rest:  # fewer than count tokens: blocks of their own
+    tail = _map_tokens(fn, [_from_bits(t, x.dtype) for (_, t), x in zip(parts, xs)],
+                       token_chunk)
+    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+  return out
+
+
+def _scan_tokens(step, dh, carry, xs, token_chunk):
+  """``step(dh_rows, carry, *rows) -> (dh_rows, carry)`` over all tokens of the ``[N,
+  ...]`` arrays ``xs``, a block of at most ``token_chunk`` tokens at a time, with ``dh``
+  an ``[N, ...]`` accumulator of per-token rows, kept split as ``(head, tail)`` (see
+  :func:`_split_tokens`) between calls."""
+  n = xs[0].shape[0]
+  count, rest = _token_blocks(n, token_chunk)
+  if count == 1:
+    return step(dh, carry, *xs)
+  parts = [_split_rows(x, count, rest) for x in xs]
+  dh_head, dh_tail = dh
+
+  def body(c, i):
+    dh_head, carry = c
+    rows, carry = step(jax.lax.dynamic_index_in_dim(dh_head, i, axis=1, keepdims=False), carry,
+                       *(_rows(head, i, None, 1, x.dtype) for (head, _), x in zip(parts, xs)))
+    return (jax.lax.dynamic_update_index_in_dim(dh_head, rows, i, axis=1), carry), None
+
+  (dh_head, carry), _ = jax.lax.scan(body, (dh_head, carry), jnp.arange(count))
+  if rest:
+    tails = [_from_bits(t, x.dtype) for (_, t), x in zip(parts, xs)]
+    dh_tail, carry = _scan_tokens(step, dh_tail, carry, tails, token_chunk)
+  return (dh_head, dh_tail), carry
+
+
+def _split_tokens(x, token_chunk):
+  """An ``[N, ...]`` accumulator in the layout :func:`_scan_tokens` keeps it in."""
+  count, rest = _token_blocks(x.shape[0], token_chunk)
+  if count == 1:
+    return x
+  head, tail = _split_rows(x, count, rest)
+  return head, (_split_tokens(tail, token_chunk) if rest else tail)
+
+
+def _join_tokens(x):
+  """The ``[N, ...]`` array of an accumulator split by :func:`_split_tokens`."""
+  if not isinstance(x, tuple):
+    return x
+  head, tail = x
+  flat = head.reshape(-1, *head.shape[2:])
+  tail = _join_tokens(tail)
+  return jnp.concatenate([flat, tail]) if tail.shape[0] else flat
+
+
+def _as_bits(x):
+  """16-bit floats as uint16 of the same bits (a bitcast), anything else unchanged.
+
+  XLA:CPU has no bfloat16 or float16 dynamic-slice, dynamic-update-slice or transpose:
+  it runs them on a float32 copy of the whole operand, which loop-invariant code motion
+  then hoists (a float32 copy of ``w``, of ``h`` and of the weight gradient). On the
+  integer bits they stay in place."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def _from_bits(bits, dtype):
+  return bits if bits.dtype == dtype else jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _block(x, start, size, axis):
+  """``x[start : start + size]`` along ``axis``, sliced from its bits (:func:`_as_bits`),
+  behind an optimization barrier so that XLA converts the slice, not all of ``x`` hoisted
+  out of the loop."""
+  part = jax.lax.dynamic_slice_in_dim(_as_bits(x), start, size, axis=axis)
+  return _from_bits(jax.lax.optimization_barrier(part), x.dtype)
+
+
+def _transposed(x):
+  """``x.T`` for a product: moved as its bits for 16-bit floats (:func:`_as_bits`), left
+  to the product otherwise."""
+  if _as_bits(x) is x:
+    return x.T
+  return _from_bits(jnp.transpose(_as_bits(x)), x.dtype)
 
 
 def _compute_dtype(h, w):
@@ -75,13 +211,13 @@ def _compute_dtype(h, w):
   return jnp.promote_types(jnp.promote_types(h.dtype, w.dtype), _F32)
 
 
-def _chunk_logits(h, w, bias, start, chunk, soft_cap):
-  """``[N, chunk]`` logits of columns ``start .. start + chunk`` in the compute dtype (and
-  the tanh of the soft cap)."""
-  dtype = _compute_dtype(h, w)
-  z = jnp.dot(h, _columns(w, start, chunk, 1), preferred_element_type=dtype)
-  if bias is not None:
-    z = z + jax.lax.dynamic_slice_in_dim(bias, start, chunk).astype(dtype)
+def _chunk_logits(h, w_cols, bias_cols, soft_cap):
+  """``[N, chunk]`` logits of one chunk of columns in the compute dtype (and the tanh of
+  the soft cap)."""
+  dtype = _compute_dtype(h, w_cols)
+  z = jnp.dot(h, w_cols, preferred_element_type=dtype)
+  if bias_cols is not None:
+    z = z + bias_cols.astype(dtype)
   t = None
   if soft_cap is not None:
     t = jnp.tanh(z / soft_cap)
@@ -89,10 +225,18 @@ def _chunk_logits(h, w, bias, start, chunk, soft_cap):
   return z, t
 
 
+def _bias_cols(bias, start, size):
+  return None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, size)
+
+
 def _in_chunk(members, start, chunk):
   """``[N, chunk]`` bool: which of the chunk's columns are members, and ``[N, M]`` offsets."""
   offset = members - start
   inside = (members >= 0) & (offset >= 0) & (offset < chunk)
+  if members.shape[1] <= 4:  # a comparison per member, fused into the mask's consumer
+    columns = jnp.arange(chunk)[None, None, :]
+    mask = jnp.any((offset[:, :, None] == columns) & inside[:, :, None], axis=1)
+    return mask, inside, offset
   rows = jnp.arange(members.shape[0])[:, None]
   mask = jnp.zeros((members.shape[0], chunk), bool)
   mask = mask.at[rows, jnp.where(inside, offset, chunk)].set(True, mode="drop")
@@ -124,11 +268,11 @@ def _offset(axis_name, vocab):
   return 0 if axis_name is None else jax.lax.axis_index(axis_name) * vocab
 
 
-def _stream(h, w, bias, members, chunk, soft_cap, axis_name):
+def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
   """``(a, b, unique)`` per token: logsumexp over S's members and over the rest of the
   vocabulary, and which entries of the padded member list count (valid, first of any
-  duplicates)."""
-  n, vocab = h.shape[0], w.shape[1]
+  duplicates). Blocks of ``token_chunk`` tokens each stream over the vocabulary."""
+  vocab = w.shape[1]
   dtype = _compute_dtype(h, w)
   valid = members >= 0
   later = (members[:, :, None] == members[:, None, :]) & jnp.tril(
@@ -136,21 +280,26 @@ def _stream(h, w, bias, members, chunk, soft_cap, axis_name):
   unique = valid & ~jnp.any(later, axis=2)
   local = jnp.where(unique, members - _offset(axis_name, vocab), -1)
 
-  def body(carry, start, size):
-    m_out, s_out, member_logits = carry
-    z, _ = _chunk_logits(h, w, bias, start, size, soft_cap)
-    in_s, inside, at = _in_chunk(local, start, size)
-    picked = jnp.take_along_axis(z, jnp.clip(at, 0, size - 1), axis=1)
-    member_logits = jnp.where(inside, picked, member_logits)
-    out = jnp.where(in_s, -jnp.inf, z)
-    top = jnp.max(out, axis=1)
-    safe = jnp.where(jnp.isinf(top), 0.0, top)
-    total = jnp.sum(jnp.exp(out - safe[:, None]), axis=1)
-    return (*_logsumexp_pair(m_out, s_out, top, total), member_logits)
+  def rows(h_rows, local_rows):
+    def body(carry, start, size):
+      m_out, s_out, member_logits = carry
+      z, _ = _chunk_logits(h_rows, _block(w, start, size, 1), _bias_cols(bias, start, size),
+                           soft_cap)
+      in_s, inside, at = _in_chunk(local_rows, start, size)
+      picked = jnp.take_along_axis(z, jnp.clip(at, 0, size - 1), axis=1)
+      member_logits = jnp.where(inside, picked, member_logits)
+      out = jnp.where(in_s, -jnp.inf, z)
+      top = jnp.max(out, axis=1)
+      safe = jnp.where(jnp.isinf(top), 0.0, top)
+      total = jnp.sum(jnp.exp(out - safe[:, None]), axis=1)
+      return (*_logsumexp_pair(m_out, s_out, top, total), member_logits)
 
-  init = _varying((jnp.full(n, -jnp.inf, dtype), jnp.zeros(n, dtype),
-                   jnp.full(members.shape, -jnp.inf, dtype)), axis_name)
-  m_out, s_out, member_logits = _sweep(body, init, vocab, chunk)
+    count = h_rows.shape[0]
+    init = _varying((jnp.full(count, -jnp.inf, dtype), jnp.zeros(count, dtype),
+                     jnp.full(local_rows.shape, -jnp.inf, dtype)), axis_name)
+    return _sweep(body, init, vocab, chunk)
+
+  m_out, s_out, member_logits = _map_tokens(rows, (h, local), token_chunk)
   if axis_name is not None:
     top = jax.lax.pmax(jax.lax.stop_gradient(m_out), axis_name)
     safe = jnp.where(jnp.isinf(top), 0.0, top)
@@ -170,20 +319,21 @@ def _loss(a, b, z_loss, complement):
   return loss
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _fused(h, w, bias, members, complement, chunk, soft_cap, z_loss, axis_name):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _fused(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_loss, axis_name):
   """Per-token loss of ``[N, D]`` ``h``, ``[D, V]`` ``w``, ``[V]`` bias (or None) and
   ``[N, M]`` int32 member ids (-1 unused); see the module docstring."""
-  a, b, _ = _stream(h, w, bias, members, chunk, soft_cap, axis_name)
+  a, b, _ = _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name)
   return _loss(a, b, z_loss, complement)
 
 
-def _fused_fwd(h, w, bias, members, complement, chunk, soft_cap, z_loss, axis_name):
-  a, b, unique = _stream(h, w, bias, members, chunk, soft_cap, axis_name)
+def _fused_fwd(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_loss,
+               axis_name):
+  a, b, unique = _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name)
   return _loss(a, b, z_loss, complement), (h, w, bias, members, unique, a, b)
 
 
-def _fused_bwd(complement, chunk, soft_cap, z_loss, axis_name, residuals, g):
+def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
   h, w, bias, members, unique, a, b = residuals
   vocab = w.shape[1]
   # A token with a zero cotangent (masked, ignored) or whose loss is +inf (its own
@@ -195,38 +345,63 @@ def _fused_bwd(complement, chunk, soft_cap, z_loss, axis_name, residuals, g):
   lse = jnp.logaddexp(a, b)
   s = jax.nn.sigmoid(jnp.where(live, (a - b) if complement else (b - a), 0.0))
   d_a = g * (s if complement else -s)   # d loss / d a; d loss / d b is its negative
-  d_lse = g * 2.0 * z_loss * jnp.where(live, lse, 0.0) if z_loss else None
-  finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)[:, None]
-  shift_a, shift_b, shift_l = finite(a), finite(b), finite(lse)
-  local = jnp.where(unique, members - _offset(axis_name, vocab), -1)
+  finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+  # dz_k = coef * exp(z_k - shift), with the side's logsumexp as the shift (so the
+  # exponential is at most 1) and the z-loss term 2 z_loss lse p_k folded into the
+  # coefficient as exp(side - lse): one exponential per logit.
+  d_lse = g * 2.0 * z_loss * finite(lse)
+  share = lambda side: jnp.where(side == -jnp.inf, 0.0, jnp.exp(side - lse))
+  coef_a, coef_b = d_a, -d_a
+  if z_loss:
+    coef_a, coef_b = coef_a + d_lse * share(a), coef_b + d_lse * share(b)
+  # Per token: what the logit gradient needs, sliced a block of tokens at a time.
+  per_token = (coef_a, coef_b, finite(a), finite(b), live,
+               jnp.where(unique, members - _offset(axis_name, vocab), -1))
 
-  def body(carry, start, size):
+  def columns(carry, start, size):
+    """One chunk of columns: its weight and bias gradient, summed over the blocks of
+    tokens in float32 and written once; each block's input gradient added to dh."""
     dh, dw, dbias = carry
-    z, t = _chunk_logits(h, w, bias, start, size, soft_cap)
-    in_s, _, _ = _in_chunk(local, start, size)
-    dz = jnp.where(in_s, d_a[:, None] * jnp.exp(z - shift_a), -d_a[:, None] * jnp.exp(z - shift_b))
-    if d_lse is not None:
-      dz = dz + d_lse[:, None] * jnp.exp(z - shift_l)
-    if soft_cap is not None:
-      dz = dz * (1.0 - jnp.square(t))
-    dz = jnp.where(live[:, None], dz, 0.0)
-    # Low-precision h and w: dz enters each product in their dtype, as any mixed-precision
-    # matmul input, and the products accumulate in float32; no float32 copy of h or w.
-    dh = dh + jnp.dot(dz.astype(w.dtype), _columns(w, start, size, 1).T,
-                      preferred_element_type=dtype)
-    dwc = jnp.dot(h.T, dz.astype(h.dtype), preferred_element_type=dtype)
-    # The barrier keeps XLA from moving the cast after the update, which would convert
-    # the whole of a low-precision dw to float32 and back at every chunk.
-    dw = jax.lax.dynamic_update_slice_in_dim(
-        dw, jax.lax.optimization_barrier(dwc.astype(dw.dtype)), start, axis=1)
+    w_cols = _block(w, start, size, 1)
+    w_cols_t = _transposed(w_cols)
+    bias_cols = _bias_cols(bias, start, size)
+
+    def rows(dh_rows, carry, h_rows, coef_a, coef_b, shift_a, shift_b, live, local):
+      dw_cols, dbias_cols = carry
+      z, t = _chunk_logits(h_rows, w_cols, bias_cols, soft_cap)
+      in_s, _, _ = _in_chunk(local, start, size)
+      dz = (jnp.where(in_s, coef_a[:, None], coef_b[:, None])
+            * jnp.exp(z - jnp.where(in_s, shift_a[:, None], shift_b[:, None])))
+      if soft_cap is not None:
+        dz = dz * (1.0 - jnp.square(t))
+      dz = jnp.where(live[:, None], dz, 0.0)
+      # Low-precision h and w: dz enters each product in their dtype, as any
+      # mixed-precision matmul input, and the products accumulate in float32.
+      dh_rows = dh_rows + jnp.dot(dz.astype(w.dtype), w_cols_t, preferred_element_type=dtype)
+      dw_cols = dw_cols + jnp.dot(_transposed(h_rows), dz.astype(h.dtype),
+                                  preferred_element_type=dtype)
+      if dbias_cols is not None:
+        dbias_cols = dbias_cols + jnp.sum(dz, axis=0)
+      return dh_rows, (dw_cols, dbias_cols)
+
+    init = _varying((jnp.zeros((w.shape[0], size), dtype),
+                     None if bias is None else jnp.zeros(size, dtype)), axis_name)
+    dh, (dw_cols, dbias_cols) = _scan_tokens(rows, dh, init, (h, *per_token), token_chunk)
+    # Written as bits: a 16-bit dw stays 16-bit (see _as_bits); the barrier keeps XLA
+    # from moving the cast after the update.
+    dw = _from_bits(jax.lax.dynamic_update_slice_in_dim(
+        _as_bits(dw), jax.lax.optimization_barrier(_as_bits(dw_cols.astype(w.dtype))), start,
+        axis=1), w.dtype)
     if dbias is not None:
-      dbias = jax.lax.dynamic_update_slice_in_dim(
-          dbias, jnp.sum(dz, axis=0).astype(dbias.dtype), start, axis=0)
+      dbias = jax.lax.dynamic_update_slice_in_dim(dbias, dbias_cols.astype(dbias.dtype),
+                                                  start, axis=0)
     return dh, dw, dbias
 
-  init = _varying((jnp.zeros(h.shape, dtype), jnp.zeros(w.shape, w.dtype),
+  init = _varying((_split_tokens(jnp.zeros(h.shape, dtype), token_chunk),
+                   jnp.zeros(w.shape, w.dtype),
                    None if bias is None else jnp.zeros(bias.shape, bias.dtype)), axis_name)
-  dh, dw, dbias = _sweep(body, init, vocab, chunk)
+  dh, dw, dbias = _sweep(columns, init, vocab, chunk)
+  dh = _join_tokens(dh)
   if axis_name is not None:
     dh = jax.lax.psum(dh, axis_name)
   return dh.astype(h.dtype), dw, dbias, None
@@ -236,9 +411,18 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 DEFAULT_CHUNK = 2048
+DEFAULT_TOKEN_CHUNK = 2048
 
 
-def _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk):
+def _check_chunk(name, value, allow_none=False):
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got "
+                     f"{value!r}.")
+
+
+def _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk, token_chunk):
   h, w = jnp.asarray(h), jnp.asarray(w)
   for name, x in (("h", h), ("w", w)):
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -257,8 +441,8 @@ def _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk):
     raise ValueError(f"soft_cap must be a number > 0 or None, got {soft_cap!r}.")
   if not (isinstance(z_loss, (int, float)) and z_loss >= 0):
     raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}.")
-  if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int) or vocab_chunk < 1:
-    raise ValueError(f"vocab_chunk must be an int >= 1, got {vocab_chunk!r}.")
+  _check_chunk("vocab_chunk", vocab_chunk)
+  _check_chunk("token_chunk", token_chunk, allow_none=True)
   return h, w, bias
 
 
@@ -295,11 +479,12 @@ def _check_members(members, batch_shape, vocab):
 
 
 def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_chunk,
-         vocab_axis_name, ignored=None):
+         token_chunk, vocab_axis_name, ignored=None):
   batch_shape = h.shape[:-1]
-  flat = _fused(h.reshape(-1, h.shape[-1]), w, bias, members.reshape(-1, members.shape[-1]),
-                complement, vocab_chunk, None if soft_cap is None else float(soft_cap),
-                float(z_loss), vocab_axis_name)
+  n = int(np.prod(batch_shape))
+  flat = _fused(h.reshape(n, h.shape[-1]), w, bias, members.reshape(n, members.shape[-1]),
+                complement, vocab_chunk, n if token_chunk is None else token_chunk,
+                None if soft_cap is None else float(soft_cap), float(z_loss), vocab_axis_name)
   loss = flat.reshape(batch_shape)
   if bad is not None:
     loss = jnp.where(bad, jnp.nan, loss)
@@ -307,8 +492,8 @@ def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_
 
 
 def _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
-                vocab_axis_name, complement):
-  h, w, bias = _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk)
+                token_chunk, vocab_axis_name, complement):
+  h, w, bias = _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk, token_chunk)
   batch_shape = h.shape[:-1]
   where = _check_where(where, batch_shape)
   labels_like = jax.ShapeDtypeStruct((*batch_shape, w.shape[1]), w.dtype)
@@ -318,18 +503,19 @@ def _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab
                                       ignore_index=ignore_index)
   return _run(h, w, bias, labels[..., None], labels < 0, where, complement, ignored=ignored,
               z_loss=z_loss, soft_cap=soft_cap, vocab_chunk=vocab_chunk,
-              vocab_axis_name=vocab_axis_name)
+              token_chunk=token_chunk, vocab_axis_name=vocab_axis_name)
 
 
-def _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, vocab_axis_name,
-              complement):
-  h, w, bias = _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk)
+def _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, token_chunk,
+              vocab_axis_name, complement):
+  h, w, bias = _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk, token_chunk)
   batch_shape = h.shape[:-1]
   where = _check_where(where, batch_shape)
   vocab = None if vocab_axis_name is not None else w.shape[1]
   members, bad = _check_members(members, batch_shape, vocab)
   return _run(h, w, bias, members, bad, where, complement, z_loss=z_loss, soft_cap=soft_cap,
-              vocab_chunk=vocab_chunk, vocab_axis_name=vocab_axis_name)
+              vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+              vocab_axis_name=vocab_axis_name)
 
 
 _ARGS = """
@@ -344,8 +530,14 @@ _ARGS = """
       z-loss, 1e-4 there); 0 adds nothing.
     soft_cap: optional ``c > 0``: the logits are ``c * tanh((h @ w + bias) / c)`` (Gemma 2's
       final-logit soft-capping, c = 30 there).
-    vocab_chunk: columns of ``w`` per step of the stream (default {chunk}); memory is
-      about ``3 * N * vocab_chunk`` floats. V need not be a multiple of it.
+    vocab_chunk: columns of ``w`` per step of the stream (default {chunk}). V need not be
+      a multiple of it.
+    token_chunk: tokens per block (default {token_chunk}; None: all at once). Each block
+      streams over the vocabulary, so the working memory is about
+      ``3 * token_chunk * vocab_chunk`` floats besides the gradients, whatever the number
+      of tokens N; N need not be a multiple of it. Under ``jit`` with ``h`` sharded on
+      its token axis, take None (or run the loss inside ``shard_map``): blocks of a
+      sharded axis are gathered.
     vocab_axis_name: inside ``shard_map`` with ``w`` (and ``bias``) sharded on V over this
       mesh axis: its name. Ids are then global: shard ``i`` holds columns
       ``i * V_local ..``; the logsumexps are combined across the axis.
@@ -362,52 +554,58 @@ _IGNORE = ("\n    ignore_index: optional label value (e.g. -100) marking padding
 
 
 def _doc(third, ignore=""):
-  return _ARGS.format(third=third, ignore=ignore, chunk=DEFAULT_CHUNK)
+  return _ARGS.format(third=third, ignore=ignore, chunk=DEFAULT_CHUNK,
+                      token_chunk=DEFAULT_TOKEN_CHUNK)
 
 
 def fused_nll(h: ArrayLike, w: ArrayLike, labels: ArrayLike, *, bias: ArrayLike | None = None,
               where: ArrayLike | None = None, ignore_index: int | None = None,
               z_loss: float = 0.0, soft_cap: float | None = None,
-              vocab_chunk: int = DEFAULT_CHUNK, vocab_axis_name: str | None = None) -> jax.Array:
+              vocab_chunk: int = DEFAULT_CHUNK,
+              token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+              vocab_axis_name: str | None = None) -> jax.Array:
   """``nll(h @ w + bias, labels)`` without the ``[tokens, V]`` logits: ``-log p_label``,
   as ``softplus(logsumexp_{k != label} z_k - z_label)``, exact when the loss is tiny."""
   return _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
-                     vocab_axis_name, complement=False)
+                     token_chunk, vocab_axis_name, complement=False)
 
 
 def fused_complement_nll(h: ArrayLike, w: ArrayLike, labels: ArrayLike, *,
                          bias: ArrayLike | None = None, where: ArrayLike | None = None,
                          ignore_index: int | None = None, z_loss: float = 0.0,
                          soft_cap: float | None = None, vocab_chunk: int = DEFAULT_CHUNK,
+                         token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
                          vocab_axis_name: str | None = None) -> jax.Array:
   """``complement_nll(h @ w + bias, labels)`` without the logits: ``-log(1 - p_label)``
   ("the next token is not ``label``"), as ``softplus(z_label - logsumexp_{k != label}
   z_k)``: finite and exact after ``p_label`` rounds to 1."""
   return _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
-                     vocab_axis_name, complement=True)
+                     token_chunk, vocab_axis_name, complement=True)
 
 
 def fused_set_nll(h: ArrayLike, w: ArrayLike, members: ArrayLike, *,
                   bias: ArrayLike | None = None, where: ArrayLike | None = None,
                   z_loss: float = 0.0, soft_cap: float | None = None,
                   vocab_chunk: int = DEFAULT_CHUNK,
+                  token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
                   vocab_axis_name: str | None = None) -> jax.Array:
   """``-log P(S)`` for a padded list S of token ids per token (``set_nll`` on ``h @ w``):
   any token of S is right. Duplicates count once; an empty S gives +inf."""
-  return _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, vocab_axis_name,
-                   complement=False)
+  return _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, token_chunk,
+                   vocab_axis_name, complement=False)
 
 
 def fused_complement_set_nll(h: ArrayLike, w: ArrayLike, negatives: ArrayLike, *,
                              bias: ArrayLike | None = None, where: ArrayLike | None = None,
                              z_loss: float = 0.0, soft_cap: float | None = None,
                              vocab_chunk: int = DEFAULT_CHUNK,
+                             token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
                              vocab_axis_name: str | None = None) -> jax.Array:
   """``-log(1 - P(S))`` for a padded list S of wrong token ids per token
   (``complement_set_nll`` on ``h @ w``; token-level unlikelihood with S the previous
   context tokens). Duplicates count once; an empty S gives 0."""
   return _set_loss(h, w, negatives, bias, where, z_loss, soft_cap, vocab_chunk,
-                   vocab_axis_name, complement=True)
+                   token_chunk, vocab_axis_name, complement=True)
 
 
 fused_nll.__doc__ += _doc(_LABELS, _IGNORE)

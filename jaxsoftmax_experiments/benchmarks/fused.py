@@ -14,7 +14,8 @@ time is the median of ``--rounds`` interleaved calls
 same run.
 
     python -m jaxsoftmax_experiments.benchmarks.fused [--sizes 8192,1024,32768 4096,1024,131072]
-        [--dtypes float32 bfloat16] [--rounds 3] [--chunk 2048] [--memory-only]
+        [--dtypes float32 bfloat16] [--rounds 3] [--chunk 2048] [--token-chunk 2048]
+        [--memory-only]
 """
 
 from __future__ import annotations
@@ -28,24 +29,24 @@ import numpy as np
 import optax
 
 from jaxsoftmax import losses
-from jaxsoftmax.losses._fused import DEFAULT_CHUNK
+from jaxsoftmax.losses._fused import DEFAULT_CHUNK, DEFAULT_TOKEN_CHUNK
 from jaxsoftmax_experiments.benchmarks import timer
 
 
-def _calls(n, d, v, dtype, chunk):
+def _calls(n, d, v, dtype, chunk, token_chunk):
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.normal(size=(n, d)), dtype)
   w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dtype)
   labels = jnp.asarray(rng.integers(0, v, n), jnp.int32)
   negatives = jnp.asarray(rng.integers(0, v, (n, 4)), jnp.int32)
+  chunks = dict(vocab_chunk=chunk, token_chunk=token_chunk)
   fns = {
       "optax": lambda h, w: optax.softmax_cross_entropy_with_integer_labels(h @ w, labels),
       "complement_nll (unfused)": lambda h, w: losses.complement_nll(h @ w, labels),
-      "fused_nll": lambda h, w: losses.fused_nll(h, w, labels, vocab_chunk=chunk),
-      "fused_complement_nll": lambda h, w: losses.fused_complement_nll(h, w, labels,
-                                                                       vocab_chunk=chunk),
+      "fused_nll": lambda h, w: losses.fused_nll(h, w, labels, **chunks),
+      "fused_complement_nll": lambda h, w: losses.fused_complement_nll(h, w, labels, **chunks),
       "fused_complement_set_nll": lambda h, w: losses.fused_complement_set_nll(
-          h, w, negatives, vocab_chunk=chunk),
+          h, w, negatives, **chunks),
   }
   out = {}
   for name, fn in fns.items():
@@ -63,17 +64,21 @@ def main(argv=None):
                       help="N,D,V triples")
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
+  parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="vocab_chunk")
+  parser.add_argument("--token-chunk", default=str(DEFAULT_TOKEN_CHUNK),
+                      help="token_chunk (an int, or none for all tokens at once)")
   parser.add_argument("--memory-only", action="store_true", help="compile, do not time")
   args = parser.parse_args(argv)
-  print(f"{timer.machine()}; vocab_chunk {args.chunk}; jit(value_and_grad) w.r.t. h and w")
+  token_chunk = None if args.token_chunk.lower() == "none" else int(args.token_chunk)
+  print(f"{timer.machine()}; vocab_chunk {args.chunk}, token_chunk {token_chunk}; "
+        f"jit(value_and_grad) w.r.t. h and w")
   print()
   print("| N, D, V | dtype | loss | temp MiB | ratio to optax | seconds | ratio to optax |")
   print("|---|---|---|---:|---:|---:|---:|")
   for size in args.sizes:
     n, d, v = (int(x) for x in size.split(","))
     for dtype in args.dtypes:
-      calls = _calls(n, d, v, jnp.dtype(dtype), args.chunk)
+      calls = _calls(n, d, v, jnp.dtype(dtype), args.chunk, token_chunk)
       times = ({} if args.memory_only else
                timer.interleaved({k: c for k, (_, c) in calls.items()}, args.rounds))
       base_mem = calls["optax"][0]

@@ -47,10 +47,13 @@ def _pair(name, h, w, bias, labels, ids, **kw):
 
 
 @pytest.mark.parametrize("name", sorted(FUSED))
-@pytest.mark.parametrize("chunk", [7, 4096])
-def test_equals_the_unfused_loss_on_the_logits_with_gradients(name, chunk):
+# 37 tokens in blocks of at most 3: 13 strided blocks of 2 and 11 left, which take 4
+# strided blocks of 2 and 3 left; or all at once.
+@pytest.mark.parametrize("chunk, token_chunk", [(7, 3), (4096, None)])
+def test_equals_the_unfused_loss_on_the_logits_with_gradients(name, chunk, token_chunk):
   h, w, bias, labels, ids = _problem()
-  fused, unfused = _pair(name, h, w, bias, labels, ids, vocab_chunk=chunk)
+  fused, unfused = _pair(name, h, w, bias, labels, ids, vocab_chunk=chunk,
+                         token_chunk=token_chunk)
   # Expected: the library's unfused loss of h @ w + bias (exact, tests/losses/test_partition.py).
   np.testing.assert_allclose(jax.jit(fused)(h, w, bias), unfused(h, w, bias), rtol=2e-5)
   got = jax.jit(jax.grad(lambda *a: fused(*a).sum(), (0, 1, 2)))(h, w, bias)
@@ -104,7 +107,8 @@ def test_bfloat16_gradients_match_a_float32_reference(scale):
   labels = jnp.where(jnp.arange(64) % 2 == 0, top, rng.integers(0, 1000, 64)).astype(jnp.int32)
   for fused, unfused in ((losses.fused_nll, losses.nll),
                          (losses.fused_complement_nll, losses.complement_nll)):
-    got = jax.jit(jax.grad(lambda h, w: fused(h, w, labels, vocab_chunk=96).sum(), (0, 1)))(h, w)
+    got = jax.jit(jax.grad(lambda h, w: fused(h, w, labels, vocab_chunk=96,
+                                              token_chunk=24).sum(), (0, 1)))(h, w)
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
     want = jax.jit(jax.grad(lambda h, w: unfused(h @ w, labels).sum(), (0, 1)))(
         h.astype(jnp.float32), w.astype(jnp.float32))
@@ -213,12 +217,35 @@ def test_no_logits_sized_buffer_in_the_compiled_training_step():
   assert temp < n * v * 4 / 4, temp
 
 
+def test_blocks_of_tokens_keep_the_working_memory_independent_of_the_token_count():
+  d, v = 32, 4096
+
+  def temp(n, dtype=jnp.float32):
+    h = jax.ShapeDtypeStruct((n, d), dtype)
+    w = jax.ShapeDtypeStruct((d, v), dtype)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    step = jax.jit(jax.grad(lambda h, w, y: losses.fused_nll(
+        h, w, y, vocab_chunk=512, token_chunk=256).sum(), (0, 1)))
+    compiled = step.lower(h, w, y).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
+
+  (small, _), (large, _) = temp(1024), temp(8192)
+  # 7168 more tokens: their [N, D] input gradient (0.9 MiB in float32), not 7168 more rows
+  # of each [tokens, chunk] buffer (14 MiB for one).
+  assert large - small < 7168 * 512 * 4 / 4, (small, large)
+  # bfloat16: no float32 copy of w or of its gradient (XLA:CPU slices and updates 16-bit
+  # floats on float32 copies unless given their bits).
+  _, text = temp(1024, jnp.bfloat16)
+  assert f"f32[{d},{v}]" not in text
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(labels=np.array([0, 101])), r"labels\[1\] = 101 is outside \[0, 101\)"),
     (dict(w=np.zeros((3, 101), np.float32)), r"w must be \[D, V\] with D = h.shape\[-1\] = 16"),
     (dict(bias=np.zeros(100, np.float32)), r"bias must be a floating \[V\] = \[101\]"),
     (dict(where=np.ones(3, bool)), r"where shape \(3,\) does not broadcast"),
     (dict(vocab_chunk=0), r"vocab_chunk must be an int >= 1"),
+    (dict(token_chunk=2.5), r"token_chunk must be an int >= 1 or None"),
     (dict(soft_cap=-1.0), r"soft_cap must be a number > 0"),
 ])
 def test_bad_input_is_a_clear_error(bad, message):

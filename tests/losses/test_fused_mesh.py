@@ -34,11 +34,13 @@ mesh = Mesh(np.array(jax.devices()), ("vocab",))
 # One label loss and one set loss: the other two are the same kernel with the sides swapped.
 for name, target in (("fused_nll", y), ("fused_complement_set_nll", neg)):
   fn = getattr(losses, name)
-  one = lambda h, w, b: fn(h, w, target, bias=b, vocab_chunk=16, z_loss=1e-3)
+  # 64 tokens in 4 strided blocks of 16 (token_chunk 24), 37 columns in chunks of 16.
+  one = lambda h, w, b: fn(h, w, target, bias=b, vocab_chunk=16, token_chunk=24, z_loss=1e-3)
   @jax.jit
   @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(None, "vocab"), P("vocab")), out_specs=P())
   def sharded(h, w, b):
-    return fn(h, w, target, bias=b, vocab_chunk=16, z_loss=1e-3, vocab_axis_name="vocab")
+    return fn(h, w, target, bias=b, vocab_chunk=16, token_chunk=24, z_loss=1e-3,
+              vocab_axis_name="vocab")
   loss = lambda f: (lambda h, w, b: f(h, w, b).sum())
   got_v, got_g = sharded(h, w, b), jax.jit(jax.grad(loss(sharded), (0, 1, 2)))(h, w, b)
   want_v, want_g = one(h, w, b), jax.grad(loss(one), (0, 1, 2))(h, w, b)
@@ -51,14 +53,18 @@ for name, target in (("fused_nll", y), ("fused_complement_set_nll", neg)):
 tokens = Mesh(np.array(jax.devices()), ("tokens",))
 hs = jax.device_put(h, NamedSharding(tokens, P("tokens")))
 ys = jax.device_put(y, NamedSharding(tokens, P("tokens")))
-step = jax.jit(jax.value_and_grad(lambda h, w, y: losses.fused_complement_nll(h, w, y, vocab_chunk=16).sum(), (0, 1)))
+# Blocks of 16 of the 64 tokens: strided, so each device takes its own rows of each block.
+loss = lambda h, w, y: losses.fused_complement_nll(h, w, y, vocab_chunk=16, token_chunk=16).sum()
+step = jax.jit(jax.value_and_grad(loss, (0, 1)))
 (value, (gh, gw)) = step(hs, w, ys)
-(want, (wh, ww)) = jax.value_and_grad(lambda h, w, y: losses.fused_complement_nll(h, w, y, vocab_chunk=16).sum(), (0, 1))(h, w, y)
+(want, (wh, ww)) = jax.value_and_grad(loss, (0, 1))(h, w, y)
 hlo = step.lower(hs, w, ys).compile().as_text()
+gathers = [l for l in hlo.splitlines() if "all-gather(" in l and "=" in l]
 out["tokens"] = {"value": float(abs(value - want) / abs(want)),
                  "grads": [float(jnp.abs(a - r).max() / jnp.abs(r).max()) for a, r in ((gh, wh), (gw, ww))],
                  "all_reduce": hlo.count("all-reduce"), "h_grad_spec": str(gh.sharding.spec),
-                 "h_grad_shards": len({s.device for s in gh.addressable_shards})}
+                 "h_grad_shards": len({s.device for s in gh.addressable_shards}),
+                 "float_gathers": [l.strip()[:120] for l in gathers if "f32[" in l.split("=")[1]]}
 print("RESULT " + json.dumps(out))
 '''
 
@@ -88,3 +94,5 @@ def test_token_parallel_gives_the_one_device_values_and_gradients(eight):
   assert r["value"] < 1e-5 and max(r["grads"]) < 1e-5, r
   assert r["all_reduce"] >= 1, r  # the weight gradient is summed over the token shards
   assert r["h_grad_shards"] == 8 and "tokens" in r["h_grad_spec"], r
+  # No device gathers another's hidden states (contiguous blocks of a sharded axis would).
+  assert r["float_gathers"] == [], r
