@@ -6,7 +6,9 @@ sum, with respect to ``h`` ``[N, D]`` and ``w`` ``[D, V]``:
 - ``optax``: ``optax.softmax_cross_entropy_with_integer_labels(h @ w, labels)``, the peer;
 - ``complement_nll (unfused)``: :func:`jaxsoftmax.losses.complement_nll` on ``h @ w``;
 - ``fused_nll``, ``fused_complement_nll``, ``fused_complement_set_nll`` (4 negatives per
-  token): the fused losses, streaming ``--chunk`` columns at a time.
+  token): the fused losses, streaming ``--chunk`` columns at a time;
+- in float32, ``floor: the 4 products alone``: the four ``N x D x V`` matrix products
+  (chunked) a fused loss that recomputes the logits performs, and nothing else.
 
 Memory is XLA's compiled ``temp_size_in_bytes`` (the buffers besides inputs and outputs);
 time is the median of ``--rounds`` interleaved calls
@@ -33,6 +35,32 @@ from jaxsoftmax.losses._fused import DEFAULT_CHUNK, DEFAULT_TOKEN_CHUNK
 from jaxsoftmax_experiments.benchmarks import timer
 
 
+FLOOR = "floor: the 4 products alone"
+
+
+def _products(h, w, chunk):
+  """The matrix products a fused loss that recomputes the logits cannot avoid, and
+  nothing else: the logits once forward, and per chunk of columns in the backward pass
+  the logits again, ``dz @ w_c.T`` and ``h.T @ dz`` (with ``dz`` the logits themselves).
+  Its time is a floor for the fused losses."""
+  n, v = h.shape[0], w.shape[1]
+  starts = jnp.arange(v // chunk) * chunk
+  columns = lambda start: jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
+  total, _ = jax.lax.scan(lambda t, s: (t + jnp.sum(h @ columns(s), axis=1), None),
+                          jnp.zeros(n, h.dtype), starts)
+
+  def backward(carry, start):
+    dh, dw = carry
+    w_c = columns(start)
+    dz = h @ w_c
+    return (dh + dz @ w_c.T,
+            jax.lax.dynamic_update_slice_in_dim(dw, h.T @ dz, start, axis=1)), None
+
+  (dh, dw), _ = jax.lax.scan(backward, (jnp.zeros_like(h) + total[:, None], jnp.zeros_like(w)),
+                             starts)
+  return jnp.sum(total), (dh, dw)
+
+
 def _calls(n, d, v, dtype, chunk, token_chunk):
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.normal(size=(n, d)), dtype)
@@ -48,11 +76,13 @@ def _calls(n, d, v, dtype, chunk, token_chunk):
       "fused_complement_set_nll": lambda h, w: losses.fused_complement_set_nll(
           h, w, negatives, **chunks),
   }
+  steps = {name: jax.value_and_grad(lambda h, w, fn=fn: jnp.sum(fn(h, w).astype(jnp.float32)),
+                                    argnums=(0, 1)) for name, fn in fns.items()}
+  if dtype == jnp.float32 and v % chunk == 0:
+    steps[FLOOR] = functools.partial(_products, chunk=chunk)
   out = {}
-  for name, fn in fns.items():
-    step = jax.jit(jax.value_and_grad(lambda h, w, fn=fn: jnp.sum(fn(h, w).astype(jnp.float32)),
-                                      argnums=(0, 1)))
-    compiled = step.lower(h, w).compile()
+  for name, step in steps.items():
+    compiled = jax.jit(step).lower(h, w).compile()
     out[name] = (compiled.memory_analysis().temp_size_in_bytes,
                  functools.partial(compiled, h, w))
   return out
