@@ -47,14 +47,25 @@ def _pair(name, h, w, bias, labels, ids, **kw):
 
 
 @pytest.mark.parametrize("name", sorted(FUSED))
-# 37 tokens in blocks of at most 3: 13 strided blocks of 2 and 11 left, which take 4
-# strided blocks of 2 and 3 left; or all at once.
-@pytest.mark.parametrize("chunk, token_chunk", [(7, 3), (4096, None)])
+# 37 tokens in blocks of at most 10: 4 strided blocks of 9 and 1 left; or all at once.
+@pytest.mark.parametrize("chunk, token_chunk", [(7, 10), (4096, None)])
 def test_equals_the_unfused_loss_on_the_logits_with_gradients(name, chunk, token_chunk):
   h, w, bias, labels, ids = _problem()
   fused, unfused = _pair(name, h, w, bias, labels, ids, vocab_chunk=chunk,
                          token_chunk=token_chunk)
   # Expected: the library's unfused loss of h @ w + bias (exact, tests/losses/test_partition.py).
+  np.testing.assert_allclose(jax.jit(fused)(h, w, bias), unfused(h, w, bias), rtol=2e-5)
+  got = jax.jit(jax.grad(lambda *a: fused(*a).sum(), (0, 1, 2)))(h, w, bias)
+  want = jax.grad(lambda *a: unfused(*a).sum(), (0, 1, 2))(h, w, bias)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+
+def test_tokens_left_after_the_strided_blocks_are_blocked_again():
+  # 37 tokens in blocks of at most 3: 13 strided blocks of 2 and 11 left, which take 4
+  # strided blocks of 2 and 3 left. Expected: the unfused loss, in value and gradients.
+  h, w, bias, labels, ids = _problem()
+  fused, unfused = _pair("fused_nll", h, w, bias, labels, ids, vocab_chunk=50, token_chunk=3)
   np.testing.assert_allclose(jax.jit(fused)(h, w, bias), unfused(h, w, bias), rtol=2e-5)
   got = jax.jit(jax.grad(lambda *a: fused(*a).sum(), (0, 1, 2)))(h, w, bias)
   want = jax.grad(lambda *a: unfused(*a).sum(), (0, 1, 2))(h, w, bias)
@@ -154,7 +165,7 @@ def test_where_and_ignore_index_give_loss_and_gradient_zero():
   h, w, bias, labels, _ = _problem()
   padded = labels.at[::3].set(-100)
   mask = padded != -100
-  fn = lambda h, w: losses.fused_nll(h, w, padded, ignore_index=-100, vocab_chunk=16)
+  fn = jax.jit(lambda h, w: losses.fused_nll(h, w, padded, ignore_index=-100, vocab_chunk=16))
   value = fn(h, w)
   assert np.all(np.asarray(value)[::3] == 0)
   gh, gw = jax.jit(jax.grad(lambda h, w: fn(h, w).sum(), (0, 1)))(h, w)
@@ -162,9 +173,9 @@ def test_where_and_ignore_index_give_loss_and_gradient_zero():
   # Expected: the unfused loss on the kept tokens alone.
   want = jax.grad(lambda w: losses.nll(h[mask] @ w, labels[mask]).sum())(w)
   np.testing.assert_allclose(gw, want, rtol=1e-4, atol=1e-6)
-  got = losses.fused_complement_nll(h, w, labels, where=mask)
+  masked = lambda h: losses.fused_complement_nll(h, w, labels, where=mask)
+  got, g = jax.jit(lambda h: (masked(h), jax.grad(lambda h: masked(h).sum())(h)))(h)
   np.testing.assert_array_equal(np.asarray(got)[~np.asarray(mask)], 0.0)
-  g = jax.grad(lambda h: losses.fused_complement_nll(h, w, labels, where=mask).sum())(h)
   assert np.all(np.asarray(g)[~np.asarray(mask)] == 0)
 
 
@@ -176,8 +187,8 @@ def test_z_loss_adds_the_squared_logsumexp_and_its_gradient():
     # Expected: PaLM's z-loss, 1e-2 * logsumexp(z)^2, added to the unfused loss.
     ref = lambda h, w: (unfused(h @ w + bias, labels)
                         + 1e-2 * jnp.square(jax.nn.logsumexp(h @ w + bias, axis=-1)))
-    np.testing.assert_allclose(fused(h, w), ref(h, w), rtol=1e-5)
-    for g, r in zip(jax.grad(lambda *a: fused(*a).sum(), (0, 1))(h, w),
+    np.testing.assert_allclose(jax.jit(fused)(h, w), ref(h, w), rtol=1e-5)
+    for g, r in zip(jax.jit(jax.grad(lambda *a: fused(*a).sum(), (0, 1)))(h, w),
                     jax.grad(lambda *a: ref(*a).sum(), (0, 1))(h, w)):
       np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
 
@@ -199,9 +210,9 @@ def test_soft_cap_is_the_unfused_loss_of_capped_logits(name):
 def test_empty_sets_follow_the_unfused_losses():
   h, w, bias, _, _ = _problem(n=2)
   empty = jnp.full((2, 3), -1, jnp.int32)
-  assert np.all(np.isinf(losses.fused_set_nll(h, w, empty)))
-  np.testing.assert_array_equal(losses.fused_complement_set_nll(h, w, empty), 0.0)
-  g = jax.grad(lambda h: losses.fused_set_nll(h, w, empty).sum())(h)
+  assert np.all(np.isinf(jax.jit(losses.fused_set_nll)(h, w, empty)))
+  np.testing.assert_array_equal(jax.jit(losses.fused_complement_set_nll)(h, w, empty), 0.0)
+  g = jax.jit(jax.grad(lambda h: losses.fused_set_nll(h, w, empty).sum()))(h)
   np.testing.assert_array_equal(g, 0.0)  # +inf loss: zero gradient, as set_nll
 
 
