@@ -80,7 +80,7 @@ def _token_blocks(n: int, token_chunk: int):
   """``(count, rest)``: the first ``n - rest`` tokens form ``count`` strided blocks of at
   most ``token_chunk`` tokens (block ``i``: tokens ``i, i + count, i + 2 count, ..``), the
   last ``rest`` are streamed in blocks of their own. Strided blocks keep a token axis
-  sharded under ``jit`` sharded: each device takes its own rows of every block. ``count``
+  sharded under ``jit``: each device takes its own rows of every block. ``count``
   divides ``n`` where a divisor is near (``rest = 0``)."""
   if n <= token_chunk:
     return 1, 0
@@ -535,9 +535,8 @@ _ARGS = """
     token_chunk: tokens per block (default {token_chunk}; None: all at once). Each block
       streams over the vocabulary, so the working memory is about
       ``3 * token_chunk * vocab_chunk`` floats besides the gradients, whatever the number
-      of tokens N; N need not be a multiple of it. Under ``jit`` with ``h`` sharded on
-      its token axis, take None (or run the loss inside ``shard_map``): blocks of a
-      sharded axis are gathered.
+      of tokens N; N need not be a multiple of it. The blocks are strided, so under
+      ``jit`` with ``h`` sharded on its token axis each device keeps its own rows.
     vocab_axis_name: inside ``shard_map`` with ``w`` (and ``bias``) sharded on V over this
       mesh axis: its name. Ids are then global: shard ``i`` holds columns
       ``i * V_local ..``; the logsumexps are combined across the axis.
