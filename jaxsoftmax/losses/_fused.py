@@ -58,14 +58,12 @@ from jaxsoftmax.losses._partition import _log
 _F32 = jnp.float32
 
 
-def _sweep(body, carry, total: int, chunk: int):
-  """``body(carry, start, size)`` over ``total`` columns (or rows): a ``lax.scan`` over the
-  ``total // chunk`` full chunks, then once over the ``total % chunk`` left, if any (a
-  chunk of their own static size: no padding column, no column seen twice)."""
-  if total == 0:
-    return carry
-  chunk = min(chunk, total)
-  full, rest = divmod(total, chunk)
+def _sweep(body, carry, vocab: int, chunk: int):
+  """``body(carry, start, size)`` over the vocabulary: a ``lax.scan`` over the
+  ``vocab // chunk`` full chunks, then once over the ``vocab % chunk`` columns left, if
+  any (a chunk of their own static size: no padding column, no column seen twice)."""
+  chunk = min(chunk, vocab)
+  full, rest = divmod(vocab, chunk)
   if full == 1:
     carry = body(carry, 0, chunk)
   else:
@@ -91,87 +89,77 @@ def _token_blocks(n: int, token_chunk: int):
   return least, n % least
 
 
-def _split_rows(x, count, rest):
-  """``x`` ``[N, ...]`` as its bits (:func:`_as_bits`) split into a ``[N' / count, count,
-  ...]`` head of strided blocks and a ``[rest, ...]`` tail."""
-  bits = _as_bits(x)
+def _split_tokens(x, token_chunk):
+  """``x`` ``[N, ...]`` laid out in blocks of at most ``token_chunk`` tokens: ``x`` itself
+  if it is one block, else ``(head, tail)``: ``head`` the first ``N - rest`` tokens as
+  ``[(N - rest) / count, count, ...]`` bits (:func:`_as_bits`; strided block ``i`` is
+  ``head[:, i]``, a free reshape), ``tail`` the last ``rest`` laid out the same way (an
+  empty array if none)."""
+  count, rest = _token_blocks(x.shape[0], token_chunk)
+  if count == 1:
+    return x
   m = x.shape[0] - rest
+  bits = _as_bits(x)
   head = (bits[:m] if rest else bits).reshape(m // count, count, *x.shape[1:])
-  return head, bits[m:]
+  return head, (_split_tokens(_from_bits(bits[m:], x.dtype), token_chunk) if rest
+                else bits[m:])
 
 
-def _rows(part, start, size, axis, dtype):
-  """Rows of a split array (one strided block of the head along axis 1 with ``size``
-  None, or ``size`` rows of the tail), from its bits behind an optimization barrier."""
-  if size is None:
-    block = jax.lax.dynamic_index_in_dim(part, start, axis=axis, keepdims=False)
-  else:
-    block = jax.lax.dynamic_slice_in_dim(part, start, size, axis=axis)
+def _join_tokens(x, dtype):
+  """The ``[N, ...]`` array of ``dtype`` laid out by :func:`_split_tokens`."""
+  if not isinstance(x, tuple):
+    return x
+  head, tail = x
+  flat = _from_bits(head.reshape(-1, *head.shape[2:]), dtype)
+  if isinstance(tail, tuple) or tail.shape[0]:
+    return jnp.concatenate([flat, _join_tokens(tail, dtype)])
+  return flat
+
+
+def _has_tail(x):
+  return isinstance(x[1], tuple) or x[1].shape[0] > 0
+
+
+def _strided_block(head, i, dtype):
+  """Strided block ``i`` of a split array's head, from its bits behind an optimization
+  barrier."""
+  block = jax.lax.dynamic_index_in_dim(head, i, axis=1, keepdims=False)
   return _from_bits(jax.lax.optimization_barrier(block), dtype)
 
 
-def _map_tokens(fn, xs, token_chunk):
-  """``fn(*rows)`` (a tree of ``[rows, ...]`` arrays) over all tokens of the ``[N, ...]``
-  arrays ``xs``, a block of at most ``token_chunk`` tokens at a time, reassembled in
-  token order."""
-  n = xs[0].shape[0]
-  count, rest = _token_blocks(n, token_chunk)
-  if count == 1:
+def _map_tokens(fn, xs, dtypes):
+  """``fn(*rows)`` (a tree of ``[rows, ...]`` arrays) over all tokens of the arrays ``xs``
+  (of ``dtypes``) laid out by :func:`_split_tokens`, a block at a time, joined in token
+  order."""
+  if not isinstance(xs[0], tuple):
     return fn(*xs)
-  parts = [_split_rows(x, count, rest) for x in xs]
-  out = jax.lax.map(
-      lambda i: fn(*(_rows(head, i, None, 1, x.dtype) for (head, _), x in zip(parts, xs))),
-      jnp.arange(count))
+  out = jax.lax.map(lambda i: fn(*(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes))),
+                    jnp.arange(xs[0][0].shape[1]))
   out = jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), out)
-  if rest:  # fewer than count tokens: blocks of their own
-    tail = _map_tokens(fn, [_from_bits(t, x.dtype) for (_, t), x in zip(parts, xs)],
-                       token_chunk)
+  if _has_tail(xs[0]):
+    tail = _map_tokens(fn, [x[1] for x in xs], dtypes)
     out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
   return out
 
 
-def _scan_tokens(step, dh, carry, xs, token_chunk):
-  """``step(dh_rows, carry, *rows) -> (dh_rows, carry)`` over all tokens of the ``[N,
-  ...]`` arrays ``xs``, a block of at most ``token_chunk`` tokens at a time, with ``dh``
-  an ``[N, ...]`` accumulator of per-token rows, kept split as ``(head, tail)`` (see
-  :func:`_split_tokens`) between calls."""
-  n = xs[0].shape[0]
-  count, rest = _token_blocks(n, token_chunk)
-  if count == 1:
+def _scan_tokens(step, dh, carry, xs, dtypes):
+  """``step(dh_rows, carry, *rows) -> (dh_rows, carry)`` over all tokens of the arrays
+  ``xs`` (of ``dtypes``) laid out by :func:`_split_tokens`, a block at a time, with
+  ``dh`` an accumulator of per-token rows laid out the same way."""
+  if not isinstance(xs[0], tuple):
     return step(dh, carry, *xs)
-  parts = [_split_rows(x, count, rest) for x in xs]
   dh_head, dh_tail = dh
 
   def body(c, i):
     dh_head, carry = c
     rows, carry = step(jax.lax.dynamic_index_in_dim(dh_head, i, axis=1, keepdims=False), carry,
-                       *(_rows(head, i, None, 1, x.dtype) for (head, _), x in zip(parts, xs)))
+                       *(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes)))
     return (jax.lax.dynamic_update_index_in_dim(dh_head, rows, i, axis=1), carry), None
 
-  (dh_head, carry), _ = jax.lax.scan(body, (dh_head, carry), jnp.arange(count))
-  if rest:
-    tails = [_from_bits(t, x.dtype) for (_, t), x in zip(parts, xs)]
-    dh_tail, carry = _scan_tokens(step, dh_tail, carry, tails, token_chunk)
+  (dh_head, carry), _ = jax.lax.scan(body, (dh_head, carry), jnp.arange(dh_head.shape[1]))
+  if _has_tail(xs[0]):
+    dh_tail, carry = _scan_tokens(step, dh_tail, carry, [x[1] for x in xs], dtypes)
   return (dh_head, dh_tail), carry
-
-
-def _split_tokens(x, token_chunk):
-  """An ``[N, ...]`` accumulator in the layout :func:`_scan_tokens` keeps it in."""
-  count, rest = _token_blocks(x.shape[0], token_chunk)
-  if count == 1:
-    return x
-  head, tail = _split_rows(x, count, rest)
-  return head, (_split_tokens(tail, token_chunk) if rest else tail)
-
-
-def _join_tokens(x):
-  """The ``[N, ...]`` array of an accumulator split by :func:`_split_tokens`."""
-  if not isinstance(x, tuple):
-    return x
-  head, tail = x
-  flat = head.reshape(-1, *head.shape[2:])
-  tail = _join_tokens(tail)
-  return jnp.concatenate([flat, tail]) if tail.shape[0] else flat
 
 
 def _as_bits(x):
@@ -299,7 +287,8 @@ def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
                      jnp.full(local_rows.shape, -jnp.inf, dtype)), axis_name)
     return _sweep(body, init, vocab, chunk)
 
-  m_out, s_out, member_logits = _map_tokens(rows, (h, local), token_chunk)
+  m_out, s_out, member_logits = _map_tokens(
+      rows, [_split_tokens(x, token_chunk) for x in (h, local)], (h.dtype, local.dtype))
   if axis_name is not None:
     top = jax.lax.pmax(jax.lax.stop_gradient(m_out), axis_name)
     safe = jnp.where(jnp.isinf(top), 0.0, top)
@@ -349,14 +338,17 @@ def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resi
   # dz_k = coef * exp(z_k - shift), with the side's logsumexp as the shift (so the
   # exponential is at most 1) and the z-loss term 2 z_loss lse p_k folded into the
   # coefficient as exp(side - lse): one exponential per logit.
-  d_lse = g * 2.0 * z_loss * finite(lse)
-  share = lambda side: jnp.where(side == -jnp.inf, 0.0, jnp.exp(side - lse))
   coef_a, coef_b = d_a, -d_a
   if z_loss:
+    d_lse = g * 2.0 * z_loss * finite(lse)
+    share = lambda side: jnp.where(side == -jnp.inf, 0.0, jnp.exp(side - lse))
     coef_a, coef_b = coef_a + d_lse * share(a), coef_b + d_lse * share(b)
-  # Per token: what the logit gradient needs, sliced a block of tokens at a time.
-  per_token = (coef_a, coef_b, finite(a), finite(b), live,
+  # Per token: what the logit gradient needs, laid out in blocks of tokens once, outside
+  # the loop over the vocabulary.
+  per_token = (h, coef_a, coef_b, finite(a), finite(b), live,
                jnp.where(unique, members - _offset(axis_name, vocab), -1))
+  blocked = [_split_tokens(x, token_chunk) for x in per_token]
+  dtypes = [x.dtype for x in per_token]
 
   def columns(carry, start, size):
     """One chunk of columns: its weight and bias gradient, summed over the blocks of
@@ -386,7 +378,7 @@ def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resi
 
     init = _varying((jnp.zeros((w.shape[0], size), dtype),
                      None if bias is None else jnp.zeros(size, dtype)), axis_name)
-    dh, (dw_cols, dbias_cols) = _scan_tokens(rows, dh, init, (h, *per_token), token_chunk)
+    dh, (dw_cols, dbias_cols) = _scan_tokens(rows, dh, init, blocked, dtypes)
     # Written as bits: a 16-bit dw stays 16-bit (see _as_bits); the barrier keeps XLA
     # from moving the cast after the update.
     dw = _from_bits(jax.lax.dynamic_update_slice_in_dim(
@@ -401,7 +393,7 @@ def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resi
                    jnp.zeros(w.shape, w.dtype),
                    None if bias is None else jnp.zeros(bias.shape, bias.dtype)), axis_name)
   dh, dw, dbias = _sweep(columns, init, vocab, chunk)
-  dh = _join_tokens(dh)
+  dh = _join_tokens(dh, dtype)
   if axis_name is not None:
     dh = jax.lax.psum(dh, axis_name)
   return dh.astype(h.dtype), dw, dbias, None
