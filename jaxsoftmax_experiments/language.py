@@ -538,7 +538,7 @@ def execute(s: Settings, workdir: Path, *, stop_after: int | None = None,
   (as Ctrl-C would), leaving a checkpoint. Returns the exit status."""
   from jaxsoftmax_experiments import report
   from jaxsoftmax_experiments.checkpoint import Checkpointer, CheckpointError
-  from jaxsoftmax_experiments.workdir import Workdir, WorkdirError
+  from jaxsoftmax_experiments.workdir import METRICS as METRICS_LOG, Workdir, WorkdirError
   plan, info = plan_of(s)
   data = plan.data
   wd = Workdir(workdir)
@@ -548,21 +548,21 @@ def execute(s: Settings, workdir: Path, *, stop_after: int | None = None,
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
+    wd.remove_temporary_files()
     config = json.loads(report.to_json(dataclasses.asdict(s)))
-    config_path = wd.path / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != config:
-      print(f"error: {wd.path} holds a run of another config; choose another --workdir.",
-            file=sys.stderr)
+    problem = wd.config_problem(config)
+    if problem:
+      print(f"error: {problem}", file=sys.stderr)
       return 2
-    if (wd.path / "results.json").exists():
+    if wd.is_complete():
       print(f"The run in {wd.path} is complete; its results are in results.json and summary.md.")
       return 0
-    report.write_atomic(config_path, report.to_json(config))
-    checkpoints = Checkpointer(wd.path / "checkpoints")
+    wd.claim("jaxsoftmax-lm")
+    wd.write_config(config)
+    checkpoints = Checkpointer(wd.checkpoints)
     fp = fingerprint(s, data)
     template = jax.eval_shape(lambda: _start(plan, jax.random.key(s.seed)))
-    log = wd.path / "metrics.jsonl"
-    lines = log.read_text().splitlines() if log.exists() else []
+    lines, records = wd.read_metrics()
     try:
       found = checkpoints.restore_latest(template, fingerprint=fp,
                                          usable=lambda m: m["num_records"] <= len(lines))
@@ -572,17 +572,18 @@ def execute(s: Settings, workdir: Path, *, stop_after: int | None = None,
     state, resumed = None, None
     if found:
       resumed, state, meta = found
-      lines = lines[:meta["num_records"]]
+      lines, records = lines[:meta["num_records"]], records[:meta["num_records"]]
       print(f"Resuming from the checkpoint at step {resumed}.")
-    report.write_atomic(log, "".join(l + "\n" for l in lines))
-    records = [json.loads(l) for l in lines]
+    else:
+      lines, records = [], []
+    wd.keep_metrics(lines)
     start_ppl = None
     if records and s.experiment == "unlearning":
       start_ppl = np.array([r["retain_perplexity"] for r in records
                             if r["step"] == 0 and r["regime"] == s.regimes[0]])
     begin = time.perf_counter()
     evaluations = 0
-    with open(log, "a") as f:
+    with open(wd / METRICS_LOG, "a") as f:
       for state in run(plan, state):
         step = int(state.step)
         if step == resumed:
@@ -591,8 +592,7 @@ def execute(s: Settings, workdir: Path, *, stop_after: int | None = None,
         if step == 0 and s.experiment == "unlearning":
           start_ppl = np.array([r["retain_perplexity"] for r in new if r["regime"] == s.regimes[0]])
         records += new
-        f.write("".join(json.dumps(r) + "\n" for r in new))
-        f.flush()
+        wd.append_metrics(f, new)
         checkpoints.save(step, state, {"step": step, "num_records": len(records),
                                        "fingerprint": fp})
         if progress:

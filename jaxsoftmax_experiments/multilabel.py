@@ -548,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
+    workdir.remove_temporary_files()
     done = workdir.path / "results.json"
     if done.exists() and not args.overwrite:
       old = json.loads(done.read_text()).get("config")
@@ -558,6 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"error: {workdir.path} holds results of another config; pass --overwrite or "
             "choose another --workdir.", file=sys.stderr)
       return 2
+    workdir.claim("jaxsoftmax-multilabel")
     start = time.perf_counter()
     scores, history, stats = train(settings, data, names)
     results = {"config": config, "num_train": len(data.y_train), "num_val": len(data.y_val),

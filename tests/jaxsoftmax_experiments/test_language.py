@@ -115,6 +115,14 @@ def test_a_stopped_run_resumes_to_the_same_files_byte_for_byte(runs, tmp_path):
     assert (tmp_path / name).read_bytes() == (workdir / name).read_bytes(), name
 
 
+def test_a_run_of_another_config_is_refused_naming_the_keys(runs, capsys):
+  s, workdir, _ = runs["repetition"]
+  before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+  assert language.execute(dataclasses.replace(s, alpha=2.0), workdir, progress=False) == 2
+  assert "differing keys: alpha (1.0 -> 2.0)" in capsys.readouterr().err
+  assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
+
+
 def test_bad_flags_are_refused(capsys):
   assert language.main(["--workdir=x", "--prompt=40"]) == 2
   assert "--prompt: must be shorter than --length" in capsys.readouterr().err
