@@ -53,6 +53,7 @@ from flax import nnx
 
 from jaxsoftmax import losses
 from jaxsoftmax.models import MLP
+from jaxsoftmax_experiments.data import digits, standardise
 from jaxsoftmax_experiments.report import mean_std
 
 CLIP = 1e-7  # Keras's epsilon: probabilities clipped to [1e-7, 1 - 1e-7]
@@ -92,18 +93,11 @@ def check_labels(y, x, name: str) -> np.ndarray:
   return y
 
 
-def _standardise(*xs):
-  flat = xs[0].reshape(len(xs[0]), -1)
-  mean, std = flat.mean(0), flat.std(0)
-  std = np.where(std > 0, std, 1.0)
-  return [((x.reshape(len(x), -1) - mean) / std).astype(np.float32) for x in xs]
-
-
 def _generated() -> Data:
   from sklearn.datasets import make_multilabel_classification
   x, y = make_multilabel_classification(n_samples=3000, n_features=20, n_classes=10,
                                         n_labels=3, allow_unlabeled=False, random_state=0)
-  xs = _standardise(x[:2000], x[2000:2500], x[2500:])
+  xs = standardise(x[:2000], x[2000:2500], x[2500:])
   ys = [y[:2000], y[2000:2500], y[2500:]]
   return Data("generated", xs[0], ys[0].astype(bool), xs[1], ys[1].astype(bool), xs[2],
               ys[2].astype(bool))
@@ -127,15 +121,11 @@ def canvases(images: np.ndarray, classes: np.ndarray, n: int, seed: int):
 
 
 def _canvases() -> Data:
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-  bunch = load_digits()  # the classifier's digits split (jaxsoftmax_experiments.data)
-  x_tr, x_te, y_tr, y_te = train_test_split(bunch.images, bunch.target, test_size=0.25,
-                                            random_state=0, stratify=bunch.target)
+  x_tr, y_tr, x_te, y_te, _ = digits()  # the classifier's digits split
   a, ya = canvases(x_tr, y_tr, 3000, seed=0)
   b, yb = canvases(x_tr, y_tr, 600, seed=1)
   c, yc = canvases(x_te, y_te, 1000, seed=2)
-  xs = _standardise(a, b, c)
+  xs = standardise(a, b, c)
   return Data("canvases", xs[0], ya, xs[1], yb, xs[2], yc)
 
 
@@ -154,7 +144,7 @@ def _npz(path: str) -> Data:
   if len({y.shape[1] for y in ys}) != 1:
     raise MultiLabelError(f"npz:{path}: y_train, y_val and y_test must have the same number of "
                           f"classes, got {[y.shape[1] for y in ys]}.")
-  xs = _standardise(*(np.asarray(arrays[f"x_{s}"], np.float64) for s in ("train", "val", "test")))
+  xs = standardise(*(np.asarray(arrays[f"x_{s}"], np.float64) for s in ("train", "val", "test")))
   return Data(f"npz:{path}", xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
 
 
