@@ -27,7 +27,7 @@ select, compare or iota, and any elementwise value that two reductions read is w
 to memory. Every exact form needs the label's side apart from the rest (a mask, or a
 count of ties with the maximum) in a second reduction; shifting both sides by the
 global maximum instead is not exact (complement_nll becomes +inf once the label leads
-by 100). ``jaxsoftmax_experiments/benchmarks/losses.py`` reports these forward-only rows.
+by 100). ``experiments/benchmarks/losses.py`` reports these forward-only rows.
 
 Members are either int32 labels (S = {label}; -1 marks an invalid label and gives
 NaN) or a boolean mask over classes. ``complement=True`` swaps S and its complement.

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
-CONFIGS = Path(__file__).resolve().parent / "configs"
 _FLAGS = """\
   --config=NAME|PATH     a packaged config by name (feedback_digits, mnist1d_supervised:cnn)
                          or a config file; NAME:ARG passes ARG to its get_config
@@ -50,7 +49,8 @@ _FLAGS = """\
 
 def _usage() -> str:
   from jaxsoftmax_experiments import config as config_lib
-  names = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.stem.startswith("_"))
+  from jaxsoftmax_experiments import configs
+  names = configs.names()
   return (f"usage: jaxsoftmax-run --config=NAME|PATH --workdir=DIR [--config.KEY=VALUE ...]\n\n"
           f"Trains every regime x seed of an experiment config and writes config.json, "
           f"metrics.jsonl, results.json, summary.md and curves.png to --workdir.\n\n"
@@ -86,11 +86,10 @@ def _flags(argv: list[str]):
 
 def resolve_config_arg(arg: str) -> str:
   """``--config=NAME[:ARG]`` names a packaged config; anything else is taken as a path."""
-  path, colon, rest = arg.partition(":")
-  packaged = CONFIGS / f"{path}.py"
-  if "/" not in path and not path.endswith(".py") and packaged.exists():
-    return str(packaged) + colon + rest
-  return arg
+  from jaxsoftmax_experiments import configs
+  name, colon, rest = arg.partition(":")
+  packaged = None if "/" in name or name.endswith(".py") else configs.path(name)
+  return packaged + colon + rest if packaged else arg
 
 
 def _error(message: str) -> int:

@@ -10,7 +10,7 @@
 
 Whole files are written atomically (:func:`jaxsoftmax_experiments.report.write_atomic`).
 
-Guarantees, each tested (``tests/jaxsoftmax_experiments/test_workdir.py``):
+Guarantees, each tested (``tests/experiments/test_workdir.py``):
 
 - One run at a time: :meth:`Workdir.lock` takes an OS file lock (``fcntl.flock``) on
   ``.lock`` before anything is checked or written; a second command on the same folder

@@ -1,6 +1,7 @@
 """The command line as a newcomer meets it: --help, configs by name from anywhere, a
 finished run left alone, Ctrl-C while compiling, progress in a log, and a user's data."""
 
+import importlib.metadata
 import importlib.util
 import json
 import signal
@@ -45,9 +46,24 @@ def test_the_console_script_answers_help():
 
 
 def test_installing_claims_no_generic_top_level_name():
-  # Before: `pip install .` put a package named `experiments` into site-packages.
-  assert importlib.util.find_spec("experiments") is None
+  # Before: `pip install .` put a package named `experiments` into site-packages. The
+  # distribution's own record says what it installs, wherever the test runs from (the
+  # repo root holds source folders named experiments/ and configs/).
+  dist = importlib.metadata.distribution("jaxsoftmax")
+  top = (dist.read_text("top_level.txt") or "").split()
+  if not top:  # an editable install without top_level.txt: its RECORD's names
+    top = sorted({str(f).split("/")[0].removesuffix(".py") for f in dist.files or ()
+                  if not str(f).startswith(("jaxsoftmax-", "__editable__", ".."))})
+  assert set(top) <= {"jaxsoftmax", "jaxsoftmax_experiments"}, top
   assert importlib.util.find_spec("jaxsoftmax_experiments") is not None
+  assert importlib.util.find_spec("jaxsoftmax_experiments.configs") is not None
+
+
+def test_packaged_configs_are_found_through_the_package_not_the_source_tree():
+  from jaxsoftmax_experiments import configs
+  assert {"feedback_digits", "mnist1d_supervised"} <= set(configs.names())
+  assert configs.path("feedback_digits").endswith("feedback_digits.py")
+  assert configs.path("none") is None
 
 
 def test_a_config_by_name_runs_from_any_directory(tmp_path, monkeypatch):
@@ -55,7 +71,7 @@ def test_a_config_by_name_runs_from_any_directory(tmp_path, monkeypatch):
   assert run.main(["--config=feedback_digits:hierarchical", "--workdir=out", *TINY]) == 0
   results = json.loads((tmp_path / "out" / "results.json").read_text())
   assert results["config"]["head"] == "hierarchical"
-  path = ROOT / "jaxsoftmax_experiments" / "configs" / "feedback_digits.py"
+  path = ROOT / "configs" / "feedback_digits.py"
   assert run.main([f"--config={path}", "--workdir=by_path", *TINY]) == 0  # a path works too
 
 

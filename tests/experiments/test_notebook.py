@@ -5,7 +5,7 @@ from pathlib import Path
 import nbclient
 import nbformat
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "jaxsoftmax_experiments" / "notebooks" / "losses.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "experiments" / "notebooks" / "losses.ipynb"
 
 
 def test_losses_notebook_executes_and_draws_its_plots():

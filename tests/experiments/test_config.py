@@ -8,7 +8,7 @@ import pytest
 
 from jaxsoftmax_experiments import config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "jaxsoftmax_experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def load_config(name, *args):
