@@ -1,4 +1,13 @@
-"""The experiment config: its defaults, and the checks that every config must pass.
+"""The experiment config: one key table for every kind, its defaults, and the checks.
+
+A config's ``kind`` says which experiment it runs: ``lm`` (a language model: repetition
+and unlearning) or ``multilabel`` (several true labels per example); a config without a
+``kind`` key is a ``classifier`` (the feedback experiment and the supervised baselines),
+so that classifier configs, their ``config.json`` and their checkpoints' fingerprints are
+what they were before there were other kinds. Every kind shares the common keys
+(``dataset``, ``regimes``, ``num_seeds``, ``steps``, ``batch_size``,
+``learning_rate``, ``seed``, ``eval_every``, ``checkpoint_every``) and adds its own; a key of
+another kind is an unknown key, refused naming the kind it belongs to.
 
 Config files under ``configs/`` start from :func:`defaults` and change what their
 experiment needs; :func:`validate` then checks every key's type and range, so a typo
@@ -15,19 +24,26 @@ import ml_collections
 from jaxsoftmax_experiments import data
 from jaxsoftmax_experiments import regimes as regimes_lib
 
+KINDS = ("classifier", "lm", "multilabel")
 REGIMES = ("positive_only", "negated_gradient", "complement_likelihood")  # the default comparison
 PROTOCOLS = ("feedback", "uniform", "biased", "supervised")
 MODELS = ("mlp", "cnn")
 HEADS = ("softmax", "hierarchical")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
+LM_EXPERIMENTS = {"repetition": ("mle", "unlikelihood", "negated"),
+                  "unlearning": ("gradient_ascent", "complement", "npo")}
+LM_HEADS = ("fused", "softmax")
+MULTILABEL_DATASETS = ("canvases", "generated")
+MULTILABEL_OBJECTIVES = ("softmax_y_over_size", "sigmoid", "softmax_plus_complement",
+                         "clipped_softmax")
 
 
 class ConfigError(ValueError):
   """A config key with a wrong type or a value out of range; the message names the key."""
 
 
-# key -> (default, help): every key an experiment config may set, in --help's order.
+# key -> (default, help): every key a classifier config may set, in --help's order.
 _DEFAULTS = {
     "dataset": ("digits", "digits, mnist1d, synthetic, or npz:PATH (a file with x_train, y_train, "
                           "x_test, y_test and optionally num_classes)"),
@@ -61,18 +77,6 @@ _DEFAULTS = {
     "eval_every": (100, "steps between evaluations on the test split"),
     "checkpoint_every": (500, "steps between checkpoints (at evaluations); 0: only the last"),
 }
-
-
-def defaults() -> ml_collections.ConfigDict:
-  """The feedback experiment on digits: every key an experiment config may set."""
-  return ml_collections.ConfigDict({key: default for key, (default, _) in _DEFAULTS.items()})
-
-
-def describe() -> str:
-  """Every config key with its default and what it means, for ``--help``."""
-  width = max(map(len, _DEFAULTS))
-  return "\n".join(f"  --config.{key:<{width}}  {help_} (default: {default!r})"
-                   for key, (default, help_) in _DEFAULTS.items())
 
 
 def _is_int(v):
@@ -125,8 +129,159 @@ _RULES = {
     "eval_every": (_positive_int, "an int >= 1"),
     "checkpoint_every": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
 }
-KEYS = tuple(_RULES)
+KEYS = tuple(_RULES)  # the classifier's keys
 assert KEYS == tuple(_DEFAULTS), "every key needs a default, a help line and a rule"
+
+_COMMON = ("dataset", "regimes", "num_seeds", "steps", "batch_size", "learning_rate",
+           "seed", "eval_every", "checkpoint_every")
+_UINT = 2**32
+
+
+def _names(allowed):
+  return lambda v: (isinstance(v, (tuple, list)) and len(v) >= 1 and len(set(v)) == len(v)
+                    and all(r in allowed for r in v))
+
+
+# key -> (default, help, test, what the value must be), for the language-model kind.
+_LM = {
+    "kind": ("lm", "the experiment: " + ", ".join(KINDS), lambda v: v == "lm", "'lm' here"),
+    "dataset": ("help_topics", "help_topics (CPython's help topics), or text:PATH (a UTF-8 text "
+                               "file, or a folder of them, split and tokenised as help_topics is)",
+                lambda v: v == "help_topics" or (isinstance(v, str) and v.startswith("text:")
+                                                 and len(v) > 5),
+                "help_topics, or text:PATH"),
+    "experiment": ("repetition", "repetition (unlikelihood against repeats, from a random start) "
+                                 "or unlearning (forget topics from a trained start)",
+                   lambda v: v in LM_EXPERIMENTS, "one of " + ", ".join(LM_EXPERIMENTS)),
+    "regimes": (LM_EXPERIMENTS["repetition"],
+                "repetition: " + ", ".join(LM_EXPERIMENTS["repetition"]) + "; unlearning: "
+                + ", ".join(LM_EXPERIMENTS["unlearning"]),
+                _names({r for rs in LM_EXPERIMENTS.values() for r in rs}),
+                "a non-empty tuple of distinct names of the experiment's regimes"),
+    "head": ("fused", "fused (the fused linear + loss, no [B, T, V] logits) or softmax (the "
+                      "losses on the logits)", lambda v: v in LM_HEADS,
+             "one of " + ", ".join(LM_HEADS)),
+    "num_seeds": (3, "seeds trained in parallel (jax.vmap)", _positive_int, "an int >= 1"),
+    "steps": (800, "optimizer steps per regime", _positive_int, "an int >= 1"),
+    "batch_size": (16, "windows per step, drawn with replacement", _positive_int, "an int >= 1"),
+    "learning_rate": (1e-3, "Adam's learning rate", lambda v: _is_number(v) and v > 0,
+                      "a finite number > 0"),
+    "length": (32, "tokens per window (the context)", _positive_int, "an int >= 1"),
+    "width": (64, "the transformer's width", _positive_int, "an int >= 1"),
+    "depth": (2, "transformer blocks", _positive_int, "an int >= 1"),
+    "heads": (4, "attention heads (dividing width)", _positive_int, "an int >= 1"),
+    "alpha": (1.0, "repetition: the weight of the negative term",
+              lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "vocab_chunk": (512, "fused head: vocabulary columns per chunk", _positive_int, "an int >= 1"),
+    "prompt": (16, "repetition: prompt tokens of each greedy continuation", _positive_int,
+               "an int >= 1"),
+    "generate": (32, "repetition: tokens generated after each prompt", _positive_int,
+                 "an int >= 1"),
+    "num_prompts": (40, "repetition: validation prompts continued at each evaluation",
+                    _positive_int, "an int >= 1"),
+    "initial_steps": (800, "unlearning: mle steps on every training topic that make the start",
+                      _positive_int, "an int >= 1"),
+    "forget": (4, "unlearning: training topics to forget", _positive_int, "an int >= 1"),
+    "npo_beta": (0.1, "npo: the inverse temperature beta of its loss",
+                 lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "collapse": (3.0, "unlearning: retain perplexity above this times the start's is a collapse",
+                 lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "logit_bound": (1e3, "a run whose loss falls below -logit_bound has diverged",
+                    lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "seed": (0, "the root of every random draw", lambda v: _is_int(v) and 0 <= v < _UINT,
+             "an int in [0, 2**32)"),
+    "eval_every": (200, "steps between evaluations", _positive_int, "an int >= 1"),
+    "checkpoint_every": (200, "steps between checkpoints (at evaluations); 0: only the last",
+                         lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+}
+
+# The same, for the multi-label kind.
+_MULTILABEL = {
+    "kind": ("multilabel", "the experiment: " + ", ".join(KINDS), lambda v: v == "multilabel",
+             "'multilabel' here"),
+    "dataset": ("canvases", "canvases (digit canvases), generated (scikit-learn's "
+                            "make_multilabel_classification), or npz:PATH (x_train, y_train, "
+                            "x_val, y_val, x_test, y_test; each y a 0/1 [n, K] mask)",
+                lambda v: v in MULTILABEL_DATASETS or (isinstance(v, str) and v.startswith("npz:")
+                                                       and len(v) > 4),
+                "one of " + ", ".join(MULTILABEL_DATASETS) + ", or npz:PATH"),
+    "regimes": (MULTILABEL_OBJECTIVES, "the objectives, each of " + ", ".join(MULTILABEL_OBJECTIVES),
+                _names(MULTILABEL_OBJECTIVES),
+                "a non-empty tuple of distinct names from " + ", ".join(MULTILABEL_OBJECTIVES)),
+    "hidden": ((100, 100), "MLP hidden layer sizes",
+               lambda v: _int_tuple(v), "a tuple of positive ints"),
+    "num_seeds": (5, "seeds trained in parallel (jax.vmap)", _positive_int, "an int >= 1"),
+    "steps": (2000, "optimizer steps per objective", _positive_int, "an int >= 1"),
+    "batch_size": (128, "examples per step, drawn with replacement", _positive_int, "an int >= 1"),
+    "learning_rate": (1e-3, "Adam's learning rate", lambda v: _is_number(v) and v > 0,
+                      "a finite number > 0"),
+    "seed": (0, "the root of every random draw", lambda v: _is_int(v) and 0 <= v < _UINT,
+             "an int in [0, 2**32)"),
+    "eval_every": (200, "steps between evaluations", _positive_int, "an int >= 1"),
+    "checkpoint_every": (0, "steps between checkpoints (at evaluations); 0: only the last",
+                         lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+}
+
+# kind -> key -> (default, help, test, want)
+TABLE = {
+    "classifier": {k: (_DEFAULTS[k][0], _DEFAULTS[k][1], *_RULES[k]) for k in KEYS},
+    "lm": _LM,
+    "multilabel": _MULTILABEL,
+}
+KIND_KEYS = {kind: tuple(table) for kind, table in TABLE.items()}
+ALL_KEYS = tuple(dict.fromkeys(k for keys in KIND_KEYS.values() for k in keys))
+assert all(set(_COMMON) <= set(keys) for keys in KIND_KEYS.values())
+
+
+def kinds_of(key: str) -> list[str]:
+  """The kinds whose configs have ``key``."""
+  return [kind for kind, keys in KIND_KEYS.items() if key in keys]
+
+
+def defaults(kind: str = "classifier") -> ml_collections.ConfigDict:
+  """Every key of a ``kind``'s config at its default (classifier: the feedback experiment
+  on digits)."""
+  if kind not in TABLE:
+    raise ConfigError(f"config.kind: must be one of {', '.join(KINDS)}, got {kind!r}.")
+  return ml_collections.ConfigDict({key: spec[0] for key, spec in TABLE[kind].items()})
+
+
+def describe(kinds=KINDS) -> str:
+  """Every config key of ``kinds`` with its default and what it means, for ``--help``."""
+  out = []
+  for kind in kinds:
+    width = max(map(len, TABLE[kind]))
+    out.append(f" {kind}" + (" (a config without a kind key)" if kind == "classifier"
+                            else f" (kind={kind!r})") + ":")
+    out += [f"  --config.{key:<{width}}  {spec[1]} (default: {spec[0]!r})"
+            for key, spec in TABLE[kind].items()]
+  return "\n".join(out)
+
+
+def _check_keys(values: dict, kind: str) -> None:
+  """Unknown keys (another kind's named as such), missing keys and bad values."""
+  table = TABLE[kind]
+  for key in sorted(set(values) - set(table)):
+    owners = kinds_of(key)
+    if owners:
+      raise ConfigError(f"config.{key}: a key of kind {' and '.join(owners)}, not of kind "
+                        f"{kind!r}; the {kind} keys are {', '.join(table)}.")
+    raise ConfigError(f"config.{key}: unknown key; the keys are {', '.join(table)}.")
+  for key, (_, _, test, want) in table.items():
+    if key not in values:
+      raise ConfigError(f"config.{key}: missing; start the config from "
+                        f"jaxsoftmax_experiments.config.defaults({kind!r}).")
+    if not test(values[key]):
+      raise ConfigError(f"config.{key}: must be {want}, got {values[key]!r}.")
+
+
+def kind_of(config) -> str:
+  """The kind a config names (``classifier`` for one without a ``kind`` key)."""
+  kind = (config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config).get(
+      "kind", "classifier")
+  if kind not in KINDS:
+    raise ConfigError(f"config.kind: must be one of {', '.join(KINDS)}, got {kind!r}.")
+  return kind
 
 
 def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
@@ -150,14 +305,12 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
                       f"one built on jaxsoftmax_experiments.config.defaults()), got "
                       f"{type(config).__name__}.")
   values = config.to_dict()
-  unknown = sorted(set(values) - set(_RULES))
-  if unknown:
-    raise ConfigError(f"config.{unknown[0]}: unknown key; the keys are {', '.join(KEYS)}.")
-  for key, (test, want) in _RULES.items():
-    if key not in values:
-      raise ConfigError(f"config.{key}: missing; start the config from jaxsoftmax_experiments.config.defaults().")
-    if not test(values[key]):
-      raise ConfigError(f"config.{key}: must be {want}, got {values[key]!r}.")
+  kind = kind_of(values)
+  _check_keys(values, kind)
+  if kind == "lm":
+    return validate_lm(values)
+  if kind == "multilabel":
+    return None
   if values["warmup_steps"] > values["steps"]:
     raise ConfigError(f"config.warmup_steps: must be at most config.steps ({values['steps']}), "
                       f"got {values['warmup_steps']}.")
@@ -232,6 +385,67 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
           f"config.{key}: the runs need about {need / 2**30:.1f} GiB "
           f"(parameters, optimizer state, gradients and one batch's activations, float32), "
           f"more than the {memory_bytes / 2**30:.1f} GiB available.")
+
+
+def validate_lm(values: dict, corpus_sizes: dict[str, int] | None = None,
+                memory_bytes: int | None = None, vocab_size: int | None = None) -> None:
+  """The language-model kind's checks across keys, and against its data when known.
+
+  Args:
+    values: the config as a dict, its keys already checked one by one.
+    corpus_sizes: tokens per split (``train``, ``validation``, ``test``) and the number of
+      training topics (``train_topics``), when the data is loaded.
+    memory_bytes: the memory the runs may use; a config whose estimate passes it is refused.
+    vocab_size: the vocabulary's size, for the estimate.
+  """
+  wanted = LM_EXPERIMENTS[values["experiment"]]
+  other = [r for r in values["regimes"] if r not in wanted]
+  if other:
+    raise ConfigError(f"config.regimes: {other[0]!r} is not a regime of experiment "
+                      f"{values['experiment']!r}, whose regimes are {', '.join(wanted)}.")
+  if values["width"] % values["heads"]:
+    raise ConfigError(f"config.width: must be a multiple of config.heads ({values['heads']}), "
+                      f"got {values['width']}.")
+  if values["prompt"] >= values["length"]:
+    raise ConfigError(f"config.prompt: must be shorter than config.length ({values['length']}), "
+                      f"got {values['prompt']}.")
+  if corpus_sizes is not None:
+    if values["experiment"] == "unlearning" and values["forget"] >= corpus_sizes["train_topics"]:
+      raise ConfigError(f"config.forget: must leave a training topic to retain: at most "
+                        f"{corpus_sizes['train_topics'] - 1} of the {corpus_sizes['train_topics']} "
+                        f"training topics, got {values['forget']}.")
+    shortest = min(corpus_sizes[p] for p in ("train", "validation", "test"))
+    if values["length"] >= shortest:
+      raise ConfigError(f"config.length: every split needs a window of length + 1 tokens, and "
+                        f"the shortest has {shortest}; use a length below {shortest}, got "
+                        f"{values['length']}.")
+    windows = (corpus_sizes["validation"] - 1) // values["length"]
+    if values["experiment"] == "repetition" and values["num_prompts"] > windows:
+      raise ConfigError(f"config.num_prompts: the validation text has {windows} windows of "
+                        f"{values['length']} tokens, got {values['num_prompts']}.")
+  if memory_bytes is not None and vocab_size is not None:
+    need = lm_estimate_bytes(values, vocab_size)
+    if need > memory_bytes:
+      one_seed = lm_estimate_bytes(dict(values, num_seeds=1, batch_size=1), vocab_size)
+      key = ("width" if one_seed > memory_bytes else "num_seeds"
+             if lm_estimate_bytes(dict(values, num_seeds=1), vocab_size) <= memory_bytes
+             else "batch_size")
+      raise ConfigError(f"config.{key}: the runs need about {need / 2**30:.1f} GiB (parameters, "
+                        f"optimizer state, gradients and one batch's activations, float32), more "
+                        f"than the {memory_bytes / 2**30:.1f} GiB available.")
+
+
+def lm_estimate_bytes(values: dict, vocab_size: int) -> int:
+  """A lower estimate of the memory of all language-model runs' training, float32:
+  parameters x 4 (values, Adam's two moments, gradients) and one batch's activations x 2
+  (the [B, T, V] logits too with the softmax head)."""
+  w, t, v = values["width"], values["length"], vocab_size
+  params = 2 * v * w + t * w + values["depth"] * 12 * w * w
+  activations = values["batch_size"] * t * (values["depth"] * 12 * w + values["heads"] * t)
+  if values["head"] == "softmax":
+    activations += values["batch_size"] * t * v
+  runs = len(values["regimes"]) * values["num_seeds"]
+  return 4 * runs * (4 * params + 2 * activations)
 
 
 def sets_across_rounds(values) -> bool:

@@ -86,6 +86,18 @@ def _synthetic(num_classes=5, dim=10, n_train=500, n_test=250, seed=0):
   return x_train, y_train, x_test, y_test, num_classes
 
 
+def check_inputs(path: str, key: str, x: np.ndarray) -> None:
+  """The check every kind's npz inputs pass: real numbers, ``[n, d]`` or ``[n, h, w]``,
+  all finite; a :class:`DataError` names the first bad entry."""
+  if x.dtype.kind not in "fiu":
+    raise DataError(f"{path}: {key} must hold real numbers, got dtype {x.dtype}.")
+  if x.ndim not in (2, 3):
+    raise DataError(f"{path}: {key} must be [n, d] vectors or [n, h, w] images, got shape {x.shape}.")
+  if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+    raise DataError(f"{path}: {key}{list(bad)} = {x[bad]} is not finite.")
+
+
 def _npz(path: str):
   try:
     with np.load(path, allow_pickle=False) as f:
@@ -98,13 +110,7 @@ def _npz(path: str):
                     f"(and optionally num_classes), found {', '.join(sorted(arrays)) or 'nothing'}.")
   x_train, y_train, x_test, y_test = (arrays[k] for k in NPZ_KEYS)
   for key, x in (("x_train", x_train), ("x_test", x_test)):
-    if x.dtype.kind not in "fiu":
-      raise DataError(f"{path}: {key} must hold real numbers, got dtype {x.dtype}.")
-    if x.ndim not in (2, 3):
-      raise DataError(f"{path}: {key} must be [n, d] vectors or [n, h, w] images, got shape {x.shape}.")
-    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-      bad = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
-      raise DataError(f"{path}: {key}{list(bad)} = {x[bad]} is not finite.")
+    check_inputs(path, key, x)
   if x_test.shape[1:] != x_train.shape[1:]:
     raise DataError(f"{path}: x_test inputs have shape {x_test.shape[1:]}, x_train's "
                     f"{x_train.shape[1:]}; they must match.")

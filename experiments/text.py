@@ -85,10 +85,52 @@ class Corpus:
 
 def corpus(min_count: int = 3) -> Corpus:
   """The topics, split, with the vocabulary of the training topics."""
-  texts = topics()
+  return _split_corpus(topics(), min_count)
+
+
+def _split_corpus(texts: dict[str, str], min_count: int) -> Corpus:
   parts = split(texts)
   vocab = Vocabulary.build([texts[n] for n in parts["train"]], min_count)
   return Corpus(vocab, {p: {n: vocab.encode(texts[n]) for n in names} for p, names in parts.items()})
+
+
+def user_corpus(path: str, min_count: int = 3) -> Corpus:
+  """A user's text as a corpus split and tokenised as the help topics are: a folder's
+  ``.txt`` files (searched recursively) are its topics, by relative path; a single file's
+  topics are its paragraphs (blocks between blank lines). It needs at least 10 topics, so
+  that the validation and test splits hold one each.
+
+  Raises:
+    data.DataError: naming the file that cannot be read or the shortfall.
+  """
+  from pathlib import Path
+
+  from jaxsoftmax_experiments.data import DataError
+  root = Path(path)
+  if root.is_dir():
+    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
+    texts = {str(p.relative_to(root)): _read(p) for p in files}
+  elif root.is_file():
+    paragraphs = [b.strip() for b in re.split(r"\n\s*\n", _read(root)) if b.strip()]
+    texts = {f"{i:06d}": b for i, b in enumerate(paragraphs)}
+  else:
+    raise DataError(f"text:{path}: no such file or folder.")
+  texts = {n: t for n, t in texts.items() if tokenize(t)}
+  if len(texts) < 10:
+    raise DataError(f"text:{path}: {len(texts)} topics (files of a folder, paragraphs of a file) "
+                    "with text; it needs at least 10, so that every 10th can be a validation "
+                    "and a test topic.")
+  return _split_corpus(texts, min_count)
+
+
+def _read(path) -> str:
+  from jaxsoftmax_experiments.data import DataError
+  try:
+    return path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"text:{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+  except OSError as e:
+    raise DataError(f"text:{path}: cannot read it ({e.strerror}).") from None
 
 
 def windows(stream: np.ndarray, length: int) -> np.ndarray:

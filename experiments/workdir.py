@@ -6,6 +6,8 @@
     timing.json     this invocation's wall time and the step it resumed from
     summary.md      the regime table
     curves.png      test accuracy and training loss against step, from the log
+    outputs.json    the record of the finished outputs: each file's name and SHA-256,
+                    written last; a run is complete when every file matches it
     checkpoints/    Orbax checkpoints of the whole state, the newest 3
 
 Whole files are written atomically (:func:`jaxsoftmax_experiments.report.write_atomic`).
@@ -22,6 +24,14 @@ Guarantees, each tested (``tests/experiments/test_workdir.py``):
   the folder it points to, and nothing is moved into a linked ``checkpoints-damaged``.
 - Temporary files left by a kill before an atomic rename are removed when the next
   run starts.
+- A run is complete only when every output is: ``outputs.json``, written after the
+  others, records each one's SHA-256. A finished run whose record is missing (killed
+  while writing its outputs) or whose outputs no longer match it (deleted, truncated,
+  garbled) is resumed from its checkpoints, which writes the outputs again, the same
+  byte for byte.
+- ``--overwrite`` deletes only checkpoints this project wrote (an Orbax folder whose
+  record carries a fingerprint), never another folder that happens to be named
+  like a step.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from jaxsoftmax_experiments import report
@@ -40,10 +51,13 @@ from jaxsoftmax_experiments import report
 CONFIG, METRICS, RESULTS, TIMING, SUMMARY, CURVES = (
     "config.json", "metrics.jsonl", "results.json", "timing.json", "summary.md", "curves.png")
 OUTPUTS = (CONFIG, METRICS, RESULTS, TIMING, SUMMARY, CURVES)
+RECORD = "outputs.json"
+_LARGEST_CONFIG = 1 << 20  # a config.json larger than this is not one this project wrote
 CHECKPOINTS = "checkpoints"
 DAMAGED = CHECKPOINTS + "-damaged"
 LOCK = ".lock"
-_TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(n) for n in OUTPUTS) + r")\..*\.tmp$")
+_TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(n) for n in (*OUTPUTS, RECORD))
+                        + r")\..*\.tmp$")
 _STEP = re.compile(r"^\d+$|\.orbax-checkpoint-tmp")
 
 
@@ -51,14 +65,40 @@ class WorkdirError(RuntimeError):
   """The folder cannot be used as asked; the message says why and what to do."""
 
 
-def fingerprint(resolved: dict, dataset) -> str:
-  """A hash of the resolved config and of the data's arrays: what a checkpoint belongs to."""
+def fingerprint(resolved: dict, arrays) -> str:
+  """A hash of the resolved config and of the data's arrays: what a checkpoint belongs to.
+
+  ``arrays``: the data's arrays, followed by anything else that defines the data
+  (a class count), hashed by its text."""
   h = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
-  for a in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
-    h.update(str(a.shape).encode() + str(a.dtype).encode())
-    h.update(a.tobytes())
-  h.update(str(dataset.num_classes).encode())
+  for a in arrays:
+    if hasattr(a, "tobytes"):
+      h.update(str(a.shape).encode() + str(a.dtype).encode())
+      h.update(a.tobytes())
+    else:
+      h.update(str(a).encode())
   return h.hexdigest()
+
+
+def _sha256(path: Path) -> str | None:
+  try:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+  except OSError:
+    return None
+
+
+def _ours(step_folder: Path) -> bool:
+  """Whether a checkpoint folder was written by this project: Orbax's record of the step
+  and the meta item with a fingerprint (or an Orbax temporary folder of one)."""
+  if ".orbax-checkpoint-tmp" in step_folder.name:
+    return True
+  meta = step_folder / "meta" / "metadata"
+  if not ((step_folder / "_CHECKPOINT_METADATA").is_file() and meta.is_file()):
+    return False
+  try:
+    return "fingerprint" in json.loads(meta.read_text()[:_LARGEST_CONFIG])
+  except (OSError, ValueError, TypeError):
+    return False
 
 
 class Workdir:
@@ -133,7 +173,7 @@ class Workdir:
     Through a symbolic link it deletes only checkpoint folders (step numbers), never
     the link or what else the folder it points to holds. Any failure raises.
     """
-    for name in OUTPUTS:
+    for name in (RECORD, *OUTPUTS):
       path = self.path / name
       if path.is_symlink() or path.is_file():
         path.unlink()
@@ -142,7 +182,8 @@ class Workdir:
       if folder.is_symlink():
         if folder.is_dir():
           for entry in folder.iterdir():
-            if _STEP.search(entry.name) and entry.is_dir() and not entry.is_symlink():
+            if (_STEP.search(entry.name) and entry.is_dir() and not entry.is_symlink()
+                and _ours(entry)):
               shutil.rmtree(entry)
       elif folder.is_dir():
         shutil.rmtree(folder)
@@ -152,9 +193,16 @@ class Workdir:
     existing = self.holds_a_run()
     if not existing:
       return None
+    path = self.path / CONFIG
     try:
-      earlier = json.loads((self.path / CONFIG).read_text())
-    except (OSError, ValueError) as e:
+      if path.exists() and not path.is_file():
+        raise ValueError("it is not a regular file")
+      if path.exists() and path.stat().st_size > _LARGEST_CONFIG:
+        raise ValueError(f"it holds {path.stat().st_size} bytes, more than a config")
+      earlier = json.loads(path.read_text())
+      if not isinstance(earlier, dict):
+        raise ValueError("it holds no JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
       return (f"--workdir {self.path} holds a run ({', '.join(existing)}) whose config.json cannot "
               f"be read ({e}); choose another folder or pass --overwrite to start afresh.")
     missing = object()
@@ -171,8 +219,19 @@ class Workdir:
             "--overwrite to start afresh.")
 
   def is_complete(self) -> bool:
-    """A finished run is here: its results were written (after its config was checked)."""
-    return (self.path / RESULTS).exists()
+    """A finished run is here: every output was written and matches the record of them
+    (checked after the config was)."""
+    path = self.path / RECORD
+    try:
+      if not path.is_file() or path.stat().st_size > _LARGEST_CONFIG:
+        return False
+      record = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+      return False
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or set(files) != set(OUTPUTS):
+      return False
+    return all(_sha256(self.path / name) == digest for name, digest in files.items())
 
   def write_config(self, resolved: dict) -> None:
     report.write_atomic(self.path / CONFIG, report.to_json(resolved))
@@ -215,14 +274,16 @@ class Workdir:
     log.flush()
     os.fsync(log.fileno())
 
-  def write_results(self, results: dict[str, Any], records: list[dict], wall: float,
-                    resumed_from: int | None, title: str) -> str:
-    """results.json, timing.json, summary.md and curves.png; returns the summary."""
+  def write_outputs(self, results: dict[str, Any], summary: str, plot: Callable[[Path], None],
+                    wall: float, resumed_from: int | None) -> None:
+    """results.json, timing.json, summary.md and curves.png (``plot`` writes it), then the
+    record of every output, last: the run is complete from that moment on."""
     report.write_atomic(self.path / RESULTS, report.to_json(results))
-    report.write_atomic(self.path / TIMING, report.to_json(
-        {"wall_seconds": wall, "resumed_from_step": resumed_from,
-         "num_devices": results["num_devices"]}))
-    summary = report.summary_markdown(results, wall, resumed_from)
+    timing = {"wall_seconds": wall, "resumed_from_step": resumed_from}
+    if "num_devices" in results:
+      timing["num_devices"] = results["num_devices"]
+    report.write_atomic(self.path / TIMING, report.to_json(timing))
     report.write_atomic(self.path / SUMMARY, summary)
-    report.plot_curves(records, self.path / CURVES, title=title)
-    return summary
+    plot(self.path / CURVES)
+    files = {name: _sha256(self.path / name) for name in OUTPUTS}
+    report.write_atomic(self.path / RECORD, report.to_json({"files": files}))

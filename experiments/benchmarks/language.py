@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsoftmax_experiments import language
+from jaxsoftmax_experiments.kinds import lm as language
 from jaxsoftmax_experiments.benchmarks import timer
 
 
@@ -69,7 +69,7 @@ def main(argv=None):
   for regime, name in (("mle", "mle (nll)"), ("unlikelihood", "mle + unlikelihood")):
     calls, memory = {}, {}
     for head in ("unfused", "fused"):
-      s = dataclasses.replace(base, fused=head == "fused")
+      s = dataclasses.replace(base, head="fused" if head == "fused" else "softmax")
       step, params, opt_state = _step(s, regime, args.vocab)
       compiled = step.lower(params, opt_state, windows).compile()
       memory[head] = compiled.memory_analysis().temp_size_in_bytes

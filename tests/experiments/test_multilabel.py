@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsoftmax_experiments import multilabel as ml
+from jaxsoftmax_experiments import run
+from jaxsoftmax_experiments.kinds import multilabel as ml
 
 Y = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 0]], bool)
 S = np.array([[0.9, 0.8, 0.1, 0.0], [0.2, 0.9, 0.3, 0.1], [0.5, 0.4, 0.3, 0.9]])
@@ -114,9 +115,10 @@ def test_the_gradient_figure_shows_the_clipped_push_vanish(tmp_path):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("multilabel")
-  args = ["--dataset=generated", f"--workdir={workdir}", "--steps=300", "--seeds=2",
-          "--eval_every=150", "--hidden=32"]
-  assert ml.main(args) == 0
+  args = ["--config=multilabel_generated", f"--workdir={workdir}", "--config.steps=300",
+          "--config.num_seeds=2", "--config.eval_every=150", "--config.hidden=(32,)",
+          "--progress=false", "--compilation_cache="]
+  assert run.main(args) == 0
   return workdir, args, json.loads((workdir / "results.json").read_text())
 
 
@@ -137,8 +139,8 @@ def test_a_short_run_learns_with_every_objective(short_run):
 def test_rerunning_is_a_no_op_and_another_config_is_refused(short_run, capsys):
   workdir, args, results = short_run
   before = (workdir / "results.json").read_text()
-  assert ml.main(args) == 0
+  assert run.main(args) == 0
   assert "is complete" in capsys.readouterr().out
-  assert ml.main([*args, "--steps=301"]) == 2
-  assert "holds results of another config" in capsys.readouterr().err
+  assert run.main([*args, "--config.steps=301"]) == 2
+  assert "differing keys: steps (300 -> 301)" in capsys.readouterr().err
   assert (workdir / "results.json").read_text() == before

@@ -1,17 +1,16 @@
 """Several true labels per example: softmax with targets ``Y/|Y|`` against sigmoid
 cross-entropy, and what the ``(1 - y) log(1 - p)`` terms and probability clipping do.
 
-    jaxsoftmax-multilabel --dataset=canvases --workdir=runs/multilabel_canvases
-    jaxsoftmax-multilabel --dataset=generated --workdir=runs/multilabel_generated
-    jaxsoftmax-multilabel --dataset=npz:my_labels.npz --workdir=runs/mine
-    jaxsoftmax-multilabel --figure=docs/multilabel_gradients.png
+    jaxsoftmax-run --config=multilabel_canvases --workdir=runs/multilabel_canvases
+    jaxsoftmax-run --config=multilabel_generated --workdir=runs/multilabel_generated
+    jaxsoftmax-run --config=multilabel_canvases --config.dataset=npz:my_labels.npz --workdir=runs/mine
+    python -m jaxsoftmax_experiments.benchmarks.multilabel_figure docs/multilabel_gradients.png
 
-Every objective of :data:`OBJECTIVES` x ``--seeds`` seeds trains an MLP at once: one
-compiled program, the runs grouped by objective and ``jax.vmap``-ed over seeds, Adam,
-batches drawn with replacement. The workdir gets ``config.json``, ``results.json``,
-``summary.md`` and ``curves.png``; a second command on the same folder waits for nothing
-and is refused (an OS lock), and a folder holding another config's results is refused
-unless ``--overwrite``.
+The kind ``multilabel`` of the framework (:mod:`jaxsoftmax_experiments.kinds`). Every
+objective of :data:`OBJECTIVES` named in ``config.regimes`` x ``config.num_seeds`` seeds
+trains an MLP at once: one compiled program, the runs grouped by objective and
+``jax.vmap``-ed over seeds, Adam, batches drawn with replacement. The workdir, its
+metrics log, checkpoints and resume are the framework's.
 
 Data (offline, fixed splits; ``x`` standardised with the training split's statistics):
 
@@ -34,16 +33,12 @@ trains on it as all-negative, and the summary counts them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,17 +48,19 @@ from flax import nnx
 
 from jaxsoftmax import losses
 from jaxsoftmax.models import MLP
-from jaxsoftmax_experiments.data import digits, standardise
+from jaxsoftmax_experiments import config as config_lib
+from jaxsoftmax_experiments import report
+from jaxsoftmax_experiments.data import DataError, check_inputs, digits, standardise
 from jaxsoftmax_experiments.report import mean_std
 
 CLIP = 1e-7  # Keras's epsilon: probabilities clipped to [1e-7, 1 - 1e-7]
 
 
-class MultiLabelError(ValueError):
+class MultiLabelError(DataError):
   """A label mask or data file that cannot be used; the message names the problem."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity
 class Data:
   name: str
   x_train: np.ndarray
@@ -84,6 +81,8 @@ def check_labels(y, x, name: str) -> np.ndarray:
   if y.ndim != 2 or y.shape[0] != len(x):
     raise MultiLabelError(f"{name}: a label mask must be [n, K] with n = {len(x)} inputs, got "
                           f"shape {y.shape}.")
+  if y.shape[1] == 0:
+    raise MultiLabelError(f"{name}: a label mask needs at least one class, got shape {y.shape}.")
   if y.dtype != np.bool_:
     if not np.issubdtype(y.dtype, np.number) or not np.isin(y, (0, 1)).all():
       bad = y[~np.isin(y, (0, 1))] if np.issubdtype(y.dtype, np.number) else y.dtype
@@ -139,6 +138,11 @@ def _npz(path: str) -> Data:
   missing = [k for k in keys if k not in arrays]
   if missing:
     raise MultiLabelError(f"npz:{path}: missing {', '.join(missing)}; it needs {', '.join(keys)}.")
+  for s in ("train", "val", "test"):
+    check_inputs(f"npz:{path}", f"x_{s}", arrays[f"x_{s}"])
+  if not all(arrays[f"x_{s}"].shape[1:] == arrays["x_train"].shape[1:] for s in ("val", "test")):
+    raise MultiLabelError(f"npz:{path}: x_train, x_val and x_test must have the same input shape, "
+                          f"got {[arrays[f'x_{s}'].shape[1:] for s in ('train', 'val', 'test')]}.")
   ys = [check_labels(arrays[f"y_{s}"], arrays[f"x_{s}"], f"npz:{path}: y_{s}")
         for s in ("train", "val", "test")]
   if len({y.shape[1] for y in ys}) != 1:
@@ -148,14 +152,24 @@ def _npz(path: str) -> Data:
   return Data(f"npz:{path}", xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
 
 
-def load(name: str) -> Data:
-  if name == "generated":
-    return _generated()
-  if name == "canvases":
-    return _canvases()
-  if name.startswith("npz:"):
-    return _npz(name[4:])
-  raise MultiLabelError(f"--dataset: one of generated, canvases or npz:PATH, got {name!r}.")
+def load_data(name: str) -> Data:
+  """The dataset ``name``: generated, canvases or npz:PATH; a test split needs a positive
+  label (else no ranking metric is defined). The packaged ones are made once a process."""
+  if name in ("generated", "canvases"):
+    data = _packaged(name)
+  elif name.startswith("npz:"):
+    data = _npz(name[4:])
+  else:
+    raise MultiLabelError(f"config.dataset: one of generated, canvases or npz:PATH, got {name!r}.")
+  if not data.y_test.any():
+    raise MultiLabelError(f"{name}: y_test has no positive label; precision, recall and mean "
+                          "average precision are undefined on it.")
+  return data
+
+
+@functools.lru_cache(maxsize=2)
+def _packaged(name: str) -> Data:
+  return _generated() if name == "generated" else _canvases()
 
 
 # --- the objectives -------------------------------------------------------------------
@@ -218,26 +232,44 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+  """A validated multilabel config as a frozen, hashable record (it keys the programs)."""
+  regimes: tuple[str, ...] = tuple(OBJECTIVES)
   steps: int = 2000
-  seeds: int = 5
+  num_seeds: int = 5
   batch_size: int = 128
   learning_rate: float = 1e-3
   hidden: tuple[int, ...] = (100, 100)
   eval_every: int = 200
   seed: int = 0
 
-  def check(self):
-    for key in ("steps", "seeds", "batch_size", "eval_every"):
-      if getattr(self, key) < 1:
-        raise MultiLabelError(f"--{key}: must be >= 1, got {getattr(self, key)}.")
-    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      raise MultiLabelError(f"--learning_rate: must be a finite number > 0, got "
-                            f"{self.learning_rate}.")
+  @classmethod
+  def of(cls, config) -> "Settings":
+    v = config.to_dict()
+    return cls(tuple(v["regimes"]), v["steps"], v["num_seeds"], v["batch_size"],
+               float(v["learning_rate"]), tuple(v["hidden"]), v["eval_every"], v["seed"])
 
 
 def _model(settings, data, key):
   return MLP(data.x_train.shape[1:], data.num_classes, hidden=settings.hidden,
              rngs=nnx.Rngs(key))
+
+
+class State(NamedTuple):
+  """Every run's training state (one entry per objective, stacked over seeds), the step,
+  and per run the count of steps with an exactly-zero logit gradient (and, of them, those
+  with a clipped true label)."""
+  runs: tuple           # (params, opt_state, key) per objective, [seeds, ...]
+  step: jax.Array       # int32
+  zero_steps: tuple     # int32 [seeds] per objective
+  clipped_steps: tuple  # int32 [seeds] per objective
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
+class Plan:
+  settings: Settings
+  data: Data
+  graphdef: Any
+  arrays: tuple         # x_train, y_train, x_val, x_test on the device
 
 
 def _train_fn(settings: Settings, graphdef, objective: Objective, length: int):
@@ -256,58 +288,70 @@ def _train_fn(settings: Settings, graphdef, objective: Objective, length: int):
     per_example, loss_vjp = jax.vjp(lambda z: objective.loss(z, yb), z)
     (dz,) = loss_vjp(jnp.ones_like(per_example))
     (grads,) = pullback(dz / settings.batch_size)
-    loss = jnp.mean(per_example)
     zero = jnp.all(dz == 0, axis=-1)
     updates, opt_state = opt.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    stats = (loss, jnp.any(zero), jnp.any(zero & (per_example * jnp.sum(yb, -1) >= zero_loss)))
+    stats = (jnp.any(zero), jnp.any(zero & (per_example * jnp.sum(yb, -1) >= zero_loss)))
     return (params, opt_state, key), stats
 
   def run(params, opt_state, key, x, y):
-    return jax.lax.scan(functools.partial(step, x=x, y=y), (params, opt_state, key), None,
-                        length=length)
+    carry, (zero, clipped) = jax.lax.scan(functools.partial(step, x=x, y=y),
+                                          (params, opt_state, key), None, length=length)
+    return carry, zero.sum(dtype=jnp.int32), clipped.sum(dtype=jnp.int32)
   return jax.vmap(run, in_axes=(0, 0, 0, None, None))
 
 
-def train(settings: Settings, data: Data, names: Sequence[str]):
-  """Trains every objective x seed; returns ``(scores, history, stats)``: test and
-  validation scores ``[S, n, K]`` per objective at the end, the test scores at each
-  evaluation, and per-step statistics ``[S, steps]``."""
-  keys = jax.random.split(jax.random.key(settings.seed), settings.seeds)
+def make_plan(settings: Settings, data: Data) -> Plan:
+  graphdef = nnx.graphdef(_model(settings, data, 0))
+  arrays = tuple(jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_val, data.x_test))
+  return Plan(settings, data, graphdef, arrays)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _start(plan: Plan) -> State:
+  s = plan.settings
+  keys = jax.random.split(jax.random.key(s.seed), s.num_seeds)
   split = jax.vmap(jax.random.split)(keys)
   init_keys, batch_keys = split[:, 0], split[:, 1]
-  graphdef = nnx.graphdef(_model(settings, data, 0))
-  params = jax.vmap(lambda k: nnx.state(_model(settings, data, k), nnx.Param))(init_keys)
-  opt = optax.adam(settings.learning_rate)
-  state = {n: (params, jax.vmap(opt.init)(params), batch_keys) for n in names}
-  x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-  apply = jax.jit(jax.vmap(lambda p, x: nnx.merge(graphdef, p)(x), in_axes=(0, None)))
+  params = jax.vmap(lambda k: nnx.state(_model(s, plan.data, k), nnx.Param))(init_keys)
+  opt = optax.adam(s.learning_rate)
+  runs = tuple((params, jax.vmap(opt.init)(params), batch_keys) for _ in s.regimes)
+  zeros = tuple(jnp.zeros(s.num_seeds, jnp.int32) for _ in s.regimes)
+  return State(runs, jnp.int32(0), zeros, zeros)
 
-  @functools.partial(jax.jit, static_argnames="length")
-  def chunk(state, length):
-    out, stats = {}, {}
-    for n in names:
-      (p, o, k), s = _train_fn(settings, graphdef, OBJECTIVES[n], length)(*state[n], x, y)
-      out[n], stats[n] = (p, o, k), s
-    return out, stats
 
-  history = {n: [] for n in names}
-  all_stats = {n: [] for n in names}
-  done = 0
-  while True:
-    for n in names:
-      history[n].append((done, np.asarray(apply(state[n][0], data.x_test))))
-    if done >= settings.steps:
-      break
-    length = min(settings.eval_every, settings.steps - done)
-    state, stats = chunk(state, length)
-    for n in names:
-      all_stats[n].append(jax.tree.map(np.asarray, stats[n]))
+@functools.partial(jax.jit, static_argnames=("plan", "length"))
+def _advance(plan: Plan, state: State, length: int) -> State:
+  x, y = plan.arrays[0], plan.arrays[1]
+  runs, zero, clipped = [], [], []
+  for name, run_, z, c in zip(plan.settings.regimes, state.runs, state.zero_steps,
+                              state.clipped_steps):
+    carry, dz, dc = _train_fn(plan.settings, plan.graphdef, OBJECTIVES[name], length)(*run_, x, y)
+    runs.append(carry)
+    zero.append(z + dz)
+    clipped.append(c + dc)
+  return State(tuple(runs), state.step + length, tuple(zero), tuple(clipped))
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _scores(plan: Plan, state: State, x):
+  """Every run's logits on ``x``: ``[seeds, n, K]`` per objective."""
+  apply = jax.vmap(lambda p, x: nnx.merge(plan.graphdef, p)(x), in_axes=(0, None))
+  return tuple(apply(run_[0], x) for run_ in state.runs)
+
+
+def run(plan: Plan, state: State | None = None) -> Iterator[State]:
+  """Yields the state after every evaluation, the first at step 0."""
+  s = plan.settings
+  if state is None:
+    state = _start(plan)
+  yield state
+  done = int(state.step)
+  while done < s.steps:
+    length = min(s.eval_every, s.steps - done)
+    state = _advance(plan, state, length)
     done += length
-  scores = {n: (np.asarray(apply(state[n][0], data.x_val)), history[n][-1][1]) for n in names}
-  stats = {n: tuple(np.concatenate([s[i] for s in all_stats[n]], axis=1) for i in range(3))
-           for n in names}
-  return scores, history, stats
+    yield state
 
 
 # --- metrics --------------------------------------------------------------------------
@@ -395,8 +439,108 @@ def metrics(val_scores, test_scores, data: Data, kind: str) -> dict[str, float]:
   return out
 
 
-# --- the command line -----------------------------------------------------------------
+# --- the framework's kind interface ----------------------------------------------------
 
+PROGRESS = "test precision@1"
+
+
+def load(config) -> Data:
+  return load_data(config.dataset)
+
+
+def check(config, data: Data, memory_bytes) -> None:
+  """The MLP's memory against what the runs may use."""
+  if memory_bytes is None:
+    return
+  values = config.to_dict()
+  widths = [int(np.prod(data.x_train.shape[1:])), *values["hidden"], data.num_classes]
+  params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+  runs = len(values["regimes"]) * values["num_seeds"]
+  need = 4 * runs * (4 * params + 2 * values["batch_size"] * sum(widths))
+  if need > memory_bytes:
+    key = "hidden" if 4 * runs * 4 * params > memory_bytes else "batch_size"
+    raise config_lib.ConfigError(
+        f"config.{key}: the runs need about {need / 2**30:.1f} GiB (parameters, optimizer "
+        f"state, gradients and one batch's activations, float32), more than the "
+        f"{memory_bytes / 2**30:.1f} GiB available.")
+
+
+def total_steps(config) -> int:
+  return config.steps
+
+
+def plan(config, data: Data, devices) -> Plan:
+  del devices  # one device: the runs are vmapped on it
+  return _plan_of(Settings.of(config), data)
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_of(settings: Settings, data: Data) -> Plan:
+  return make_plan(settings, data)
+
+
+def template(plan_: Plan):
+  return jax.eval_shape(lambda: _start(plan_))
+
+
+def host(plan_: Plan, state: State):
+  """The step and every run's test scores at this evaluation."""
+  return int(state.step), [np.asarray(z) for z in _scores(plan_, state, plan_.arrays[3])]
+
+
+def step(host_) -> int:
+  return host_[0]
+
+
+def records(plan_: Plan, host_, earlier) -> list[dict]:
+  """Test precision@1 and mean average precision of every (objective, seed)."""
+  del earlier
+  at, scores = host_
+  y = plan_.data.y_test
+  out = []
+  for name, z in zip(plan_.settings.regimes, scores):
+    kind = OBJECTIVES[name].scores
+    for seed in range(z.shape[0]):
+      p = _probabilities(z[seed], kind)
+      out.append({"step": at, "regime": name, "seed": seed,
+                  "precision@1": precision_recall_at_k(p, y, 1)[0],
+                  "mAP": mean_average_precision(p, y)})
+  return out
+
+
+def progress(plan_: Plan, new: list[dict]) -> tuple[str, dict[str, float]]:
+  out = {}
+  for r in new:
+    out.setdefault(r["regime"], []).append(r["precision@1"])
+  return PROGRESS, {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def outputs(plan_: Plan, state: State, records_: list[dict], resolved: dict, wall: float,
+            resumed_from):
+  del wall, resumed_from  # the files do not depend on them: a resumed run's are the same
+  s, data = plan_.settings, plan_.data
+  val = _scores(plan_, state, plan_.arrays[2])
+  test = _scores(plan_, state, plan_.arrays[3])
+  results = {"config": resolved, "num_train": len(data.y_train), "num_val": len(data.y_val),
+             "num_test": len(data.y_test), "num_classes": data.num_classes,
+             "mean_labels": float(data.y_train.sum(-1).mean()),
+             "num_unlabeled": int((data.y_train.sum(-1) == 0).sum()), "objectives": {}}
+  for i, n in enumerate(s.regimes):
+    v, t = np.asarray(val[i]), np.asarray(test[i])
+    per_seed = [metrics(v[k], t[k], data, OBJECTIVES[n].scores) for k in range(s.num_seeds)]
+    r = {key: [m[key] for m in per_seed] for key in per_seed[0]}
+    r["zero_gradient_steps"] = [float(c) / s.steps for c in np.asarray(state.zero_steps[i])]
+    r["clipped_wrong_steps"] = [float(c) / s.steps for c in np.asarray(state.clipped_steps[i])]
+    results["objectives"][n] = r
+  return results, summary_markdown(results), lambda path: _plot(records_, s.regimes, path)
+
+
+def arrays(data: Data):
+  return (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test)
+
+
+def title(config) -> str:
+  return f"multilabel/{config.dataset}"
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -404,11 +548,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
   names = list(results["objectives"])
   cols = ["precision@1", "precision@3", "recall@3", "mAP", "example_f1", "marginal_ece"]
   lines = [f"# Several true labels on {c['dataset']}", "",
-           f"MLP {tuple(c['hidden'])}, {c['seeds']} seeds, {c['steps']} steps, batch "
+           f"MLP {tuple(c['hidden'])}, {c['num_seeds']} seeds, {c['steps']} steps, batch "
            f"{c['batch_size']}, Adam at {c['learning_rate']:g}; {results['num_train']} training, "
            f"{results['num_val']} validation, {results['num_test']} test examples, "
            f"{results['num_classes']} classes, {results['mean_labels']:.2f} labels per training "
-           f"example ({results['num_unlabeled']} without any); {results['wall_seconds']:.1f} s.", "",
+           f"example ({results['num_unlabeled']} without any).", "",
            "| objective | " + " | ".join(cols) + " | steps with a zero-gradient example "
            "(of them: clipped wrong) |",
            "|---|" + "---|" * len(cols) + "---|"]
@@ -427,21 +571,19 @@ def summary_markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _plot(history, data, names, path):
+def _plot(records_: list[dict], names, path):
+  """Test precision@1 and mAP against step, from the metrics log: mean and min-max band."""
+  import io
+
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from jaxsoftmax_experiments.report import write_atomic
-  import io
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, n in enumerate(names):
-    kind = OBJECTIVES[n].scores
-    steps = [s for s, _ in history[n]]
+    mine = [r for r in records_ if r["regime"] == n]
+    steps = sorted({r["step"] for r in mine})
     for ax, metric in zip(axes, ("precision@1", "mAP")):
-      values = np.array([[(precision_recall_at_k(_probabilities(z[s], kind), data.y_test, 1)[0]
-                           if metric == "precision@1" else
-                           mean_average_precision(_probabilities(z[s], kind), data.y_test))
-                          for s in range(z.shape[0])] for _, z in history[n]])
+      values = np.array([[r[metric] for r in mine if r["step"] == st] for st in steps], float)
       ax.plot(steps, values.mean(1), color=f"C{i}", label=n)
       ax.fill_between(steps, values.min(1), values.max(1), color=f"C{i}", alpha=0.2, linewidth=0)
       ax.set(xlabel="step", ylabel=metric, title=f"test {metric} (mean, min-max over seeds)")
@@ -450,7 +592,7 @@ def _plot(history, data, names, path):
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
-  write_atomic(path, buf.getvalue())
+  report.write_atomic(path, buf.getvalue())
 
 
 def gradient_figure(path: str, num_classes: int = 10) -> dict[str, list[float]]:
@@ -491,97 +633,3 @@ def gradient_figure(path: str, num_classes: int = 10) -> dict[str, list[float]]:
   plt.close(fig)
   write_atomic(Path(path), buf.getvalue())
   return {k: [float(v) for v in g] for k, (_, g) in curves.items()} | {"gaps": [float(g) for g in gaps]}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  from jaxsoftmax_experiments import report
-  from jaxsoftmax_experiments.workdir import Workdir, WorkdirError
-  parser = argparse.ArgumentParser(prog="jaxsoftmax-multilabel",
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument("--dataset", default="canvases",
-                      help="generated, canvases (default) or npz:PATH")
-  parser.add_argument("--workdir", help="folder for config.json, results.json, summary.md, curves.png")
-  parser.add_argument("--objectives", default=",".join(OBJECTIVES),
-                      help="comma-separated, from " + ", ".join(OBJECTIVES))
-  for f in dataclasses.fields(Settings):
-    if f.name != "hidden":
-      parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-  parser.add_argument("--hidden", default="100,100", help="MLP hidden sizes, comma-separated")
-  parser.add_argument("--overwrite", action="store_true")
-  parser.add_argument("--figure", help="write the cross-entropy gradient figure here and stop")
-  args = parser.parse_args(argv)
-  if args.figure:
-    gradient_figure(args.figure)
-    print(f"Wrote {args.figure}")
-    return 0
-  if not args.workdir:
-    print("error: --workdir is required, e.g. --workdir=runs/multilabel.", file=sys.stderr)
-    return 2
-  try:
-    names = [n for n in args.objectives.split(",") if n]
-    unknown = [n for n in names if n not in OBJECTIVES]
-    if unknown or not names:
-      raise MultiLabelError(f"--objectives: unknown {unknown}; choose from {', '.join(OBJECTIVES)}.")
-    hidden = tuple(int(h) for h in args.hidden.split(",") if h)
-    settings = Settings(args.steps, args.seeds, args.batch_size, args.learning_rate, hidden,
-                        args.eval_every, args.seed)
-    settings.check()
-    data = load(args.dataset)
-  except (MultiLabelError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  config = {"dataset": args.dataset, "objectives": names, **dataclasses.asdict(settings)}
-  workdir = Workdir(args.workdir)
-  try:
-    workdir.lock()
-  except WorkdirError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    workdir.remove_temporary_files()
-    done = workdir.path / "results.json"
-    if done.exists() and not args.overwrite:
-      old = json.loads(done.read_text()).get("config")
-      if old == json.loads(json.dumps(config)):
-        print(f"The run in {workdir.path} is complete; its results are in results.json and "
-              "summary.md (--overwrite runs it afresh).")
-        return 0
-      print(f"error: {workdir.path} holds results of another config; pass --overwrite or "
-            "choose another --workdir.", file=sys.stderr)
-      return 2
-    workdir.claim("jaxsoftmax-multilabel")
-    start = time.perf_counter()
-    scores, history, stats = train(settings, data, names)
-    results = {"config": config, "num_train": len(data.y_train), "num_val": len(data.y_val),
-               "num_test": len(data.y_test), "num_classes": data.num_classes,
-               "mean_labels": float(data.y_train.sum(-1).mean()),
-               "num_unlabeled": int((data.y_train.sum(-1) == 0).sum()), "objectives": {}}
-    for n in names:
-      val, test = scores[n]
-      per_seed = [metrics(val[s], test[s], data, OBJECTIVES[n].scores)
-                  for s in range(settings.seeds)]
-      r = {k: [m[k] for m in per_seed] for k in per_seed[0]}
-      _, zero, clipped = stats[n]
-      r["zero_gradient_steps"] = [float(v) for v in zero.mean(1)]
-      r["clipped_wrong_steps"] = [float(v) for v in clipped.mean(1)]
-      results["objectives"][n] = r
-    results["wall_seconds"] = time.perf_counter() - start
-    report.write_atomic(workdir.path / "config.json", report.to_json(config))
-    report.write_atomic(done, report.to_json(results))
-    text = summary_markdown(results)
-    report.write_atomic(workdir.path / "summary.md", text)
-    _plot(history, data, names, workdir.path / "curves.png")
-    print(text)
-    print(f"Wrote config.json, results.json, summary.md and curves.png to {workdir.path}/")
-    return 0
-  finally:
-    workdir.unlock()
-
-
-def cli() -> None:
-  """The ``jaxsoftmax-multilabel`` console script."""
-  sys.exit(main())
-
-
-if __name__ == "__main__":
-  cli()

@@ -11,11 +11,28 @@ import pytest
 from flax import nnx
 
 from jaxsoftmax.models import TransformerLM
-from jaxsoftmax_experiments import language, text
+from jaxsoftmax_experiments import config as config_lib
+from jaxsoftmax_experiments import execute, run, text
+from jaxsoftmax_experiments.kinds import lm as language
 
-TINY = dict(seeds=2, steps=20, eval_every=10, batch_size=4, length=8, width=16, depth=1,
+TINY = dict(num_seeds=2, steps=20, eval_every=10, batch_size=4, length=8, width=16, depth=1,
             heads=2, vocab_chunk=256, prompt=4, generate=8, num_prompts=4, initial_steps=20,
-            learning_rate=1e-2)
+            learning_rate=1e-2, checkpoint_every=10)
+FLAGS = [f"--config.{k}={v}" for k, v in TINY.items()] + ["--progress=false",
+                                                          "--compilation_cache="]
+
+
+def lm_config(experiment="repetition", **overrides):
+  c = config_lib.defaults("lm")
+  c.experiment, c.regimes = experiment, config_lib.LM_EXPERIMENTS[experiment]
+  for key, value in {**TINY, **overrides}.items():
+    c[key] = value
+  config_lib.validate(c)
+  return c
+
+
+def lm_execute(c, workdir, **options):
+  return execute.execute(c, workdir, execute.Options(progress=False, **options))
 
 
 def test_topics_split_and_vocabulary_are_fixed():
@@ -57,7 +74,7 @@ def test_repetition_metrics_on_hand_made_sequences():
 
 
 def test_fused_and_unfused_objectives_agree():
-  s = language.Settings(**TINY)
+  s = language.Settings.of(lm_config())
   data, _ = language.make_data(s)
   model = language.build(s, data.vocab_size, jax.random.key(0))
   graphdef, params = nnx.split(model)
@@ -65,7 +82,7 @@ def test_fused_and_unfused_objectives_agree():
   for regime in ("mle", "unlikelihood", "negated"):
     value = lambda s: jax.jit(lambda p: language.objective(
         s, regime, nnx.merge(graphdef, p), batch))(params)
-    np.testing.assert_allclose(value(s), value(dataclasses.replace(s, fused=False)), rtol=2e-5)
+    np.testing.assert_allclose(value(s), value(dataclasses.replace(s, head="softmax")), rtol=2e-5)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +90,8 @@ def runs(tmp_path_factory):
   out = {}
   for experiment in ("repetition", "unlearning"):
     workdir = tmp_path_factory.mktemp(experiment)
-    s = language.Settings(experiment=experiment, **TINY)
-    assert language.execute(s, workdir, progress=False) == 0
+    s = lm_config(experiment)
+    assert lm_execute(s, workdir) == 0
     out[experiment] = (s, workdir, json.loads((workdir / "results.json").read_text()))
   return out
 
@@ -97,6 +114,7 @@ def test_a_short_run_of_every_unlearning_regime(runs):
   s, workdir, results = runs["unlearning"]
   assert list(results["regimes"]) == ["gradient_ascent", "complement", "npo"]
   assert len(results["data"]["forget_topics"]) == s.forget
+  assert results["config"]["regimes"] == ["gradient_ascent", "complement", "npo"]
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   start = {l["seed"]: l["forget_nll"] for l in lines if l["step"] == 0}
   end = [l for l in lines if l["step"] == 20 and l["regime"] == "gradient_ascent"]
@@ -108,9 +126,9 @@ def test_a_short_run_of_every_unlearning_regime(runs):
 
 def test_a_stopped_run_resumes_to_the_same_files_byte_for_byte(runs, tmp_path):
   s, workdir, _ = runs["repetition"]
-  assert language.execute(s, tmp_path, stop_after=2, progress=False) == 130
+  assert lm_execute(s, tmp_path, stop_after=2) == 130
   assert not (tmp_path / "results.json").exists()
-  assert language.execute(s, tmp_path, progress=False) == 0
+  assert lm_execute(s, tmp_path) == 0
   for name in ("results.json", "metrics.jsonl", "summary.md", "config.json"):
     assert (tmp_path / name).read_bytes() == (workdir / name).read_bytes(), name
 
@@ -118,16 +136,21 @@ def test_a_stopped_run_resumes_to_the_same_files_byte_for_byte(runs, tmp_path):
 def test_a_run_of_another_config_is_refused_naming_the_keys(runs, capsys):
   s, workdir, _ = runs["repetition"]
   before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-  assert language.execute(dataclasses.replace(s, alpha=2.0), workdir, progress=False) == 2
+  other = s.copy_and_resolve_references()
+  other.alpha = 2.0
+  assert lm_execute(other, workdir) == 2
   assert "differing keys: alpha (1.0 -> 2.0)" in capsys.readouterr().err
   assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
 
 
-def test_bad_flags_are_refused(capsys):
-  assert language.main(["--workdir=x", "--prompt=40"]) == 2
-  assert "--prompt: must be shorter than --length" in capsys.readouterr().err
-  assert language.main(["--workdir=x", "--experiment=poetry"]) == 2
-  assert "--experiment: one of repetition, unlearning" in capsys.readouterr().err
+def test_bad_flags_are_refused(capsys, tmp_path):
+  workdir = tmp_path / "x"
+  assert run.main(["--config=lm_repetition", f"--workdir={workdir}", "--config.prompt=40"]) == 2
+  assert "config.prompt: must be shorter than config.length" in capsys.readouterr().err
+  assert run.main(["--config=lm_repetition", f"--workdir={workdir}",
+                   "--config.experiment=poetry"]) == 2
+  assert "config.experiment: must be one of repetition, unlearning" in capsys.readouterr().err
+  assert not workdir.exists()
 
 
 def test_id_mask_marks_each_listed_id_once_and_ignores_padding():

@@ -1,15 +1,17 @@
 """Negative feedback for a language model: token unlikelihood against repetition, and
 unlearning by gradient ascent, the complement likelihood or NPO, on real text.
 
-    jaxsoftmax-lm --experiment=repetition --workdir=runs/lm_repetition
-    jaxsoftmax-lm --experiment=unlearning --workdir=runs/lm_unlearning
+    jaxsoftmax-run --config=lm_repetition --workdir=runs/lm_repetition
+    jaxsoftmax-run --config=lm_unlearning --workdir=runs/lm_unlearning
+    jaxsoftmax-run --config=lm_unlearning --config.dataset=text:my_notes.txt --workdir=runs/mine
 
-The text is CPython's help topics (:mod:`jaxsoftmax_experiments.text`), the model a
-small decoder-only transformer (:class:`jaxsoftmax.models.TransformerLM`) whose output
-layer goes through the fused losses (``--fused=false``: the unfused losses on the
-logits). Every regime x seed trains at once: one compiled program, the runs grouped by
-regime and ``jax.vmap``-ed over seeds, Adam, windows of ``--length`` tokens drawn with
-replacement.
+The kind ``lm`` of the framework (:mod:`jaxsoftmax_experiments.kinds`). The text is
+CPython's help topics (:mod:`jaxsoftmax_experiments.text`) or a user's (``text:PATH``),
+the model a small decoder-only transformer (:class:`jaxsoftmax.models.TransformerLM`)
+whose output layer goes through the fused losses (``config.head='softmax'``: the
+unfused losses on the logits). Every regime x seed trains at once: one compiled
+program, the runs grouped by regime and ``jax.vmap``-ed over seeds, Adam, windows of
+``config.length`` tokens drawn with replacement.
 
 ``repetition`` (Welleck et al. 2019), from a random start:
 
@@ -20,14 +22,14 @@ replacement.
   negated gradient (``-fused_set_nll``).
 
 Metrics at each evaluation: validation perplexity and next-token accuracy; and on greedy
-continuations (``--generate`` tokens) of validation prompts (their first ``--prompt``
+continuations (``config.generate`` tokens) of validation prompts (their first ``config.prompt``
 tokens): seq-rep-4 (the share of repeated 4-grams in a continuation), the repetition rate
 (the share of continuation tokens found in the 16 before them) and the number of unique
 tokens over all continuations; and whether the validation perplexity is above the
 vocabulary size (worse than a uniform guess), the first evaluation at which it is.
 
 ``unlearning`` (Zhang et al. 2024): a model trained with ``mle`` on every training topic
-for ``--initial_steps`` is the start and the frozen reference. ``--forget`` topics are to be
+for ``config.initial_steps`` is the start and the frozen reference. ``config.forget`` topics are to be
 forgotten, the other training topics retained. Each regime adds the retain NLL to:
 
 - ``gradient_ascent``: minus the forget NLL;
@@ -37,26 +39,21 @@ forgotten, the other training topics retained. Each regime adds the retain NLL t
 
 Metrics: forget NLL, the forget log-likelihood ratio to the reference (per token), retain
 and test perplexity, and collapse: retain perplexity above ``--collapse`` times the
-start's. Unless given, unlearning runs ``--steps=200`` and evaluates every 50.
+start's (``config.collapse``). The packaged ``lm_unlearning`` runs 200 steps and
+evaluates every 50.
 
 A run diverges at the first step whose loss or gradient is not finite or whose loss
-falls below ``-logit_bound``; it is then frozen and recorded. The workdir gets
-``config.json``, ``metrics.jsonl``, ``results.json``, ``summary.md``, ``curves.png`` and
-``checkpoints/`` (one per evaluation); rerunning the same command resumes from the last
-checkpoint and ends with the same files, byte for byte, as a run never stopped.
+falls below ``-logit_bound``; it is then frozen and recorded. The workdir is the
+framework's (:mod:`jaxsoftmax_experiments.workdir`); a resumed run ends with the same
+files, byte for byte, as a run never stopped.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import hashlib
-import json
 import math
-import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,22 +65,21 @@ from flax import nnx
 
 from jaxsoftmax import losses
 from jaxsoftmax.models import TransformerLM
+from jaxsoftmax_experiments import config as config_lib
+from jaxsoftmax_experiments import data as data_lib
 from jaxsoftmax_experiments import text
 from jaxsoftmax_experiments.report import mean_std
 
-UNLEARNING_DEFAULTS = {"steps": 200, "eval_every": 50}  # the unlearning phase's, when not given
-EXPERIMENTS = {"repetition": ("mle", "unlikelihood", "negated"),
-               "unlearning": ("gradient_ascent", "complement", "npo")}
-
-
-class LMError(ValueError):
-  """A bad flag value; the message names it."""
+EXPERIMENTS = config_lib.LM_EXPERIMENTS
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+  """A validated lm config as a frozen, hashable record (it keys the compiled programs)."""
   experiment: str = "repetition"
-  seeds: int = 3
+  regimes: tuple[str, ...] = EXPERIMENTS["repetition"]
+  dataset: str = "help_topics"
+  num_seeds: int = 3
   steps: int = 800
   eval_every: int = 200
   batch_size: int = 16
@@ -93,7 +89,7 @@ class Settings:
   heads: int = 4
   learning_rate: float = 1e-3
   alpha: float = 1.0
-  fused: bool = True
+  head: str = "fused"
   vocab_chunk: int = 512
   prompt: int = 16
   generate: int = 32
@@ -105,28 +101,16 @@ class Settings:
   logit_bound: float = 1e3
   seed: int = 0
 
-  def check(self) -> None:
-    if self.experiment not in EXPERIMENTS:
-      raise LMError(f"--experiment: one of {', '.join(EXPERIMENTS)}, got {self.experiment!r}.")
-    for key in ("seeds", "steps", "eval_every", "batch_size", "length", "width", "depth",
-                "heads", "vocab_chunk", "prompt", "generate", "num_prompts", "initial_steps",
-                "forget"):
-      if getattr(self, key) < 1:
-        raise LMError(f"--{key}: must be >= 1, got {getattr(self, key)}.")
-    for key in ("learning_rate", "npo_beta", "collapse", "logit_bound"):
-      v = getattr(self, key)
-      if not (math.isfinite(v) and v > 0):
-        raise LMError(f"--{key}: must be a finite number > 0, got {v}.")
-    if not (math.isfinite(self.alpha) and self.alpha >= 0):
-      raise LMError(f"--alpha: must be a finite number >= 0, got {self.alpha}.")
-    if self.width % self.heads:
-      raise LMError(f"--width: must be a multiple of --heads ({self.heads}), got {self.width}.")
-    if self.prompt >= self.length:
-      raise LMError(f"--prompt: must be shorter than --length ({self.length}), got {self.prompt}.")
-
   @property
-  def regimes(self) -> tuple[str, ...]:
-    return EXPERIMENTS[self.experiment]
+  def fused(self) -> bool:
+    return self.head == "fused"
+
+  @classmethod
+  def of(cls, config) -> "Settings":
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+                  if k in fields})
 
 
 # --- data ----------------------------------------------------------------------------
@@ -252,27 +236,20 @@ class State(NamedTuple):
   reference: jax.Array   # [seeds, forget windows] log pi_ref per window (unlearning), else [seeds, 1]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class Plan:
   settings: Settings
   data: Data
   graphdef: Any
+  info: dict = dataclasses.field(default_factory=dict)  # the data's description
 
   @property
   def optimizer(self):
     return optax.adam(self.settings.learning_rate)
 
 
-@functools.lru_cache(maxsize=4)
-def plan_of(s: Settings) -> tuple[Plan, dict]:
-  """The plan of a settings and its data's description, built once per settings: the
-  compiled programs (keyed by the plan) are then reused by a rerun in the same process."""
-  data, info = make_data(s)
-  return make_plan(s, data), info
-
-
-def make_plan(s: Settings, data: Data) -> Plan:
-  return Plan(s, data, nnx.graphdef(build(s, data.vocab_size, 0)))
+def make_plan(s: Settings, data: Data, info: dict | None = None) -> Plan:
+  return Plan(s, data, nnx.graphdef(build(s, data.vocab_size, 0)), info or {})
 
 
 def _step(plan: Plan, regime: str, run: Run, reference, train, forget) -> tuple[Run, jax.Array]:
@@ -397,7 +374,7 @@ def evaluate(plan: Plan, state: State, start_retain_ppl=None) -> list[dict]:
       rec["collapsed"] = rec["retain_perplexity"] > s.collapse * start
     alive = np.asarray(run.alive)
     at = np.asarray(run.diverged_at)
-    for seed in range(s.seeds):
+    for seed in range(s.num_seeds):
       r = {"step": int(state.step), "regime": regime, "seed": seed}
       for k, v in rec.items():
         v = v[seed]
@@ -411,21 +388,22 @@ def evaluate(plan: Plan, state: State, start_retain_ppl=None) -> list[dict]:
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _start(plan: Plan, key) -> State:
   s = plan.settings
-  seeds = jax.random.split(key, s.seeds)
+  seeds = jax.random.split(key, s.num_seeds)
   if s.experiment == "repetition":
     runs = tuple(jax.vmap(functools.partial(_init, plan))(seeds) for _ in s.regimes)
-    return State(runs, jnp.int32(0), jnp.zeros((s.seeds, 1), jnp.float32))  # unused; orbax saves no empty array
+    return State(runs, jnp.int32(0), jnp.zeros((s.num_seeds, 1), jnp.float32))  # unused; orbax saves no empty array
   # Unlearning: train the start with mle on every training window (retain and forget).
   everything = jnp.concatenate([plan.data.train, plan.data.forget])
   start = jax.vmap(functools.partial(_init, plan))(seeds)
-  pre = Plan(dataclasses.replace(s, experiment="repetition"), plan.data, plan.graphdef)
+  pre = Plan(dataclasses.replace(s, experiment="repetition", regimes=("mle",)), plan.data,
+             plan.graphdef)
   (start,), _ = _train(pre, ("mle",), (start,), None, jnp.int32(0), s.initial_steps,
                        everything, everything)
   nll = _window_losses(plan, start.params, plan.data.forget)[0]
   reference = -jnp.sum(nll, -1)                                     # [seeds, forget windows]
   fresh = lambda: jax.vmap(lambda k: jax.random.fold_in(k, 1))(start.key)
   runs = tuple(Run(start.params, jax.vmap(plan.optimizer.init)(start.params), fresh(),
-                   jnp.ones(s.seeds, bool), jnp.full(s.seeds, -2, jnp.int32)) for _ in s.regimes)
+                   jnp.ones(s.num_seeds, bool), jnp.full(s.num_seeds, -2, jnp.int32)) for _ in s.regimes)
   return State(runs, jnp.int32(0), reference)
 
 
@@ -459,7 +437,7 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
   last = max(r["step"] for r in records)
   final = [r for r in records if r["step"] == last]
   first = [r for r in records if r["step"] == 0]
-  results = {"config": dataclasses.asdict(s), "data": info, "wall_seconds": wall, "regimes": {}}
+  results = {"config": None, "data": info, "wall_seconds": wall, "regimes": {}}
   for regime in s.regimes:
     mine = [r for r in final if r["regime"] == regime]
     entry = {k: [r.get(k) for r in mine] for k in (*METRICS[s.experiment], "diverged",
@@ -467,12 +445,12 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
     flag = "collapsed" if s.experiment == "unlearning" else "worse_than_uniform"
     entry[f"{flag}_at_step"] = [  # a random start is worse than uniform: from step 1 on
         next((r["step"] for r in records if r["regime"] == regime and r["seed"] == seed
-              and r["step"] > 0 and r.get(flag)), None) for seed in range(s.seeds)]
+              and r["step"] > 0 and r.get(flag)), None) for seed in range(s.num_seeds)]
     results["regimes"][regime] = entry
   cols = METRICS[s.experiment]
   lines = [f"# {s.experiment} on CPython's help topics", "",
            f"TransformerLM (width {s.width}, depth {s.depth}, {s.heads} heads, context "
-           f"{s.length}), vocabulary {info['vocab_size']}, {s.seeds} seeds, {s.steps} steps, "
+           f"{s.length}), vocabulary {info['vocab_size']}, {s.num_seeds} seeds, {s.steps} steps, "
            f"batch {s.batch_size} windows, Adam at {s.learning_rate:g}, "
            f"{'fused' if s.fused else 'unfused'} losses; {wall:.1f} s.", ""]
   if s.experiment == "unlearning":
@@ -488,7 +466,7 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
     div = [x for x in e["diverged_at_step"] if x is not None]
     bad = [x for x in e[f"{flag}_at_step"] if x is not None]
     lines.append(f"| {regime} | " + " | ".join(mean_std(e[k]) for k in cols)
-                 + f" | {len(div)}/{s.seeds}{steps(div)} | {len(bad)}/{s.seeds}{steps(bad)} |")
+                 + f" | {len(div)}/{s.num_seeds}{steps(div)} | {len(bad)}/{s.num_seeds}{steps(bad)} |")
   lines += ["", "Mean ± sample standard deviation over seeds at the last step. A run diverges "
             "at the first step whose loss or gradient is not finite or whose loss falls below "
             f"-{s.logit_bound:g}, and is frozen there. "
@@ -525,136 +503,112 @@ def _plot(s: Settings, records, path):
   write_atomic(path, buf.getvalue())
 
 
-def fingerprint(s: Settings, data: Data) -> str:
-  h = hashlib.sha256(json.dumps(dataclasses.asdict(s), sort_keys=True).encode())
-  for a in (data.train, data.validation, data.test, data.forget):
-    h.update(a.tobytes())
-  return h.hexdigest()
+# --- the framework's kind interface ----------------------------------------------------
+
+PROGRESS = {"repetition": "validation perplexity", "unlearning": "forget NLL"}
 
 
-def execute(s: Settings, workdir: Path, *, stop_after: int | None = None,
-            progress: bool = True) -> int:
-  """Runs (or resumes) the experiment in ``workdir``; ``stop_after`` evaluations stops early
-  (as Ctrl-C would), leaving a checkpoint. Returns the exit status."""
-  from jaxsoftmax_experiments import report
-  from jaxsoftmax_experiments.checkpoint import Checkpointer, CheckpointError
-  from jaxsoftmax_experiments.workdir import METRICS as METRICS_LOG, Workdir, WorkdirError
-  plan, info = plan_of(s)
-  data = plan.data
-  wd = Workdir(workdir)
-  try:
-    wd.lock()
-  except WorkdirError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    wd.remove_temporary_files()
-    config = json.loads(report.to_json(dataclasses.asdict(s)))
-    problem = wd.config_problem(config)
-    if problem:
-      print(f"error: {problem}", file=sys.stderr)
-      return 2
-    if wd.is_complete():
-      print(f"The run in {wd.path} is complete; its results are in results.json and summary.md.")
-      return 0
-    wd.claim("jaxsoftmax-lm")
-    wd.write_config(config)
-    checkpoints = Checkpointer(wd.checkpoints)
-    fp = fingerprint(s, data)
-    template = jax.eval_shape(lambda: _start(plan, jax.random.key(s.seed)))
-    lines, records = wd.read_metrics()
-    try:
-      found = checkpoints.restore_latest(template, fingerprint=fp,
-                                         usable=lambda m: m["num_records"] <= len(lines))
-    except CheckpointError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-    state, resumed = None, None
-    if found:
-      resumed, state, meta = found
-      lines, records = lines[:meta["num_records"]], records[:meta["num_records"]]
-      print(f"Resuming from the checkpoint at step {resumed}.")
-    else:
-      lines, records = [], []
-    wd.keep_metrics(lines)
-    start_ppl = None
-    if records and s.experiment == "unlearning":
-      start_ppl = np.array([r["retain_perplexity"] for r in records
-                            if r["step"] == 0 and r["regime"] == s.regimes[0]])
-    begin = time.perf_counter()
-    evaluations = 0
-    with open(wd / METRICS_LOG, "a") as f:
-      for state in run(plan, state):
-        step = int(state.step)
-        if step == resumed:
-          continue
-        new = evaluate(plan, state, start_ppl)
-        if step == 0 and s.experiment == "unlearning":
-          start_ppl = np.array([r["retain_perplexity"] for r in new if r["regime"] == s.regimes[0]])
-        records += new
-        wd.append_metrics(f, new)
-        checkpoints.save(step, state, {"step": step, "num_records": len(records),
-                                       "fingerprint": fp})
-        if progress:
-          print(f"step {step}/{s.steps}", file=sys.stderr, flush=True)
-        evaluations += 1
-        if stop_after is not None and evaluations >= stop_after and step < s.steps:
-          checkpoints.close()
-          print(f"Stopped at step {step}; rerun the same command to resume.", file=sys.stderr)
-          return 130
-    checkpoints.close()
-    # The wall time is not part of the files (a resumed run ends byte for byte as one
-    # never stopped); it is printed, and kept in timing.json.
-    wall = time.perf_counter() - begin
-    results, summary = summarise(s, records, info, 0.0)
-    results.pop("wall_seconds")
-    summary = summary.replace("; 0.0 s.", ".")
-    report.write_atomic(wd.path / "results.json", report.to_json(results))
-    report.write_atomic(wd.path / "summary.md", summary)
-    report.write_atomic(wd.path / "timing.json", report.to_json(
-        {"wall_seconds": wall, "resumed_from_step": resumed}))
-    _plot(s, records, wd.path / "curves.png")
-    print(summary)
-    print(f"{wall:.1f} s. Wrote config.json, metrics.jsonl, results.json, summary.md, "
-          f"timing.json and curves.png to {wd.path}/")
-    return 0
-  finally:
-    wd.unlock()
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity
+class Loaded:
+  """An lm config's settings, data and a description of the data."""
+  settings: Settings
+  data: Data
+  info: dict
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="jaxsoftmax-lm", description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", help="folder for the run's outputs (required)")
-  for f in dataclasses.fields(Settings):
-    kind = type(f.default)
-    if kind is bool:
-      parser.add_argument(f"--{f.name}", type=lambda v: v.lower() in ("1", "true", "yes"),
-                          default=f.default)
-    else:
-      parser.add_argument(f"--{f.name}", type=kind, default=f.default)
-  argv = list(sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
-  values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
-  if args.experiment == "unlearning":
-    for key, value in UNLEARNING_DEFAULTS.items():
-      if not any(a.startswith(f"--{key}") for a in argv):
-        values[key] = value
-  s = Settings(**values)
-  try:
-    s.check()
-  except LMError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if not args.workdir:
-    print("error: --workdir is required, e.g. --workdir=runs/lm_repetition.", file=sys.stderr)
-    return 2
-  return execute(s, Path(args.workdir))
+def load(config) -> Loaded:
+  """The corpus of ``config.dataset``, checked against the config, and its windows (the
+  packaged corpus's are made once per settings in a process, so that a rerun finds its
+  plan and compiled programs again)."""
+  s = Settings.of(config)
+  if s.dataset == "help_topics":
+    return _load_packaged(s)
+  return _load(s)
 
 
-def cli() -> None:
-  """The ``jaxsoftmax-lm`` console script."""
-  sys.exit(main())
+@functools.lru_cache(maxsize=4)
+def _load_packaged(s: Settings) -> Loaded:
+  return _load(s)
 
 
-if __name__ == "__main__":
-  cli()
+def _load(s: Settings) -> Loaded:
+  corpus = text.corpus() if s.dataset == "help_topics" else text.user_corpus(s.dataset[5:])
+  sizes = {p: sum(len(t) for t in corpus.tokens[p].values()) for p in corpus.tokens}
+  sizes["train_topics"] = len(corpus.tokens["train"])
+  config_lib.validate_lm(dataclasses.asdict(s), sizes)
+  data, info = make_data(s, corpus)
+  if s.experiment == "unlearning" and (len(data.forget) == 0 or len(data.train) == 0):
+    empty = "forget" if len(data.forget) == 0 else "retain"
+    raise config_lib.ConfigError(
+        f"config.forget: the {empty} topics hold no window of config.length + 1 = "
+        f"{s.length + 1} tokens; forget other topics (a different count) or use a shorter length.")
+  return Loaded(s, data, info)
+
+
+def check(config, loaded: Loaded, memory_bytes) -> None:
+  config_lib.validate_lm(config.to_dict(), None, memory_bytes, loaded.data.vocab_size)
+
+
+def total_steps(config) -> int:
+  return config.steps
+
+
+def plan(config, loaded: Loaded, devices) -> Plan:
+  del config, devices  # one device: the runs are vmapped on it
+  return _plan_of(loaded.settings, loaded)
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_of(s: Settings, loaded: Loaded) -> Plan:
+  """One plan per settings and data, so that a rerun in the same process reuses its
+  compiled programs (they are keyed by the plan)."""
+  return make_plan(s, loaded.data, loaded.info)
+
+
+def template(plan_: Plan):
+  return jax.eval_shape(lambda: _start(plan_, jax.random.key(plan_.settings.seed)))
+
+
+def host(plan_: Plan, state: State) -> State:
+  return state  # the evaluation runs the models: it reads the state on the device
+
+
+def step(state: State) -> int:
+  return int(state.step)
+
+
+def records(plan_: Plan, state: State, earlier: list[dict]) -> list[dict]:
+  s = plan_.settings
+  start = None
+  if s.experiment == "unlearning":
+    first = [r["retain_perplexity"] for r in earlier if r["step"] == 0 and r["regime"] == s.regimes[0]]
+    start = np.array(first) if first else None
+  return evaluate(plan_, state, start)
+
+
+def progress(plan_: Plan, new: list[dict]) -> tuple[str, dict[str, float]]:
+  key = "validation_perplexity" if plan_.settings.experiment == "repetition" else "forget_nll"
+  out = {}
+  for r in new:
+    out.setdefault(r["regime"], []).append(np.nan if r.get(key) is None else r[key])
+  return PROGRESS[plan_.settings.experiment], {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def outputs(plan_: Plan, state: State, records_: list[dict], resolved: dict, wall: float,
+            resumed_from):
+  del state, wall, resumed_from  # the files do not depend on them: a resumed run's are the same
+  s = plan_.settings
+  results, summary = summarise(s, records_, plan_.info, 0.0)
+  results.pop("wall_seconds")
+  results["config"] = resolved
+  summary = summary.replace("; 0.0 s.", ".")
+  return results, summary, lambda path: _plot(s, records_, path)
+
+
+def arrays(loaded: Loaded):
+  d = loaded.data
+  return (d.train, d.validation, d.test, d.forget)
+
+
+def title(config) -> str:
+  return f"lm/{config.experiment}"
