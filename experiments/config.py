@@ -406,7 +406,7 @@ def validate_lm(values: dict, corpus_sizes: dict[str, int] | None = None,
   if values["width"] % values["heads"]:
     raise ConfigError(f"config.width: must be a multiple of config.heads ({values['heads']}), "
                       f"got {values['width']}.")
-  if values["prompt"] >= values["length"]:
+  if values["experiment"] == "repetition" and values["prompt"] >= values["length"]:
     raise ConfigError(f"config.prompt: must be shorter than config.length ({values['length']}), "
                       f"got {values['prompt']}.")
   if corpus_sizes is not None:

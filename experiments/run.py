@@ -187,7 +187,13 @@ def parse(argv: list[str], program: str = "jaxsoftmax-run"):
         return _error(f"config.{key}: unknown key; the keys are {', '.join(config_lib.ALL_KEYS)} "
                       "(--help describes each).")
     elif arg.startswith("--config="):
-      argv[i] = "--config=" + resolve_config_arg(arg[len("--config="):])
+      value = arg[len("--config="):]
+      argv[i] = "--config=" + resolve_config_arg(value)
+      name = value.partition(":")[0]
+      if argv[i] == arg and "/" not in name and not name.endswith(".py") and not os.path.exists(name):
+        from jaxsoftmax_experiments import configs
+        return _error(f"--config={value}: no packaged config of that name and no such file; "
+                      f"the packaged configs are {', '.join(configs.names())} (or give a path).")
   argv = [program, *argv]
   fv = _flags(argv)
   if not any(a.startswith("--config=") for a in argv) and any(a.startswith("--config.") for a in argv):
@@ -198,8 +204,16 @@ def parse(argv: list[str], program: str = "jaxsoftmax-run"):
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError) as e:
     missing = re.fullmatch(r"\"?'([\w.]+)'\"?", str(e))
     if missing:  # an override of a key that the config file does not hold
-      return _error(f"--config.{missing.group(1)}: the config has no such key; a config file "
-                    "starts from jaxsoftmax_experiments.config.defaults(), which holds every key.")
+      key = missing.group(1)
+      named = next((a[len("--config="):] for a in argv if a.startswith("--config=")), "")
+      loaded = _load_quietly(named)
+      kind = config_lib.kind_of(loaded) if loaded is not None else "classifier"
+      owners = [k for k in config_lib.kinds_of(key.split(".")[0]) if k != kind]
+      if owners and kind not in config_lib.kinds_of(key.split(".")[0]):
+        return _error(f"--config.{key}: a key of kind {' and '.join(owners)}, not of this "
+                      f"config's kind {kind!r} (--help --config=... lists its keys).")
+      return _error(f"--config.{key}: the config has no such key; a config file starts from "
+                    "jaxsoftmax_experiments.config.defaults(KIND), which holds every key.")
     return _error(f"{e} (--help lists the flags and config keys).")
   except Exception as e:  # the config file itself: a syntax error, or get_config raising  # noqa: BLE001
     return _error(f"cannot load --config: {type(e).__name__}: {e}")

@@ -29,9 +29,9 @@ Guarantees, each tested (``tests/experiments/test_workdir.py``):
   while writing its outputs) or whose outputs no longer match it (deleted, truncated,
   garbled) is resumed from its checkpoints, which writes the outputs again, the same
   byte for byte.
-- ``--overwrite`` deletes only checkpoints this project wrote (an Orbax folder whose
-  record carries a fingerprint), never another folder that happens to be named
-  like a step.
+- ``--overwrite`` deletes only checkpoints this project wrote (an Orbax folder with its
+  ``arrays`` and ``meta`` items), never another folder that happens to be named like a
+  step.
 """
 
 from __future__ import annotations
@@ -88,17 +88,13 @@ def _sha256(path: Path) -> str | None:
 
 
 def _ours(step_folder: Path) -> bool:
-  """Whether a checkpoint folder was written by this project: Orbax's record of the step
-  and the meta item with a fingerprint (or an Orbax temporary folder of one)."""
+  """Whether a checkpoint folder has the layout this project's checkpoints have: Orbax's
+  record of the step and the two items :mod:`checkpoint` writes (``arrays`` and ``meta``),
+  or is an Orbax temporary folder. A damaged one of ours still has them."""
   if ".orbax-checkpoint-tmp" in step_folder.name:
     return True
-  meta = step_folder / "meta" / "metadata"
-  if not ((step_folder / "_CHECKPOINT_METADATA").is_file() and meta.is_file()):
-    return False
-  try:
-    return "fingerprint" in json.loads(meta.read_text()[:_LARGEST_CONFIG])
-  except (OSError, ValueError, TypeError):
-    return False
+  return ((step_folder / "_CHECKPOINT_METADATA").is_file() and (step_folder / "meta").is_dir()
+          and (step_folder / "arrays").is_dir())
 
 
 class Workdir:
