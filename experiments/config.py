@@ -28,12 +28,21 @@ KINDS = ("classifier", "lm", "multilabel")
 REGIMES = ("positive_only", "negated_gradient", "complement_likelihood")  # the default comparison
 PROTOCOLS = ("feedback", "uniform", "biased", "supervised")
 MODELS = ("mlp", "cnn")
-HEADS = ("softmax", "hierarchical")
+HEADS = ("softmax", "hierarchical", "fused")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
-LM_EXPERIMENTS = {"repetition": ("mle", "unlikelihood", "negated"),
-                  "unlearning": ("gradient_ascent", "complement", "npo")}
-LM_HEADS = ("fused", "softmax")
+# The LM experiments' default regimes, from the one regime table: on token targets,
+# positive_only is mle, complement_likelihood with the earlier tokens as the set is
+# token-level unlikelihood (Welleck et al. 2019) and on forget tokens the complement,
+# negated_gradient is the negated unlikelihood, or gradient ascent on forget tokens.
+LM_EXPERIMENTS = {"repetition": ("positive_only", "complement_likelihood", "negated_gradient"),
+                  "unlearning": ("negated_gradient", "complement_likelihood", "npo")}
+LITERATURE_NAMES = {"repetition": {"positive_only": "mle", "complement_likelihood": "unlikelihood",
+                                   "negated_gradient": "negated unlikelihood"},
+                    "unlearning": {"positive_only": "retain only",
+                                   "negated_gradient": "gradient ascent",
+                                   "complement_likelihood": "complement", "npo": "NPO"}}
+LM_HEADS = ("fused", "softmax", "hierarchical")
 MULTILABEL_DATASETS = ("canvases", "generated")
 MULTILABEL_OBJECTIVES = ("softmax_y_over_size", "sigmoid", "softmax_plus_complement",
                          "clipped_softmax")
@@ -52,7 +61,8 @@ _DEFAULTS = {
     "hidden": ((100, 100), "MLP hidden layer sizes"),
     "channels": ((25, 25, 25), "CNN channels, one strided convolution each"),
     "kernel_size": (0, "CNN kernel size; 0: 5 for 1-D inputs, 3 for 2-D"),
-    "head": ("softmax", "output layer: softmax, or hierarchical (a two-level class tree)"),
+    "head": ("softmax", "output layer: softmax, hierarchical (a two-level class tree), or fused "
+                        "(the fused linear + loss of jaxsoftmax.losses: training forms no logits)"),
     "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(classes))"),
     "regimes": (REGIMES, "how negative examples are used, each of " + ", ".join(regimes_lib.NAMES)),
     "num_seeds": (5, "seeds trained in parallel (jax.vmap)"),
@@ -154,13 +164,18 @@ _LM = {
                                  "or unlearning (forget topics from a trained start)",
                    lambda v: v in LM_EXPERIMENTS, "one of " + ", ".join(LM_EXPERIMENTS)),
     "regimes": (LM_EXPERIMENTS["repetition"],
-                "repetition: " + ", ".join(LM_EXPERIMENTS["repetition"]) + "; unlearning: "
+                "from the one regime table (" + ", ".join(regimes_lib.NAMES) + "); those whose "
+                "needs the experiment and head meet. Default repetition: "
+                + ", ".join(LM_EXPERIMENTS["repetition"]) + "; unlearning: "
                 + ", ".join(LM_EXPERIMENTS["unlearning"]),
-                _names({r for rs in LM_EXPERIMENTS.values() for r in rs}),
-                "a non-empty tuple of distinct names of the experiment's regimes"),
-    "head": ("fused", "fused (the fused linear + loss, no [B, T, V] logits) or softmax (the "
-                      "losses on the logits)", lambda v: v in LM_HEADS,
+                _names(regimes_lib.REGIMES), "a non-empty tuple of distinct names from "
+                + ", ".join(regimes_lib.NAMES)),
+    "head": ("fused", "fused (the fused linear + loss, no [B, T, V] logits), softmax (the "
+                      "losses on the logits) or hierarchical (a two-level tree of the "
+                      "vocabulary)", lambda v: v in LM_HEADS,
              "one of " + ", ".join(LM_HEADS)),
+    "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(vocabulary))",
+                     lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "num_seeds": (3, "seeds trained in parallel (jax.vmap)", _positive_int, "an int >= 1"),
     "steps": (800, "optimizer steps per regime", _positive_int, "an int >= 1"),
     "batch_size": (16, "windows per step, drawn with replacement", _positive_int, "an int >= 1"),
@@ -398,11 +413,25 @@ def validate_lm(values: dict, corpus_sizes: dict[str, int] | None = None,
     memory_bytes: the memory the runs may use; a config whose estimate passes it is refused.
     vocab_size: the vocabulary's size, for the estimate.
   """
-  wanted = LM_EXPERIMENTS[values["experiment"]]
-  other = [r for r in values["regimes"] if r not in wanted]
-  if other:
-    raise ConfigError(f"config.regimes: {other[0]!r} is not a regime of experiment "
-                      f"{values['experiment']!r}, whose regimes are {', '.join(wanted)}.")
+  experiment, head = values["experiment"], values["head"]
+  for name in values["regimes"]:
+    rule = regimes_lib.REGIMES[name]
+    why = None
+    if rule.batch_objective is not None:
+      why = "is a risk estimator over a batch of complementary labels, which text has not"
+    elif regimes_lib.TRANSITION in rule.needs:
+      why = "needs a protocol's transition matrix, which text has not"
+    elif regimes_lib.FLAT_LOGITS in rule.needs and head != "softmax":
+      why = f"needs the logits, which the {head} head never forms (use head 'softmax')"
+    elif regimes_lib.REFERENCE in rule.needs and experiment != "unlearning":
+      why = "needs a reference model, which only unlearning trains"
+    elif regimes_lib.ONE_WRONG_LABEL in rule.needs and experiment == "repetition":
+      why = "takes one wrong token, and repetition's negatives are sets (the earlier tokens)"
+    elif (head == "hierarchical" and experiment == "repetition" and rule.negative is not None):
+      why = ("takes sets of wrong tokens (the earlier tokens), and the hierarchical head one "
+             "wrong label per example (use head 'fused' or 'softmax')")
+    if why:
+      raise ConfigError(f"config.regimes: {name!r} {why}.")
   if values["width"] % values["heads"]:
     raise ConfigError(f"config.width: must be a multiple of config.heads ({values['heads']}), "
                       f"got {values['width']}.")
@@ -444,6 +473,8 @@ def lm_estimate_bytes(values: dict, vocab_size: int) -> int:
   activations = values["batch_size"] * t * (values["depth"] * 12 * w + values["heads"] * t)
   if values["head"] == "softmax":
     activations += values["batch_size"] * t * v
+  if values["head"] == "hierarchical":
+    params += v * w  # the within-cluster kernels: clusters x width x largest cluster
   runs = len(values["regimes"]) * values["num_seeds"]
   return 4 * runs * (4 * params + 2 * activations)
 

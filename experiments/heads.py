@@ -1,6 +1,8 @@
 """One interface for every output layer, so that training never asks which head it has.
 
-A head answers four calls on a model (an ``MLP`` or ``CNN`` of :mod:`jaxsoftmax.models`):
+A head answers these calls on a model (an ``MLP``, ``CNN`` or ``TransformerLM`` of
+:mod:`jaxsoftmax.models`; labels may have any leading shape, ``[B]`` for a classifier,
+``[B, T]`` for a language model's tokens):
 
 - ``training_output(model, x, labels)``: what the losses need for these labels (the
   logits, or only the labels' cluster rows of a tree);
@@ -11,8 +13,18 @@ A head answers four calls on a model (an ``MLP`` or ``CNN`` of :mod:`jaxsoftmax.
 - ``scores(model, x)``: per-class scores whose argmax is the prediction, and
   ``evaluation(model, x, y)``: those scores, the NLL of ``y`` and the largest |logit|.
 
-Heads are frozen and hashable: they are part of the static training setup. A fused
-large-vocabulary head joins by answering the same calls.
+Sets of wrong labels are ids ``[..., M]`` padded with -1; a head that needs a mask builds
+it by one scatter (:func:`id_mask`). Heads are frozen and hashable: they are part of the
+static training setup.
+
+- :class:`SoftmaxHead`: the logits and the flat losses.
+- :class:`HierarchicalHead`: a two-level class tree; training computes only the labels'
+  cluster rows; one wrong label per example.
+- :class:`FusedHead`: the fused linear + loss of :mod:`jaxsoftmax.losses`
+  (``fused_nll`` and the others), streamed over chunks of classes: training never forms
+  the ``[..., K]`` logits. Its ``largest_logit`` is an upper bound read without forming
+  them, ``max_k (max_i |h_i| |w_k| + |b_k|)`` (Cauchy-Schwarz), so the divergence rule
+  fires no later than on the logits themselves.
 """
 
 from __future__ import annotations
@@ -25,10 +37,29 @@ from jaxsoftmax import losses
 from jaxsoftmax.tree import ClassTree, balanced_tree
 
 
+def id_mask(ids, num_classes: int):
+  """The ``[..., K]`` boolean mask of padded id lists ``[..., M]`` (-1 unused), written by
+  one scatter (no ``[..., M, K]`` comparison).
+
+  Example:
+    >>> id_mask(jnp.array([[1, -1, 3, 1], [-1, -1, -1, -1]]), 5).astype(int).tolist()
+    [[0, 1, 0, 1, 0], [0, 0, 0, 0, 0]]
+  """
+  flat = ids.reshape(-1, ids.shape[-1])
+  rows = jnp.arange(flat.shape[0])[:, None]
+  mask = jnp.zeros((flat.shape[0], num_classes), bool).at[
+      rows, jnp.where(flat < 0, num_classes, flat)].set(True, mode="drop")
+  return mask.reshape(*ids.shape[:-1], num_classes)
+
+
+def _ids(labels, wrong):
+  """``labels`` (a label < 0 is none) and the further ``wrong`` ids as one id list."""
+  return jnp.concatenate([labels[..., None], wrong], axis=-1)
+
+
 def _members(labels, wrong, num_classes):
   """A boolean ``[..., K]`` mask of ``labels`` and every ``wrong`` label >= 0."""
-  every = jnp.concatenate([labels[..., None], wrong], axis=-1)
-  return jnp.any(every[..., None] == jnp.arange(num_classes), axis=-2)
+  return id_mask(_ids(labels, wrong), num_classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +146,66 @@ class HierarchicalHead:
             self._largest(cluster_logits, within, jnp.asarray(self.tree.sizes)))
 
 
-Head = SoftmaxHead | HierarchicalHead
+@dataclasses.dataclass(frozen=True)
+class FusedHead(SoftmaxHead):
+  """The fused losses on the features and the output layer's weights: training never
+  forms the logits (evaluation does, as :class:`SoftmaxHead`)."""
+  vocab_chunk: int = 512
+
+  def training_output(self, model, x, labels):
+    del labels
+    w, b = model.output_layer()
+    return model.features(x), w, b
+
+  def _kw(self, out):
+    return dict(bias=out[2], vocab_chunk=self.vocab_chunk)
+
+  def nll(self, out, labels):
+    return losses.fused_nll(out[0], out[1], labels, **self._kw(out))
+
+  def complement_nll(self, out, labels, wrong=None):
+    if wrong is None:
+      return losses.fused_complement_nll(out[0], out[1], labels, **self._kw(out))
+    return losses.fused_complement_set_nll(out[0], out[1], _ids(labels, wrong), **self._kw(out))
+
+  def set_nll(self, out, labels, wrong=None):
+    """``-log P(labels and wrong)``; an empty set gives 0 (its loss is masked out)."""
+    if wrong is None:
+      return self.nll(out, labels)
+    ids = _ids(labels, wrong)
+    return losses.fused_set_nll(out[0], out[1], ids, where=jnp.any(ids >= 0, -1),
+                                **self._kw(out))
+
+  def flat_loss(self, name, out, labels, **kwargs):
+    raise ValueError(f"{name} needs the logits, which the fused head never forms.")
+
+  set_loss = flat_loss
+
+  def evaluation(self, model, x, y):
+    out = model(x)
+    return out, losses.nll(out, y), jnp.max(jnp.abs(out))
+
+  def largest_logit(self, out):
+    h, w, b = out
+    largest_h = jnp.max(jnp.linalg.norm(h.astype(jnp.float32), axis=-1))
+    column = jnp.linalg.norm(w.astype(jnp.float32), axis=0)
+    return jnp.max(largest_h * column + jnp.abs(b.astype(jnp.float32)))
 
 
-def make_head(name: str, num_classes: int, num_clusters: int = 0) -> Head:
-  """The head a config names: ``softmax``, or ``hierarchical`` over a balanced tree."""
+Head = SoftmaxHead | HierarchicalHead | FusedHead
+NAMES = ("softmax", "hierarchical", "fused")
+
+
+def make_head(name: str, num_classes: int, num_clusters: int = 0, vocab_chunk: int = 512) -> Head:
+  """The head a config names: ``softmax``, ``hierarchical`` over a balanced tree, or
+  ``fused`` (chunks of ``vocab_chunk`` classes)."""
   if name == "softmax":
     return SoftmaxHead(num_classes)
   if name == "hierarchical":
     return HierarchicalHead(balanced_tree(num_classes, num_clusters or None))
-  raise ValueError(f"unknown head {name!r}; choose softmax or hierarchical.")
+  if name == "fused":
+    return FusedHead(num_classes, vocab_chunk)
+  raise ValueError(f"unknown head {name!r}; choose one of {', '.join(NAMES)}.")
 
 
 def tree_of(head: Head) -> ClassTree | None:

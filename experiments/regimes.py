@@ -53,9 +53,13 @@ def _forward(head, out, batch, setup):
 
 def _npo(head, out, batch, setup):
   """``(2/beta) log(1 + (p_l / p_ref_l)^beta) = (2/beta) softplus(beta (log p_l - log p_ref_l))``
-  with ``log p_l = -nll``, exact from the label kernel."""
+  with ``log p_l = -nll``, exact from the label kernel. For a sequence of labels (a
+  language model's window, ``batch.label`` ``[B, T]`` against ``batch.reference`` ``[B]``)
+  ``log p`` is the sequence's: the sum over its tokens."""
   beta = setup.npo_beta
-  return (2.0 / beta) * jax.nn.softplus(beta * (-head.nll(out, batch.label) - batch.reference))
+  nll = head.nll(out, batch.label)
+  log_p = -jnp.sum(nll.reshape(*batch.reference.shape, -1), axis=-1)
+  return (2.0 / beta) * jax.nn.softplus(beta * (log_p - batch.reference))
 
 
 def _mcl(name):

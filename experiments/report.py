@@ -62,6 +62,13 @@ def mean_std(values) -> str:
   return f"{finite.mean():{form}} ± {std:{form}}{missing}"
 
 
+def divergence_rule(bound: float) -> str:
+  """The divergence rule of every kind, as the summaries state it."""
+  return (f"A run diverges at the first step whose loss or gradient is not finite, whose largest "
+          f"|logit| passes {bound:g} or whose loss falls below -{bound:g}; it is then frozen, "
+          "and its row reports the frozen model.")
+
+
 def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
                      resumed_from: int | None = None) -> str:
   """The regime table of ``results``, with a line saying what was run and how long it took."""
@@ -69,7 +76,8 @@ def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
   lines = [f"# {c['protocol']} protocol on {c['dataset']}",
            "",
            f"Model {c['model']}"
-           + (" with a hierarchical softmax head" if c.get("head") == "hierarchical" else "")
+           + {"hierarchical": " with a hierarchical softmax head",
+              "fused": " with the fused head"}.get(c.get("head"), "")
            + f", {c['num_seeds']} seeds, {c['steps']} steps"
            + (f" x {c['feedback_rounds']} rounds" if c["feedback_rounds"] > 1 else "")
            + f", batch {c['batch_size']}, {c['optimizer']} at learning rate {c['learning_rate']:g}; "
@@ -98,9 +106,8 @@ def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
             "Mean ± sample standard deviation over seeds, on the test split, at the last step; "
             "best evaluation: each seed's highest test accuracy over the evaluations (chosen on "
             "the test split, so an optimistic figure). "
-            "Positives and negatives are training examples per seed. A run diverges at the "
-            "first step whose loss or gradient is not finite or whose largest |logit| passes "
-            f"{c['logit_bound']:g}; it is then frozen, and its row reports the frozen model."]
+            "Positives and negatives are training examples per seed. "
+            + divergence_rule(c["logit_bound"])]
   return "\n".join(lines) + "\n"
 
 

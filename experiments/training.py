@@ -5,8 +5,9 @@ parameters, optimizer state, random key and divergence record are stacked on a l
 ``[seeds]`` axis, and one compiled program steps every group, each through ``jax.vmap``
 of the single-run :func:`step` with its own regime's loss only.
 
-Divergence is recorded, not raised: a step whose loss or gradient is not finite, or
-whose largest training logit magnitude passes ``logit_bound``, marks its run as
+Divergence is recorded, not raised: a step whose loss or gradient is not finite, whose
+largest training logit magnitude passes ``logit_bound`` or whose loss falls below
+``-logit_bound`` (:func:`diverged_not`, the rule of every kind), marks its run as
 diverged at that step and freezes it at its parameters (the step's update is
 replaced by zero inside the parameter update itself, so freezing costs no extra pass
 over the parameters or the optimizer state); every other run carries on.
@@ -125,6 +126,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def diverged_not(loss, grads, largest_logit, bound) -> jax.Array:
+  """The divergence rule of every kind and head, as "this step is fine": the loss and
+  every gradient are finite, the head's largest |logit| is at most ``bound``, and the
+  loss is at least ``-bound``."""
+  return jnp.isfinite(loss) & _all_finite(grads) & (largest_logit <= bound) & (loss >= -bound)
+
+
 def example_losses(setup: Setup, regime: str, params, x: jax.Array,
                    batch: protocols.Examples) -> tuple[jax.Array, jax.Array]:
   """Per-example losses of ``regime`` on a batch (empty slots give 0), and its largest |logit|."""
@@ -163,7 +171,7 @@ def step(setup: Setup, regime: str, state: RunState, examples: protocols.Example
     return combine(per_example, batch, setup), max_logit
 
   (loss, max_logit), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  ok = jnp.isfinite(loss) & _all_finite(grads) & (max_logit <= setup.logit_bound)
+  ok = diverged_not(loss, grads, max_logit, setup.logit_bound)
   keep = state.alive & ok
   updates, opt_state = setup.optimizer.build().update(grads, state.opt_state, state.params)
   # A frozen run's update is zero; its optimizer state runs on, but is never used again.

@@ -47,6 +47,10 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array):
     return self.head(self.features(x))
 
+  def output_layer(self) -> tuple[jax.Array, jax.Array]:
+    """The linear head's weights ``[D, K]`` and bias ``[K]``, for the fused losses."""
+    return _linear_weights(self.head)
+
 
 class CNN(nnx.Module):
   """Strided ReLU convolutions over a 1-D signal ``[L]`` or a 2-D image ``[H, W]``.
@@ -93,6 +97,10 @@ class CNN(nnx.Module):
   def __call__(self, x: jax.Array):
     return self.head(self.features(x))
 
+  def output_layer(self) -> tuple[jax.Array, jax.Array]:
+    """The linear head's weights ``[D, K]`` and bias ``[K]``, for the fused losses."""
+    return _linear_weights(self.head)
+
 
 def make_head(in_features: int, num_classes: int, tree: ClassTree | None,
               rngs: nnx.Rngs) -> nnx.Module:
@@ -107,6 +115,12 @@ def make_head(in_features: int, num_classes: int, tree: ClassTree | None,
     raise ValueError(f"the class tree has {tree.num_classes} classes, but the model has "
                      f"{num_classes}: cluster_of needs one entry per class.")
   return HierarchicalSoftmax(in_features, tree, rngs=rngs)
+
+
+def _linear_weights(head: nnx.Module) -> tuple[jax.Array, jax.Array]:
+  if not isinstance(head, nnx.Linear):
+    raise TypeError(f"the fused losses need a linear output layer, not a {type(head).__name__}.")
+  return head.kernel[...], head.bias[...]
 
 
 def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
@@ -198,7 +212,8 @@ class TransformerLM(nnx.Module):
   ``features(tokens)`` gives the last hidden states ``[..., T, D]``; ``output_layer()``
   gives the output weights ``w`` ``[D, V]`` and bias ``[V]``, for the fused losses
   (:func:`jaxsoftmax.losses.fused_nll` and the others), which never form the logits.
-  Calling the model gives the logits ``[..., T, V]``.
+  Calling the model gives the logits ``[..., T, V]``; given a ``tree``, the output layer
+  is a :class:`HierarchicalSoftmax` and calling gives its two sets of logits.
 
   Example:
     >>> from flax import nnx
@@ -210,7 +225,7 @@ class TransformerLM(nnx.Module):
   """
 
   def __init__(self, vocab_size: int, max_length: int, *, width: int = 64, depth: int = 2,
-               heads: int = 4, rngs: nnx.Rngs):
+               heads: int = 4, tree: ClassTree | None = None, rngs: nnx.Rngs):
     if width % heads:
       raise ValueError(f"width ({width}) must be a multiple of heads ({heads}).")
     self.max_length = max_length
@@ -218,7 +233,12 @@ class TransformerLM(nnx.Module):
     self.position = nnx.Embed(max_length, width, rngs=rngs)
     self.blocks = nnx.List([_Block(width, heads, rngs) for _ in range(depth)])
     self.norm = nnx.LayerNorm(width, rngs=rngs)
-    self.out = nnx.Linear(width, vocab_size, rngs=rngs)
+    self.out = make_head(width, vocab_size, tree, rngs)
+
+  @property
+  def head(self) -> nnx.Module:
+    """The output layer (a ``Linear``, or a :class:`HierarchicalSoftmax` given a ``tree``)."""
+    return self.out
 
   def features(self, tokens: jax.Array) -> jax.Array:
     t = tokens.shape[-1]
@@ -231,7 +251,7 @@ class TransformerLM(nnx.Module):
     return self.norm(x)
 
   def output_layer(self) -> tuple[jax.Array, jax.Array]:
-    return self.out.kernel[...], self.out.bias[...]
+    return _linear_weights(self.out)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.out(self.features(tokens))

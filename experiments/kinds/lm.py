@@ -15,10 +15,13 @@ program, the runs grouped by regime and ``jax.vmap``-ed over seeds, Adam, window
 
 ``repetition`` (Welleck et al. 2019), from a random start:
 
-- ``mle``: the NLL of each next token.
-- ``unlikelihood``: ``mle`` plus ``alpha * -log(1 - P(C_t))``, with C_t the window's
+The regimes are the classifier's, from the one regime table
+(:mod:`jaxsoftmax_experiments.regimes`), on token targets:
+
+- ``positive_only`` (mle): the NLL of each next token.
+- ``complement_likelihood`` (unlikelihood): mle plus ``alpha * -log(1 - P(C_t))``, with C_t the window's
   tokens before position t other than its target (``fused_complement_set_nll``).
-- ``negated``: ``mle`` plus ``alpha * log P(C_t)`` on the same negatives, the naive
+- ``negated_gradient``: mle plus ``alpha * log P(C_t)`` on the same negatives, the naive
   negated gradient (``-fused_set_nll``).
 
 Metrics at each evaluation: validation perplexity and next-token accuracy; and on greedy
@@ -32,18 +35,19 @@ vocabulary size (worse than a uniform guess), the first evaluation at which it i
 for ``config.initial_steps`` is the start and the frozen reference. ``config.forget`` topics are to be
 forgotten, the other training topics retained. Each regime adds the retain NLL to:
 
-- ``gradient_ascent``: minus the forget NLL;
-- ``complement``: ``-log(1 - p_t)`` of each forget token (``fused_complement_nll``);
+- ``negated_gradient`` (gradient ascent): minus the forget NLL;
+- ``complement_likelihood``: ``-log(1 - p_t)`` of each forget token (``fused_complement_nll``);
 - ``npo``: ``(2/beta) log(1 + (pi(x) / pi_ref(x))^beta)`` per forget window, with
   ``pi(x)`` the window's likelihood.
 
 Metrics: forget NLL, the forget log-likelihood ratio to the reference (per token), retain
-and test perplexity, and collapse: retain perplexity above ``--collapse`` times the
-start's (``config.collapse``). The packaged ``lm_unlearning`` runs 200 steps and
+and test perplexity, and collapse: retain perplexity above ``config.collapse`` times
+the start's. The packaged ``lm_unlearning`` runs 200 steps and
 evaluates every 50.
 
-A run diverges at the first step whose loss or gradient is not finite or whose loss
-falls below ``-logit_bound``; it is then frozen and recorded. The workdir is the
+A run diverges at the first step whose loss or gradient is not finite, whose largest
+|logit| passes ``logit_bound`` (the head's reading: an upper bound for the fused head) or
+whose loss falls below ``-logit_bound``; it is then frozen and recorded. The workdir is the
 framework's (:mod:`jaxsoftmax_experiments.workdir`); a resumed run ends with the same
 files, byte for byte, as a run never stopped.
 """
@@ -66,8 +70,10 @@ from flax import nnx
 from jaxsoftmax import losses
 from jaxsoftmax.models import TransformerLM
 from jaxsoftmax_experiments import config as config_lib
-from jaxsoftmax_experiments import data as data_lib
-from jaxsoftmax_experiments import text
+from jaxsoftmax_experiments import heads as heads_lib
+from jaxsoftmax_experiments import text, training
+from jaxsoftmax_experiments.regimes import REGIMES
+from jaxsoftmax_experiments import report
 from jaxsoftmax_experiments.report import mean_std
 
 EXPERIMENTS = config_lib.LM_EXPERIMENTS
@@ -90,6 +96,7 @@ class Settings:
   learning_rate: float = 1e-3
   alpha: float = 1.0
   head: str = "fused"
+  num_clusters: int = 0
   vocab_chunk: int = 512
   prompt: int = 16
   generate: int = 32
@@ -100,10 +107,6 @@ class Settings:
   collapse: float = 3.0
   logit_bound: float = 1e3
   seed: int = 0
-
-  @property
-  def fused(self) -> bool:
-    return self.head == "fused"
 
   @classmethod
   def of(cls, config) -> "Settings":
@@ -146,46 +149,13 @@ def make_data(s: Settings, corpus: text.Corpus | None = None) -> tuple[Data, dic
 # --- model and losses ----------------------------------------------------------------
 
 
+def make_head(s: Settings, vocab_size: int) -> heads_lib.Head:
+  return heads_lib.make_head(s.head, vocab_size, s.num_clusters, s.vocab_chunk)
+
+
 def build(s: Settings, vocab_size: int, key) -> TransformerLM:
   return TransformerLM(vocab_size, s.length, width=s.width, depth=s.depth, heads=s.heads,
-                       rngs=nnx.Rngs(key))
-
-
-def id_mask(ids, vocab: int):
-  """The ``[..., V]`` boolean mask of padded id lists ``[..., M]`` (-1 unused), written by
-  one scatter (no ``[..., M, V]`` comparison)."""
-  flat = ids.reshape(-1, ids.shape[-1])
-  rows = jnp.arange(flat.shape[0])[:, None]
-  mask = jnp.zeros((flat.shape[0], vocab), bool).at[rows, jnp.where(flat < 0, vocab, flat)].set(
-      True, mode="drop")
-  return mask.reshape(*ids.shape[:-1], vocab)
-
-
-def token_losses(s: Settings, model, windows, kind: str, negatives=None):
-  """Per-token losses ``[B, T]`` of ``kind`` on windows ``[B, T + 1]``: ``nll``,
-  ``complement`` (of the target), ``complement_set`` / ``set`` (of ``negatives``)."""
-  inputs, targets = windows[:, :-1], windows[:, 1:]
-  if not s.fused:
-    z = model(inputs)
-    if kind == "nll":
-      return losses.nll(z, targets)
-    if kind == "complement":
-      return losses.complement_nll(z, targets)
-    mask = id_mask(negatives, z.shape[-1])
-    if kind == "complement_set":
-      return losses.complement_set_nll(z, mask)
-    # An empty set has set_nll +inf with a zero gradient: the select makes its loss 0.
-    return jnp.where(mask.any(-1), losses.set_nll(z, mask), 0.0)
-  h = model.features(inputs)
-  w, b = model.output_layer()
-  kw = dict(bias=b, vocab_chunk=s.vocab_chunk)
-  if kind == "nll":
-    return losses.fused_nll(h, w, targets, **kw)
-  if kind == "complement":
-    return losses.fused_complement_nll(h, w, targets, **kw)
-  if kind == "complement_set":
-    return losses.fused_complement_set_nll(h, w, negatives, **kw)
-  return losses.fused_set_nll(h, w, negatives, where=jnp.any(negatives >= 0, -1), **kw)
+                       tree=heads_lib.tree_of(make_head(s, vocab_size)), rngs=nnx.Rngs(key))
 
 
 def candidates(windows):
@@ -194,29 +164,46 @@ def candidates(windows):
   return text.previous_tokens(windows[:, :-1], windows[:, 1:])
 
 
-def objective(s: Settings, regime: str, model, batch, reference=None):
-  """The regime's loss on a batch: ``batch`` is ``(windows,)`` or, when unlearning,
-  ``(retain windows, forget windows, forget indices)``."""
+class Targets(NamedTuple):
+  """What a regime's losses read of a batch of windows (the fields the classifier's
+  examples have): the target tokens ``[B, T]`` (-1: none), further wrong ids
+  ``[B, T, M]`` or None, and the reference log-likelihood of each window ``[B]`` (npo)."""
+  label: jax.Array
+  wrong: jax.Array | None = None
+  reference: jax.Array | None = None
+
+
+def objective(s: Settings, head, regime: str, model, batch, reference=None):
+  """The regime's loss on a batch, from the one regime table
+  (:data:`jaxsoftmax_experiments.regimes.REGIMES`): the mean of its positive loss over
+  the batch's target tokens, plus its negative loss on the negatives. ``batch`` is
+  ``(windows,)`` (repetition: each position's negatives are the window's earlier tokens
+  other than its target, a set, weighted by ``alpha``, and the mean runs over every
+  position, an empty set adding 0) or, when unlearning, ``(retain windows, forget
+  windows, forget indices)`` (the negatives are the forget windows' target tokens)."""
+  rule = REGIMES[regime]
   if s.experiment == "repetition":
     (windows,) = batch
-    nll = jnp.mean(token_losses(s, model, windows, "nll"))
-    if regime == "mle":
-      return nll
-    negs = candidates(windows)
-    if regime == "unlikelihood":
-      return nll + s.alpha * jnp.mean(token_losses(s, model, windows, "complement_set", negs))
-    has = jnp.any(negs >= 0, -1)
-    set_nll = token_losses(s, model, windows, "set", negs)
-    return nll - s.alpha * jnp.sum(jnp.where(has, set_nll, 0.0)) / jnp.maximum(jnp.sum(has), 1)
+    targets = windows[:, 1:]
+    out = head.training_output(model, windows[:, :-1], targets)
+    loss = jnp.mean(rule.positive(head, out, Targets(targets), s))
+    largest = head.largest_logit(out)
+    if rule.negative is None:
+      return loss, largest
+    negatives = candidates(windows)
+    has = jnp.any(negatives >= 0, -1)
+    negative = rule.negative(head, out, Targets(jnp.full_like(targets, -1), negatives), s)
+    return loss + s.alpha * jnp.mean(jnp.where(has, negative, 0.0)), largest
   retain, forget, index = batch
-  retain_nll = jnp.mean(token_losses(s, model, retain, "nll"))
-  if regime == "gradient_ascent":
-    return retain_nll - jnp.mean(token_losses(s, model, forget, "nll"))
-  if regime == "complement":
-    return retain_nll + jnp.mean(token_losses(s, model, forget, "complement"))
-  log_pi = -jnp.sum(token_losses(s, model, forget, "nll"), axis=-1)     # [B]
-  ratio = log_pi - reference[index]
-  return retain_nll + jnp.mean((2.0 / s.npo_beta) * jax.nn.softplus(s.npo_beta * ratio))
+  out = head.training_output(model, retain[:, :-1], retain[:, 1:])
+  loss = jnp.mean(rule.positive(head, out, Targets(retain[:, 1:]), s))
+  largest = head.largest_logit(out)
+  if rule.negative is None:
+    return loss, largest
+  out = head.training_output(model, forget[:, :-1], forget[:, 1:])
+  targets = Targets(forget[:, 1:], None, None if reference is None else reference[index])
+  loss = loss + jnp.mean(rule.negative(head, out, targets, s))
+  return loss, jnp.maximum(largest, head.largest_logit(out))
 
 
 # --- state, training, evaluation ------------------------------------------------------
@@ -241,6 +228,7 @@ class Plan:
   settings: Settings
   data: Data
   graphdef: Any
+  head: heads_lib.Head
   info: dict = dataclasses.field(default_factory=dict)  # the data's description
 
   @property
@@ -249,26 +237,25 @@ class Plan:
 
 
 def make_plan(s: Settings, data: Data, info: dict | None = None) -> Plan:
-  return Plan(s, data, nnx.graphdef(build(s, data.vocab_size, 0)), info or {})
+  return Plan(s, data, nnx.graphdef(build(s, data.vocab_size, 0)), make_head(s, data.vocab_size),
+              info or {})
 
 
 def _step(plan: Plan, regime: str, run: Run, reference, train, forget) -> tuple[Run, jax.Array]:
   s = plan.settings
   key, k1, k2 = jax.random.split(run.key, 3)
   rows = jax.random.randint(k1, (s.batch_size,), 0, train.shape[0])
-  if s.experiment == "repetition" or regime == "mle":
+  if s.experiment == "repetition" or REGIMES[regime].negative is None:
     batch = (train[rows],)
   else:
     index = jax.random.randint(k2, (s.batch_size,), 0, forget.shape[0])
     batch = (train[rows], forget[index], index)
 
   def loss_fn(params):
-    return objective(s, regime, nnx.merge(plan.graphdef, params), batch, reference)
+    return objective(s, plan.head, regime, nnx.merge(plan.graphdef, params), batch, reference)
 
-  loss, grads = jax.value_and_grad(loss_fn)(run.params)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
-                                                   for g in jax.tree.leaves(grads)]))
-  ok = finite & (loss >= -s.logit_bound)
+  (loss, largest), grads = jax.value_and_grad(loss_fn, has_aux=True)(run.params)
+  ok = training.diverged_not(loss, grads, largest, s.logit_bound)
   keep = run.alive & ok
   updates, opt_state = plan.optimizer.update(grads, run.opt_state, run.params)
   params = jax.tree.map(lambda p, u: p + jnp.where(keep, u, 0).astype(p.dtype), run.params, updates)
@@ -303,8 +290,7 @@ def _train(plan: Plan, regimes: tuple[str, ...], runs: tuple, reference, step, l
 def _window_losses(plan: Plan, params, windows):
   """Per-window token NLLs ``[seeds, n, T]`` and next-token hits, unfused (eval only)."""
   def one(p):
-    model = nnx.merge(plan.graphdef, p)
-    z = model(windows[:, :-1])
+    z = plan.head.scores(nnx.merge(plan.graphdef, p), windows[:, :-1])
     return losses.nll(z, windows[:, 1:]), jnp.argmax(z, -1) == windows[:, 1:]
   return jax.vmap(one)(params)
 
@@ -321,7 +307,7 @@ def _continue(plan: Plan, params, prompts):
     def body(seq, t):
       start = jnp.maximum(t - s.length, 0)
       window = jax.lax.dynamic_slice_in_dim(seq, start, s.length, axis=1)
-      z = model(window)
+      z = plan.head.scores(model, window)
       last = jnp.minimum(t, s.length) - 1
       nxt = jnp.argmax(z[:, last], -1).astype(jnp.int32)
       return seq.at[:, t].set(nxt), None
@@ -395,9 +381,9 @@ def _start(plan: Plan, key) -> State:
   # Unlearning: train the start with mle on every training window (retain and forget).
   everything = jnp.concatenate([plan.data.train, plan.data.forget])
   start = jax.vmap(functools.partial(_init, plan))(seeds)
-  pre = Plan(dataclasses.replace(s, experiment="repetition", regimes=("mle",)), plan.data,
-             plan.graphdef)
-  (start,), _ = _train(pre, ("mle",), (start,), None, jnp.int32(0), s.initial_steps,
+  pre = dataclasses.replace(plan, settings=dataclasses.replace(
+      s, experiment="repetition", regimes=("positive_only",)))
+  (start,), _ = _train(pre, ("positive_only",), (start,), None, jnp.int32(0), s.initial_steps,
                        everything, everything)
   nll = _window_losses(plan, start.params, plan.data.forget)[0]
   reference = -jnp.sum(nll, -1)                                     # [seeds, forget windows]
@@ -452,7 +438,7 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
            f"TransformerLM (width {s.width}, depth {s.depth}, {s.heads} heads, context "
            f"{s.length}), vocabulary {info['vocab_size']}, {s.num_seeds} seeds, {s.steps} steps, "
            f"batch {s.batch_size} windows, Adam at {s.learning_rate:g}, "
-           f"{'fused' if s.fused else 'unfused'} losses; {wall:.1f} s.", ""]
+           f"{s.head} head; {wall:.1f} s.", ""]
   if s.experiment == "unlearning":
     start = {k: mean_std([r.get(k) for r in first if r["regime"] == s.regimes[0]]) for k in cols}
     lines += [f"Forget topics: {', '.join(info['forget_topics'])} ({info['forget_windows']} "
@@ -465,11 +451,12 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
   for regime, e in results["regimes"].items():
     div = [x for x in e["diverged_at_step"] if x is not None]
     bad = [x for x in e[f"{flag}_at_step"] if x is not None]
-    lines.append(f"| {regime} | " + " | ".join(mean_std(e[k]) for k in cols)
+    known = config_lib.LITERATURE_NAMES[s.experiment].get(regime)
+    label = f"{regime} ({known})" if known else regime
+    lines.append(f"| {label} | " + " | ".join(mean_std(e[k]) for k in cols)
                  + f" | {len(div)}/{s.num_seeds}{steps(div)} | {len(bad)}/{s.num_seeds}{steps(bad)} |")
-  lines += ["", "Mean ± sample standard deviation over seeds at the last step. A run diverges "
-            "at the first step whose loss or gradient is not finite or whose loss falls below "
-            f"-{s.logit_bound:g}, and is frozen there. "
+  lines += ["", "Mean ± sample standard deviation over seeds at the last step. "
+            + report.divergence_rule(s.logit_bound) + " "
             + ("Collapsed: retain perplexity above "
                f"{s.collapse:g} x the start's, first at the evaluation shown."
                if s.experiment == "unlearning" else

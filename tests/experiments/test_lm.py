@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxsoftmax.models import TransformerLM
 from jaxsoftmax_experiments import config as config_lib
-from jaxsoftmax_experiments import execute, run, text
+from jaxsoftmax_experiments import execute, heads, run, text
 from jaxsoftmax_experiments.kinds import lm as language
 
 TINY = dict(num_seeds=2, steps=20, eval_every=10, batch_size=4, length=8, width=16, depth=1,
@@ -79,10 +79,13 @@ def test_fused_and_unfused_objectives_agree():
   model = language.build(s, data.vocab_size, jax.random.key(0))
   graphdef, params = nnx.split(model)
   batch = (jnp.asarray(data.train[:4]),)
-  for regime in ("mle", "unlikelihood", "negated"):
+  for regime in ("positive_only", "complement_likelihood", "negated_gradient"):
     value = lambda s: jax.jit(lambda p: language.objective(
-        s, regime, nnx.merge(graphdef, p), batch))(params)
-    np.testing.assert_allclose(value(s), value(dataclasses.replace(s, head="softmax")), rtol=2e-5)
+        s, language.make_head(s, data.vocab_size), regime, nnx.merge(graphdef, p), batch))(params)
+    fused, softmax = value(s), value(dataclasses.replace(s, head="softmax"))
+    np.testing.assert_allclose(fused[0], softmax[0], rtol=2e-5)
+    # The fused head's largest |logit| is an upper bound of the logits' (Cauchy-Schwarz).
+    assert float(softmax[1]) <= float(fused[1]) * (1 + 1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +101,10 @@ def runs(tmp_path_factory):
 
 def test_a_short_run_of_every_repetition_regime(runs):
   s, workdir, results = runs["repetition"]
-  assert list(results["regimes"]) == ["mle", "unlikelihood", "negated"]
+  assert list(results["regimes"]) == ["positive_only", "complement_likelihood", "negated_gradient"]
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert len(lines) == 3 * 3 * 2  # evaluations at 0, 10, 20 x regimes x seeds
-  for name in ("mle", "unlikelihood"):
+  for name in ("positive_only", "complement_likelihood"):
     r = results["regimes"][name]
     start = [l["validation_perplexity"] for l in lines if l["step"] == 0 and l["regime"] == name]
     assert all(p < p0 for p, p0 in zip(r["validation_perplexity"], start)), (r, start)
@@ -112,12 +115,12 @@ def test_a_short_run_of_every_repetition_regime(runs):
 
 def test_a_short_run_of_every_unlearning_regime(runs):
   s, workdir, results = runs["unlearning"]
-  assert list(results["regimes"]) == ["gradient_ascent", "complement", "npo"]
+  assert list(results["regimes"]) == ["negated_gradient", "complement_likelihood", "npo"]
   assert len(results["data"]["forget_topics"]) == s.forget
-  assert results["config"]["regimes"] == ["gradient_ascent", "complement", "npo"]
+  assert results["config"]["regimes"] == ["negated_gradient", "complement_likelihood", "npo"]
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   start = {l["seed"]: l["forget_nll"] for l in lines if l["step"] == 0}
-  end = [l for l in lines if l["step"] == 20 and l["regime"] == "gradient_ascent"]
+  end = [l for l in lines if l["step"] == 20 and l["regime"] == "negated_gradient"]
   # Gradient ascent raises the forget NLL (or diverges doing so).
   assert all(l["diverged"] or l["forget_nll"] > start[l["seed"]] for l in end)
   # At the start the model is its reference (up to float32 rounding of two programs).
@@ -154,5 +157,32 @@ def test_bad_flags_are_refused(capsys, tmp_path):
 
 
 def test_id_mask_marks_each_listed_id_once_and_ignores_padding():
-  got = language.id_mask(jnp.array([[[1, -1, 3, 1]], [[-1, -1, -1, -1]]]), 5)
+  got = heads.id_mask(jnp.array([[[1, -1, 3, 1]], [[-1, -1, -1, -1]]]), 5)
   np.testing.assert_array_equal(got, [[[False, True, False, True, False]], [[False] * 5]])
+
+
+def test_a_regime_of_both_kinds_is_one_entry_of_one_table():
+  from jaxsoftmax_experiments import regimes
+  # The LM's regimes are names of the classifier's table: one function per loss.
+  for names in config_lib.LM_EXPERIMENTS.values():
+    assert set(names) <= set(regimes.REGIMES)
+  assert "objective" not in dir(regimes)  # no second table
+
+
+def test_the_hierarchical_head_trains_unlearning_and_refuses_sets_by_name(tmp_path, capsys):
+  workdir = tmp_path / "tree"
+  c = lm_config("unlearning", head="hierarchical", steps=10, eval_every=10, checkpoint_every=10)
+  assert lm_execute(c, workdir) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  start = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  for r in start:  # at step 0 every regime is the start, its own reference
+    if r["step"] == 0:
+      assert abs(r["forget_log_ratio"]) < 1e-5
+  assert all(x is not None for x in results["regimes"]["complement_likelihood"]["forget_nll"])
+  assert run.main(["--config=lm_repetition", f"--workdir={tmp_path / 'no'}", *FLAGS,
+                   "--config.head=hierarchical"]) == 2
+  err = capsys.readouterr().err
+  assert "config.regimes: 'complement_likelihood' takes sets of wrong tokens" in err
+  assert run.main(["--config=lm_repetition", f"--workdir={tmp_path / 'no'}", *FLAGS,
+                   "--config.regimes=('forward',)"]) == 2
+  assert "'forward' needs a protocol's transition matrix" in capsys.readouterr().err

@@ -152,6 +152,24 @@ def test_hierarchical_head_runs_every_regime(tmp_path):
     assert all(a > 0.6 for a in accuracy), (regime, accuracy)  # chance on synthetic is 0.2
 
 
+def test_the_fused_head_trains_the_classifier_as_the_softmax_head_does(tmp_path, capsys):
+  runs = {}
+  for head in ("softmax", "fused"):
+    workdir = tmp_path / head
+    assert run.main([f"--config={CONFIG}", f"--workdir={workdir}", *TINY, f"--config.head={head}",
+                     "--config.protocol=uniform", "--config.num_negatives=2"]) == 0
+    runs[head] = json.loads((workdir / "results.json").read_text())["regimes"]
+  # The same losses by another kernel: the same models up to float32 rounding (the
+  # negated gradient may freeze at another step: the fused head reads an upper bound).
+  for regime in ("positive_only", "complement_likelihood"):
+    np.testing.assert_allclose(runs["fused"][regime]["test_nll"],
+                               runs["softmax"][regime]["test_nll"], rtol=1e-3)
+  assert run.main([f"--config={CONFIG}", f"--workdir={tmp_path / 'no'}", *TINY,
+                   "--config.head=fused", "--config.protocol=uniform",
+                   "--config.regimes=('pc',)"]) == 2
+  assert "'pc' needs the softmax head's logits" in capsys.readouterr().err
+
+
 def test_two_feedback_rounds_add_examples_only_for_unresolved_inputs(tmp_path):
   workdir = tmp_path / "rounds"
   assert run.main([f"--config={CONFIG}", f"--workdir={workdir}", *TINY,
