@@ -111,6 +111,16 @@ def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
   return "\n".join(lines) + "\n"
 
 
+def colours(n: int) -> list:
+  """``n`` colours for as many curves: matplotlib's ten for ten or fewer, else tab20's
+  twenty, so that no two regimes share one (the 12-regime table repeated two of ten)."""
+  import matplotlib
+  if n <= 10:
+    return [f"C{i}" for i in range(n)]
+  cmap = matplotlib.colormaps["tab20"]
+  return [cmap(i % 20) for i in range(n)]
+
+
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
   """Test accuracy and training loss against step: the mean over seeds and a min-max band."""
   import matplotlib
@@ -120,9 +130,10 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
   by_regime: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
   for r in records:
     by_regime[r["regime"]][r["seed"]][r["step"]] = r
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+  palette = colours(len(by_regime))
   for i, (regime, seeds) in enumerate(by_regime.items()):
-    colour = f"C{i}"
+    colour = palette[i]
     steps = sorted({s for runs in seeds.values() for s in runs})
     for ax, key in zip(axes, ("test_accuracy", "train_loss")):
       v = np.array([[np.nan if runs.get(s, {}).get(key) is None else runs[s][key] for s in steps]
@@ -135,10 +146,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
   axes[0].set(xlabel="step", ylabel="test accuracy", title="test accuracy (mean, min-max over seeds)")
   axes[1].set(xlabel="step", ylabel="training loss (symlog)", title="training loss (mean, min-max over seeds)")
   axes[1].set_yscale("symlog", linthresh=1e-3)
-  axes[0].legend(loc="lower right")
+  # The legend beside the plots, where it covers no curve.
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.82, 0.5), frameon=False)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 0.82, 1))
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=120)
   plt.close(fig)

@@ -358,15 +358,16 @@ def run(plan: Plan, state: State | None = None) -> Iterator[State]:
 
 
 def _probabilities(z: np.ndarray, kind: str) -> np.ndarray:
-  z = np.asarray(z, np.float64)
-  if kind == "sigmoid":
-    return 1.0 / (1.0 + np.exp(-z))
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
+  """Probabilities in float64 from the logits: ``jax.nn.sigmoid`` per class, or the exp of
+  ``jax.nn.log_softmax`` over the classes."""
+  with jax.enable_x64(True):
+    z = jnp.asarray(np.asarray(z, np.float64))
+    p = jax.nn.sigmoid(z) if kind == "sigmoid" else jnp.exp(jax.nn.log_softmax(z, axis=-1))
+    return np.asarray(p)
 
 
 def precision_recall_at_k(scores: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float]:
-  """Mean over examples of |top-k ∩ Y| / k and |top-k ∩ Y| / |Y| (examples with a label)."""
+  """By hand (scikit-learn has no precision or recall at k for label sets). Mean over examples of |top-k ∩ Y| / k and |top-k ∩ Y| / |Y| (examples with a label)."""
   top = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
   hits = np.take_along_axis(y, top, axis=-1).sum(-1)
   size = y.sum(-1)
@@ -375,24 +376,19 @@ def precision_recall_at_k(scores: np.ndarray, y: np.ndarray, k: int) -> tuple[fl
 
 
 def mean_average_precision(scores: np.ndarray, y: np.ndarray) -> float:
-  """Mean over classes (with a positive test example) of average precision, the mean of
-  the precision at each positive's rank."""
-  aps = []
-  for k in range(y.shape[1]):
-    if not y[:, k].any():
-      continue
-    order = np.argsort(-scores[:, k], kind="stable")
-    hits = y[order, k]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    aps.append(float(precision[hits].mean()))
-  return float(np.mean(aps))
+  """Mean over classes (with a positive test example) of average precision:
+  ``sklearn.metrics.average_precision_score`` per class, the mean of the precision at each
+  positive's rank (tied scores share one threshold)."""
+  from sklearn.metrics import average_precision_score
+  has = y.any(0)
+  return float(average_precision_score(y[:, has], scores[:, has], average="macro"))
 
 
 def example_f1(predicted: np.ndarray, y: np.ndarray) -> float:
-  """Mean over examples of 2 |P ∩ Y| / (|P| + |Y|) (1 where both are empty)."""
-  inter = (predicted & y).sum(-1)
-  denom = predicted.sum(-1) + y.sum(-1)
-  return float(np.mean(np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)))
+  """Mean over examples of 2 |P ∩ Y| / (|P| + |Y|) (1 where both are empty):
+  ``sklearn.metrics.f1_score(average="samples", zero_division=1.0)``."""
+  from sklearn.metrics import f1_score
+  return float(f1_score(y, predicted, average="samples", zero_division=1.0))
 
 
 def predict_sets(p: np.ndarray, kind: str, knob: float) -> np.ndarray:
@@ -409,7 +405,8 @@ KNOBS = {"sigmoid": np.linspace(0.05, 0.95, 19), "softmax": np.linspace(0.5, 3.0
 
 
 def calibration_error(q: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
-  """Expected calibration error of label marginals: over (example, class) pairs in 10
+  """By hand (scikit-learn's calibration_curve gives the bins' means, not their weights).
+  Expected calibration error of label marginals: over (example, class) pairs in 10
   equal-width bins of q, the weighted mean of |mean q - mean y|."""
   q, y = q.ravel(), y.ravel().astype(float)
   which = np.minimum((q * bins).astype(int), bins - 1)

@@ -144,3 +144,24 @@ def test_rerunning_is_a_no_op_and_another_config_is_refused(short_run, capsys):
   assert run.main([*args, "--config.steps=301"]) == 2
   assert "differing keys: steps (300 -> 301)" in capsys.readouterr().err
   assert (workdir / "results.json").read_text() == before
+
+
+def test_the_scikit_learn_metrics_equal_their_definitions_on_a_run_sized_case():
+  # Reference: the definitions, written out (the by-hand versions they replaced).
+  rng = np.random.default_rng(1)
+  scores = rng.random((500, 10))
+  y = rng.random((500, 10)) < 0.3
+  aps = []
+  for k in range(10):
+    order = np.argsort(-scores[:, k], kind="stable")
+    hits = y[order, k]
+    aps.append((np.cumsum(hits) / np.arange(1, 501))[hits].mean())
+  assert ml.mean_average_precision(scores, y) == pytest.approx(np.mean(aps), rel=1e-12)
+  predicted = scores > 0.6
+  inter, denom = (predicted & y).sum(-1), predicted.sum(-1) + y.sum(-1)
+  want = np.mean(np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0))
+  assert ml.example_f1(predicted, y) == pytest.approx(want, rel=1e-12)
+  z = rng.normal(size=(4, 10)) * 30
+  p = ml._probabilities(z, "softmax")
+  e = np.exp(z - z.max(-1, keepdims=True))
+  np.testing.assert_allclose(p, e / e.sum(-1, keepdims=True), rtol=1e-12)

@@ -218,3 +218,9 @@ def test_write_atomic_gives_the_umask_permissions(tmp_path):
     os.umask(old)
   # Expected: 0o666 & ~0o022, as open() would give; mkstemp alone gives 0o600.
   assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_twelve_regimes_get_twelve_colours():
+  # Before: matplotlib's ten colours, so mcl_mae and positive_only shared one.
+  assert len({str(c) for c in report.colours(12)}) == 12
+  assert report.colours(3) == ["C0", "C1", "C2"]  # the default table keeps its colours
