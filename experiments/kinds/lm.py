@@ -66,12 +66,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxsoftmax import losses
 from jaxsoftmax.models import TransformerLM
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import heads as heads_lib
-from jaxsoftmax_experiments import text, training
+from jaxsoftmax_experiments import parallel, text, training
 from jaxsoftmax_experiments.regimes import REGIMES
 from jaxsoftmax_experiments import report
 from jaxsoftmax_experiments.report import mean_std
@@ -229,6 +230,7 @@ class Plan:
   data: Data
   graphdef: Any
   head: heads_lib.Head
+  mesh: Mesh                                            # (runs, batch): seeds x each batch
   info: dict = dataclasses.field(default_factory=dict)  # the data's description
 
   @property
@@ -236,9 +238,21 @@ class Plan:
     return optax.adam(self.settings.learning_rate)
 
 
-def make_plan(s: Settings, data: Data, info: dict | None = None) -> Plan:
+def make_plan(s: Settings, data: Data, info: dict | None = None, devices=None) -> Plan:
+  """The plan of settings on data, over ``devices`` (default: all): each regime's seeds
+  split over the mesh's runs axis, each run's batch of windows over its batch axis."""
   return Plan(s, data, nnx.graphdef(build(s, data.vocab_size, 0)), make_head(s, data.vocab_size),
-              info or {})
+              parallel.make_mesh(s.num_seeds, s.batch_size, devices), info or {})
+
+
+def _shardings(plan: Plan, state: State):
+  """Every leaf of a state: per-seed arrays over the runs axis, the step replicated."""
+  runs, replicated = parallel.run_sharding(plan.mesh), parallel.replicated(plan.mesh)
+  return State(jax.tree.map(lambda _: runs, state.runs), replicated, runs)
+
+
+def _constrain(plan: Plan, state: State) -> State:
+  return jax.lax.with_sharding_constraint(state, _shardings(plan, state))
 
 
 def _step(plan: Plan, regime: str, run: Run, reference, train, forget) -> tuple[Run, jax.Array]:
@@ -250,6 +264,8 @@ def _step(plan: Plan, regime: str, run: Run, reference, train, forget) -> tuple[
   else:
     index = jax.random.randint(k2, (s.batch_size,), 0, forget.shape[0])
     batch = (train[rows], forget[index], index)
+  # The batch is split over the mesh's batch axis (under vmap, runs over its runs axis).
+  batch = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(plan.mesh))
 
   def loss_fn(params):
     return objective(s, plan.head, regime, nnx.merge(plan.graphdef, params), batch, reference)
@@ -276,13 +292,15 @@ def _train(plan: Plan, regimes: tuple[str, ...], runs: tuple, reference, step, l
     runs, step = carry
     out = []
     for regime, run in zip(regimes, runs):
-      new, _ = jax.vmap(functools.partial(_step, plan, regime), (0, 0, None, None))(
-          run, reference, train, forget)
+      new, _ = jax.vmap(functools.partial(_step, plan, regime), (0, 0, None, None),
+                        spmd_axis_name=parallel.RUNS)(run, reference, train, forget)
       # The step a run diverged at: _step marks it -1, here it gets the step number.
       new = new._replace(diverged_at=jnp.where(new.diverged_at == -1, step + 1, new.diverged_at))
       out.append(new)
     return (tuple(out), step + 1), None
   (runs, step), _ = jax.lax.scan(body, (runs, step), None, length=length)
+  runs = jax.lax.with_sharding_constraint(
+      runs, jax.tree.map(lambda _: parallel.run_sharding(plan.mesh), runs))
   return runs, step
 
 
@@ -377,7 +395,8 @@ def _start(plan: Plan, key) -> State:
   seeds = jax.random.split(key, s.num_seeds)
   if s.experiment == "repetition":
     runs = tuple(jax.vmap(functools.partial(_init, plan))(seeds) for _ in s.regimes)
-    return State(runs, jnp.int32(0), jnp.zeros((s.num_seeds, 1), jnp.float32))  # unused; orbax saves no empty array
+    # The reference is unused here; orbax saves no empty array.
+    return _constrain(plan, State(runs, jnp.int32(0), jnp.zeros((s.num_seeds, 1), jnp.float32)))
   # Unlearning: train the start with mle on every training window (retain and forget).
   everything = jnp.concatenate([plan.data.train, plan.data.forget])
   start = jax.vmap(functools.partial(_init, plan))(seeds)
@@ -390,7 +409,7 @@ def _start(plan: Plan, key) -> State:
   fresh = lambda: jax.vmap(lambda k: jax.random.fold_in(k, 1))(start.key)
   runs = tuple(Run(start.params, jax.vmap(plan.optimizer.init)(start.params), fresh(),
                    jnp.ones(s.num_seeds, bool), jnp.full(s.num_seeds, -2, jnp.int32)) for _ in s.regimes)
-  return State(runs, jnp.int32(0), reference)
+  return _constrain(plan, State(runs, jnp.int32(0), reference))
 
 
 def run(plan: Plan, state: State | None = None) -> Iterator[State]:
@@ -399,9 +418,8 @@ def run(plan: Plan, state: State | None = None) -> Iterator[State]:
   if state is None:
     state = _start(plan, jax.random.key(s.seed))
   yield state
-  train, forget = jnp.asarray(plan.data.train), jnp.asarray(plan.data.forget)
-  if forget.shape[0] == 0:
-    forget = train
+  forget = plan.data.forget if len(plan.data.forget) else plan.data.train
+  train, forget = parallel.put((plan.data.train, forget), parallel.replicated(plan.mesh))
   while int(state.step) < s.steps:
     length = min(s.eval_every, s.steps - int(state.step))
     runs, step = _train(plan, s.regimes, state.runs, state.reference, state.step, length,
@@ -541,19 +559,22 @@ def total_steps(config) -> int:
 
 
 def plan(config, loaded: Loaded, devices) -> Plan:
-  del config, devices  # one device: the runs are vmapped on it
-  return _plan_of(loaded.settings, loaded)
+  del config
+  return _plan_of(loaded.settings, loaded, None if devices is None else tuple(devices))
 
 
 @functools.lru_cache(maxsize=4)
-def _plan_of(s: Settings, loaded: Loaded) -> Plan:
-  """One plan per settings and data, so that a rerun in the same process reuses its
-  compiled programs (they are keyed by the plan)."""
-  return make_plan(s, loaded.data, loaded.info)
+def _plan_of(s: Settings, loaded: Loaded, devices) -> Plan:
+  """One plan per settings, data and devices, so that a rerun in the same process reuses
+  its compiled programs (they are keyed by the plan)."""
+  return make_plan(s, loaded.data, loaded.info, devices)
 
 
 def template(plan_: Plan):
-  return jax.eval_shape(lambda: _start(plan_, jax.random.key(plan_.settings.seed)))
+  """The checkpoint's abstract state: shapes, dtypes and the mesh's shardings."""
+  state = jax.eval_shape(lambda: _start(plan_, jax.random.key(plan_.settings.seed)))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, _shardings(plan_, state))
 
 
 def host(plan_: Plan, state: State) -> State:
@@ -587,6 +608,7 @@ def outputs(plan_: Plan, state: State, records_: list[dict], resolved: dict, wal
   s = plan_.settings
   results, summary = summarise(s, records_, plan_.info, 0.0)
   results.pop("wall_seconds")
+  results["num_devices"] = plan_.mesh.size
   results["config"] = resolved
   summary = summary.replace("; 0.0 s.", ".")
   return results, summary, lambda path: _plot(s, records_, path)

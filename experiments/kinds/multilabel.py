@@ -45,11 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxsoftmax import losses
 from jaxsoftmax.models import MLP
 from jaxsoftmax_experiments import config as config_lib
-from jaxsoftmax_experiments import report
+from jaxsoftmax_experiments import parallel, report
 from jaxsoftmax_experiments.data import DataError, check_inputs, digits, standardise
 from jaxsoftmax_experiments.report import mean_std
 
@@ -269,10 +270,11 @@ class Plan:
   settings: Settings
   data: Data
   graphdef: Any
-  arrays: tuple         # x_train, y_train, x_val, x_test on the device
+  arrays: tuple         # x_train, y_train, x_val, x_test on the mesh, replicated
+  mesh: Mesh            # (runs, batch): seeds x each batch
 
 
-def _train_fn(settings: Settings, graphdef, objective: Objective, length: int):
+def _train_fn(settings: Settings, graphdef, objective: Objective, length: int, mesh: Mesh):
   opt = optax.adam(settings.learning_rate)
   zero_loss = -math.log(CLIP) * 0.999  # a clipped-wrong label's loss is -log(1e-7) / |Y|
 
@@ -280,7 +282,8 @@ def _train_fn(settings: Settings, graphdef, objective: Objective, length: int):
     params, opt_state, key = carry
     key, sub = jax.random.split(key)
     idx = jax.random.randint(sub, (settings.batch_size,), 0, x.shape[0])
-    xb, yb = x[idx], y[idx]
+    # The batch is split over the mesh's batch axis (under vmap, runs over its runs axis).
+    xb, yb = jax.lax.with_sharding_constraint((x[idx], y[idx]), parallel.batch_sharding(mesh))
 
     # One forward and one backward pass give the loss, each example's gradient with
     # respect to its logits (for the zero-gradient count) and the parameters' gradient.
@@ -298,13 +301,28 @@ def _train_fn(settings: Settings, graphdef, objective: Objective, length: int):
     carry, (zero, clipped) = jax.lax.scan(functools.partial(step, x=x, y=y),
                                           (params, opt_state, key), None, length=length)
     return carry, zero.sum(dtype=jnp.int32), clipped.sum(dtype=jnp.int32)
-  return jax.vmap(run, in_axes=(0, 0, 0, None, None))
+  return jax.vmap(run, in_axes=(0, 0, 0, None, None), spmd_axis_name=parallel.RUNS)
 
 
-def make_plan(settings: Settings, data: Data) -> Plan:
+def make_plan(settings: Settings, data: Data, devices=None) -> Plan:
+  """The plan over ``devices`` (default: all): each objective's seeds split over the mesh's
+  runs axis, each run's batch over its batch axis."""
+  mesh = parallel.make_mesh(settings.num_seeds, settings.batch_size, devices)
   graphdef = nnx.graphdef(_model(settings, data, 0))
-  arrays = tuple(jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_val, data.x_test))
-  return Plan(settings, data, graphdef, arrays)
+  arrays = parallel.put(tuple(jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_val,
+                                                         data.x_test)),
+                        parallel.replicated(mesh))
+  return Plan(settings, data, graphdef, arrays, mesh)
+
+
+def _shardings(plan: Plan, state: State):
+  """Every leaf of a state: per-seed arrays over the runs axis, the step replicated."""
+  runs = parallel.run_sharding(plan.mesh)
+  return jax.tree.map(lambda _: runs, state)._replace(step=parallel.replicated(plan.mesh))
+
+
+def _constrain(plan: Plan, state: State) -> State:
+  return jax.lax.with_sharding_constraint(state, _shardings(plan, state))
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -317,7 +335,7 @@ def _start(plan: Plan) -> State:
   opt = optax.adam(s.learning_rate)
   runs = tuple((params, jax.vmap(opt.init)(params), batch_keys) for _ in s.regimes)
   zeros = tuple(jnp.zeros(s.num_seeds, jnp.int32) for _ in s.regimes)
-  return State(runs, jnp.int32(0), zeros, zeros)
+  return _constrain(plan, State(runs, jnp.int32(0), zeros, zeros))
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "length"))
@@ -326,11 +344,12 @@ def _advance(plan: Plan, state: State, length: int) -> State:
   runs, zero, clipped = [], [], []
   for name, run_, z, c in zip(plan.settings.regimes, state.runs, state.zero_steps,
                               state.clipped_steps):
-    carry, dz, dc = _train_fn(plan.settings, plan.graphdef, OBJECTIVES[name], length)(*run_, x, y)
+    carry, dz, dc = _train_fn(plan.settings, plan.graphdef, OBJECTIVES[name], length,
+                              plan.mesh)(*run_, x, y)
     runs.append(carry)
     zero.append(z + dz)
     clipped.append(c + dc)
-  return State(tuple(runs), state.step + length, tuple(zero), tuple(clipped))
+  return _constrain(plan, State(tuple(runs), state.step + length, tuple(zero), tuple(clipped)))
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -467,17 +486,19 @@ def total_steps(config) -> int:
 
 
 def plan(config, data: Data, devices) -> Plan:
-  del devices  # one device: the runs are vmapped on it
-  return _plan_of(Settings.of(config), data)
+  return _plan_of(Settings.of(config), data, None if devices is None else tuple(devices))
 
 
 @functools.lru_cache(maxsize=4)
-def _plan_of(settings: Settings, data: Data) -> Plan:
-  return make_plan(settings, data)
+def _plan_of(settings: Settings, data: Data, devices) -> Plan:
+  return make_plan(settings, data, devices)
 
 
 def template(plan_: Plan):
-  return jax.eval_shape(lambda: _start(plan_))
+  """The checkpoint's abstract state: shapes, dtypes and the mesh's shardings."""
+  state = jax.eval_shape(lambda: _start(plan_))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, _shardings(plan_, state))
 
 
 def host(plan_: Plan, state: State):
@@ -518,7 +539,8 @@ def outputs(plan_: Plan, state: State, records_: list[dict], resolved: dict, wal
   s, data = plan_.settings, plan_.data
   val = _scores(plan_, state, plan_.arrays[2])
   test = _scores(plan_, state, plan_.arrays[3])
-  results = {"config": resolved, "num_train": len(data.y_train), "num_val": len(data.y_val),
+  results = {"config": resolved, "num_devices": plan_.mesh.size,
+             "num_train": len(data.y_train), "num_val": len(data.y_val),
              "num_test": len(data.y_test), "num_classes": data.num_classes,
              "mean_labels": float(data.y_train.sum(-1).mean()),
              "num_unlabeled": int((data.y_train.sum(-1) == 0).sum()), "objectives": {}}
