@@ -1,4 +1,7 @@
-"""Doctests print arrays with four significant decimals, as the docstrings show them."""
+"""Doctests print arrays with four significant decimals, as the docstrings show them; the
+session's in-process runs share one persistent compilation cache."""
+
+import os
 
 import numpy as np
 import pytest
@@ -11,3 +14,17 @@ def _doctest_printoptions(request):
       yield
   else:
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One XLA compilation cache in the session's temporary folder, shared by the workers:
+  the many tiny runs compile the same programs (the command line's own cache stays off in
+  the tests, ``--compilation_cache=``, and subprocesses start without one)."""
+  import jax
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  jax.config.update("jax_compilation_cache_dir", str(root / "xla-cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  yield

@@ -315,13 +315,16 @@ def _window_losses(plan: Plan, params, windows):
 
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _continue(plan: Plan, params, prompts):
-  """Greedy continuations ``[seeds, n, generate]`` of ``prompts`` ``[n, prompt]``, each step
-  reading the last ``length`` tokens."""
+  """The prompts ``[n, prompt]`` and their greedy continuations, ``[seeds, n, prompt +
+  generate]``, each step reading the last ``length`` tokens (a sequence shorter than
+  ``length`` is padded at its end: the causal model never reads past the position it
+  predicts from)."""
   s = plan.settings
   total = s.prompt + s.generate
   def one(p):
     model = nnx.merge(plan.graphdef, p)
-    seq = jnp.zeros((prompts.shape[0], total), jnp.int32).at[:, :s.prompt].set(prompts)
+    width = max(total, s.length)
+    seq = jnp.zeros((prompts.shape[0], width), jnp.int32).at[:, :s.prompt].set(prompts)
     def body(seq, t):
       start = jnp.maximum(t - s.length, 0)
       window = jax.lax.dynamic_slice_in_dim(seq, start, s.length, axis=1)
@@ -330,7 +333,7 @@ def _continue(plan: Plan, params, prompts):
       nxt = jnp.argmax(z[:, last], -1).astype(jnp.int32)
       return seq.at[:, t].set(nxt), None
     seq, _ = jax.lax.scan(body, seq, jnp.arange(s.prompt, total))
-    return seq
+    return seq[:, :total]
   return jax.vmap(one)(params)
 
 

@@ -171,7 +171,8 @@ def test_a_regime_of_both_kinds_is_one_entry_of_one_table():
 
 def test_the_hierarchical_head_trains_unlearning_and_refuses_sets_by_name(tmp_path, capsys):
   workdir = tmp_path / "tree"
-  c = lm_config("unlearning", head="hierarchical", steps=10, eval_every=10, checkpoint_every=10)
+  c = lm_config("unlearning", head="hierarchical", steps=10, eval_every=10, checkpoint_every=10,
+                regimes=("complement_likelihood",), initial_steps=10)
   assert lm_execute(c, workdir) == 0
   results = json.loads((workdir / "results.json").read_text())
   start = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -186,3 +187,20 @@ def test_the_hierarchical_head_trains_unlearning_and_refuses_sets_by_name(tmp_pa
   assert run.main(["--config=lm_repetition", f"--workdir={tmp_path / 'no'}", *FLAGS,
                    "--config.regimes=('forward',)"]) == 2
   assert "'forward' needs a protocol's transition matrix" in capsys.readouterr().err
+
+
+def test_continuations_shorter_than_the_context_are_generated():
+  # Before: prompt 4 + generate 2 < length 8 ended in a JAX traceback at the first
+  # evaluation (a window of 8 sliced from 6 tokens).
+  s = language.Settings.of(lm_config(prompt=4, generate=2, length=8))
+  data, _ = language.make_data(s)
+  plan = language.make_plan(s, data)
+  params = jax.vmap(lambda k: nnx.state(language.build(s, data.vocab_size, k), nnx.Param))(
+      jax.random.split(jax.random.key(0), 2))
+  prompts = jnp.asarray(data.validation[:3, :4])
+  seqs = np.asarray(language._continue(plan, params, prompts))
+  assert seqs.shape == (2, 3, 6)
+  np.testing.assert_array_equal(seqs[:, :, :4], np.broadcast_to(prompts, (2, 3, 4)))
+  # The padding is never read: the same continuations as with a longer budget's first two.
+  longer = language.make_plan(dataclasses.replace(s, generate=8), data)
+  np.testing.assert_array_equal(seqs, np.asarray(language._continue(longer, params, prompts))[:, :, :6])

@@ -161,13 +161,13 @@ from jaxsoftmax_experiments import config as config_lib, kinds
 
 def tiny(kind):
   c = config_lib.defaults(kind)
-  c.num_seeds, c.steps, c.eval_every, c.batch_size = 2, 20, 10, 8
-  if kind == "lm":
-    c.experiment, c.regimes = "unlearning", config_lib.LM_EXPERIMENTS["unlearning"]
-    c.length, c.width, c.depth, c.heads, c.vocab_chunk, c.initial_steps = 8, 16, 1, 2, 256, 20
+  c.num_seeds, c.steps, c.eval_every, c.batch_size = 2, 10, 10, 8
+  if kind == "lm":  # one regime, a short start: the mesh is what is tested
+    c.experiment, c.regimes = "unlearning", ("complement_likelihood",)
+    c.length, c.width, c.depth, c.heads, c.vocab_chunk, c.initial_steps = 8, 16, 1, 2, 256, 5
     c.learning_rate = 1e-2
   else:
-    c.dataset, c.hidden = "generated", (8,)
+    c.dataset, c.hidden, c.regimes = "generated", (8,), ("sigmoid", "softmax_y_over_size")
   return c
 
 out = {}

@@ -50,9 +50,12 @@ def test_the_markdown_has_a_row_per_regime_and_the_cells_of_the_json(made):
 def test_rerunning_the_same_command_trains_nothing_again(made, capsys):
   root, got = made
   before = {p: (root / p / "metrics.jsonl").read_text() for p in got["protocols"]}
+  table_md = (root / "table.md").read_bytes()
   assert table.main([*TINY, REGIMES, f"--workdir={root}", "--protocols=uniform,feedback"]) == 0
   assert "is complete" in capsys.readouterr().out
   assert {p: (root / p / "metrics.jsonl").read_text() for p in got["protocols"]} == before
+  # Before: the rerun rewrote table.md with "Whole command: 1.1 s".
+  assert (root / "table.md").read_bytes() == table_md
 
 
 @pytest.mark.parametrize("flag, message", [

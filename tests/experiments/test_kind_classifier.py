@@ -1,0 +1,26 @@
+"""The classifier kind through the one command line: the tests of :mod:`kinds_common`."""
+
+from kinds_common import *  # noqa: F403 - the shared tests and their fixture
+
+KIND = "classifier"
+
+
+def test_overwrite_through_a_linked_checkpoints_folder_keeps_folders_it_did_not_write(
+    finished, tmp_path):
+  import shutil
+  _, _, source, _ = finished
+  outside = tmp_path / "outside"
+  shutil.copytree(source / "checkpoints", outside)  # this project's checkpoints, 10 and 20
+  for step in ("40", "60", "80"):
+    (outside / step).mkdir()
+    (outside / step / "data.bin").write_bytes(b"not ours")
+  workdir = tmp_path / "linked"
+  workdir.mkdir()
+  (workdir / "checkpoints").symlink_to(outside)
+  (workdir / "results.json").write_text("{}")
+  workdir_lib.Workdir(workdir).clear()  # what --overwrite does first
+  assert (workdir / "checkpoints").is_symlink() and not (workdir / "results.json").exists()
+  assert sorted(p.name for p in outside.iterdir()) == ["40", "60", "80"]  # before: all deleted
+  assert all((outside / s / "data.bin").read_bytes() == b"not ours" for s in ("40", "60", "80"))
+
+

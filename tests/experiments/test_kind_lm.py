@@ -1,0 +1,5 @@
+"""The lm kind through the one command line: the tests of :mod:`kinds_common`."""
+
+from kinds_common import *  # noqa: F403 - the shared tests and their fixture
+
+KIND = "lm"
