@@ -26,5 +26,5 @@ def _compilation_cache(tmp_path_factory):
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent
   jax.config.update("jax_compilation_cache_dir", str(root / "xla-cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   yield

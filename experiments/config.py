@@ -44,8 +44,7 @@ LITERATURE_NAMES = {"repetition": {"positive_only": "mle", "complement_likelihoo
                                    "complement_likelihood": "complement", "npo": "NPO"}}
 LM_HEADS = ("fused", "softmax", "hierarchical")
 MULTILABEL_DATASETS = ("canvases", "generated")
-MULTILABEL_OBJECTIVES = ("softmax_y_over_size", "sigmoid", "softmax_plus_complement",
-                         "clipped_softmax")
+MULTILABEL_OBJECTIVES = regimes_lib.LABEL_SET_NAMES
 
 
 class ConfigError(ValueError):
@@ -82,7 +81,8 @@ _DEFAULTS = {
     "num_negatives": (1, "uniform and biased: distinct wrong labels per unlabeled input, "
                          "used as one set"),
     "npo_beta": (0.1, "npo: the inverse temperature beta of its loss"),
-    "logit_bound": (1e3, "a run whose largest |logit| passes this has diverged"),
+    "logit_bound": (1e3, "a run whose largest |logit| passes this, or whose loss falls below "
+                         "minus this, has diverged"),
     "seed": (0, "the root of every random draw"),
     "eval_every": (100, "steps between evaluations on the test split"),
     "checkpoint_every": (500, "steps between checkpoints (at evaluations); 0: only the last"),
@@ -117,7 +117,7 @@ _RULES = {
     "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     "num_clusters": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "regimes": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
-                and len(set(v)) == len(v) and all(r in regimes_lib.REGIMES for r in v),
+                and len(set(v)) == len(v) and all(r in regimes_lib.NAMES for r in v),
                 f"a non-empty tuple of distinct names from {', '.join(regimes_lib.NAMES)}"),
     "num_seeds": (_positive_int, "an int >= 1"),
     "steps": (_positive_int, "an int >= 1"),
@@ -144,7 +144,12 @@ assert KEYS == tuple(_DEFAULTS), "every key needs a default, a help line and a r
 
 _COMMON = ("dataset", "regimes", "num_seeds", "steps", "batch_size", "learning_rate",
            "seed", "eval_every", "checkpoint_every")
-_UINT = 2**32
+
+
+def _like(key: str, default, help_: str | None = None) -> tuple:
+  """A common key's entry for another kind: its own default (and help), the classifier's
+  rule, so that a key means and is checked the same in every kind."""
+  return (default, help_ or _DEFAULTS[key][1], *_RULES[key])
 
 
 def _names(allowed):
@@ -176,11 +181,10 @@ _LM = {
              "one of " + ", ".join(LM_HEADS)),
     "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(vocabulary))",
                      lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "num_seeds": (3, "seeds trained in parallel (jax.vmap)", _positive_int, "an int >= 1"),
-    "steps": (800, "optimizer steps per regime", _positive_int, "an int >= 1"),
-    "batch_size": (16, "windows per step, drawn with replacement", _positive_int, "an int >= 1"),
-    "learning_rate": (1e-3, "Adam's learning rate", lambda v: _is_number(v) and v > 0,
-                      "a finite number > 0"),
+    "num_seeds": _like("num_seeds", 3),
+    "steps": _like("steps", 800, "optimizer steps per regime"),
+    "batch_size": _like("batch_size", 16, "windows per step, drawn with replacement"),
+    "learning_rate": _like("learning_rate", 1e-3, "Adam's learning rate"),
     "length": (32, "tokens per window (the context)", _positive_int, "an int >= 1"),
     "width": (64, "the transformer's width", _positive_int, "an int >= 1"),
     "depth": (2, "transformer blocks", _positive_int, "an int >= 1"),
@@ -197,17 +201,13 @@ _LM = {
     "initial_steps": (800, "unlearning: mle steps on every training topic that make the start",
                       _positive_int, "an int >= 1"),
     "forget": (4, "unlearning: training topics to forget", _positive_int, "an int >= 1"),
-    "npo_beta": (0.1, "npo: the inverse temperature beta of its loss",
-                 lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "npo_beta": _like("npo_beta", 0.1),
     "collapse": (3.0, "unlearning: retain perplexity above this times the start's is a collapse",
                  lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "logit_bound": (1e3, "a run whose loss falls below -logit_bound has diverged",
-                    lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "seed": (0, "the root of every random draw", lambda v: _is_int(v) and 0 <= v < _UINT,
-             "an int in [0, 2**32)"),
-    "eval_every": (200, "steps between evaluations", _positive_int, "an int >= 1"),
-    "checkpoint_every": (200, "steps between checkpoints (at evaluations); 0: only the last",
-                         lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "logit_bound": _like("logit_bound", 1e3),
+    "seed": _like("seed", 0),
+    "eval_every": _like("eval_every", 200, "steps between evaluations"),
+    "checkpoint_every": _like("checkpoint_every", 200),
 }
 
 # The same, for the multi-label kind.
@@ -223,18 +223,14 @@ _MULTILABEL = {
     "regimes": (MULTILABEL_OBJECTIVES, "the objectives, each of " + ", ".join(MULTILABEL_OBJECTIVES),
                 _names(MULTILABEL_OBJECTIVES),
                 "a non-empty tuple of distinct names from " + ", ".join(MULTILABEL_OBJECTIVES)),
-    "hidden": ((100, 100), "MLP hidden layer sizes",
-               lambda v: _int_tuple(v), "a tuple of positive ints"),
-    "num_seeds": (5, "seeds trained in parallel (jax.vmap)", _positive_int, "an int >= 1"),
-    "steps": (2000, "optimizer steps per objective", _positive_int, "an int >= 1"),
-    "batch_size": (128, "examples per step, drawn with replacement", _positive_int, "an int >= 1"),
-    "learning_rate": (1e-3, "Adam's learning rate", lambda v: _is_number(v) and v > 0,
-                      "a finite number > 0"),
-    "seed": (0, "the root of every random draw", lambda v: _is_int(v) and 0 <= v < _UINT,
-             "an int in [0, 2**32)"),
-    "eval_every": (200, "steps between evaluations", _positive_int, "an int >= 1"),
-    "checkpoint_every": (0, "steps between checkpoints (at evaluations); 0: only the last",
-                         lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "hidden": _like("hidden", (100, 100)),
+    "num_seeds": _like("num_seeds", 5),
+    "steps": _like("steps", 2000, "optimizer steps per objective"),
+    "batch_size": _like("batch_size", 128),
+    "learning_rate": _like("learning_rate", 1e-3, "Adam's learning rate"),
+    "seed": _like("seed", 0),
+    "eval_every": _like("eval_every", 200, "steps between evaluations"),
+    "checkpoint_every": _like("checkpoint_every", 0),
 }
 
 # kind -> key -> (default, help, test, want)
@@ -417,7 +413,9 @@ def validate_lm(values: dict, corpus_sizes: dict[str, int] | None = None,
   for name in values["regimes"]:
     rule = regimes_lib.REGIMES[name]
     why = None
-    if rule.batch_objective is not None:
+    if regimes_lib.LABEL_SETS in rule.needs:
+      why = "needs several true labels per example (the multilabel kind), which text has not"
+    elif rule.batch_objective is not None:
       why = "is a risk estimator over a batch of complementary labels, which text has not"
     elif regimes_lib.TRANSITION in rule.needs:
       why = "needs a protocol's transition matrix, which text has not"

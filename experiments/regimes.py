@@ -1,19 +1,26 @@
-"""The regime table: how a training run uses its positive and negative examples.
+"""The one regime table of every kind: how a training run uses its examples.
 
 A regime is one entry: its name, the per-example loss it applies to positives and to
 negatives (each a function of the head, the head's training output, the batch and the
 training setup), and what else it needs. Adding a regime is adding an entry to :data:`REGIMES`. The trainer
 groups runs by regime, so a run computes only its own regime's losses.
+
+The classifier's regimes take one label per example (:data:`NAMES`); the language model
+takes the same entries on token targets; the multi-label objectives
+(:data:`LABEL_SET_NAMES`) need several true labels per example (``LABEL_SETS``), and a
+kind that has no label sets is refused them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxsoftmax import losses
 from jaxsoftmax_experiments.protocols import NEGATIVE, POSITIVE
 
 
@@ -25,6 +32,13 @@ FLAT_LOGITS = "flat_logits"            # a softmax head (the loss is on all K lo
 TRANSITION = "transition_matrix"       # the protocol's T: uniform or biased wrong labels
 ONE_WRONG_LABEL = "one_wrong_label"    # no sets: num_negatives = 1
 REFERENCE = "reference_model"          # a frozen model trained on the labeled inputs alone
+LABEL_SETS = "label_sets"              # several true labels per example (the multilabel kind)
+CLIP = 1e-7  # Keras's epsilon: probabilities clipped to [1e-7, 1 - 1e-7]
+
+
+class LabelSets(NamedTuple):
+  """A batch of the multilabel kind: each example's true labels as a bool ``[B, K]`` mask."""
+  labels: jax.Array
 
 
 def _nll(head, out, batch, setup=None):
@@ -98,6 +112,45 @@ def _ure(correction):
   return objective
 
 
+# --- several true labels per example: losses on logits and a [B, K] label mask -----------
+
+
+def _softmax_targets(z, y):
+  """multilabel_softmax_cross_entropy, weight 0 for an example without labels."""
+  has = jnp.any(y, axis=-1)
+  safe = y.at[..., 0].set(y[..., 0] | ~has)  # any label: the loss is masked out below
+  return jnp.where(has, losses.multilabel_softmax_cross_entropy(z, safe), 0.0)
+
+
+def _sigmoid(z, y):
+  return jnp.sum(losses.sigmoid_binary_cross_entropy(z, y.astype(z.dtype)), axis=-1)
+
+
+def _complement_terms(z, y):
+  """``-sum_{k not in Y} log(1 - p_k)``, each term the exact complement_nll of class k."""
+  k = z.shape[-1]
+  per_class = jax.vmap(lambda c: losses.complement_nll(z, jnp.full(z.shape[:-1], c)),
+                       out_axes=-1)(jnp.arange(k))
+  return jnp.sum(jnp.where(y, 0.0, per_class), axis=-1)
+
+
+def _softmax_plus_complement(z, y):
+  return _softmax_targets(z, y) + jnp.where(jnp.any(y, -1), _complement_terms(z, y), 0.0)
+
+
+def _clipped(z, y):
+  """Keras's categorical cross-entropy on softmax outputs: probabilities clipped to
+  ``[1e-7, 1 - 1e-7]``, targets ``Y/|Y|``. The clip passes no gradient outside."""
+  has = jnp.any(y, axis=-1, keepdims=True)
+  t = jnp.where(has, y / jnp.maximum(jnp.sum(y, -1, keepdims=True), 1), 0.0)
+  p = jnp.clip(jax.nn.softmax(z, axis=-1), CLIP, 1.0 - CLIP)
+  return -jnp.sum(t * jnp.log(p), axis=-1)
+
+
+def _on_sets(loss):
+  return lambda head, out, batch, setup=None: loss(out, batch.labels)
+
+
 @dataclasses.dataclass(frozen=True)
 class Regime:
   """One way to train on the examples.
@@ -114,6 +167,8 @@ class Regime:
       the per-example losses, the batch and the setup that gives the batch's objective
       (a risk estimator defined per batch, as the unbiased risk estimators are).
     summary: one line for ``--help`` and the README.
+    scores: for the label-set entries, how predictions are read (``softmax`` or
+      ``sigmoid``); None for the others.
   """
   name: str
   positive: ExampleLoss
@@ -121,6 +176,7 @@ class Regime:
   needs: tuple[str, ...] = ()
   batch_objective: Callable | None = None
   summary: str = ""
+  scores: str | None = None
 
 
 REGIMES: dict[str, Regime] = {r.name: r for r in (
@@ -155,5 +211,18 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
            summary="nll on the positives plus P(S) on sets S (Feng et al. 2020)"),
     Regime("mcl_exp", _nll, _mcl("mcl_exp"), needs=(FLAT_LOGITS,),
            summary="nll on the positives plus exp(-(1 - P(S))) on sets S (Feng et al. 2020)"),
+    Regime("softmax_y_over_size", _on_sets(_softmax_targets), None,
+           needs=(LABEL_SETS, FLAT_LOGITS), scores="softmax",
+           summary="multilabel_softmax_cross_entropy: softmax with targets Y/|Y|"),
+    Regime("sigmoid", _on_sets(_sigmoid), None, needs=(LABEL_SETS, FLAT_LOGITS), scores="sigmoid",
+           summary="sigmoid_binary_cross_entropy summed over classes"),
+    Regime("softmax_plus_complement", _on_sets(_softmax_plus_complement), None,
+           needs=(LABEL_SETS, FLAT_LOGITS), scores="softmax",
+           summary="softmax with targets Y/|Y| plus -log(1 - p_k) for every k not in Y "
+                   "(complement_nll)"),
+    Regime("clipped_softmax", _on_sets(_clipped), None, needs=(LABEL_SETS, FLAT_LOGITS),
+           scores="softmax",
+           summary="Keras-style: softmax probabilities clipped to [1e-7, 1 - 1e-7], targets Y/|Y|"),
 )}
-NAMES = tuple(REGIMES)
+NAMES = tuple(n for n, r in REGIMES.items() if LABEL_SETS not in r.needs)  # one label each
+LABEL_SET_NAMES = tuple(n for n, r in REGIMES.items() if LABEL_SETS in r.needs)

@@ -51,10 +51,11 @@ from jaxsoftmax import losses
 from jaxsoftmax.models import MLP
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import parallel, report
+from jaxsoftmax_experiments import regimes as regimes_lib
 from jaxsoftmax_experiments.data import DataError, check_inputs, digits, standardise
 from jaxsoftmax_experiments.report import mean_std
 
-CLIP = 1e-7  # Keras's epsilon: probabilities clipped to [1e-7, 1 - 1e-7]
+CLIP = regimes_lib.CLIP  # Keras's epsilon: probabilities clipped to [1e-7, 1 - 1e-7]
 
 
 class MultiLabelError(DataError):
@@ -173,59 +174,26 @@ def _packaged(name: str) -> Data:
   return _generated() if name == "generated" else _canvases()
 
 
-# --- the objectives -------------------------------------------------------------------
-
-
-def _softmax_targets(z, y):
-  """multilabel_softmax_cross_entropy, weight 0 for an example without labels."""
-  has = jnp.any(y, axis=-1)
-  safe = y.at[..., 0].set(y[..., 0] | ~has)  # any label: the loss is masked out below
-  return jnp.where(has, losses.multilabel_softmax_cross_entropy(z, safe), 0.0)
-
-
-def _sigmoid(z, y):
-  return jnp.sum(losses.sigmoid_binary_cross_entropy(z, y.astype(z.dtype)), axis=-1)
-
-
-def _complement_terms(z, y):
-  """``-sum_{k not in Y} log(1 - p_k)``, each term the exact complement_nll of class k."""
-  k = z.shape[-1]
-  per_class = jax.vmap(lambda c: losses.complement_nll(z, jnp.full(z.shape[:-1], c)),
-                       out_axes=-1)(jnp.arange(k))
-  return jnp.sum(jnp.where(y, 0.0, per_class), axis=-1)
-
-
-def _softmax_plus_complement(z, y):
-  return _softmax_targets(z, y) + jnp.where(jnp.any(y, -1), _complement_terms(z, y), 0.0)
-
-
-def _clipped(z, y):
-  """Keras's categorical cross-entropy on softmax outputs: probabilities clipped to
-  ``[1e-7, 1 - 1e-7]``, targets ``Y/|Y|``. The clip passes no gradient outside."""
-  has = jnp.any(y, axis=-1, keepdims=True)
-  t = jnp.where(has, y / jnp.maximum(jnp.sum(y, -1, keepdims=True), 1), 0.0)
-  p = jnp.clip(jax.nn.softmax(z, axis=-1), CLIP, 1.0 - CLIP)
-  return -jnp.sum(t * jnp.log(p), axis=-1)
+# --- the objectives: the label-set entries of the one regime table ----------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
+  """A multi-label entry of :data:`jaxsoftmax_experiments.regimes.REGIMES`, as this kind
+  reads it: its loss on logits and a label mask, and how its predictions are read."""
   name: str
   loss: Callable        # (logits [B, K], labels bool [B, K]) -> [B]
   scores: str           # "softmax" or "sigmoid": how predictions are read
   summary: str
 
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("softmax_y_over_size", _softmax_targets, "softmax",
-              "multilabel_softmax_cross_entropy: softmax with targets Y/|Y|"),
-    Objective("sigmoid", _sigmoid, "sigmoid",
-              "sigmoid_binary_cross_entropy summed over classes"),
-    Objective("softmax_plus_complement", _softmax_plus_complement, "softmax",
-              "softmax with targets Y/|Y| plus -log(1 - p_k) for every k not in Y (complement_nll)"),
-    Objective("clipped_softmax", _clipped, "softmax",
-              "Keras-style: softmax probabilities clipped to [1e-7, 1 - 1e-7], targets Y/|Y|"),
-)}
+def _objective(rule: regimes_lib.Regime) -> Objective:
+  loss = lambda z, y: rule.positive(None, z, regimes_lib.LabelSets(y))
+  return Objective(rule.name, loss, rule.scores, rule.summary)
+
+
+OBJECTIVES: dict[str, Objective] = {name: _objective(regimes_lib.REGIMES[name])
+                                    for name in regimes_lib.LABEL_SET_NAMES}
 
 
 # --- training -------------------------------------------------------------------------

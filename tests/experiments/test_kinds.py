@@ -18,6 +18,12 @@ from kinds_common import KINDS, QUIET
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _base(kind, extra):
+  """The kind's tiny command less the keys ``extra`` sets (a key given twice is merged)."""
+  keys = {a.split("=")[0] for a in extra}
+  return [a for a in KINDS[kind] if a.split("=")[0] not in keys]
+
+
 # --- up-front refusals: a message naming the key, nothing written ---------------------------
 
 
@@ -39,13 +45,17 @@ ROOT = Path(__file__).resolve().parents[2]
     ("lm", ["--config.experiment=repetition", "--config.regimes=('npo',)", "--config.prompt=4"],
      "'npo' needs a reference model, which only unlearning trains"),
     ("multilabel", ["--config.hidden=(0,)"], "config.hidden: must be a tuple of positive ints"),
+    ("lm", ["--config.regimes=('sigmoid',)"], "'sigmoid' needs several true labels per example"),
+    ("classifier", ["--config.regimes=('sigmoid',)"],
+     "config.regimes: must be a non-empty tuple of distinct names from positive_only"),
+    ("multilabel", ["--config.regimes=('npo',)"], "config.regimes: must be a non-empty tuple"),
     ("multilabel", ["--config.alpha=2.0"], "--config.alpha: a key of kind lm"),
     ("classifier", ["--config.alpha=2.0"], "--config.alpha: a key of kind lm"),
 ])
 def test_bad_configs_of_every_kind_are_refused_naming_the_key(kind, extra, message, tmp_path,
                                                              capsys):
   workdir = tmp_path / "out"
-  assert run.main([*KINDS[kind], *extra, f"--workdir={workdir}", *QUIET]) == 2
+  assert run.main([*_base(kind, extra), *extra, f"--workdir={workdir}", *QUIET]) == 2
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err, err
   assert not workdir.exists()
@@ -84,9 +94,9 @@ def test_a_users_text_file_trains_the_language_model(tmp_path):
   path = tmp_path / "notes.txt"
   path.write_text(text, encoding="utf-8")
   workdir = tmp_path / "mine"
-  assert run.main([*KINDS["lm"], f"--config.dataset=text:{path}", "--config.forget=2",
-                   "--config.regimes=('complement_likelihood',)", "--config.steps=10",
-                   f"--workdir={workdir}", *QUIET]) == 0
+  extra = ["--config.regimes=('complement_likelihood',)", "--config.steps=10"]
+  assert run.main([*_base("lm", extra), f"--config.dataset=text:{path}", "--config.forget=2",
+                   *extra, f"--workdir={workdir}", *QUIET]) == 0
   results = json.loads((workdir / "results.json").read_text())
   assert results["config"]["dataset"] == f"text:{path}"
   assert results["data"]["train_windows"] > 0 and len(results["data"]["forget_topics"]) == 2

@@ -166,7 +166,10 @@ def test_a_regime_of_both_kinds_is_one_entry_of_one_table():
   # The LM's regimes are names of the classifier's table: one function per loss.
   for names in config_lib.LM_EXPERIMENTS.values():
     assert set(names) <= set(regimes.REGIMES)
-  assert "objective" not in dir(regimes)  # no second table
+  from jaxsoftmax_experiments.kinds import multilabel
+  # The multi-label objectives are the same table's label-set entries.
+  assert set(multilabel.OBJECTIVES) == set(regimes.LABEL_SET_NAMES) <= set(regimes.REGIMES)
+  assert not set(regimes.LABEL_SET_NAMES) & set(regimes.NAMES)
 
 
 def test_the_hierarchical_head_trains_unlearning_and_refuses_sets_by_name(tmp_path, capsys):
