@@ -23,13 +23,10 @@ that differ, unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shlex
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
 from jaxsoftmax_experiments import execute

@@ -58,7 +58,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax

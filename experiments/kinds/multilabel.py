@@ -47,7 +47,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxsoftmax import losses
 from jaxsoftmax.models import MLP
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import parallel, report

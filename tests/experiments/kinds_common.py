@@ -4,13 +4,9 @@ kinds run in parallel: resume, refusal, completion, a failed start. Each is a
 reproduction of what a user met when the language model and the multi-label study had
 command lines of their own."""
 
-import errno
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jaxsoftmax_experiments import run
