@@ -70,7 +70,9 @@ def outputs(plan_, state, records_, resolved, wall, resumed_from):
 
 
 def arrays(dataset):
-  return (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
+  """What the checkpoints' fingerprint hashes: the splits and the class count (as before
+  there were kinds, so that earlier classifier runs still resume)."""
+  return (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test, dataset.num_classes)
 
 
 def title(config) -> str:

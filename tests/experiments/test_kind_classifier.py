@@ -24,3 +24,20 @@ def test_overwrite_through_a_linked_checkpoints_folder_keeps_folders_it_did_not_
   assert all((outside / s / "data.bin").read_bytes() == b"not ours" for s in ("40", "60", "80"))
 
 
+def test_a_classifier_checkpoint_keeps_the_fingerprint_it_had_before_there_were_kinds(finished):
+  import hashlib
+  import json
+
+  from jaxsoftmax_experiments import data
+  _, _, source, _ = finished
+  # Reference: the fingerprint as jaxsoftmax 0.1.0 at 2af9fba defined it (config, then each
+  # split's shape, dtype and bytes, then the class count), so its runs still resume.
+  resolved = json.loads((source / "config.json").read_text())
+  dataset = data.load(resolved["dataset"])
+  h = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
+  for a in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
+    h.update(str(a.shape).encode() + str(a.dtype).encode())
+    h.update(a.tobytes())
+  h.update(str(dataset.num_classes).encode())
+  meta = json.loads(next((source / "checkpoints").glob("*/meta/metadata")).read_text())
+  assert meta["fingerprint"] == h.hexdigest()
