@@ -169,6 +169,15 @@ def main(argv: Sequence[str] | None = None, program: str = "jaxsoftmax-run",
     signal.signal(signal.SIGINT, previous)
 
 
+def _last_override_wins(argv: list[str]) -> list[str]:
+  """``argv`` with each ``--config.KEY=VALUE`` kept only where it is given last, so that a
+  later override replaces an earlier one for every type (absl appends a tuple's values)."""
+  def key(arg):
+    return arg.partition("=")[0] if arg.startswith("--config.") and "=" in arg else None
+  last = {key(a): i for i, a in enumerate(argv) if key(a)}
+  return [a for i, a in enumerate(argv) if key(a) is None or last[key(a)] == i]
+
+
 def parse(argv: list[str], program: str = "jaxsoftmax-run"):
   """The parsed flags and the config of a command line, or the exit status of an error
   (printed, naming the flag or key)."""
@@ -191,7 +200,7 @@ def parse(argv: list[str], program: str = "jaxsoftmax-run"):
         from jaxsoftmax_experiments import configs
         return _error(f"--config={value}: no packaged config of that name and no such file; "
                       f"the packaged configs are {', '.join(configs.names())} (or give a path).")
-  argv = [program, *argv]
+  argv = [program, *_last_override_wins(argv)]
   fv = _flags(argv)
   if not any(a.startswith("--config=") for a in argv) and any(a.startswith("--config.") for a in argv):
     return _error("--config.KEY=VALUE overrides need a config: add --config=NAME or "

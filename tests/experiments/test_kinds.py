@@ -18,12 +18,6 @@ from kinds_common import KINDS, QUIET
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _base(kind, extra):
-  """The kind's tiny command less the keys ``extra`` sets (a key given twice is merged)."""
-  keys = {a.split("=")[0] for a in extra}
-  return [a for a in KINDS[kind] if a.split("=")[0] not in keys]
-
-
 # --- up-front refusals: a message naming the key, nothing written ---------------------------
 
 
@@ -55,7 +49,7 @@ def _base(kind, extra):
 def test_bad_configs_of_every_kind_are_refused_naming_the_key(kind, extra, message, tmp_path,
                                                              capsys):
   workdir = tmp_path / "out"
-  assert run.main([*_base(kind, extra), *extra, f"--workdir={workdir}", *QUIET]) == 2
+  assert run.main([*KINDS[kind], *extra, f"--workdir={workdir}", *QUIET]) == 2
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err, err
   assert not workdir.exists()
@@ -95,7 +89,7 @@ def test_a_users_text_file_trains_the_language_model(tmp_path):
   path.write_text(text, encoding="utf-8")
   workdir = tmp_path / "mine"
   extra = ["--config.regimes=('complement_likelihood',)", "--config.steps=10"]
-  assert run.main([*_base("lm", extra), f"--config.dataset=text:{path}", "--config.forget=2",
+  assert run.main([*KINDS["lm"], f"--config.dataset=text:{path}", "--config.forget=2",
                    *extra, f"--workdir={workdir}", *QUIET]) == 0
   results = json.loads((workdir / "results.json").read_text())
   assert results["config"]["dataset"] == f"text:{path}"

@@ -224,3 +224,14 @@ def test_twelve_regimes_get_twelve_colours():
   # Before: matplotlib's ten colours, so mcl_mae and positive_only shared one.
   assert len({str(c) for c in report.colours(12)}) == 12
   assert report.colours(3) == ["C0", "C1", "C2"]  # the default table keeps its colours
+
+
+def test_an_override_given_twice_takes_its_last_value_for_tuples_as_for_scalars(tmp_path):
+  # absl appends a tuple override's values to an earlier one's; a command line's later
+  # override replaces the earlier one, as it does for a scalar key.
+  fv, config = run.parse([f"--config={CONFIG}", f"--workdir={tmp_path}",
+                          "--config.regimes=('positive_only','negated_gradient')",
+                          "--config.steps=7", "--config.regimes=('complement_likelihood',)",
+                          "--config.steps=9"])
+  assert tuple(config.regimes) == ("complement_likelihood",)
+  assert config.steps == 9
