@@ -243,12 +243,30 @@ def _finish_lse(m, s):
   return jnp.where(jnp.isinf(m), 0.0, m) + _log(s)
 
 
-def _varying(x, axis_name):
-  """``x`` marked as varying over ``axis_name`` inside ``shard_map`` (a scan carry that
-  the loop body makes shard-dependent must start so)."""
-  if axis_name is None:
+def _manual_axes(x) -> frozenset:
+  """The ``shard_map`` axes over which ``x`` varies (empty outside ``shard_map``)."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+  return frozenset(vma)
+
+
+def _varying(x, axis_name, *like):
+  """``x`` marked as varying over ``axis_name`` and over every ``shard_map`` axis that an
+  array of ``like`` varies over: a scan carry that the loop body makes shard-dependent
+  must start so. Tokens sharded on a data axis make every carry vary over it as well as
+  over the vocabulary's axis."""
+  axes = frozenset() if axis_name is None else frozenset([axis_name])
+  for a in jax.tree.leaves(like):
+    axes |= _manual_axes(a)
+  if not axes:
     return x
-  return jax.tree.map(lambda a: jax.lax.pcast(a, axis_name, to="varying"), x)
+
+  def cast(a):
+    missing = tuple(sorted(axes - _manual_axes(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+  return jax.tree.map(cast, x)
 
 
 def _offset(axis_name, vocab):
@@ -284,7 +302,7 @@ def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
 
     count = h_rows.shape[0]
     init = _varying((jnp.full(count, -jnp.inf, dtype), jnp.zeros(count, dtype),
-                     jnp.full(local_rows.shape, -jnp.inf, dtype)), axis_name)
+                     jnp.full(local_rows.shape, -jnp.inf, dtype)), axis_name, h, w, bias, members)
     return _sweep(body, init, vocab, chunk)
 
   m_out, s_out, member_logits = _map_tokens(
@@ -377,7 +395,7 @@ def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resi
       return dh_rows, (dw_cols, dbias_cols)
 
     init = _varying((jnp.zeros((w.shape[0], size), dtype),
-                     None if bias is None else jnp.zeros(size, dtype)), axis_name)
+                     None if bias is None else jnp.zeros(size, dtype)), axis_name, *residuals, g)
     dh, (dw_cols, dbias_cols) = _scan_tokens(rows, dh, init, blocked, dtypes)
     # Written as bits: a 16-bit dw stays 16-bit (see _as_bits); the barrier keeps XLA
     # from moving the cast after the update.
@@ -391,12 +409,25 @@ def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resi
 
   init = _varying((_split_tokens(jnp.zeros(h.shape, dtype), token_chunk),
                    jnp.zeros(w.shape, w.dtype),
-                   None if bias is None else jnp.zeros(bias.shape, bias.dtype)), axis_name)
+                   None if bias is None else jnp.zeros(bias.shape, bias.dtype)), axis_name,
+                  *residuals, g)
   dh, dw, dbias = _sweep(columns, init, vocab, chunk)
   dh = _join_tokens(dh, dtype)
   if axis_name is not None:
     dh = jax.lax.psum(dh, axis_name)
+  # An input that does not vary over a shard_map axis (w replicated over the data axis
+  # while the tokens are split on it) gets its gradient summed over that axis: the
+  # transpose of its implicit broadcast.
+  dh, dw, dbias = (_summed_to(d, x) for d, x in ((dh, h), (dw, w), (dbias, bias)))
   return dh.astype(h.dtype), dw, dbias, None
+
+
+def _summed_to(grad, x):
+  """``grad`` summed over the ``shard_map`` axes it varies over and ``x`` does not."""
+  if grad is None:
+    return None
+  extra = tuple(sorted(_manual_axes(grad) - _manual_axes(x)))
+  return jax.lax.psum(grad, extra) if extra else grad
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -50,6 +50,32 @@ for name, target in (("fused_nll", y), ("fused_complement_set_nll", neg)):
                           "all_reduce": hlo.count("all-reduce"),
                           "w_grad_sharded": str(jax.jit(jax.grad(loss(sharded), 1))(h, w, b).sharding.spec)}
 
+# The language-model layout: tokens split on a data axis (or two), the vocabulary on
+# another; on (data, fsdp, vocab) the fsdp axis either splits the tokens too or is unused.
+layouts = {"data_vocab": ((2, 4), ("data", "vocab"), "data"),
+           "data_fsdp_vocab": ((2, 2, 2), ("data", "fsdp", "vocab"), ("data", "fsdp")),
+           "data_unused_vocab": ((2, 2, 2), ("data", "fsdp", "vocab"), "data")}
+for layout, (shape, axes, token_axes) in layouts.items():
+  grid = Mesh(np.array(jax.devices()).reshape(shape), axes)
+  for name, target in (("fused_nll", y), ("fused_complement_set_nll", neg)):
+    fn = getattr(losses, name)
+    one = lambda h, w, b: fn(h, w, target, bias=b, vocab_chunk=16, token_chunk=8, z_loss=1e-3)
+    spec_t = P(token_axes) if target.ndim == 1 else P(token_axes, None)
+    def total(h, w, b, target):
+      per_token = fn(h, w, target, bias=b, vocab_chunk=16, token_chunk=8, z_loss=1e-3,
+                     vocab_axis_name="vocab")
+      return per_token, jax.lax.psum(per_token.sum(), token_axes)
+    sharded = jax.jit(jax.shard_map(total, mesh=grid,
+                                    in_specs=(P(token_axes, None), P(None, "vocab"), P("vocab"), spec_t),
+                                    out_specs=(P(token_axes), P())))
+    got_v = sharded(h, w, b, target)[0]
+    got_g = jax.jit(jax.grad(lambda h, w, b: sharded(h, w, b, target)[1], (0, 1, 2)))(h, w, b)
+    want_v = one(h, w, b)
+    want_g = jax.grad(lambda h, w, b: one(h, w, b).sum(), (0, 1, 2))(h, w, b)
+    rel = lambda a, r: float(jnp.abs(a - r).max() / jnp.abs(r).max())
+    out[layout + "/" + name] = {"value": rel(got_v, want_v),
+                                "grads": [rel(a, r) for a, r in zip(got_g, want_g)]}
+
 tokens = Mesh(np.array(jax.devices()), ("tokens",))
 hs = jax.device_put(h, NamedSharding(tokens, P("tokens")))
 ys = jax.device_put(y, NamedSharding(tokens, P("tokens")))
@@ -96,3 +122,14 @@ def test_token_parallel_gives_the_one_device_values_and_gradients(eight):
   assert r["h_grad_shards"] == 8 and "tokens" in r["h_grad_spec"], r
   # No device gathers another's hidden states (contiguous blocks of a sharded axis would).
   assert r["float_gathers"] == [], r
+
+
+@pytest.mark.parametrize("layout", ["data_vocab", "data_fsdp_vocab", "data_unused_vocab"])
+@pytest.mark.parametrize("name", ["fused_nll", "fused_complement_set_nll"])
+def test_tokens_on_data_axes_and_the_vocabulary_on_another_give_the_one_device_results(eight, layout,
+                                                                                      name):
+  # Reproduction: on a (data, vocab) mesh with h split on data, fused_nll raised "scan body
+  # function carry input and carry output must have equal types" (the carries varied over
+  # vocab only); w's gradient must also be summed over the data shards.
+  r = eight[layout + "/" + name]
+  assert r["value"] < 1e-5 and max(r["grads"]) < 1e-5, r
