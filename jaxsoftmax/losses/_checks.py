@@ -25,11 +25,13 @@ def index_str(index: tuple[int, ...]) -> str:
   return f"[{', '.join(map(str, index))}]" if index else ""
 
 
-def as_logits(logits: ArrayLike, *, name: str = "logits") -> jax.Array:
+def as_logits(logits: ArrayLike, *, name: str = "logits", keep_dtype: bool = False) -> jax.Array:
   """Returns logits as an array in their compute dtype.
 
   float32 and float64 compute in their own precision; bfloat16 and float16 compute
-  in float32 (the cast's VJP returns the gradient in the input's dtype).
+  in float32 (the cast's VJP returns the gradient in the input's dtype). A kernel that
+  converts inside its own fused operations (``keep_dtype=True``) gets them as they are,
+  so that no float32 copy of the logits is materialised.
   """
   logits = jnp.asarray(logits)
   if not jnp.issubdtype(logits.dtype, jnp.floating):
@@ -41,9 +43,18 @@ def as_logits(logits: ArrayLike, *, name: str = "logits") -> jax.Array:
     raise ValueError(f"{name} must have a class axis (last axis), got a scalar.")
   if logits.shape[-1] == 0:
     raise ValueError(f"{name} has shape {logits.shape}: the class axis is empty.")
-  if logits.dtype in _LOW_PRECISION:
+  if logits.dtype in _LOW_PRECISION and not keep_dtype:
     logits = logits.astype(jnp.float32)
   return logits
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype a kernel computes in for logits of ``dtype``: float32 for 16-bit floats."""
+  return jnp.dtype(jnp.float32) if dtype in _LOW_PRECISION else jnp.dtype(dtype)
+
+
+def is_low_precision(dtype) -> bool:
+  return dtype in _LOW_PRECISION
 
 
 def as_labels(

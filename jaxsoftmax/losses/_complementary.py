@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks, _partition
@@ -159,7 +160,11 @@ def _forward_parts(logits, weights, valid):
   # r = w_min with no rounding of the sum, and a biased one a sum of positive terms.
   w_min = jnp.min(jnp.where(in_s, weights, jnp.inf), axis=-1)
   r = w_min + jnp.sum(jnp.where(in_s, weights - w_min[..., None], 0.0) * q, axis=-1)
-  loss = jax.nn.softplus(b - a) - jnp.log(r)
+  # No class can show l (its column is all zero): p(shown l) = 0, loss +inf (zero
+  # gradient below), as nll's for a label of probability 0.
+  # (A NaN logit or an invalid label stays NaN.)
+  possible = jnp.any(in_s, axis=-1) | jnp.isnan(a) | jnp.isnan(lse)
+  loss = jnp.where(possible, jax.nn.softplus(b - a) - jnp.log(r), jnp.inf)
   return loss, a, lse, q, r
 
 
@@ -213,7 +218,14 @@ def forward_nll(logits: ArrayLike, labels: ArrayLike, transition: ArrayLike, *,
     ignore_index: a padding label value: loss 0 and gradient 0.
 
   Returns:
-    ``[...]`` per-example losses.
+    ``[...]`` per-example losses; +inf (zero gradient) for a label no class shows (an
+    all-zero column of ``T``).
+
+  Raises:
+    ValueError: for a concrete ``T`` with an entry that is not finite or is negative, or
+      a row whose sum is not 1 within :data:`TRANSITION_ROW_TOLERANCE` (1e-4). Under
+      ``jit``, such a ``T`` gives NaN loss and gradient instead: for the examples shown a
+      label whose column has a bad entry, and for every example when a row is off 1.
 
   Example:
     >>> import jax.numpy as jnp
@@ -225,13 +237,49 @@ def forward_nll(logits: ArrayLike, labels: ArrayLike, transition: ArrayLike, *,
   Reference: Yu et al., "Learning with Biased Complementary Labels", ECCV 2018.
   """
   logits, labels, _, kept, ignored = label_inputs(logits, labels, where, axis, ignore_index)
-  transition = jnp.asarray(transition, logits.dtype)
   k = logits.shape[-1]
+  transition, valid_columns = _check_transition(transition, k, logits.dtype)
+  column = jnp.take(transition.T, jnp.maximum(labels, 0), axis=0)      # [..., K]: T[:, l]
+  valid = (labels >= 0) & jnp.take(valid_columns, jnp.maximum(labels, 0))
+  column = jnp.where(valid[..., None], column, jnp.nan)  # NaN loss and a NaN gradient row
+  return _checks.finish(_forward(logits, column, valid), kept, ignored)
+
+
+TRANSITION_ROW_TOLERANCE = 1e-4
+
+
+def _check_transition(transition, k, dtype):
+  """``(T, valid_columns)``: ``T`` as a ``[K, K]`` array of ``dtype`` and, per shown label,
+  whether its column can be used (finite, non-negative, and every row of ``T`` summing to 1
+  within :data:`TRANSITION_ROW_TOLERANCE`). A concrete ``T`` that fails raises
+  ``ValueError`` naming the entry or row; a traced one gives ``False`` there (NaN loss and
+  gradient for the examples shown that label; every example, for a row off 1)."""
+  if _checks.is_concrete(transition):
+    values = np.asarray(transition, np.float64)
+    if values.shape != (k, k):
+      raise ValueError(f"transition has shape {values.shape}; it must be ({k}, {k}) for "
+                       f"{k} classes.")
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+      at = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"transition{_checks.index_str(at)} = {values[at]}: a transition "
+                       "matrix's entries are finite probabilities >= 0.")
+    rows = values.sum(axis=1)
+    off = np.abs(rows - 1.0) > TRANSITION_ROW_TOLERANCE
+    if off.any():
+      row = int(np.argmax(off))
+      raise ValueError(f"transition row {row} sums to {rows[row]:.6g}; each row of T is the "
+                       f"distribution of the label shown for that class and sums to 1 "
+                       f"(within {TRANSITION_ROW_TOLERANCE}).")
+  transition = jnp.asarray(transition)
   if transition.shape != (k, k):
     raise ValueError(f"transition has shape {transition.shape}; it must be ({k}, {k}) for "
                      f"{k} classes.")
-  column = jnp.take(transition.T, jnp.maximum(labels, 0), axis=0)      # [..., K]: T[:, l]
-  return _checks.finish(_forward(logits, column, labels >= 0), kept, ignored)
+  transition = transition.astype(dtype)
+  columns = jnp.all(jnp.isfinite(transition) & (transition >= 0), axis=0)
+  # (A row holding NaN passes this test: its bad entry marks its column.)
+  rows = ~jnp.any(jnp.abs(jnp.sum(transition, axis=1) - 1.0) > TRANSITION_ROW_TOLERANCE)
+  return transition, columns & rows
 
 
 @jax.custom_vjp

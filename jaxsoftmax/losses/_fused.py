@@ -46,6 +46,7 @@ named axis (``pmax`` and ``psum``), and the input gradient is summed across it.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -315,6 +316,7 @@ def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
     member_logits = jax.lax.pmax(member_logits, axis_name)  # -inf on the other shards
   b = _finish_lse(m_out, s_out)
   a = jax.nn.logsumexp(jnp.where(unique, member_logits, -jnp.inf), axis=1)
+  a = jnp.where(jnp.any(members == BAD_ID, axis=1), jnp.nan, a)
   return a, b, unique
 
 
@@ -434,6 +436,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 DEFAULT_CHUNK = 2048
+BAD_ID = -2  # marks every id of a token whose ids were out of range (see _run)
 DEFAULT_TOKEN_CHUNK = 2048
 
 
@@ -460,8 +463,10 @@ def _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk, token_chunk):
     if bias.shape != (w.shape[1],) or not jnp.issubdtype(bias.dtype, jnp.floating):
       raise ValueError(f"bias must be a floating [V] = [{w.shape[1]}] array, got "
                        f"{bias.dtype} {bias.shape}.")
-  if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and soft_cap > 0):
-    raise ValueError(f"soft_cap must be a number > 0 or None, got {soft_cap!r}.")
+  if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and soft_cap > 0
+                                   and math.isfinite(soft_cap)):
+    raise ValueError(f"soft_cap must be a finite number > 0 or None (no capping), got "
+                     f"{soft_cap!r}.")
   if not (isinstance(z_loss, (int, float)) and z_loss >= 0):
     raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}.")
   _check_chunk("vocab_chunk", vocab_chunk)
@@ -505,12 +510,15 @@ def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_
          token_chunk, vocab_axis_name, ignored=None):
   batch_shape = h.shape[:-1]
   n = int(np.prod(batch_shape))
+  if bad is not None:
+    # A token with an id out of range: its ids all -2, so that the kernel makes its
+    # logsumexps NaN: NaN loss and a NaN gradient row for h (and so NaN in w's gradient),
+    # as the flat losses give a NaN logit-gradient row.
+    members = jnp.where(bad[..., None], BAD_ID, members)
   flat = _fused(h.reshape(n, h.shape[-1]), w, bias, members.reshape(n, members.shape[-1]),
                 complement, vocab_chunk, n if token_chunk is None else token_chunk,
                 None if soft_cap is None else float(soft_cap), float(z_loss), vocab_axis_name)
   loss = flat.reshape(batch_shape)
-  if bad is not None:
-    loss = jnp.where(bad, jnp.nan, loss)
   return _checks.finish(loss, kept, ignored)
 
 
@@ -551,7 +559,8 @@ _ARGS = """
       get loss 0 and a zero gradient.{ignore}
     z_loss: weight of the ``logsumexp(z)^2`` penalty added to each token's loss (PaLM's
       z-loss, 1e-4 there); 0 adds nothing.
-    soft_cap: optional ``c > 0``: the logits are ``c * tanh((h @ w + bias) / c)`` (Gemma 2's
+    soft_cap: optional finite ``c > 0`` (``inf`` raises ``ValueError``; None caps
+      nothing): the logits are ``c * tanh((h @ w + bias) / c)`` (Gemma 2's
       final-logit soft-capping, c = 30 there).
     vocab_chunk: columns of ``w`` per step of the stream (default {chunk}). V need not be
       a multiple of it.

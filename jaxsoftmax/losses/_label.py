@@ -11,10 +11,11 @@ from jaxsoftmax.losses._partition import _partition_nll
 from jaxsoftmax.losses._soft import _soft_cross_entropy
 
 
-def label_inputs(logits, labels, where, axis, ignore_index):
+def label_inputs(logits, labels, where, axis, ignore_index, keep_dtype=False):
   """Checked inputs of a label loss: ``(logits, labels, where, kept, ignored)`` with the
-  class axis last, excluded classes at -inf and padding labels replaced by 0."""
-  logits = _checks.as_logits(logits)
+  class axis last, excluded classes at -inf and padding labels replaced by 0 (16-bit
+  logits left as they are with ``keep_dtype``, for the partition kernel)."""
+  logits = _checks.as_logits(logits, keep_dtype=keep_dtype)
   axis = _checks.class_axis(axis, logits)
   where = _checks.as_where(where, logits, axis)
   shape = logits.shape
@@ -25,7 +26,8 @@ def label_inputs(logits, labels, where, axis, ignore_index):
 
 
 def _label_loss(logits, labels, where, axis, ignore_index, complement, label_smoothing=0.0):
-  logits, labels, where, kept, ignored = label_inputs(logits, labels, where, axis, ignore_index)
+  logits, labels, where, kept, ignored = label_inputs(logits, labels, where, axis, ignore_index,
+                                                      keep_dtype=not label_smoothing)
   if label_smoothing:
     loss = _smoothed_nll(logits, labels, where, label_smoothing)
   else:

@@ -53,8 +53,26 @@ def _in_set(members: jax.Array, num_classes: int) -> jax.Array:
 
 def _masked_max(masked_logits):
   """The shift of one side: its maximum, 0 for an empty (all -inf) side, NaN kept."""
-  top = jnp.max(masked_logits, axis=-1)
-  return jax.lax.stop_gradient(jnp.where(jnp.isinf(top), 0.0, top))
+  return _side_max(masked_logits)[0]
+
+
+def _side_max(masked_logits):
+  """``(shift, infinite)`` of one side from one reduction: the shift of
+  :func:`_masked_max`, and whether the side holds a +inf logit (its shift is then 0)."""
+  top = jax.lax.stop_gradient(jnp.max(masked_logits, axis=-1))
+  return jnp.where(jnp.isinf(top), 0.0, top), top == jnp.inf
+
+
+def _side_exp(masked_logits, shift, infinite):
+  """``exp(z - shift)`` over one side; for a side holding +inf, the limit of its
+  restricted softmax's numerators: 1 at its +inf logits, 0 at the rest (so that a +inf
+  logit gives the limit of the gradient instead of inf / inf)."""
+  e = jnp.exp(masked_logits - shift[..., None])
+  return jnp.where(infinite[..., None], (masked_logits == jnp.inf).astype(e.dtype), e)
+
+
+def _side_lse(shift, infinite, total):
+  return jnp.where(infinite, jnp.inf, shift + _log(total))
 
 
 def _log(total):
@@ -74,14 +92,27 @@ def _split_logsumexp_value(logits, members):
   exponential needs to be kept. A NaN among a side's logits makes that side NaN.
   """
   in_set = _in_set(members, logits.shape[-1])
-  b = jax.nn.logsumexp(jnp.where(in_set, -jnp.inf, logits), axis=-1)
+  z = _computed(logits)
+  b = jax.nn.logsumexp(jnp.where(in_set, -jnp.inf, z), axis=-1)
   if jnp.issubdtype(members.dtype, jnp.integer):
-    safe = jnp.maximum(members, 0)[..., None]
-    picked = jnp.take_along_axis(logits, safe, axis=-1)[..., 0]
-    a = jnp.where(members >= 0, picked, jnp.nan)  # -1 marks an invalid label
+    a = _picked(logits, members)
   else:
-    a = jax.nn.logsumexp(jnp.where(in_set, logits, -jnp.inf), axis=-1)
+    a = jax.nn.logsumexp(jnp.where(in_set, z, -jnp.inf), axis=-1)
   return a, b
+
+
+def _computed(logits):
+  """The logits in the compute dtype: 16-bit ones converted inside the operations that
+  read them (XLA fuses the convert), so no float32 copy is written."""
+  return logits.astype(_checks.compute_dtype(logits.dtype))
+
+
+def _picked(logits, labels):
+  """The label's logit, gathered from the logits as they are (a 16-bit gather reads N
+  values; gathering from a converted copy would materialise the copy), NaN for -1."""
+  safe = jnp.maximum(labels, 0)[..., None]
+  picked = _computed(jnp.take_along_axis(logits, safe, axis=-1)[..., 0])
+  return jnp.where(labels >= 0, picked, jnp.nan)  # -1 marks an invalid label
 
 
 def _split_logsumexp(logits, members):
@@ -98,32 +129,57 @@ def _split_logsumexp(logits, members):
   over each side. For a label, S = {label} needs no reduction: ``a`` is the label's
   logit, its ``e`` entry is 0 (never read) and ``sum_in`` is 1.
   """
-  in_set = _in_set(members, logits.shape[-1])
-  if jnp.issubdtype(members.dtype, jnp.integer):
-    others = jnp.where(in_set, -jnp.inf, logits)
-    top_out = _masked_max(others)
-    e = jnp.exp(others - top_out[..., None])
-    sum_out = jnp.sum(e, axis=-1)
-    safe = jnp.maximum(members, 0)[..., None]
-    picked = jnp.take_along_axis(logits, safe, axis=-1)[..., 0]
-    a = jnp.where(members >= 0, picked, jnp.nan)  # -1 marks an invalid label
-    sum_in = jnp.ones_like(a)
-  else:
-    top_in = _masked_max(jnp.where(in_set, logits, -jnp.inf))
-    top_out = _masked_max(jnp.where(in_set, -jnp.inf, logits))
-    e = jnp.exp(logits - jnp.where(in_set, top_in[..., None], top_out[..., None]))
-    sum_in = jnp.sum(jnp.where(in_set, e, 0.0), axis=-1)
-    sum_out = jnp.sum(jnp.where(in_set, 0.0, e), axis=-1)
-    a = top_in + _log(sum_in)
-  b = top_out + _log(sum_out)
+  a, b, e, sum_in, sum_out, _ = _split_logsumexp_shifts(logits, members)
   return a, b, e, sum_in, sum_out
 
 
+def _split_logsumexp_shifts(logits, members):
+  """:func:`_split_logsumexp` and the shifts that rebuild ``e`` (:func:`_exponentials`)."""
+  in_set = _in_set(members, logits.shape[-1])
+  z = _computed(logits)
+  if jnp.issubdtype(members.dtype, jnp.integer):
+    top_out, inf_out = _side_max(jnp.where(in_set, -jnp.inf, z))
+    a = _picked(logits, members)
+    sum_in = jnp.ones_like(a)
+    shifts = (top_out, inf_out)
+  else:
+    top_in, inf_in = _side_max(jnp.where(in_set, z, -jnp.inf))
+    top_out, inf_out = _side_max(jnp.where(in_set, -jnp.inf, z))
+    shifts = (top_out, inf_out, top_in, inf_in)
+  e = _exponentials(logits, members, shifts)
+  if jnp.issubdtype(members.dtype, jnp.integer):
+    sum_out = jnp.sum(e, axis=-1)
+  else:
+    sum_in = jnp.sum(jnp.where(in_set, e, 0.0), axis=-1)
+    sum_out = jnp.sum(jnp.where(in_set, 0.0, e), axis=-1)
+    a = _side_lse(top_in, inf_in, sum_in)
+  b = _side_lse(top_out, inf_out, sum_out)
+  return a, b, e, sum_in, sum_out, shifts
+
+
+def _exponentials(logits, members, shifts):
+  """``e_k = exp(z_k - max of k's side)`` (0 at a label, never read), with a side that
+  holds +inf at its limit (:func:`_side_exp`)."""
+  in_set = _in_set(members, logits.shape[-1])
+  z = _computed(logits)
+  if jnp.issubdtype(members.dtype, jnp.integer):
+    top_out, inf_out = shifts
+    return _side_exp(jnp.where(in_set, -jnp.inf, z), top_out, inf_out)
+  top_out, inf_out, top_in, inf_in = shifts
+  e = jnp.exp(z - jnp.where(in_set, top_in[..., None], top_out[..., None]))
+  infinite = jnp.where(in_set, inf_in[..., None], inf_out[..., None])
+  return jnp.where(infinite, (z == jnp.inf).astype(e.dtype), e)
+
+
 def _forward(logits, members, complement):
-  a, b, e, sum_in, sum_out = _split_logsumexp(logits, members)
+  a, b, e, sum_in, sum_out, shifts = _split_logsumexp_shifts(logits, members)
   if complement:
     a, b, sum_in, sum_out = b, a, sum_out, sum_in
-  return jax.nn.softplus(b - a), (e, members, a, b, sum_in, sum_out)
+  # 16-bit logits: the backward pass rebuilds the exponentials from the logits and the
+  # per-example shifts, inside its own fusion, instead of keeping a float32 array of them
+  # (twice the logits' bytes). Wider logits keep the exponentials: one exp per logit.
+  kept = (logits, shifts) if _checks.is_low_precision(logits.dtype) else e
+  return jax.nn.softplus(b - a), (kept, members, a, b, sum_in, sum_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -144,7 +200,9 @@ def _partition_nll_fwd(logits, members, complement):
 
 
 def _partition_nll_bwd(complement, residuals, g):
-  e, members, a, b, sum_in, sum_out = residuals
+  kept, members, a, b, sum_in, sum_out = residuals
+  low = isinstance(kept, tuple)
+  e = _exponentials(kept[0], members, kept[1]) if low else kept
   is_member = _in_set(members, e.shape[-1])
   in_set = ~is_member if complement else is_member
   # P(not S). An example with a zero cotangent contributes nothing; its b - a may be
@@ -167,7 +225,8 @@ def _partition_nll_bwd(complement, residuals, g):
   # a == -inf: S has probability 0 (loss +inf) or no class is admissible (loss NaN).
   # The gradient there is zero by convention, so -inf logits never receive NaN.
   grad = jnp.where((a == -jnp.inf)[..., None], 0.0, grad)
-  return _checks.zero_where_no_cotangent(g[..., None], grad), None
+  grad = _checks.zero_where_no_cotangent(g[..., None], grad)
+  return (grad.astype(kept[0].dtype) if low else grad), None
 
 
 _partition_nll.defvjp(_partition_nll_fwd, _partition_nll_bwd)

@@ -9,9 +9,10 @@ from jaxsoftmax.losses import _checks
 from jaxsoftmax.losses._partition import _partition_nll
 
 
-def set_inputs(logits, members, where, axis):
-  """Checked inputs of a set loss: ``(logits, members, kept)`` with the class axis last."""
-  logits = _checks.as_logits(logits)
+def set_inputs(logits, members, where, axis, keep_dtype=False):
+  """Checked inputs of a set loss: ``(logits, members, kept)`` with the class axis last
+  (16-bit logits left as they are with ``keep_dtype``, for the partition kernel)."""
+  logits = _checks.as_logits(logits, keep_dtype=keep_dtype)
   axis = _checks.class_axis(axis, logits)
   members = _checks.move_to_last(_checks.as_class_mask(members, logits, name="members"), axis)
   where = _checks.as_where(where, logits, axis)
@@ -20,7 +21,7 @@ def set_inputs(logits, members, where, axis):
 
 
 def _set_loss(logits, members, where, axis, complement):
-  logits, members, kept = set_inputs(logits, members, where, axis)
+  logits, members, kept = set_inputs(logits, members, where, axis, keep_dtype=True)
   return _checks.finish(_partition_nll(logits, members, complement), kept)
 
 

@@ -257,7 +257,8 @@ def test_blocks_of_tokens_keep_the_working_memory_independent_of_the_token_count
     (dict(where=np.ones(3, bool)), r"where shape \(3,\) does not broadcast"),
     (dict(vocab_chunk=0), r"vocab_chunk must be an int >= 1"),
     (dict(token_chunk=2.5), r"token_chunk must be an int >= 1 or None"),
-    (dict(soft_cap=-1.0), r"soft_cap must be a number > 0"),
+    (dict(soft_cap=-1.0), r"soft_cap must be a finite number > 0"),
+    (dict(soft_cap=float("inf")), r"soft_cap must be a finite number > 0"),
 ])
 def test_bad_input_is_a_clear_error(bad, message):
   h, w, bias, labels, _ = _problem(n=2)

@@ -84,6 +84,10 @@ def test_low_precision_computes_in_float32(loss_case, dtype):
   assert loss.dtype == jnp.float32 and grad.dtype == dtype
   # The value is the float32 loss of the rounded logits, not a bf16 computation.
   np.testing.assert_allclose(fn(low, aux), fn(low.astype(jnp.float32), aux), rtol=0)
+  # So is the gradient: the float32 gradient of the rounded logits, rounded once (a kernel
+  # that reads 16-bit logits as they are rebuilds the same float32 exponentials).
+  want = jax.grad(lambda z: fn(z, aux).sum())(low.astype(jnp.float32)).astype(dtype)
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(want, np.float32))
 
 
 def test_float64_computes_in_float64(loss_case):
