@@ -3,8 +3,12 @@ session's in-process runs share one persistent compilation cache."""
 
 import os
 
-import numpy as np
-import pytest
+# The test extra installs libtpu (to compile for a TPU topology): JAX then tries to start a
+# TPU unless told to use the CPU. Set before JAX is imported; subprocesses inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

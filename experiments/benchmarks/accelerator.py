@@ -30,10 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import os
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +146,7 @@ MODES = {"value_and_grad": lambda fn: jax.value_and_grad(
          "forward": lambda fn: fn}
 
 
-def loss_rows(shapes, dtypes, sharding):
+def loss_rows(shapes, dtypes, sharding, names=tuple(LOSSES)):
   """One row per (shape, mode, dtype, loss): its Stats and optax's, as dicts."""
   rows = []
   for n, k in shapes:
@@ -157,6 +156,8 @@ def loss_rows(shapes, dtypes, sharding):
         y = _abstract((n,), jnp.int32, sharding)
         peer = None
         for name, fn in LOSSES.items():
+          if name not in names and name != "optax CE":
+            continue
           stats = compile_stats(wrap(fn), z, y)
           peer = peer or stats
           rows.append(dict(shape=f"{n}x{k}", mode=mode, dtype=dtype, name=name, stats=stats,
@@ -178,7 +179,7 @@ def print_loss_rows(rows, bandwidth, peak):
 
 # --- the fused losses ------------------------------------------------------------------
 
-def fused_rows(sizes, dtypes, sharding, chunk=None):
+def fused_rows(sizes, dtypes, sharding, chunk=None, names=None):
   rows = []
   for n, d, v in sizes:
     for dtype in dtypes:
@@ -198,6 +199,8 @@ def fused_rows(sizes, dtypes, sharding, chunk=None):
       }
       peer = None
       for name, (fn, target) in calls.items():
+        if names is not None and name not in names and name != "optax on h @ w":
+          continue
         step = jax.value_and_grad(lambda h, w, t, fn=fn: jnp.sum(fn(h, w, t).astype(jnp.float32)),
                                   argnums=(0, 1))
         stats = compile_stats(step, h, w, target, loops=name != "optax on h @ w")
