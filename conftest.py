@@ -1,11 +1,14 @@
 """Doctests print arrays with four significant decimals, as the docstrings show them; the
 session's in-process runs share one persistent compilation cache."""
 
+import importlib.util
 import os
 
 # The test extra installs libtpu (to compile for a TPU topology): JAX then tries to start a
-# TPU unless told to use the CPU. Set before JAX is imported; subprocesses inherit it.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# TPU unless told to use the CPU. Set before JAX is imported; subprocesses inherit it. A
+# machine without libtpu (a GPU's) keeps its own platform.
+if importlib.util.find_spec("libtpu") is not None:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
