@@ -97,9 +97,10 @@ def nll(
 
   Returns:
     ``[...]`` per-example losses, no reduction; float32 for low-precision logits.
-    The loss is +inf only where ``p_y`` is exactly 0 (the label's logit is -inf
-    or excluded by ``where``); the gradient of such an example is zero. A NaN
-    among an example's admissible logits gives a NaN loss and gradient.
+    The loss is +inf only where ``p_y`` is exactly 0: the label's logit is -inf
+    or excluded by ``where`` (the gradient is then zero), or another logit is +inf
+    (the gradient is then its limit, ``softmax - onehot``). A NaN among an
+    example's admissible logits gives a NaN loss and gradient.
 
   Only reverse-mode differentiation is defined (``jax.custom_vjp``): ``jax.jvp``
   and ``jax.jacfwd`` raise a ``TypeError``; use ``jax.grad`` or ``jax.jacrev``.

@@ -32,7 +32,12 @@ by 100). ``experiments/benchmarks/losses.py`` reports these forward-only rows.
 Members are either int32 labels (S = {label}; -1 marks an invalid label and gives
 NaN) or a boolean mask over classes. ``complement=True`` swaps S and its complement.
 The residuals are the exponentials (one per logit, in place of the logits), the
-members and four values per example.
+members and four values per example. For 16-bit logits they are the logits themselves
+and two shifts per example instead: the backward pass rebuilds the float32 exponentials
+inside its own fusion, so no float32 array the size of the logits is ever written (on
+the TPU compiler, 1.00x optax's bytes in bfloat16, against 1.75x with the exponentials
+kept). A side holding a +inf logit takes the limit of its restricted softmax (uniform
+over its +inf logits), so the gradient is the limit rather than inf / inf.
 """
 
 from __future__ import annotations
