@@ -22,7 +22,7 @@ model, on a mesh of the topology's chips). Needs the ``accelerator`` extra::
 
     pip install ".[accelerator]"
     JAX_PLATFORMS=cpu python -m jaxsoftmax_experiments.benchmarks.accelerator --topology=v5e:2x2
-        [--sections losses fused mesh programs] [--shapes 8192x32768 ...] [--quick]
+        [--sections losses fused mesh programs] [--shapes 8192x32768 ...] [--sizes N,D,V ...]
 """
 
 from __future__ import annotations
