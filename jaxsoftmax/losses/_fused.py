@@ -401,19 +401,21 @@ def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resi
     dh, (dw_cols, dbias_cols) = _scan_tokens(rows, dh, init, blocked, dtypes)
     # Written as bits: a 16-bit dw stays 16-bit (see _as_bits); the barrier keeps XLA
     # from moving the cast after the update.
-    dw = _from_bits(jax.lax.dynamic_update_slice_in_dim(
-        _as_bits(dw), jax.lax.optimization_barrier(_as_bits(dw_cols.astype(w.dtype))), start,
-        axis=1), w.dtype)
+    dw = jax.lax.dynamic_update_slice_in_dim(
+        dw, jax.lax.optimization_barrier(_as_bits(dw_cols.astype(w.dtype))), start, axis=1)
     if dbias is not None:
       dbias = jax.lax.dynamic_update_slice_in_dim(dbias, dbias_cols.astype(dbias.dtype),
                                                   start, axis=0)
     return dh, dw, dbias
 
   init = _varying((_split_tokens(jnp.zeros(h.shape, dtype), token_chunk),
-                   jnp.zeros(w.shape, w.dtype),
+                   jnp.zeros(w.shape, _as_bits(jnp.zeros((), w.dtype)).dtype),
                    None if bias is None else jnp.zeros(bias.shape, bias.dtype)), axis_name,
                   *residuals, g)
+  # The weight gradient is carried as bits from start to end (see _as_bits): one
+  # 16-bit buffer, converted once after the loop.
   dh, dw, dbias = _sweep(columns, init, vocab, chunk)
+  dw = _from_bits(dw, w.dtype)
   dh = _join_tokens(dh, dtype)
   if axis_name is not None:
     dh = jax.lax.psum(dh, axis_name)
