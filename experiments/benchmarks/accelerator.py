@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import re
 from typing import Callable
@@ -113,6 +114,21 @@ def compile_stats(fn: Callable, *args, loops: bool = False) -> Stats:
                int(memory.output_size_in_bytes),
                None if loops else float(cost.get("bytes accessed", 0.0)),
                None if loops else float(cost.get("flops", 0.0)), collectives(hlo), hlo)
+
+
+def large_arrays(hlo: str, min_elements: int) -> dict[str, int]:
+  """``{"dtype[shape] op": count}`` of the HLO's instructions (parameters and the
+  loops' tuple plumbing left out) whose array has at least ``min_elements`` elements:
+  what a temporary of that size is made of."""
+  found: dict[str, int] = {}
+  for m in re.finditer(r"= (\w+)\[([\d,]+)\]\{[^}]*\}\S* ([\w-]+)\(", hlo):
+    dtype, dims, op = m.groups()
+    if op in ("parameter", "get-tuple-element", "tuple", "bitcast"):
+      continue
+    if math.prod(int(d) for d in dims.split(",")) >= min_elements:
+      key = f"{dtype}[{dims}] {op}"
+      found[key] = found.get(key, 0) + 1
+  return found
 
 
 def _mib(n: float) -> str:
@@ -205,17 +221,22 @@ def fused_rows(sizes, dtypes, sharding, chunk=None, names=None):
                                   argnums=(0, 1))
         stats = compile_stats(step, h, w, target, loops=name != "optax on h @ w")
         peer = peer or stats
-        rows.append(dict(size=f"{n}x{d}x{v}", dtype=dtype, name=name, stats=stats, peer=peer))
+        rows.append(dict(size=f"{n}x{d}x{v}", dtype=dtype, name=name, stats=stats, peer=peer,
+                         weights=d * v))
   return rows
 
 
 def print_fused_rows(rows):
-  print("| N x D x V | dtype | value_and_grad of | temp MiB | temp vs optax | argument + output MiB |")
-  print("|---|---|---|---:|---:|---:|")
+  print("| N x D x V | dtype | value_and_grad of | temp MiB | temp vs optax | argument + output MiB "
+        "| HLO arrays of w's size or more |")
+  print("|---|---|---|---:|---:|---:|---|")
   for r in rows:
     s, p = r["stats"], r["peer"]
+    arrays = "" if r["name"].startswith("optax") else ", ".join(
+        f"{k} x{c}" if c > 1 else k for k, c in large_arrays(s.hlo, r["weights"]).items())
     print(f"| {r['size']} | {r['dtype']} | {r['name']} | {_mib(s.temp)} | "
-          f"{s.temp / max(p.temp, 1):.3f} | {_mib(s.argument + s.output)} |", flush=True)
+          f"{s.temp / max(p.temp, 1):.3f} | {_mib(s.argument + s.output)} | {arrays} |",
+          flush=True)
 
 
 # --- the fused losses on a (data, vocab) mesh ------------------------------------------
@@ -299,10 +320,9 @@ def lm_program(devices, **overrides) -> Stats:
   plan = kind.plan(config, loaded, devices)
   state = kind.template(plan)
   s = plan.settings
-  forget = plan.data.forget if len(plan.data.forget) else plan.data.train
   arrays = [jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
                                  sharding=parallel.replicated(plan.mesh))
-            for x in (plan.data.train, forget)]
+            for x in lm.training_windows(plan)]
   return compile_stats(lambda runs, reference, step, train, forget: lm._train(
       plan, s.regimes, runs, reference, step, s.eval_every, train, forget),
       state.runs, state.reference, state.step, *arrays, loops=True)
@@ -330,18 +350,11 @@ def print_program_rows(devices):
 
 def versions() -> str:
   import importlib.metadata as md
-  libtpu = next((f"libtpu {md.version(p)}" for p in ("libtpu", "libtpu-nightly")
-                 if _installed(p)), "libtpu ?")
-  return f"jax {jax.__version__}, {libtpu}, optax {optax.__version__}"
-
-
-def _installed(name):
-  import importlib.metadata as md
   try:
-    md.version(name)
-    return True
+    libtpu = md.version("libtpu")
   except md.PackageNotFoundError:
-    return False
+    libtpu = "?"
+  return f"jax {jax.__version__}, libtpu {libtpu}, optax {optax.__version__}"
 
 
 def main(argv=None):

@@ -414,14 +414,20 @@ def _start(plan: Plan, key) -> State:
   return _constrain(plan, State(runs, jnp.int32(0), reference))
 
 
+def training_windows(plan: Plan):
+  """``(train, forget)``: the windows :func:`_train` reads (the training windows stand in
+  for an empty forget set, in the repetition experiment)."""
+  forget = plan.data.forget if len(plan.data.forget) else plan.data.train
+  return plan.data.train, forget
+
+
 def run(plan: Plan, state: State | None = None) -> Iterator[State]:
   """Yields the state after every evaluation, the first at step 0."""
   s = plan.settings
   if state is None:
     state = _start(plan, jax.random.key(s.seed))
   yield state
-  forget = plan.data.forget if len(plan.data.forget) else plan.data.train
-  train, forget = parallel.put((plan.data.train, forget), parallel.replicated(plan.mesh))
+  train, forget = parallel.put(training_windows(plan), parallel.replicated(plan.mesh))
   while int(state.step) < s.steps:
     length = min(s.eval_every, s.steps - int(state.step))
     runs, step = _train(plan, s.regimes, state.runs, state.reference, state.step, length,

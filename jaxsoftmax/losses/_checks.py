@@ -43,14 +43,13 @@ def as_logits(logits: ArrayLike, *, name: str = "logits", keep_dtype: bool = Fal
     raise ValueError(f"{name} must have a class axis (last axis), got a scalar.")
   if logits.shape[-1] == 0:
     raise ValueError(f"{name} has shape {logits.shape}: the class axis is empty.")
-  if logits.dtype in _LOW_PRECISION and not keep_dtype:
-    logits = logits.astype(jnp.float32)
-  return logits
+  return logits if keep_dtype else logits.astype(compute_dtype(logits.dtype))
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-  """The dtype a kernel computes in for logits of ``dtype``: float32 for 16-bit floats."""
-  return jnp.dtype(jnp.float32) if dtype in _LOW_PRECISION else jnp.dtype(dtype)
+  """The dtype a kernel computes in for inputs of ``dtype``: float32 for 16-bit floats,
+  float32 and float64 their own."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def is_low_precision(dtype) -> bool:

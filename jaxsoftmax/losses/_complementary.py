@@ -254,11 +254,11 @@ def _check_transition(transition, k, dtype):
   within :data:`TRANSITION_ROW_TOLERANCE`). A concrete ``T`` that fails raises
   ``ValueError`` naming the entry or row; a traced one gives ``False`` there (NaN loss and
   gradient for the examples shown that label; every example, for a row off 1)."""
+  if np.shape(transition) != (k, k):
+    raise ValueError(f"transition has shape {np.shape(transition)}; it must be ({k}, {k}) "
+                     f"for {k} classes.")
   if _checks.is_concrete(transition):
     values = np.asarray(transition, np.float64)
-    if values.shape != (k, k):
-      raise ValueError(f"transition has shape {values.shape}; it must be ({k}, {k}) for "
-                       f"{k} classes.")
     bad = ~np.isfinite(values) | (values < 0)
     if bad.any():
       at = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -271,11 +271,7 @@ def _check_transition(transition, k, dtype):
       raise ValueError(f"transition row {row} sums to {rows[row]:.6g}; each row of T is the "
                        f"distribution of the label shown for that class and sums to 1 "
                        f"(within {TRANSITION_ROW_TOLERANCE}).")
-  transition = jnp.asarray(transition)
-  if transition.shape != (k, k):
-    raise ValueError(f"transition has shape {transition.shape}; it must be ({k}, {k}) for "
-                     f"{k} classes.")
-  transition = transition.astype(dtype)
+  transition = jnp.asarray(transition, dtype)
   columns = jnp.all(jnp.isfinite(transition) & (transition >= 0), axis=0)
   # (A row holding NaN passes this test: its bad entry marks its column.)
   rows = ~jnp.any(jnp.abs(jnp.sum(transition, axis=1) - 1.0) > TRANSITION_ROW_TOLERANCE)

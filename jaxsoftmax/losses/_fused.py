@@ -56,8 +56,6 @@ from jax.typing import ArrayLike
 from jaxsoftmax.losses import _checks
 from jaxsoftmax.losses._partition import _log
 
-_F32 = jnp.float32
-
 
 def _sweep(body, carry, vocab: int, chunk: int):
   """``body(carry, start, size)`` over the vocabulary: a ``lax.scan`` over the
@@ -197,7 +195,7 @@ def _transposed(x):
 
 def _compute_dtype(h, w):
   """float32 for bfloat16, float16 and float32 inputs; float64 for float64."""
-  return jnp.promote_types(jnp.promote_types(h.dtype, w.dtype), _F32)
+  return _checks.compute_dtype(jnp.promote_types(h.dtype, w.dtype))
 
 
 def _chunk_logits(h, w_cols, bias_cols, soft_cap):
@@ -438,7 +436,6 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 DEFAULT_CHUNK = 2048
-BAD_ID = -2  # marks every id of a token whose ids were out of range (see _run)
 DEFAULT_TOKEN_CHUNK = 2048
 
 
@@ -484,6 +481,9 @@ def _check_where(where, batch_shape):
   return jnp.broadcast_to(where, batch_shape)
 
 
+BAD_ID = -2  # every id of a token that had an id out of range (see _run)
+
+
 def _check_members(members, batch_shape, vocab):
   """int32 ``[..., M]`` ids with -1 for padding; an id outside [-1, V) raises eagerly and
   gives NaN under a transformation (returned as the ``bad`` token mask)."""
@@ -505,7 +505,7 @@ def _check_members(members, batch_shape, vocab):
     return jnp.asarray(values.astype(np.int32)), None
   members = jnp.asarray(members)
   bad = (members < -1) | ((members >= vocab) if vocab is not None else False)
-  return jnp.where(bad, -1, members).astype(jnp.int32), jnp.any(bad, axis=-1)
+  return members.astype(jnp.int32), jnp.any(bad, axis=-1)  # _run marks the bad rows
 
 
 def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_chunk,
@@ -513,7 +513,7 @@ def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_
   batch_shape = h.shape[:-1]
   n = int(np.prod(batch_shape))
   if bad is not None:
-    # A token with an id out of range: its ids all -2, so that the kernel makes its
+    # A token with an id out of range: its ids all BAD_ID, so that the kernel makes its
     # logsumexps NaN: NaN loss and a NaN gradient row for h (and so NaN in w's gradient),
     # as the flat losses give a NaN logit-gradient row.
     members = jnp.where(bad[..., None], BAD_ID, members)

@@ -56,24 +56,19 @@ def _in_set(members: jax.Array, num_classes: int) -> jax.Array:
   return members
 
 
-def _masked_max(masked_logits):
-  """The shift of one side: its maximum, 0 for an empty (all -inf) side, NaN kept."""
-  return _side_max(masked_logits)[0]
-
-
 def _side_max(masked_logits):
-  """``(shift, infinite)`` of one side from one reduction: the shift of
-  :func:`_masked_max`, and whether the side holds a +inf logit (its shift is then 0)."""
+  """``(shift, infinite)`` of one side from one reduction: its maximum (0 for an empty,
+  all -inf, side or one holding +inf; NaN kept), and whether it holds a +inf logit."""
   top = jax.lax.stop_gradient(jnp.max(masked_logits, axis=-1))
   return jnp.where(jnp.isinf(top), 0.0, top), top == jnp.inf
 
 
-def _side_exp(masked_logits, shift, infinite):
-  """``exp(z - shift)`` over one side; for a side holding +inf, the limit of its
-  restricted softmax's numerators: 1 at its +inf logits, 0 at the rest (so that a +inf
-  logit gives the limit of the gradient instead of inf / inf)."""
-  e = jnp.exp(masked_logits - shift[..., None])
-  return jnp.where(infinite[..., None], (masked_logits == jnp.inf).astype(e.dtype), e)
+def _side_exp(z, shift, infinite):
+  """``exp(z - shift)`` with ``shift`` and ``infinite`` already broadcast to ``z``; where
+  a side holds +inf, the limit of its restricted softmax's numerators: 1 at its +inf
+  logits, 0 at the rest (so that a +inf logit gives the limit of the gradient instead
+  of inf / inf)."""
+  return jnp.where(infinite, (z == jnp.inf).astype(z.dtype), jnp.exp(z - shift))
 
 
 def _side_lse(shift, infinite, total):
@@ -142,19 +137,16 @@ def _split_logsumexp_shifts(logits, members):
   """:func:`_split_logsumexp` and the shifts that rebuild ``e`` (:func:`_exponentials`)."""
   in_set = _in_set(members, logits.shape[-1])
   z = _computed(logits)
+  top_out, inf_out = _side_max(jnp.where(in_set, -jnp.inf, z))
   if jnp.issubdtype(members.dtype, jnp.integer):
-    top_out, inf_out = _side_max(jnp.where(in_set, -jnp.inf, z))
-    a = _picked(logits, members)
-    sum_in = jnp.ones_like(a)
     shifts = (top_out, inf_out)
+    e = _exponentials(logits, members, shifts)
+    a = _picked(logits, members)
+    sum_in, sum_out = jnp.ones_like(a), jnp.sum(e, axis=-1)
   else:
     top_in, inf_in = _side_max(jnp.where(in_set, z, -jnp.inf))
-    top_out, inf_out = _side_max(jnp.where(in_set, -jnp.inf, z))
     shifts = (top_out, inf_out, top_in, inf_in)
-  e = _exponentials(logits, members, shifts)
-  if jnp.issubdtype(members.dtype, jnp.integer):
-    sum_out = jnp.sum(e, axis=-1)
-  else:
+    e = _exponentials(logits, members, shifts)
     sum_in = jnp.sum(jnp.where(in_set, e, 0.0), axis=-1)
     sum_out = jnp.sum(jnp.where(in_set, 0.0, e), axis=-1)
     a = _side_lse(top_in, inf_in, sum_in)
@@ -169,11 +161,10 @@ def _exponentials(logits, members, shifts):
   z = _computed(logits)
   if jnp.issubdtype(members.dtype, jnp.integer):
     top_out, inf_out = shifts
-    return _side_exp(jnp.where(in_set, -jnp.inf, z), top_out, inf_out)
+    return _side_exp(jnp.where(in_set, -jnp.inf, z), top_out[..., None], inf_out[..., None])
   top_out, inf_out, top_in, inf_in = shifts
-  e = jnp.exp(z - jnp.where(in_set, top_in[..., None], top_out[..., None]))
-  infinite = jnp.where(in_set, inf_in[..., None], inf_out[..., None])
-  return jnp.where(infinite, (z == jnp.inf).astype(e.dtype), e)
+  side = lambda inside, outside: jnp.where(in_set, inside[..., None], outside[..., None])
+  return _side_exp(z, side(top_in, top_out), side(inf_in, inf_out))
 
 
 def _forward(logits, members, complement):
