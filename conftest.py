@@ -1,5 +1,6 @@
 """Doctests print arrays with four significant decimals, as the docstrings show them; the
-session's in-process runs share one persistent compilation cache."""
+session's runs, in process and in subprocesses, share one persistent compilation cache;
+and the suite's programs are compiled without LLVM's optimisations."""
 
 import importlib.util
 import os
@@ -9,6 +10,14 @@ import os
 # machine without libtpu (a GPU's) keeps its own platform.
 if importlib.util.find_spec("libtpu") is not None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The suite's programs are tiny and run for a few steps: compiling them is most of its
+# time, and LLVM's optimisation passes a sixth of that. Off for the tests (and, through
+# the environment, their subprocesses); XLA's own HLO passes, which decide what is
+# materialised and fused, still run. Users' runs keep XLA's default.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if SUITE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -27,11 +36,14 @@ def _doctest_printoptions(request):
 def _compilation_cache(tmp_path_factory):
   """One XLA compilation cache in the session's temporary folder, shared by the workers:
   the many tiny runs compile the same programs (the command line's own cache stays off in
-  the tests, ``--compilation_cache=``, and subprocesses start without one)."""
+  the tests, ``--compilation_cache=``). Subprocesses find it through JAX's environment
+  variables."""
   import jax
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent
   jax.config.update("jax_compilation_cache_dir", str(root / "xla-cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "xla-cache")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   yield

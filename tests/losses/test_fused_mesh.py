@@ -97,7 +97,8 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def eight():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)
