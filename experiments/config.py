@@ -6,7 +6,7 @@ and unlearning) or ``multilabel`` (several true labels per example); a config wi
 so that classifier configs, their ``config.json`` and their checkpoints' fingerprints are
 what they were before there were other kinds. Every kind shares the common keys
 (``dataset``, ``regimes``, ``num_seeds``, ``steps``, ``batch_size``,
-``learning_rate``, ``seed``, ``eval_every``, ``checkpoint_every``) and adds its own; a key of
+``learning_rate``, ``logit_bound``, ``seed``, ``eval_every``, ``checkpoint_every``) and adds its own; a key of
 another kind is an unknown key, refused naming the kind it belongs to.
 
 Config files under ``configs/`` start from :func:`defaults` and change what their
@@ -143,7 +143,7 @@ KEYS = tuple(_RULES)  # the classifier's keys
 assert KEYS == tuple(_DEFAULTS), "every key needs a default, a help line and a rule"
 
 _COMMON = ("dataset", "regimes", "num_seeds", "steps", "batch_size", "learning_rate",
-           "seed", "eval_every", "checkpoint_every")
+           "logit_bound", "seed", "eval_every", "checkpoint_every")
 
 
 def _like(key: str, default, help_: str | None = None) -> tuple:
@@ -228,6 +228,7 @@ _MULTILABEL = {
     "steps": _like("steps", 2000, "optimizer steps per objective"),
     "batch_size": _like("batch_size", 128),
     "learning_rate": _like("learning_rate", 1e-3, "Adam's learning rate"),
+    "logit_bound": _like("logit_bound", 1e3),
     "seed": _like("seed", 0),
     "eval_every": _like("eval_every", 200, "steps between evaluations"),
     "checkpoint_every": _like("checkpoint_every", 0),

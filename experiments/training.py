@@ -99,7 +99,8 @@ class Setup:
 
 
 class RunState(NamedTuple):
-  """One run's training state; stacked on a leading ``[seeds]`` axis per group."""
+  """One run's training state, in every kind; stacked on a leading ``[seeds]`` axis per
+  group."""
   params: Any
   opt_state: Any
   key: jax.Array
@@ -108,18 +109,67 @@ class RunState(NamedTuple):
   diverged_at: jax.Array   # int32, the step that diverged, -1 if none
 
 
+class State(NamedTuple):
+  """Where a run of the language-model or multi-label kind stands after an evaluation:
+  one :class:`RunState` group per regime (stacked over seeds), the step, and the kind's
+  own per-run arrays (each ``[seeds, ...]``: a reference model's log-likelihoods, counts
+  of steps). The classifier's :class:`jaxsoftmax_experiments.loop.State` holds more (its
+  examples, metrics and notes) and keeps its layout, so that its checkpoints restore."""
+  runs: tuple
+  step: jax.Array       # int32: training steps done
+  extra: Any
+
+
+def state_shardings(mesh: Mesh, state: State) -> State:
+  """Every leaf of a :class:`State`: per-run arrays over the mesh's runs axis, the step
+  replicated."""
+  runs = parallel.run_sharding(mesh)
+  return State(jax.tree.map(lambda _: runs, state.runs), parallel.replicated(mesh),
+               jax.tree.map(lambda _: runs, state.extra))
+
+
+def constrain(mesh: Mesh, state: State) -> State:
+  """Pins a state to the checkpoint's shardings, so a restored one needs no new program."""
+  return jax.lax.with_sharding_constraint(state, state_shardings(mesh, state))
+
+
+def template(mesh: Mesh, start) -> State:
+  """The abstract :class:`State` that ``start()`` returns: a checkpoint's shapes, dtypes
+  and shardings, computed without running it."""
+  state = jax.eval_shape(start)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, state_shardings(mesh, state))
+
+
+def evaluations(state: State, advance, total: int, every: int):
+  """Yields ``state``, then ``advance(state, length)`` after every ``every`` steps up to
+  ``total``: the loop of the kinds whose runs all advance together."""
+  yield state
+  done = int(state.step)
+  while done < total:
+    length = min(every, total - done)
+    state = advance(state, length)
+    done += length
+    yield state
+
+
 class StepStats(NamedTuple):
   loss: jax.Array          # the batch's mean training loss
   max_logit: jax.Array     # the batch's largest |logit|
   alive: jax.Array         # whether the run was alive before this step
 
 
+def new_run(params, optimizer: optax.GradientTransformation, key: jax.Array) -> RunState:
+  """A run of every kind before its first step: ``params``, the optimizer's fresh state
+  and the key its batches are drawn from."""
+  return RunState(params, optimizer.init(params), key, jnp.int32(0), jnp.bool_(True),
+                  jnp.int32(-1))
+
+
 def init_one(setup: Setup, init_key: jax.Array, train_key: jax.Array) -> RunState:
   """A fresh run: parameters drawn from ``init_key``, batches from ``train_key``."""
   model = setup.model.build(setup.head, nnx.Rngs(init_key))
-  params = nnx.state(model, nnx.Param)
-  return RunState(params, setup.optimizer.build().init(params), train_key, jnp.int32(0),
-                  jnp.bool_(True), jnp.int32(-1))
+  return new_run(nnx.state(model, nnx.Param), setup.optimizer.build(), train_key)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -131,6 +181,21 @@ def diverged_not(loss, grads, largest_logit, bound) -> jax.Array:
   every gradient are finite, the head's largest |logit| is at most ``bound``, and the
   loss is at least ``-bound``."""
   return jnp.isfinite(loss) & _all_finite(grads) & (largest_logit <= bound) & (loss >= -bound)
+
+
+def apply_update(optimizer: optax.GradientTransformation, state: RunState, key: jax.Array,
+                 loss: jax.Array, grads, largest_logit: jax.Array, bound: float) -> RunState:
+  """One optimizer step of a run of any kind, under the divergence rule
+  (:func:`diverged_not`): a run whose step is not fine is marked diverged at that step
+  and frozen at its parameters (its update is replaced by zero inside the parameter
+  update itself, so freezing costs no extra pass over the parameters or the optimizer
+  state); its optimizer state runs on, but is never used again."""
+  ok = diverged_not(loss, grads, largest_logit, bound)
+  keep = state.alive & ok
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: p + jnp.where(keep, u, 0).astype(p.dtype), state.params, updates)
+  return RunState(params, opt_state, key, state.step + 1, keep,
+                  jnp.where(state.alive & ~ok, state.step + 1, state.diverged_at))
 
 
 def example_losses(setup: Setup, regime: str, params, x: jax.Array,
@@ -171,13 +236,8 @@ def step(setup: Setup, regime: str, state: RunState, examples: protocols.Example
     return combine(per_example, batch, setup), max_logit
 
   (loss, max_logit), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  ok = diverged_not(loss, grads, max_logit, setup.logit_bound)
-  keep = state.alive & ok
-  updates, opt_state = setup.optimizer.build().update(grads, state.opt_state, state.params)
-  # A frozen run's update is zero; its optimizer state runs on, but is never used again.
-  params = jax.tree.map(lambda p, u: p + jnp.where(keep, u, 0).astype(p.dtype), state.params, updates)
-  new_state = RunState(params, opt_state, key, state.step + 1, keep,
-                       jnp.where(state.alive & ~ok, state.step + 1, state.diverged_at))
+  new_state = apply_update(setup.optimizer.build(), state, key, loss, grads, max_logit,
+                           setup.logit_bound)
   return new_state, StepStats(loss, max_logit, state.alive)
 
 

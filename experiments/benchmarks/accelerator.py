@@ -323,9 +323,9 @@ def lm_program(devices, **overrides) -> Stats:
   arrays = [jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
                                  sharding=parallel.replicated(plan.mesh))
             for x in lm.training_windows(plan)]
-  return compile_stats(lambda runs, reference, step, train, forget: lm._train(
-      plan, s.regimes, runs, reference, step, s.eval_every, train, forget),
-      state.runs, state.reference, state.step, *arrays, loops=True)
+  return compile_stats(lambda runs, reference, train, forget: lm._train(
+      plan, s.regimes, runs, reference, s.eval_every, train, forget),
+      state.runs, state.extra, *arrays, loops=True)
 
 
 PROGRAMS = {

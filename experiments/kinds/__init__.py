@@ -1,8 +1,11 @@
 """The kinds of experiment the framework runs, by the name ``config.kind`` gives.
 
-A kind brings only what is its own: its data, its model and training state, how its
+A kind brings only what is its own: its data, its model, its loss on a batch, how its
 runs advance between evaluations, its evaluation and host-side metrics, and the
-contents of its results, summary and curves. The command line, the config checks, the
+contents of its results, summary and curves. The state of a run (``training.RunState``),
+the optimizer step under the one divergence rule (``training.apply_update``), the state
+of every run with the step (``training.State``, the classifier's ``loop.State``), its
+shardings and the loop over evaluations (``training.evaluations``) exist once. The command line, the config checks, the
 workdir (lock, config check, resume, checkpoint cadence, the record of finished
 outputs), the progress display and Ctrl-C exist once, in
 :mod:`jaxsoftmax_experiments.execute`, and drive every kind through this interface:

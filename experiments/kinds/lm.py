@@ -206,21 +206,11 @@ def objective(s: Settings, head, regime: str, model, batch, reference=None):
   return loss, jnp.maximum(largest, head.largest_logit(out))
 
 
-# --- state, training, evaluation ------------------------------------------------------
-
-
-class Run(NamedTuple):
-  params: Any
-  opt_state: Any
-  key: jax.Array
-  alive: jax.Array
-  diverged_at: jax.Array
-
-
-class State(NamedTuple):
-  runs: tuple            # one Run per regime, stacked over seeds
-  step: jax.Array
-  reference: jax.Array   # [seeds, forget windows] log pi_ref per window (unlearning), else [seeds, 1]
+# --- training and evaluation ----------------------------------------------------------
+#
+# The state is the framework's (training.State): one training.RunState group per regime,
+# the step, and as the kind's own array the reference log-likelihood of every forget window,
+# [seeds, forget windows] (unlearning; [seeds, 1] and unused in the repetition experiment).
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
@@ -240,21 +230,13 @@ class Plan:
 def make_plan(s: Settings, data: Data, info: dict | None = None, devices=None) -> Plan:
   """The plan of settings on data, over ``devices`` (default: all): each regime's seeds
   split over the mesh's runs axis, each run's batch of windows over its batch axis."""
-  return Plan(s, data, nnx.graphdef(build(s, data.vocab_size, 0)), make_head(s, data.vocab_size),
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(s, data.vocab_size, 0)))  # no compute
+  return Plan(s, data, graphdef, make_head(s, data.vocab_size),
               parallel.make_mesh(s.num_seeds, s.batch_size, devices), info or {})
 
 
-def _shardings(plan: Plan, state: State):
-  """Every leaf of a state: per-seed arrays over the runs axis, the step replicated."""
-  runs, replicated = parallel.run_sharding(plan.mesh), parallel.replicated(plan.mesh)
-  return State(jax.tree.map(lambda _: runs, state.runs), replicated, runs)
-
-
-def _constrain(plan: Plan, state: State) -> State:
-  return jax.lax.with_sharding_constraint(state, _shardings(plan, state))
-
-
-def _step(plan: Plan, regime: str, run: Run, reference, train, forget) -> tuple[Run, jax.Array]:
+def _step(plan: Plan, regime: str, run: training.RunState, reference, train,
+          forget) -> training.RunState:
   s = plan.settings
   key, k1, k2 = jax.random.split(run.key, 3)
   rows = jax.random.randint(k1, (s.batch_size,), 0, train.shape[0])
@@ -270,37 +252,27 @@ def _step(plan: Plan, regime: str, run: Run, reference, train, forget) -> tuple[
     return objective(s, plan.head, regime, nnx.merge(plan.graphdef, params), batch, reference)
 
   (loss, largest), grads = jax.value_and_grad(loss_fn, has_aux=True)(run.params)
-  ok = training.diverged_not(loss, grads, largest, s.logit_bound)
-  keep = run.alive & ok
-  updates, opt_state = plan.optimizer.update(grads, run.opt_state, run.params)
-  params = jax.tree.map(lambda p, u: p + jnp.where(keep, u, 0).astype(p.dtype), run.params, updates)
-  return Run(params, opt_state, key, keep,
-             jnp.where(run.alive & ~ok, -1, run.diverged_at)), loss
+  return training.apply_update(plan.optimizer, run, key, loss, grads, largest, s.logit_bound)
 
 
-def _init(plan: Plan, key) -> Run:
+def _init(plan: Plan, key) -> training.RunState:
   k_init, k_batch = jax.random.split(key)
   params = nnx.state(build(plan.settings, plan.data.vocab_size, k_init), nnx.Param)
-  return Run(params, plan.optimizer.init(params), k_batch, jnp.bool_(True), jnp.int32(-2))
+  return training.new_run(params, plan.optimizer, k_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "regimes", "length"))
-def _train(plan: Plan, regimes: tuple[str, ...], runs: tuple, reference, step, length: int,
-           train, forget):
-  def body(carry, _):
-    runs, step = carry
-    out = []
-    for regime, run in zip(regimes, runs):
-      new, _ = jax.vmap(functools.partial(_step, plan, regime), (0, 0, None, None),
-                        spmd_axis_name=parallel.RUNS)(run, reference, train, forget)
-      # The step a run diverged at: _step marks it -1, here it gets the step number.
-      new = new._replace(diverged_at=jnp.where(new.diverged_at == -1, step + 1, new.diverged_at))
-      out.append(new)
-    return (tuple(out), step + 1), None
-  (runs, step), _ = jax.lax.scan(body, (runs, step), None, length=length)
-  runs = jax.lax.with_sharding_constraint(
+def _train(plan: Plan, regimes: tuple[str, ...], runs: tuple, reference, length: int,
+           train, forget) -> tuple:
+  """``length`` steps of every run of ``regimes`` (one group each, over seeds)."""
+  steppers = [jax.vmap(functools.partial(_step, plan, regime), (0, 0, None, None),
+                       spmd_axis_name=parallel.RUNS) for regime in regimes]
+
+  def body(runs, _):
+    return tuple(f(run, reference, train, forget) for f, run in zip(steppers, runs)), None
+  runs, _ = jax.lax.scan(body, runs, None, length=length)
+  return jax.lax.with_sharding_constraint(
       runs, jax.tree.map(lambda _: parallel.run_sharding(plan.mesh), runs))
-  return runs, step
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -348,7 +320,7 @@ def repetition_rate(sequence: np.ndarray, start: int, window: int = 16) -> float
   return float(np.mean(hits))
 
 
-def evaluate(plan: Plan, state: State, start_retain_ppl=None) -> list[dict]:
+def evaluate(plan: Plan, state: training.State, start_retain_ppl=None) -> list[dict]:
   """One record per (regime, seed) at the state's step."""
   s, d = plan.settings, plan.data
   out = []
@@ -370,7 +342,8 @@ def evaluate(plan: Plan, state: State, start_retain_ppl=None) -> list[dict]:
       forget = np.asarray(_window_losses(plan, run.params, d.forget)[0], np.float64)
       rec["forget_nll"] = forget.mean((1, 2))
       log_pi = -forget.sum(-1)
-      rec["forget_log_ratio"] = (log_pi - np.asarray(state.reference, np.float64)).mean(1) / s.length
+      reference = np.asarray(state.extra, np.float64)
+      rec["forget_log_ratio"] = (log_pi - reference).mean(1) / s.length
       retain = np.asarray(_window_losses(plan, run.params, d.train[:len(d.test)])[0], np.float64)
       rec["retain_perplexity"] = np.exp(retain.mean((1, 2)))
       test = np.asarray(_window_losses(plan, run.params, d.test)[0], np.float64)
@@ -392,26 +365,27 @@ def evaluate(plan: Plan, state: State, start_retain_ppl=None) -> list[dict]:
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
-def _start(plan: Plan, key) -> State:
+def _start(plan: Plan, key) -> training.State:
   s = plan.settings
   seeds = jax.random.split(key, s.num_seeds)
   if s.experiment == "repetition":
     runs = tuple(jax.vmap(functools.partial(_init, plan))(seeds) for _ in s.regimes)
     # The reference is unused here; orbax saves no empty array.
-    return _constrain(plan, State(runs, jnp.int32(0), jnp.zeros((s.num_seeds, 1), jnp.float32)))
+    state = training.State(runs, jnp.int32(0), jnp.zeros((s.num_seeds, 1), jnp.float32))
+    return training.constrain(plan.mesh, state)
   # Unlearning: train the start with mle on every training window (retain and forget).
   everything = jnp.concatenate([plan.data.train, plan.data.forget])
   start = jax.vmap(functools.partial(_init, plan))(seeds)
   pre = dataclasses.replace(plan, settings=dataclasses.replace(
       s, experiment="repetition", regimes=("positive_only",)))
-  (start,), _ = _train(pre, ("positive_only",), (start,), None, jnp.int32(0), s.initial_steps,
-                       everything, everything)
+  (start,) = _train(pre, ("positive_only",), (start,), None, s.initial_steps, everything,
+                    everything)
   nll = _window_losses(plan, start.params, plan.data.forget)[0]
   reference = -jnp.sum(nll, -1)                                     # [seeds, forget windows]
   fresh = lambda: jax.vmap(lambda k: jax.random.fold_in(k, 1))(start.key)
-  runs = tuple(Run(start.params, jax.vmap(plan.optimizer.init)(start.params), fresh(),
-                   jnp.ones(s.num_seeds, bool), jnp.full(s.num_seeds, -2, jnp.int32)) for _ in s.regimes)
-  return _constrain(plan, State(runs, jnp.int32(0), reference))
+  new_run = jax.vmap(lambda params, key: training.new_run(params, plan.optimizer, key))
+  runs = tuple(new_run(start.params, fresh()) for _ in s.regimes)
+  return training.constrain(plan.mesh, training.State(runs, jnp.int32(0), reference))
 
 
 def training_windows(plan: Plan):
@@ -421,19 +395,17 @@ def training_windows(plan: Plan):
   return plan.data.train, forget
 
 
-def run(plan: Plan, state: State | None = None) -> Iterator[State]:
+def run(plan: Plan, state: training.State | None = None) -> Iterator[training.State]:
   """Yields the state after every evaluation, the first at step 0."""
   s = plan.settings
   if state is None:
     state = _start(plan, jax.random.key(s.seed))
-  yield state
   train, forget = parallel.put(training_windows(plan), parallel.replicated(plan.mesh))
-  while int(state.step) < s.steps:
-    length = min(s.eval_every, s.steps - int(state.step))
-    runs, step = _train(plan, s.regimes, state.runs, state.reference, state.step, length,
-                        train, forget)
-    state = state._replace(runs=runs, step=step)
-    yield state
+
+  def advance(state, length):
+    runs = _train(plan, s.regimes, state.runs, state.extra, length, train, forget)
+    return state._replace(runs=runs, step=state.step + length)
+  return training.evaluations(state, advance, s.steps, s.eval_every)
 
 
 # --- outputs --------------------------------------------------------------------------
@@ -578,22 +550,20 @@ def _plan_of(s: Settings, loaded: Loaded, devices) -> Plan:
   return make_plan(s, loaded.data, loaded.info, devices)
 
 
-def template(plan_: Plan):
+def template(plan_: Plan) -> training.State:
   """The checkpoint's abstract state: shapes, dtypes and the mesh's shardings."""
-  state = jax.eval_shape(lambda: _start(plan_, jax.random.key(plan_.settings.seed)))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, _shardings(plan_, state))
+  return training.template(plan_.mesh, lambda: _start(plan_, jax.random.key(plan_.settings.seed)))
 
 
-def host(plan_: Plan, state: State) -> State:
+def host(plan_: Plan, state: training.State) -> training.State:
   return state  # the evaluation runs the models: it reads the state on the device
 
 
-def step(state: State) -> int:
+def step(state: training.State) -> int:
   return int(state.step)
 
 
-def records(plan_: Plan, state: State, earlier: list[dict]) -> list[dict]:
+def records(plan_: Plan, state: training.State, earlier: list[dict]) -> list[dict]:
   s = plan_.settings
   start = None
   if s.experiment == "unlearning":
@@ -610,7 +580,7 @@ def progress(plan_: Plan, new: list[dict]) -> tuple[str, dict[str, float]]:
   return PROGRESS[plan_.settings.experiment], {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def outputs(plan_: Plan, state: State, records_: list[dict], resolved: dict, wall: float,
+def outputs(plan_: Plan, state: training.State, records_: list[dict], resolved: dict, wall: float,
             resumed_from):
   del state, wall, resumed_from  # the files do not depend on them: a resumed run's are the same
   s = plan_.settings

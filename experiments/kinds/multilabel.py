@@ -9,8 +9,10 @@ cross-entropy, and what the ``(1 - y) log(1 - p)`` terms and probability clippin
 The kind ``multilabel`` of the framework (:mod:`jaxsoftmax_experiments.kinds`). Every
 objective of :data:`OBJECTIVES` named in ``config.regimes`` x ``config.num_seeds`` seeds
 trains an MLP at once: one compiled program, the runs grouped by objective and
-``jax.vmap``-ed over seeds, Adam, batches drawn with replacement. The workdir, its
-metrics log, checkpoints and resume are the framework's.
+``jax.vmap``-ed over seeds, Adam, batches drawn with replacement. The state, the loop, the
+optimizer step and its divergence rule (:mod:`jaxsoftmax_experiments.training`), the
+workdir, its metrics log, checkpoints and resume are the framework's; a step's largest
+|logit| is read on the logits.
 
 Data (offline, fixed splits; ``x`` standardised with the training split's statistics):
 
@@ -49,7 +51,7 @@ from jax.sharding import Mesh
 
 from jaxsoftmax.models import MLP
 from jaxsoftmax_experiments import config as config_lib
-from jaxsoftmax_experiments import parallel, report
+from jaxsoftmax_experiments import parallel, report, training
 from jaxsoftmax_experiments import regimes as regimes_lib
 from jaxsoftmax_experiments.data import DataError, check_inputs, digits, standardise
 from jaxsoftmax_experiments.report import mean_std
@@ -209,12 +211,14 @@ class Settings:
   hidden: tuple[int, ...] = (100, 100)
   eval_every: int = 200
   seed: int = 0
+  logit_bound: float = 1e3
 
   @classmethod
   def of(cls, config) -> "Settings":
     v = config.to_dict()
     return cls(tuple(v["regimes"]), v["steps"], v["num_seeds"], v["batch_size"],
-               float(v["learning_rate"]), tuple(v["hidden"]), v["eval_every"], v["seed"])
+               float(v["learning_rate"]), tuple(v["hidden"]), v["eval_every"], v["seed"],
+               float(v["logit_bound"]))
 
 
 def _model(settings, data, key):
@@ -222,12 +226,10 @@ def _model(settings, data, key):
              rngs=nnx.Rngs(key))
 
 
-class State(NamedTuple):
-  """Every run's training state (one entry per objective, stacked over seeds), the step,
-  and per run the count of steps with an exactly-zero logit gradient (and, of them, those
-  with a clipped true label)."""
-  runs: tuple           # (params, opt_state, key) per objective, [seeds, ...]
-  step: jax.Array       # int32
+class Counts(NamedTuple):
+  """The kind's own arrays in the framework's state (``training.State.extra``): per run,
+  the count of steps with an exactly-zero logit gradient for some example (and, of them,
+  those where that example had a clipped true label)."""
   zero_steps: tuple     # int32 [seeds] per objective
   clipped_steps: tuple  # int32 [seeds] per objective
 
@@ -245,99 +247,84 @@ def _train_fn(settings: Settings, graphdef, objective: Objective, length: int, m
   opt = optax.adam(settings.learning_rate)
   zero_loss = -math.log(CLIP) * 0.999  # a clipped-wrong label's loss is -log(1e-7) / |Y|
 
-  def step(carry, _, x, y):
-    params, opt_state, key = carry
-    key, sub = jax.random.split(key)
+  def step(run: training.RunState, _, x, y):
+    key, sub = jax.random.split(run.key)
     idx = jax.random.randint(sub, (settings.batch_size,), 0, x.shape[0])
     # The batch is split over the mesh's batch axis (under vmap, runs over its runs axis).
     xb, yb = jax.lax.with_sharding_constraint((x[idx], y[idx]), parallel.batch_sharding(mesh))
 
     # One forward and one backward pass give the loss, each example's gradient with
     # respect to its logits (for the zero-gradient count) and the parameters' gradient.
-    z, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p)(xb), params)
+    z, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p)(xb), run.params)
     per_example, loss_vjp = jax.vjp(lambda z: objective.loss(z, yb), z)
     (dz,) = loss_vjp(jnp.ones_like(per_example))
     (grads,) = pullback(dz / settings.batch_size)
     zero = jnp.all(dz == 0, axis=-1)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    run = training.apply_update(opt, run, key, jnp.mean(per_example), grads,
+                                jnp.max(jnp.abs(z)), settings.logit_bound)
     stats = (jnp.any(zero), jnp.any(zero & (per_example * jnp.sum(yb, -1) >= zero_loss)))
-    return (params, opt_state, key), stats
+    return run, stats
 
-  def run(params, opt_state, key, x, y):
-    carry, (zero, clipped) = jax.lax.scan(functools.partial(step, x=x, y=y),
-                                          (params, opt_state, key), None, length=length)
-    return carry, zero.sum(dtype=jnp.int32), clipped.sum(dtype=jnp.int32)
-  return jax.vmap(run, in_axes=(0, 0, 0, None, None), spmd_axis_name=parallel.RUNS)
+  def run(state, x, y):
+    state, (zero, clipped) = jax.lax.scan(functools.partial(step, x=x, y=y), state, None,
+                                          length=length)
+    return state, zero.sum(dtype=jnp.int32), clipped.sum(dtype=jnp.int32)
+  return jax.vmap(run, in_axes=(0, None, None), spmd_axis_name=parallel.RUNS)
 
 
 def make_plan(settings: Settings, data: Data, devices=None) -> Plan:
   """The plan over ``devices`` (default: all): each objective's seeds split over the mesh's
   runs axis, each run's batch over its batch axis."""
   mesh = parallel.make_mesh(settings.num_seeds, settings.batch_size, devices)
-  graphdef = nnx.graphdef(_model(settings, data, 0))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: _model(settings, data, 0)))  # no compute
   arrays = parallel.put(tuple(jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_val,
                                                          data.x_test)),
                         parallel.replicated(mesh))
   return Plan(settings, data, graphdef, arrays, mesh)
 
 
-def _shardings(plan: Plan, state: State):
-  """Every leaf of a state: per-seed arrays over the runs axis, the step replicated."""
-  runs = parallel.run_sharding(plan.mesh)
-  return jax.tree.map(lambda _: runs, state)._replace(step=parallel.replicated(plan.mesh))
-
-
-def _constrain(plan: Plan, state: State) -> State:
-  return jax.lax.with_sharding_constraint(state, _shardings(plan, state))
-
-
 @functools.partial(jax.jit, static_argnames=("plan",))
-def _start(plan: Plan) -> State:
+def _start(plan: Plan) -> training.State:
   s = plan.settings
   keys = jax.random.split(jax.random.key(s.seed), s.num_seeds)
   split = jax.vmap(jax.random.split)(keys)
   init_keys, batch_keys = split[:, 0], split[:, 1]
   params = jax.vmap(lambda k: nnx.state(_model(s, plan.data, k), nnx.Param))(init_keys)
   opt = optax.adam(s.learning_rate)
-  runs = tuple((params, jax.vmap(opt.init)(params), batch_keys) for _ in s.regimes)
+  new_run = jax.vmap(lambda params, key: training.new_run(params, opt, key))
+  runs = tuple(new_run(params, batch_keys) for _ in s.regimes)
   zeros = tuple(jnp.zeros(s.num_seeds, jnp.int32) for _ in s.regimes)
-  return _constrain(plan, State(runs, jnp.int32(0), zeros, zeros))
+  return training.constrain(plan.mesh, training.State(runs, jnp.int32(0), Counts(zeros, zeros)))
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "length"))
-def _advance(plan: Plan, state: State, length: int) -> State:
+def _advance(plan: Plan, state: training.State, length: int) -> training.State:
   x, y = plan.arrays[0], plan.arrays[1]
   runs, zero, clipped = [], [], []
-  for name, run_, z, c in zip(plan.settings.regimes, state.runs, state.zero_steps,
-                              state.clipped_steps):
-    carry, dz, dc = _train_fn(plan.settings, plan.graphdef, OBJECTIVES[name], length,
-                              plan.mesh)(*run_, x, y)
-    runs.append(carry)
+  for name, run_, z, c in zip(plan.settings.regimes, state.runs, state.extra.zero_steps,
+                              state.extra.clipped_steps):
+    run_, dz, dc = _train_fn(plan.settings, plan.graphdef, OBJECTIVES[name], length,
+                             plan.mesh)(run_, x, y)
+    runs.append(run_)
     zero.append(z + dz)
     clipped.append(c + dc)
-  return _constrain(plan, State(tuple(runs), state.step + length, tuple(zero), tuple(clipped)))
+  state = training.State(tuple(runs), state.step + length, Counts(tuple(zero), tuple(clipped)))
+  return training.constrain(plan.mesh, state)
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
-def _scores(plan: Plan, state: State, x):
+def _scores(plan: Plan, state: training.State, x):
   """Every run's logits on ``x``: ``[seeds, n, K]`` per objective."""
   apply = jax.vmap(lambda p, x: nnx.merge(plan.graphdef, p)(x), in_axes=(0, None))
-  return tuple(apply(run_[0], x) for run_ in state.runs)
+  return tuple(apply(run_.params, x) for run_ in state.runs)
 
 
-def run(plan: Plan, state: State | None = None) -> Iterator[State]:
+def run(plan: Plan, state: training.State | None = None) -> Iterator[training.State]:
   """Yields the state after every evaluation, the first at step 0."""
   s = plan.settings
-  if state is None:
-    state = _start(plan)
-  yield state
-  done = int(state.step)
-  while done < s.steps:
-    length = min(s.eval_every, s.steps - done)
-    state = _advance(plan, state, length)
-    done += length
-    yield state
+  advance = lambda state, length: _advance(plan, state, length)
+  return training.evaluations(_start(plan) if state is None else state, advance, s.steps,
+                              s.eval_every)
 
 
 # --- metrics --------------------------------------------------------------------------
@@ -461,16 +448,17 @@ def _plan_of(settings: Settings, data: Data, devices) -> Plan:
   return make_plan(settings, data, devices)
 
 
-def template(plan_: Plan):
+def template(plan_: Plan) -> training.State:
   """The checkpoint's abstract state: shapes, dtypes and the mesh's shardings."""
-  state = jax.eval_shape(lambda: _start(plan_))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, _shardings(plan_, state))
+  return training.template(plan_.mesh, lambda: _start(plan_))
 
 
-def host(plan_: Plan, state: State):
-  """The step and every run's test scores at this evaluation."""
-  return int(state.step), [np.asarray(z) for z in _scores(plan_, state, plan_.arrays[3])]
+def host(plan_: Plan, state: training.State):
+  """The step, every run's test scores at this evaluation, and whether each run is alive
+  and the step it diverged at."""
+  runs = parallel.fetch([(r.alive, r.diverged_at) for r in state.runs])
+  return (int(state.step), [np.asarray(z) for z in _scores(plan_, state, plan_.arrays[3])],
+          runs)
 
 
 def step(host_) -> int:
@@ -480,16 +468,17 @@ def step(host_) -> int:
 def records(plan_: Plan, host_, earlier) -> list[dict]:
   """Test precision@1 and mean average precision of every (objective, seed)."""
   del earlier
-  at, scores = host_
+  at, scores, runs = host_
   y = plan_.data.y_test
   out = []
-  for name, z in zip(plan_.settings.regimes, scores):
+  for name, z, (alive, diverged_at) in zip(plan_.settings.regimes, scores, runs):
     kind = OBJECTIVES[name].scores
     for seed in range(z.shape[0]):
       p = _probabilities(z[seed], kind)
       out.append({"step": at, "regime": name, "seed": seed,
                   "precision@1": precision_recall_at_k(p, y, 1)[0],
-                  "mAP": mean_average_precision(p, y)})
+                  "mAP": mean_average_precision(p, y), "diverged": not bool(alive[seed]),
+                  "diverged_at_step": None if alive[seed] else int(diverged_at[seed])})
   return out
 
 
@@ -500,7 +489,7 @@ def progress(plan_: Plan, new: list[dict]) -> tuple[str, dict[str, float]]:
   return PROGRESS, {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def outputs(plan_: Plan, state: State, records_: list[dict], resolved: dict, wall: float,
+def outputs(plan_: Plan, state: training.State, records_: list[dict], resolved: dict, wall: float,
             resumed_from):
   del wall, resumed_from  # the files do not depend on them: a resumed run's are the same
   s, data = plan_.settings, plan_.data
@@ -515,8 +504,13 @@ def outputs(plan_: Plan, state: State, records_: list[dict], resolved: dict, wal
     v, t = np.asarray(val[i]), np.asarray(test[i])
     per_seed = [metrics(v[k], t[k], data, OBJECTIVES[n].scores) for k in range(s.num_seeds)]
     r = {key: [m[key] for m in per_seed] for key in per_seed[0]}
-    r["zero_gradient_steps"] = [float(c) / s.steps for c in np.asarray(state.zero_steps[i])]
-    r["clipped_wrong_steps"] = [float(c) / s.steps for c in np.asarray(state.clipped_steps[i])]
+    counts = state.extra
+    r["zero_gradient_steps"] = [float(c) / s.steps for c in np.asarray(counts.zero_steps[i])]
+    r["clipped_wrong_steps"] = [float(c) / s.steps for c in np.asarray(counts.clipped_steps[i])]
+    alive, at = (np.asarray(a) for a in parallel.fetch((state.runs[i].alive,
+                                                         state.runs[i].diverged_at)))
+    r["diverged"] = [not bool(a) for a in alive]
+    r["diverged_at_step"] = [None if a else int(t) for a, t in zip(alive, at)]
     results["objectives"][n] = r
   return results, summary_markdown(results), lambda path: _plot(records_, s.regimes, path)
 
@@ -540,20 +534,22 @@ def summary_markdown(results: dict[str, Any]) -> str:
            f"{results['num_classes']} classes, {results['mean_labels']:.2f} labels per training "
            f"example ({results['num_unlabeled']} without any).", "",
            "| objective | " + " | ".join(cols) + " | steps with a zero-gradient example "
-           "(of them: clipped wrong) |",
-           "|---|" + "---|" * len(cols) + "---|"]
+           "(of them: clipped wrong) | diverged |",
+           "|---|" + "---|" * len(cols) + "---|---:|"]
   for n in names:
     r = results["objectives"][n]
     cells = [mean_std(r[k]) for k in cols]
     zero = f"{np.mean(r['zero_gradient_steps']):.3f} ({np.mean(r['clipped_wrong_steps']):.3f})"
-    lines.append(f"| {n} | " + " | ".join(cells) + f" | {zero} |")
+    lines.append(f"| {n} | " + " | ".join(cells) + f" | {zero} | "
+                 f"{sum(r['diverged'])}/{len(r['diverged'])} |")
   lines += ["", "Mean ± sample standard deviation over seeds, test split, last step. "
             "example_f1: sets predicted with the threshold (sigmoid) or the count scale "
             "(softmax: top round(s / max p)) that maximises it on the validation split. "
             "marginal_ece: 10-bin calibration error of per-class marginals (sigmoid p_k; "
             "softmax min(1, mean |Y| x p_k)). The last column: the fraction of steps in which "
             "some example's gradient with respect to its logits was exactly zero, and in "
-            "brackets those where that example had a true label clipped at 1e-7."]
+            "brackets those where that example had a true label clipped at 1e-7. "
+            + report.divergence_rule(c["logit_bound"])]
   return "\n".join(lines) + "\n"
 
 

@@ -145,3 +145,17 @@ def test_a_start_that_fails_is_forgotten_for_every_kind(finished, tmp_path, monk
   assert not (workdir / "config.json").exists() and not (workdir / "metrics.jsonl").exists()
   monkeypatch.undo()
   assert run.main(_again(args, workdir, "--config.seed=5")) == 0  # the corrected command
+
+
+def test_every_kind_keeps_its_runs_in_the_one_run_state(finished):
+  # One state of a run and one optimizer step under one divergence rule for every kind
+  # (training.RunState, training.apply_update): a kind brings no state type of its own.
+  from jaxsoftmax_experiments import kinds, training
+  kind, args, workdir, _ = finished
+  parsed = run.parse(_again(args, workdir))
+  assert not isinstance(parsed, int)
+  _, config = parsed
+  module = kinds.get(kind)
+  template = module.template(module.plan(config, module.load(config), None))
+  assert template.runs and all(isinstance(g, training.RunState) for g in template.runs)
+  assert template.step.shape == () and template.runs[0].alive.shape == (2,)  # 2 seeds

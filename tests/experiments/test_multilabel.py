@@ -165,3 +165,20 @@ def test_the_scikit_learn_metrics_equal_their_definitions_on_a_run_sized_case():
   p = ml._probabilities(z, "softmax")
   e = np.exp(z - z.max(-1, keepdims=True))
   np.testing.assert_allclose(p, e / e.sum(-1, keepdims=True), rtol=1e-12)
+
+
+def test_a_run_past_the_logit_bound_is_recorded_as_diverged_and_frozen(tmp_path):
+  # The one divergence rule (training.apply_update) in this kind too: with a bound below
+  # any logit, every run diverges at its first step and stays at its initial parameters.
+  args = ["--config=multilabel_generated", f"--workdir={tmp_path}", "--config.steps=20",
+          "--config.eval_every=10", "--config.num_seeds=2", "--config.hidden=(8,)",
+          "--config.regimes=('sigmoid',)", "--config.logit_bound=1e-6", "--progress=false",
+          "--compilation_cache="]
+  assert run.main(args) == 0
+  r = json.loads((tmp_path / "results.json").read_text())["objectives"]["sigmoid"]
+  assert r["diverged"] == [True, True] and r["diverged_at_step"] == [1, 1]
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  first = [l["mAP"] for l in lines if l["step"] == 0]
+  assert [l["mAP"] for l in lines if l["step"] == 20] == first  # frozen at the start
+  assert all(l["diverged"] == (l["step"] > 0) for l in lines)
+  assert "| 2/2 |" in (tmp_path / "summary.md").read_text()
