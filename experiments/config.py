@@ -5,9 +5,9 @@ and unlearning) or ``multilabel`` (several true labels per example); a config wi
 ``kind`` key is a ``classifier`` (the feedback experiment and the supervised baselines),
 so that classifier configs, their ``config.json`` and their checkpoints' fingerprints are
 what they were before there were other kinds. Every kind shares the common keys
-(``dataset``, ``regimes``, ``num_seeds``, ``steps``, ``batch_size``,
-``learning_rate``, ``logit_bound``, ``seed``, ``eval_every``, ``checkpoint_every``) and adds its own; a key of
-another kind is an unknown key, refused naming the kind it belongs to.
+(``dataset``, ``regimes``, ``num_seeds``, ``steps``, ``batch_size``, ``learning_rate``,
+``logit_bound``, ``seed``, ``eval_every``, ``checkpoint_every``) and adds its own; a key
+of another kind is an unknown key, refused naming the kind it belongs to.
 
 Config files under ``configs/`` start from :func:`defaults` and change what their
 experiment needs; :func:`validate` then checks every key's type and range, so a typo

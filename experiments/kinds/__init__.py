@@ -5,10 +5,11 @@ runs advance between evaluations, its evaluation and host-side metrics, and the
 contents of its results, summary and curves. The state of a run (``training.RunState``),
 the optimizer step under the one divergence rule (``training.apply_update``), the state
 of every run with the step (``training.State``, the classifier's ``loop.State``), its
-shardings and the loop over evaluations (``training.evaluations``) exist once. The command line, the config checks, the
-workdir (lock, config check, resume, checkpoint cadence, the record of finished
-outputs), the progress display and Ctrl-C exist once, in
-:mod:`jaxsoftmax_experiments.execute`, and drive every kind through this interface:
+shardings and the loop over evaluations (``training.evaluations``) exist once. So do
+the command line, the config checks, the workdir (lock, config check, resume,
+checkpoint cadence, the record of finished outputs), the progress display and Ctrl-C,
+in :mod:`jaxsoftmax_experiments.execute`, which drives every kind through this
+interface:
 
 - ``load(config)``: the data (raises ``data.DataError`` naming what is wrong);
 - ``check(config, data, memory_bytes)``: the config against its data and the memory

@@ -507,10 +507,9 @@ def outputs(plan_: Plan, state: training.State, records_: list[dict], resolved: 
     counts = state.extra
     r["zero_gradient_steps"] = [float(c) / s.steps for c in np.asarray(counts.zero_steps[i])]
     r["clipped_wrong_steps"] = [float(c) / s.steps for c in np.asarray(counts.clipped_steps[i])]
-    alive, at = (np.asarray(a) for a in parallel.fetch((state.runs[i].alive,
-                                                         state.runs[i].diverged_at)))
-    r["diverged"] = [not bool(a) for a in alive]
-    r["diverged_at_step"] = [None if a else int(t) for a, t in zip(alive, at)]
+    last = [x for x in records_ if x["step"] == s.steps and x["regime"] == n]  # seed order
+    r["diverged"] = [x["diverged"] for x in last]
+    r["diverged_at_step"] = [x["diverged_at_step"] for x in last]
     results["objectives"][n] = r
   return results, summary_markdown(results), lambda path: _plot(records_, s.regimes, path)
 
