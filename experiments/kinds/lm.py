@@ -327,11 +327,12 @@ def evaluate(plan: Plan, state: training.State, start_retain_ppl=None) -> list[d
   for regime, run in zip(s.regimes, state.runs):
     rec = {}
     if s.experiment == "repetition":
-      nll, hit = (np.asarray(a, np.float64) for a in _window_losses(plan, run.params, d.validation))
+      nll, hit = (np.asarray(a, np.float64)
+                  for a in parallel.fetch(_window_losses(plan, run.params, d.validation)))
       rec["validation_perplexity"] = np.exp(nll.mean((1, 2)))
       rec["next_token_accuracy"] = hit.mean((1, 2))
       prompts = d.validation[:s.num_prompts, :s.prompt]
-      seqs = np.asarray(_continue(plan, run.params, prompts))
+      seqs = np.asarray(parallel.fetch(_continue(plan, run.params, prompts)))
       cont = seqs[:, :, s.prompt:]
       rec["seq_rep_4"] = np.array([np.mean([seq_rep(c) for c in seed]) for seed in cont])
       rec["repetition_rate"] = np.array([np.mean([repetition_rate(q, s.prompt) for q in seed])
@@ -339,20 +340,20 @@ def evaluate(plan: Plan, state: training.State, start_retain_ppl=None) -> list[d
       rec["unique_tokens"] = np.array([len(np.unique(seed)) for seed in cont], float)
       rec["worse_than_uniform"] = rec["validation_perplexity"] > d.vocab_size
     else:
-      forget = np.asarray(_window_losses(plan, run.params, d.forget)[0], np.float64)
+      forget = np.asarray(parallel.fetch(_window_losses(plan, run.params, d.forget)[0]), np.float64)
       rec["forget_nll"] = forget.mean((1, 2))
       log_pi = -forget.sum(-1)
-      reference = np.asarray(state.extra, np.float64)
+      reference = np.asarray(parallel.fetch(state.extra), np.float64)
       rec["forget_log_ratio"] = (log_pi - reference).mean(1) / s.length
-      retain = np.asarray(_window_losses(plan, run.params, d.train[:len(d.test)])[0], np.float64)
+      retain = np.asarray(parallel.fetch(_window_losses(plan, run.params, d.train[:len(d.test)])[0]),
+                          np.float64)
       rec["retain_perplexity"] = np.exp(retain.mean((1, 2)))
-      test = np.asarray(_window_losses(plan, run.params, d.test)[0], np.float64)
+      test = np.asarray(parallel.fetch(_window_losses(plan, run.params, d.test)[0]), np.float64)
       rec["test_perplexity"] = np.exp(test.mean((1, 2)))
       # At step 0 every regime is the start: its own retain perplexity is the baseline.
       start = rec["retain_perplexity"] if start_retain_ppl is None else start_retain_ppl
       rec["collapsed"] = rec["retain_perplexity"] > s.collapse * start
-    alive = np.asarray(run.alive)
-    at = np.asarray(run.diverged_at)
+    alive, at = (np.asarray(a) for a in parallel.fetch((run.alive, run.diverged_at)))
     for seed in range(s.num_seeds):
       r = {"step": int(state.step), "regime": regime, "seed": seed}
       for k, v in rec.items():

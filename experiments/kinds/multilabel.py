@@ -456,9 +456,9 @@ def template(plan_: Plan) -> training.State:
 def host(plan_: Plan, state: training.State):
   """The step, every run's test scores at this evaluation, and whether each run is alive
   and the step it diverged at."""
-  runs = parallel.fetch([(r.alive, r.diverged_at) for r in state.runs])
-  return (int(state.step), [np.asarray(z) for z in _scores(plan_, state, plan_.arrays[3])],
-          runs)
+  scores, runs = parallel.fetch((_scores(plan_, state, plan_.arrays[3]),
+                                 [(r.alive, r.diverged_at) for r in state.runs]))
+  return int(state.step), [np.asarray(z) for z in scores], runs
 
 
 def step(host_) -> int:
@@ -493,8 +493,8 @@ def outputs(plan_: Plan, state: training.State, records_: list[dict], resolved: 
             resumed_from):
   del wall, resumed_from  # the files do not depend on them: a resumed run's are the same
   s, data = plan_.settings, plan_.data
-  val = _scores(plan_, state, plan_.arrays[2])
-  test = _scores(plan_, state, plan_.arrays[3])
+  val, test, counts = parallel.fetch((_scores(plan_, state, plan_.arrays[2]),
+                                       _scores(plan_, state, plan_.arrays[3]), state.extra))
   results = {"config": resolved, "num_devices": plan_.mesh.size,
              "num_train": len(data.y_train), "num_val": len(data.y_val),
              "num_test": len(data.y_test), "num_classes": data.num_classes,
@@ -504,7 +504,6 @@ def outputs(plan_: Plan, state: training.State, records_: list[dict], resolved: 
     v, t = np.asarray(val[i]), np.asarray(test[i])
     per_seed = [metrics(v[k], t[k], data, OBJECTIVES[n].scores) for k in range(s.num_seeds)]
     r = {key: [m[key] for m in per_seed] for key in per_seed[0]}
-    counts = state.extra
     r["zero_gradient_steps"] = [float(c) / s.steps for c in np.asarray(counts.zero_steps[i])]
     r["clipped_wrong_steps"] = [float(c) / s.steps for c in np.asarray(counts.clipped_steps[i])]
     last = [x for x in records_ if x["step"] == s.steps and x["regime"] == n]  # seed order

@@ -159,3 +159,47 @@ def test_every_kind_keeps_its_runs_in_the_one_run_state(finished):
   template = module.template(module.plan(config, module.load(config), None))
   assert template.runs and all(isinstance(g, training.RunState) for g in template.runs)
   assert template.step.shape == () and template.runs[0].alive.shape == (2,)  # 2 seeds
+
+
+# The value each kind's results report per regime and seed: compared across layouts.
+VALUES = {"classifier": ("regimes", "test_accuracy"), "lm": ("regimes", "forget_nll"),
+          "multilabel": ("objectives", "mAP")}
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_every_kind_through_jax_distributed_matches_one_process(finished, tmp_path):
+  """--distributed with two local CPU processes (one device each) against the one-process
+  run. Before, the language model and the multi-label study read their evaluations
+  from arrays spread over both processes and stopped with JAX's "spans non-addressable
+  devices" error."""
+  import os
+  import subprocess
+  import sys
+  kind, args, source, _ = finished
+  command = [sys.executable, "-m", "jaxsoftmax_experiments.run",
+             *_again(args, tmp_path / "two"), "--distributed",
+             f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([*command, f"--process_id={i}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-2000:]
+  one = json.loads((source / "results.json").read_text())
+  two = json.loads((tmp_path / "two" / "results.json").read_text())
+  assert one["num_devices"] == 1 and two["num_devices"] == 2
+  group, key = VALUES[kind]
+  assert list(two[group]) == list(one[group])
+  for regime, r in one[group].items():
+    assert two[group][regime][key] == pytest.approx(r[key], rel=1e-6, abs=1e-6), (kind, regime)

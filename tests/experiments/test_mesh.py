@@ -3,14 +3,11 @@ before JAX starts): the same accuracies as on one device, and arrays really spli
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from jaxsoftmax_experiments import run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,36 +116,3 @@ def test_runs_that_do_not_divide_are_data_parallel_only(eight_devices):
 def test_nothing_recompiles_after_the_first_call(eight_devices):
   for key in ("runs6", "runs5"):
     assert eight_devices[key]["compiles_in_later_calls"] == 0
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_through_jax_distributed_match_one(tmp_path):
-  """--distributed with two local CPU processes (one device each) against one process."""
-  tiny = ["--config=feedback_digits", "--config.dataset=synthetic",
-          "--config.steps=20", "--config.eval_every=10", "--config.num_seeds=2",
-          "--config.initial_steps=20", "--config.num_labeled=50", "--progress=false"]
-  command = [sys.executable, "-m", "jaxsoftmax_experiments.run", *tiny]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  assert run.main([*tiny, f"--workdir={tmp_path / 'one'}"]) == 0  # this process: one device
-  distributed = [*command, f"--workdir={tmp_path / 'two'}", "--distributed",
-                 f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
-  procs = [subprocess.Popen([*distributed, f"--process_id={i}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-2000:]
-  one = json.loads((tmp_path / "one" / "results.json").read_text())
-  two = json.loads((tmp_path / "two" / "results.json").read_text())
-  assert one["num_devices"] == 1 and two["num_devices"] == 2
-  for regime, r in one["regimes"].items():
-    assert two["regimes"][regime]["test_accuracy"] == pytest.approx(r["test_accuracy"], abs=1e-6)
