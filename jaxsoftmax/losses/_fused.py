@@ -161,14 +161,39 @@ def _scan_tokens(step, dh, carry, xs, dtypes):
   return (dh_head, dh_tail), carry
 
 
+# Whether the kernel being traced moves 16-bit floats as their bits (see _as_bits): set
+# by _per_platform while it traces each platform's branch.
+_BITS = [False]
+
+
+def _per_platform(fn, *args):
+  """``fn(*args)`` traced twice under ``lax.platform_dependent``: moving 16-bit floats as
+  their bits for XLA:CPU, as they are for every other platform. Which branch runs is
+  chosen when the program is lowered for its platform.
+
+  The bits are XLA:CPU's workaround (see :func:`_as_bits`); the TPU compiler does the
+  opposite: it materialises a bitcast of a loop-invariant array, a whole 16-bit copy of
+  ``w`` (256 MiB at 1024 x 131072), where it slices and updates 16-bit arrays in place."""
+  def traced(bits):
+    def branch(*a):
+      _BITS.append(bits)
+      try:
+        return fn(*a)
+      finally:
+        _BITS.pop()
+    return branch
+  return jax.lax.platform_dependent(*args, cpu=traced(True), default=traced(False))
+
+
 def _as_bits(x):
-  """16-bit floats as uint16 of the same bits (a bitcast), anything else unchanged.
+  """16-bit floats as uint16 of the same bits (a bitcast) in XLA:CPU's branch, anything
+  else unchanged.
 
   XLA:CPU has no bfloat16 or float16 dynamic-slice, dynamic-update-slice or transpose:
   it runs them on a float32 copy of the whole operand, which loop-invariant code motion
   then hoists (a float32 copy of ``w``, of ``h`` and of the weight gradient). On the
   integer bits they stay in place."""
-  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+  if _BITS[-1] and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
     return jax.lax.bitcast_convert_type(x, jnp.uint16)
   return x
 
@@ -330,17 +355,25 @@ def _loss(a, b, z_loss, complement):
 def _fused(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_loss, axis_name):
   """Per-token loss of ``[N, D]`` ``h``, ``[D, V]`` ``w``, ``[V]`` bias (or None) and
   ``[N, M]`` int32 member ids (-1 unused); see the module docstring."""
-  a, b, _ = _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name)
+  a, b, _ = _per_platform(
+      lambda *x: _stream(*x, chunk, token_chunk, soft_cap, axis_name), h, w, bias, members)
   return _loss(a, b, z_loss, complement)
 
 
 def _fused_fwd(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_loss,
                axis_name):
-  a, b, unique = _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name)
+  a, b, unique = _per_platform(
+      lambda *x: _stream(*x, chunk, token_chunk, soft_cap, axis_name), h, w, bias, members)
   return _loss(a, b, z_loss, complement), (h, w, bias, members, unique, a, b)
 
 
 def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
+  return _per_platform(
+      lambda residuals, g: _backward(complement, chunk, token_chunk, soft_cap, z_loss,
+                                     axis_name, residuals, g), residuals, g)
+
+
+def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
   h, w, bias, members, unique, a, b = residuals
   vocab = w.shape[1]
   # A token with a zero cotangent (masked, ignored) or whose loss is +inf (its own
