@@ -146,17 +146,24 @@ def _set_members(labels, num_classes):
       jnp.arange(num_classes) == 0)
 
 
-# name -> loss(logits, labels); the first is the peer.
+def _one_hot(y, z):
+  return jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
+
+
+# name -> loss(logits, labels); the optax entries are the peers (PEERS).
 LOSSES: dict[str, Callable] = {
     "optax CE": optax.softmax_cross_entropy_with_integer_labels,
+    "optax CE, dense targets": lambda z, y: optax.softmax_cross_entropy(z, _one_hot(y, z)),
     "nll": losses.nll,
     "complement_nll": losses.complement_nll,
     "negated_nll": losses.negated_nll,
     "set_nll": lambda z, y: losses.set_nll(z, _set_members(y, z.shape[-1])),
     "complement_set_nll": lambda z, y: losses.complement_set_nll(z, _set_members(y, z.shape[-1])),
-    "soft_cross_entropy": lambda z, y: losses.soft_cross_entropy(
-        z, jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)),
+    "soft_cross_entropy": lambda z, y: losses.soft_cross_entropy(z, _one_hot(y, z)),
 }
+# Each loss's peer: optax on integer labels, or on a dense target array for the loss that
+# takes one (it reads K targets per example, and optax's dense form does too).
+PEERS = {"soft_cross_entropy": "optax CE, dense targets"}
 MODES = {"value_and_grad": lambda fn: jax.value_and_grad(
              lambda z, y: jnp.sum(fn(z, y).astype(jnp.float32))),
          "forward": lambda fn: fn}
@@ -170,12 +177,13 @@ def loss_rows(shapes, dtypes, sharding, names=tuple(LOSSES)):
       for dtype in dtypes:
         z = _abstract((n, k), DTYPES[dtype], sharding)
         y = _abstract((n,), jnp.int32, sharding)
-        peer = None
+        wanted = set(names) | {PEERS.get(name, "optax CE") for name in names}
+        done = {}
         for name, fn in LOSSES.items():
-          if name not in names and name != "optax CE":
+          if name not in wanted:
             continue
-          stats = compile_stats(wrap(fn), z, y)
-          peer = peer or stats
+          stats = done[name] = compile_stats(wrap(fn), z, y)
+          peer = done.get(PEERS.get(name, "optax CE"), stats)
           rows.append(dict(shape=f"{n}x{k}", mode=mode, dtype=dtype, name=name, stats=stats,
                            peer=peer, logits_bytes=n * k * jnp.dtype(DTYPES[dtype]).itemsize))
   return rows
@@ -183,7 +191,7 @@ def loss_rows(shapes, dtypes, sharding, names=tuple(LOSSES)):
 
 def print_loss_rows(rows, bandwidth, peak):
   print("| shape | call | dtype | loss | temp MiB | temp / logits | bytes accessed MiB | "
-        "bytes vs optax | estimate us (roofline) |")
+        "bytes vs optax peer | estimate us (roofline) |")
   print("|---|---|---|---|---:|---:|---:|---:|---:|")
   for r in rows:
     s, p = r["stats"], r["peer"]
@@ -241,27 +249,39 @@ def print_fused_rows(rows):
 
 # --- the fused losses on a (data, vocab) mesh ------------------------------------------
 
+def mesh_layouts(count: int) -> list[tuple[dict[str, int], tuple[str, ...]]]:
+  """The meshes of ``count`` chips to compile on, each with the axes that split the tokens:
+  (data, vocab), and on 8 or more chips (data, fsdp, vocab) with the tokens split on
+  data and fsdp, as language-model trainers lay them out."""
+  vocab = 2 if count % 2 == 0 and count > 1 else 1
+  layouts = [({"data": count // vocab, "vocab": vocab}, ("data",))]
+  if count >= 8 and count % 8 == 0:
+    vocab = 4 if count % 16 == 0 else 2
+    layouts.append(({"data": count // (2 * vocab), "fsdp": 2, "vocab": vocab}, ("data", "fsdp")))
+  return layouts
+
+
 def mesh_rows(devices, sizes, dtypes):
-  """The fused losses under shard_map: tokens on ``data``, ``w`` on ``vocab``."""
-  count = len(devices)
-  vocab_axis = 2 if count % 2 == 0 and count > 1 else 1
-  mesh = Mesh(np.array(devices).reshape(count // vocab_axis, vocab_axis), ("data", "vocab"))
+  """``fused_nll`` under shard_map: tokens on the data axes, ``w`` on ``vocab``, on each
+  of :func:`mesh_layouts`."""
   rows = []
-  for n, d, v in sizes:
-    for dtype in dtypes:
-      h = _abstract((n, d), DTYPES[dtype], NamedSharding(mesh, P("data", None)))
-      w = _abstract((d, v), DTYPES[dtype], NamedSharding(mesh, P(None, "vocab")))
-      y = _abstract((n,), jnp.int32, NamedSharding(mesh, P("data")))
+  for shape, tokens in mesh_layouts(len(devices)):
+    mesh = Mesh(np.array(devices).reshape(tuple(shape.values())), tuple(shape))
+    for n, d, v in sizes:
+      for dtype in dtypes:
+        h = _abstract((n, d), DTYPES[dtype], NamedSharding(mesh, P(tokens, None)))
+        w = _abstract((d, v), DTYPES[dtype], NamedSharding(mesh, P(None, "vocab")))
+        y = _abstract((n,), jnp.int32, NamedSharding(mesh, P(tokens)))
 
-      def total(h, w, y):
-        per_token = losses.fused_nll(h, w, y, vocab_axis_name="vocab")
-        return jax.lax.psum(jnp.sum(per_token.astype(jnp.float32)), "data")
+        def total(h, w, y):
+          per_token = losses.fused_nll(h, w, y, vocab_axis_name="vocab")
+          return jax.lax.psum(jnp.sum(per_token.astype(jnp.float32)), tokens)
 
-      sharded = jax.shard_map(total, mesh=mesh, in_specs=(P("data", None), P(None, "vocab"),
-                                                          P("data")), out_specs=P())
-      step = jax.value_and_grad(sharded, argnums=(0, 1))
-      stats = compile_stats(step, h, w, y, loops=True)
-      rows.append(dict(size=f"{n}x{d}x{v}", dtype=dtype, mesh=dict(mesh.shape), stats=stats))
+        sharded = jax.shard_map(total, mesh=mesh, in_specs=(P(tokens, None), P(None, "vocab"),
+                                                            P(tokens)), out_specs=P())
+        step = jax.value_and_grad(sharded, argnums=(0, 1))
+        stats = compile_stats(step, h, w, y, loops=True)
+        rows.append(dict(size=f"{n}x{d}x{v}", dtype=dtype, mesh=dict(mesh.shape), stats=stats))
   return rows
 
 
@@ -387,7 +407,7 @@ def main(argv=None):
     print("\n## Fused losses on one chip, beside optax on h @ w (value_and_grad in h and w)\n")
     print_fused_rows(fused_rows(sizes, args.dtypes, one))
   if "mesh" in args.sections:
-    print("\n## fused_nll under shard_map: tokens on data, w on vocab\n")
+    print("\n## fused_nll under shard_map: tokens on the data axes, w on vocab\n")
     print_mesh_rows(mesh_rows(devices, sizes, args.dtypes))
   if "programs" in args.sections:
     print("\n## The experiments' training programs on a mesh of the topology's chips\n")

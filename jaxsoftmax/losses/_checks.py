@@ -153,7 +153,7 @@ def as_targets(targets: ArrayLike, logits: jax.Array) -> jax.Array:
     raise ValueError(
         f"targets shape {targets.shape} does not match logits shape {logits.shape}."
     )
-  return targets.astype(logits.dtype)
+  return targets.astype(compute_dtype(logits.dtype))
 
 
 def class_axis(axis: int, logits: jax.Array) -> int:

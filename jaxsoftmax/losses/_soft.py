@@ -18,21 +18,9 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
+from jaxsoftmax.losses._partition import _computed
 from jaxsoftmax.losses._partition import _split_logsumexp
 from jaxsoftmax.losses._partition import _split_logsumexp_value
-
-
-def _neg_log_probs(logits, top):
-  """Returns (-log p, u) with ``u = logsumexp_{k != j} z_k - z_j`` for ``j = top``."""
-  z_top, lse_others, _, _, _ = _split_logsumexp(logits, top.astype(jnp.int32))
-  return _neg_log_probs_from(logits, top, z_top, lse_others)
-
-
-def _neg_log_probs_from(logits, top, z_top, lse_others):
-  is_top = top[..., None] == jnp.arange(logits.shape[-1])
-  u = lse_others - z_top
-  gap = jnp.where(is_top, 0.0, z_top[..., None] - logits)
-  return gap + jax.nn.softplus(u)[..., None], u, is_top
 
 
 def _weighted_sum(targets, neg_log_probs):
@@ -55,44 +43,80 @@ def _as_weights(targets, dtype):
   return weights.astype(dtype)
 
 
+def _forward(logits, targets, value_only=False):
+  """The loss and what the backward pass needs: the logits as they are, the targets, the
+  top class and a few numbers per example (no array of ``-log p`` or exponentials).
+
+  The loss is taken apart as ``sum_{k != j} q_k (z_j - z_k) + Q softplus(u)``: the
+  same non-negative terms as ``sum_k q_k (-log p_k)``, but the first sum reads the
+  logits in the same sweep as the exponentials of ``u``, so the logits are read three
+  times (argmax, maximum, exponentials), as by optax's cross-entropy on dense targets.
+  ``value_only`` takes the logsumexp from ``jax.nn.logsumexp``; else from the shared
+  kernel, whose derivatives stay finite on -inf logits (the backward pass, itself
+  differentiated, reads these numbers)."""
+  dtype = _checks.compute_dtype(logits.dtype)
+  top = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if value_only:
+    lse_others = _split_logsumexp_value(logits, top)[1]
+  else:
+    lse_others = _split_logsumexp(logits, top)[1]
+  weights = _as_weights(targets, dtype)
+  z = _computed(logits)
+  # The top logit from the argmax's own sweep, not gathered (a TPU gather reads a tile of
+  # the logits per example: 1% of their bytes).
+  z_top = jnp.max(z, axis=-1)
+  is_top = top[..., None] == jnp.arange(logits.shape[-1])
+  gaps = _weighted_sum(weights, jnp.where(is_top, 0.0, z_top[..., None] - z))
+  total = jnp.sum(weights, axis=-1)
+  rest = jnp.sum(jnp.where(is_top, 0.0, weights), axis=-1)
+  # A targeted class of probability 0 (loss +inf), or no admissible class; counted as a
+  # float sum so that it shares the sweep of the sums above (a boolean reduction is a
+  # sweep of its own).
+  impossible = jnp.sum(jnp.where((weights != 0) & (z == -jnp.inf), 1.0, 0.0), axis=-1) > 0
+  u = lse_others - z_top
+  loss = gaps + total * jax.nn.softplus(u)
+  # Five numbers per example: the top class (its bits flipped, negative, where the
+  # gradient is zero), the top logit, u and the two sums.
+  flagged_top = jnp.where(impossible, ~top, top)
+  return loss, (logits, targets, flagged_top, z_top, u, total, rest)
+
+
 @jax.custom_vjp
 def _soft_cross_entropy(logits, targets):
   """sum_k q_k (-log p_k) per example; ``targets`` weights or a boolean label mask.
 
-  The value alone takes ``logsumexp_{k != j} z_k`` from ``jax.nn.logsumexp``; the
-  forward rule computes the same numbers through the shared kernel.
+  ``logsumexp_{k != j} z_k`` comes from ``jax.nn.logsumexp`` (on 16-bit logits as they
+  are, converted inside the reductions, so no float32 copy of them is written).
   """
-  top = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  z_top, lse_others = _split_logsumexp_value(logits, top)
-  neg_log_probs = _neg_log_probs_from(logits, top, z_top, lse_others)[0]
-  return _weighted_sum(_as_weights(targets, logits.dtype), neg_log_probs)
+  return _forward(logits, targets, value_only=True)[0]
 
 
 def _soft_cross_entropy_fwd(logits, targets):
-  top = jnp.argmax(logits, axis=-1)
-  neg_log_probs, _, _ = _neg_log_probs(logits, top)
-  loss = _weighted_sum(_as_weights(targets, logits.dtype), neg_log_probs)
-  return loss, (logits, targets, top)
+  return _forward(logits, targets)
 
 
 def _soft_cross_entropy_bwd(residuals, g):
-  logits, mask_or_targets, top = residuals
-  targets = _as_weights(mask_or_targets, logits.dtype)
-  neg_log_probs, u, is_top = _neg_log_probs(logits, top)
-  total = jnp.sum(targets, axis=-1, keepdims=True)
-  rest = jnp.sum(jnp.where(is_top, 0.0, targets), axis=-1, keepdims=True)
+  logits, mask_or_targets, flagged_top, z_top, u, total, rest = residuals
+  dtype = _checks.compute_dtype(logits.dtype)
+  targets = _as_weights(mask_or_targets, dtype)
+  impossible = flagged_top < 0
+  top = jnp.where(impossible, ~flagged_top, flagged_top)
+  # -log p rebuilt from the logits and the per-example numbers, inside the fusion that
+  # forms the gradient: one read of the logits, one write of the gradient.
+  is_top = top[..., None] == jnp.arange(logits.shape[-1])
+  gap = jnp.where(is_top, 0.0, z_top[..., None] - _computed(logits))
+  neg_log_probs = gap + jax.nn.softplus(u)[..., None]
   probs = jnp.exp(jnp.where(is_top, -jnp.inf, -neg_log_probs))
+  total, rest = total[..., None], rest[..., None]
   # At the top class, Q p_j - q_j = (Q - q_j) - Q (1 - p_j) with 1 - p_j = sigmoid(u).
   top_grad = rest - total * jax.nn.sigmoid(u)[..., None]
   grad = jnp.where(is_top, top_grad, total * probs - targets)
-  # A targeted class of probability 0 (loss +inf), or no admissible class: zero.
-  impossible = jnp.any((targets != 0) & (logits == -jnp.inf), axis=-1, keepdims=True)
-  grad = jnp.where(impossible, 0.0, grad)
+  grad = jnp.where(impossible[..., None], 0.0, grad)
   g = g[..., None]
-  grad = _checks.zero_where_no_cotangent(g, grad)
+  grad = _checks.zero_where_no_cotangent(g, grad).astype(logits.dtype)
   if mask_or_targets.dtype == jnp.bool_:
     return grad, None
-  return grad, _checks.zero_where_no_cotangent(g, neg_log_probs)
+  return grad, _checks.zero_where_no_cotangent(g, neg_log_probs).astype(mask_or_targets.dtype)
 
 
 _soft_cross_entropy.defvjp(_soft_cross_entropy_fwd, _soft_cross_entropy_bwd)
@@ -145,7 +169,7 @@ def soft_cross_entropy(
   Knowledge in a Neural Network", 2015; Szegedy et al., "Rethinking the Inception
   Architecture" (label smoothing), CVPR 2016.
   """
-  logits = _checks.as_logits(logits)
+  logits = _checks.as_logits(logits, keep_dtype=True)
   axis = _checks.class_axis(axis, logits)
   targets = _checks.move_to_last(_checks.as_targets(targets, logits), axis)
   where = _checks.as_where(where, logits, axis)
@@ -192,7 +216,7 @@ def multilabel_softmax_cross_entropy(
   Reference: Mahajan et al., "Exploring the Limits of Weakly Supervised
   Pretraining", ECCV 2018 (softmax with targets Y/|Y|).
   """
-  logits = _checks.as_logits(logits)
+  logits = _checks.as_logits(logits, keep_dtype=True)
   axis = _checks.class_axis(axis, logits)
   label_mask = _checks.as_class_mask(label_mask, logits, name="label_mask")
   if _checks.is_concrete(label_mask):

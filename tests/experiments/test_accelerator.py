@@ -12,10 +12,8 @@ pytest.importorskip("libtpu", reason="the TPU compiler (libtpu) comes with the t
 from jaxsoftmax_experiments.benchmarks import accelerator  # noqa: E402
 
 SHAPE = (1024, 32768)            # 128 MiB of float32 logits: any copy of them is visible
-# soft_cross_entropy keeps its float32 copy of 16-bit logits (its kernel converts at the
-# boundary), and moves 1.7-2x optax's bytes in float32 too: the rows printed by the
-# benchmark, not a goal these tests hold it to.
-EXACT_LOSSES = [n for n in accelerator.LOSSES if n not in ("optax CE", "soft_cross_entropy")]
+# Every loss of the benchmark; soft_cross_entropy against optax on the same dense targets.
+EXACT_LOSSES = [n for n in accelerator.LOSSES if not n.startswith("optax")]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,9 @@ def loss_rows(chips):
 def test_no_loss_holds_a_copy_of_the_logits_or_moves_more_bytes_than_optax(loss_rows, name, mode,
                                                                            dtype):
   # Before: nll, complement_nll and negated_nll on bfloat16 logits held a float32 copy
-  # (1024 MiB at 8192 x 32768) and moved 1.75x optax's bytes (2.49x forward only).
+  # (1024 MiB at 8192 x 32768) and moved 1.75x optax's bytes (2.49x forward only);
+  # soft_cross_entropy held one too in bfloat16 and moved 2.01x the bytes of optax on
+  # dense targets under value_and_grad (2.36x forward only), and 1.41x in float32 (1.35x).
   row = next(r for r in loss_rows if (r["name"], r["mode"], r["dtype"]) == (name, mode, dtype))
   stats, peer = row["stats"], row["peer"]
   assert stats.temp <= 0.01 * row["logits_bytes"], (name, mode, dtype, stats.temp)
@@ -44,10 +44,13 @@ def test_no_loss_holds_a_copy_of_the_logits_or_moves_more_bytes_than_optax(loss_
       name, mode, dtype, stats.bytes_accessed / peer.bytes_accessed)
 
 
-def test_the_fused_losses_hold_a_sixteenth_of_optaxs_temporary_at_v_32768(chips):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fused_losses_hold_a_sixteenth_of_optaxs_temporary_at_v_32768(chips, dtype):
+  # Before, in bfloat16: 64.4 MiB against optax's 512.2 (0.126), a 16-bit copy of w made
+  # by the bitcast that only XLA:CPU needs.
   import jax
   one = jax.sharding.SingleDeviceSharding(chips[0])
-  rows = accelerator.fused_rows([(8192, 1024, 32768)], ["float32"], one,
+  rows = accelerator.fused_rows([(8192, 1024, 32768)], [dtype], one,
                                 names=("fused_nll", "fused_complement_nll"))
   peer = rows[0]["stats"].temp
   for r in rows[1:]:

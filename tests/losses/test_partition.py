@@ -15,8 +15,11 @@ def _residual_bytes(fn, *args):
 
 # Residuals beyond the inputs, per example: the partition kernel's exponentials replace the
 # logits and add four values; the probability losses keep p too; forward_nll keeps its
-# transition column (K floats) and the shift values.
-EXTRA_VALUES = {"scl_exp": 5, "mcl_mae": 5, "mcl_exp": 5}
+# transition column (K floats) and the shift values; the soft-target losses keep the top
+# class, the top logit, u and two sums of the targets (so that the backward pass neither
+# gathers nor sweeps the logits twice).
+EXTRA_VALUES = {"scl_exp": 5, "mcl_mae": 5, "mcl_exp": 5, "soft_cross_entropy": 5,
+                "multilabel_softmax_cross_entropy": 5}
 
 
 def test_residuals_are_inputs_plus_four_values_per_example(loss_case):
