@@ -143,3 +143,287 @@ def balanced_tree(num_classes: int, num_clusters: int | None = None) -> ClassTre
         f"more clusters than classes leaves some empty.")
   cluster_of = np.arange(num_classes, dtype=np.int64) * num_clusters // num_classes
   return ClassTree(cluster_of, num_clusters)
+
+
+# --- trees of any depth --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tree:
+  """A rooted tree whose leaves are the classes: hierarchical softmax of any depth.
+
+  Every internal node holds a softmax over its children; a class's probability is the
+  product of the branch probabilities on its path from the root. Nodes are numbered in
+  one space: the classes (leaves) are ``0 .. K-1`` and the internal nodes ``K .. K+N-1``;
+  the internal nodes are renumbered breadth-first from the root (internal node ``0`` is
+  the root), so a model's node logits are a ``[..., N, B]`` table in that order. The
+  two-level :class:`ClassTree` is the depth-2 case (:meth:`from_class_tree`); it keeps
+  its own ``[C]`` + ``[C, M]`` layout and losses.
+
+  Build one with :meth:`from_parents` (a taxonomy), :meth:`balanced` (a balanced b-ary
+  tree) or :meth:`huffman` (word2vec's, from class frequencies). The arrays are numpy
+  (static under ``jit``): close over a tree or pass it as a static argument. Trees
+  compare and hash by their children table.
+
+  Attributes:
+    num_classes: ``K``, the number of leaves.
+    children: ``[N, B]`` int32, each internal node's children in the one node space
+      (a class ``k`` is ``k``, internal node ``n`` is ``K + n``), -1 past its arity.
+    arity: ``[N]`` int32, the number of children of each internal node (>= 1).
+    path_nodes: ``[K, L]`` int32, the internal nodes from the root to each class, -1
+      past its depth (``L`` the largest depth).
+    path_branches: ``[K, L]`` int32, the child taken at each of those nodes, -1 past
+      the depth.
+    depth: ``[K]`` int32, the number of internal nodes on each class's path.
+
+  Example:
+    >>> tree = Tree.balanced(5, branching=2)
+    >>> tree.num_nodes, tree.branching, tree.depth.tolist()
+    (4, 2, [3, 3, 2, 2, 2])
+    >>> tree.path_nodes[0].tolist(), tree.path_branches[0].tolist()
+    ([0, 1, 3], [0, 0, 0])
+  """
+
+  num_classes: int
+  children: np.ndarray
+
+  def __post_init__(self):
+    k = int(self.num_classes)
+    if k < 1:
+      raise ValueError(f"num_classes must be positive, got {k}.")
+    children = np.asarray(self.children)
+    if children.ndim != 2 or children.shape[0] < 1 or not np.issubdtype(children.dtype, np.integer):
+      raise ValueError(f"children must be a [N, B] integer table with N >= 1, got shape "
+                       f"{children.shape} and dtype {children.dtype}.")
+    n = children.shape[0]
+    arity = (children >= 0).sum(axis=1)
+    if (arity == 0).any():
+      raise ValueError(f"internal node {int(np.argmin(arity))} has no children.")
+    if (children >= k + n).any():
+      raise ValueError(f"children holds node {int(children.max())}, outside [0, {k + n}).")
+    # Walk from the root (internal node 0) down: every node reached once, every class.
+    path_nodes = [None] * k
+    path_branches = [None] * k
+    seen = np.zeros(k + n, bool)
+    seen[k] = True
+    stack = [(0, [], [])]
+    while stack:
+      node, nodes, branches = stack.pop()
+      for b, child in enumerate(children[node]):
+        if child < 0:
+          continue
+        if seen[child]:
+          raise ValueError(f"node {int(child)} is reached twice: the children table is not a tree.")
+        seen[child] = True
+        if child < k:
+          path_nodes[child], path_branches[child] = nodes + [node], branches + [b]
+        else:
+          stack.append((int(child) - k, nodes + [node], branches + [b]))
+    if not seen.all():
+      missing = int(np.argmin(seen))
+      what = f"class {missing}" if missing < k else f"internal node {missing - k}"
+      raise ValueError(f"{what} is not reachable from the root.")
+    depth = np.array([len(p) for p in path_nodes], np.int32)
+    width = int(depth.max())
+    nodes_table = np.full((k, width), -1, np.int32)
+    branch_table = np.full((k, width), -1, np.int32)
+    for c in range(k):
+      nodes_table[c, :depth[c]] = path_nodes[c]
+      branch_table[c, :depth[c]] = path_branches[c]
+    for name, value in (("children", children.astype(np.int32)), ("arity", arity.astype(np.int32)),
+                        ("path_nodes", nodes_table), ("path_branches", branch_table),
+                        ("depth", depth)):
+      value.setflags(write=False)
+      object.__setattr__(self, name, value)
+    object.__setattr__(self, "num_classes", k)
+
+  @classmethod
+  def from_parents(cls, parents: ArrayLike, num_classes: int) -> Tree:
+    """A tree from each node's parent: a taxonomy.
+
+    Args:
+      parents: ``[K + N]`` integer parent of every node: the classes first (nodes
+        ``0 .. K-1``), then the internal nodes (``K ..``); the root's parent is -1.
+        A node's children keep the order of their ids.
+      num_classes: ``K``.
+
+    Raises:
+      ValueError: for no root or several, a parent that is a class or out of range, a
+        cycle, or an internal node without children.
+
+    Example:
+      >>> # classes 0, 1 under node 3; class 2 and node 3 under the root, node 4
+      >>> tree = Tree.from_parents([3, 3, 4, 4, -1], num_classes=3)
+      >>> tree.depth.tolist(), tree.children.tolist()
+      ([2, 2, 1], [[2, 4], [0, 1]])
+    """
+    parents = np.asarray(parents)
+    k = int(num_classes)
+    if parents.ndim != 1 or not np.issubdtype(parents.dtype, np.integer):
+      raise ValueError(f"parents must be a 1-D integer array (node -> parent), got shape "
+                       f"{parents.shape} and dtype {parents.dtype}.")
+    if not 1 <= k < parents.size:
+      raise ValueError(f"parents has {parents.size} nodes: it needs the {k} classes and at "
+                       f"least one internal node (the root).")
+    total = parents.size
+    roots = np.flatnonzero(parents == -1)
+    if roots.size != 1:
+      raise ValueError(f"a tree has one root (parent -1); parents has {roots.size}.")
+    if roots[0] < k:
+      raise ValueError(f"node {int(roots[0])} is a class and cannot be the root.")
+    bad = (parents != -1) & ((parents < k) | (parents >= total))
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise ValueError(f"parents[{i}] = {int(parents[i])} is not an internal node: parents "
+                       f"must be in [{k}, {total}) (classes are leaves).")
+    # Breadth-first from the root: internal nodes renumbered in that order.
+    kids = [[] for _ in range(total)]
+    for node, parent in enumerate(parents):
+      if parent >= 0:
+        kids[parent].append(node)
+    order, seen = [int(roots[0])], {int(roots[0])}
+    for node in order:
+      for child in kids[node]:
+        if child >= k:
+          if child in seen:
+            raise ValueError(f"node {child} is reached twice: parents holds a cycle.")
+          seen.add(child)
+          order.append(child)
+    if len(order) != total - k:
+      lost = sorted(set(range(k, total)) - seen)[0]
+      raise ValueError(f"node {lost} is not reachable from the root: parents holds a cycle.")
+    index = {node: i for i, node in enumerate(order)}
+    width = max(len(kids[node]) for node in order)
+    children = np.full((len(order), width), -1, np.int64)
+    for i, node in enumerate(order):
+      if not kids[node]:
+        raise ValueError(f"internal node {node} has no children.")
+      children[i, :len(kids[node])] = [c if c < k else k + index[c] for c in kids[node]]
+    return cls(k, children)
+
+  @classmethod
+  def balanced(cls, num_classes: int, branching: int = 2) -> Tree:
+    """Consecutive classes split into ``branching`` near-equal groups, recursively.
+
+    Every class's depth is ``floor`` or ``ceil`` of ``log_branching(K)``; a node's
+    subtrees differ in size by at most 1.
+
+    Example:
+      >>> Tree.balanced(8, branching=2).depth.tolist()
+      [3, 3, 3, 3, 3, 3, 3, 3]
+      >>> tree = Tree.balanced(10, branching=4)
+      >>> tree.arity.tolist(), tree.depth.tolist()
+      ([4, 3, 3, 2, 2], [2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    """
+    k = int(num_classes)
+    if k < 1:
+      raise ValueError(f"num_classes must be positive, got {k}.")
+    if int(branching) < 2:
+      raise ValueError(f"branching must be at least 2, got {branching}.")
+    b = int(branching)
+    if k == 1:
+      return cls(1, np.zeros((1, 1), np.int64))
+    # Breadth-first over ranges [lo, hi) of classes: a range of one class is a leaf.
+    rows, queue = [], [(0, k)]
+    for lo, hi in queue:
+      size = hi - lo
+      parts = min(b, size)
+      q, r = divmod(size, parts)  # the first r groups one class larger
+      bounds = lo + np.concatenate([[0], np.cumsum([q + 1] * r + [q] * (parts - r))])
+      row = []
+      for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop - start == 1:
+          row.append(int(start))
+        else:
+          row.append(k + len(queue))
+          queue.append((int(start), int(stop)))
+      rows.append(row)
+    children = np.full((len(rows), b), -1, np.int64)
+    for i, row in enumerate(rows):
+      children[i, :len(row)] = row
+    return cls(k, children)
+
+  @classmethod
+  def huffman(cls, frequencies: ArrayLike, branching: int = 2) -> Tree:
+    """The Huffman tree of class frequencies (word2vec's hierarchical softmax).
+
+    Frequent classes get short paths: the expected depth ``sum_k f_k depth_k / sum f``
+    is the least over all trees of this branching. Ties go to the class or node made
+    first, so the tree is deterministic. A b-ary tree merges ``b`` nodes at a time
+    (after padding with zero-frequency placeholders that take no slot).
+
+    Args:
+      frequencies: ``[K]`` non-negative counts or frequencies of the classes.
+      branching: children per internal node, >= 2.
+
+    Example:
+      >>> # Cormen et al., "Introduction to Algorithms", Huffman codes (fig. 16.4)
+      >>> tree = Tree.huffman([45, 13, 12, 16, 9, 5])
+      >>> tree.depth.tolist()
+      [1, 3, 3, 3, 4, 4]
+    """
+    import heapq
+    freq = np.asarray(frequencies, np.float64)
+    if freq.ndim != 1 or freq.size == 0:
+      raise ValueError(f"frequencies must be a non-empty 1-D array, got shape {freq.shape}.")
+    if not np.isfinite(freq).all() or (freq < 0).any():
+      i = int(np.argmax(~np.isfinite(freq) | (freq < 0)))
+      raise ValueError(f"frequencies[{i}] = {freq[i]}: frequencies must be finite and >= 0.")
+    if int(branching) < 2:
+      raise ValueError(f"branching must be at least 2, got {branching}.")
+    k, b = freq.size, int(branching)
+    if k == 1:
+      return cls(1, np.zeros((1, 1), np.int64))
+    # Placeholders (id None) so that every merge takes b nodes: (K - 1) % (b - 1) == 0.
+    pad = (-(k - 1)) % (b - 1)
+    heap = [(0.0, -1 - i, None) for i in range(pad)]
+    heap += [(float(f), i, i) for i, f in enumerate(freq)]
+    heapq.heapify(heap)
+    merged = []  # children of each internal node, in the order made (the root last)
+    while len(heap) > 1:
+      group = [heapq.heappop(heap) for _ in range(b)]
+      merged.append([node for _, _, node in group if node is not None])
+      heapq.heappush(heap, (sum(f for f, _, _ in group), k + len(merged) - 1, -len(merged)))
+    # Internal node j (made j-th) is id -1-j in the heap entries above.
+    n = len(merged)
+    parents = np.full(k + n, -1, np.int64)
+    for j, kids in enumerate(merged):
+      for child in kids:
+        parents[child if child >= 0 else k + (-1 - child)] = k + j
+    return cls.from_parents(parents, k)
+
+  @classmethod
+  def from_class_tree(cls, tree: ClassTree) -> Tree:
+    """The depth-2 tree of a :class:`ClassTree`: the root over the clusters, each
+    cluster over its classes. Its node logits are the cluster logits (row 0) and the
+    within-cluster table (rows 1..C), padded to ``max(C, M)`` columns."""
+    k, c = tree.num_classes, tree.num_clusters
+    parents = np.concatenate([k + 1 + tree.cluster_of.astype(np.int64), [-1],
+                              np.full(c, k, np.int64)])
+    return cls.from_parents(parents, k)
+
+  @property
+  def num_nodes(self) -> int:
+    """``N``, the number of internal nodes (rows of the node logits)."""
+    return int(self.children.shape[0])
+
+  @property
+  def branching(self) -> int:
+    """``B``, the largest arity (columns of the node logits)."""
+    return int(self.children.shape[1])
+
+  @property
+  def max_depth(self) -> int:
+    """``L``, the longest path (rows of a class's path logits)."""
+    return int(self.path_nodes.shape[1])
+
+  def __eq__(self, other):
+    return (isinstance(other, Tree) and self.num_classes == other.num_classes
+            and np.array_equal(self.children, other.children))
+
+  def __hash__(self):
+    return hash((self.num_classes, self.children.shape, self.children.tobytes()))
+
+  def __repr__(self):
+    return (f"Tree(num_classes={self.num_classes}, num_nodes={self.num_nodes}, "
+            f"branching={self.branching}, max_depth={self.max_depth})")

@@ -3,7 +3,8 @@
 Classes lie on the last axis; every loss returns per-example values (the caller
 reduces); the flat losses take a keyword-only ``where`` mask over classes. The
 hierarchical losses take a head's cluster and within-cluster logits and a
-:class:`jaxsoftmax.tree.ClassTree`.
+:class:`jaxsoftmax.tree.ClassTree`; the tree losses take node (or path) logits and a
+:class:`jaxsoftmax.tree.Tree` of any depth.
 """
 
 from jaxsoftmax.losses._complementary import forward_nll
@@ -26,6 +27,11 @@ from jaxsoftmax.losses._set import set_nll
 from jaxsoftmax.losses._sigmoid import sigmoid_binary_cross_entropy
 from jaxsoftmax.losses._soft import multilabel_softmax_cross_entropy
 from jaxsoftmax.losses._soft import soft_cross_entropy
+from jaxsoftmax.losses._tree import tree_complement_nll
+from jaxsoftmax.losses._tree import tree_complement_set_nll
+from jaxsoftmax.losses._tree import tree_log_softmax
+from jaxsoftmax.losses._tree import tree_nll
+from jaxsoftmax.losses._tree import tree_set_nll
 
 __all__ = (
     "complement_nll",
@@ -48,4 +54,9 @@ __all__ = (
     "set_nll",
     "sigmoid_binary_cross_entropy",
     "soft_cross_entropy",
+    "tree_complement_nll",
+    "tree_complement_set_nll",
+    "tree_log_softmax",
+    "tree_nll",
+    "tree_set_nll",
 )
