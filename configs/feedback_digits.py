@@ -7,7 +7,9 @@ judge marks each prediction right (a positive example) or wrong (a negative exam
     python -m jaxsoftmax_experiments.run --config=configs/feedback_digits.py --workdir=runs/feedback_digits
 
 ``configs/feedback_digits.py:hierarchical`` gives the MLP a hierarchical softmax head
-(a balanced tree of the 10 classes in 4 clusters) in place of its softmax layer.
+(a balanced tree of the 10 classes in 4 clusters) in place of its softmax layer;
+``configs/feedback_digits.py:tree`` a binary Huffman tree of the classes' training
+counts (``--config.tree=balanced``, ``--config.branching=3`` for others).
 """
 
 from jaxsoftmax_experiments import config

@@ -28,7 +28,8 @@ KINDS = ("classifier", "lm", "multilabel")
 REGIMES = ("positive_only", "negated_gradient", "complement_likelihood")  # the default comparison
 PROTOCOLS = ("feedback", "uniform", "biased", "supervised")
 MODELS = ("mlp", "cnn")
-HEADS = ("softmax", "hierarchical", "fused")
+HEADS = ("softmax", "hierarchical", "fused", "tree")
+TREES = ("huffman", "balanced")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 # The LM experiments' default regimes, from the one regime table: on token targets,
@@ -60,9 +61,13 @@ _DEFAULTS = {
     "hidden": ((100, 100), "MLP hidden layer sizes"),
     "channels": ((25, 25, 25), "CNN channels, one strided convolution each"),
     "kernel_size": (0, "CNN kernel size; 0: 5 for 1-D inputs, 3 for 2-D"),
-    "head": ("softmax", "output layer: softmax, hierarchical (a two-level class tree), or fused "
-                        "(the fused linear + loss of jaxsoftmax.losses: training forms no logits)"),
+    "head": ("softmax", "output layer: softmax, hierarchical (a two-level class tree), fused "
+                        "(the fused linear + loss of jaxsoftmax.losses: training forms no logits) "
+                        "or tree (a tree of any depth: config.tree, config.branching)"),
     "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(classes))"),
+    "tree": ("huffman", "tree head: huffman (from the training labels' class counts) or "
+                        "balanced"),
+    "branching": (2, "tree head: children per internal node (2: a binary tree)"),
     "regimes": (REGIMES, "how negative examples are used, each of " + ", ".join(regimes_lib.NAMES)),
     "num_seeds": (5, "seeds trained in parallel (jax.vmap)"),
     "steps": (1000, "optimizer steps per regime (per feedback round)"),
@@ -116,6 +121,8 @@ _RULES = {
     "kernel_size": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     "num_clusters": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "tree": (lambda v: v in TREES, f"one of {', '.join(TREES)}"),
+    "branching": (lambda v: _is_int(v) and v >= 2, "an int >= 2"),
     "regimes": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
                 and len(set(v)) == len(v) and all(r in regimes_lib.NAMES for r in v),
                 f"a non-empty tuple of distinct names from {', '.join(regimes_lib.NAMES)}"),
@@ -360,6 +367,9 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
                       f"of {values['dataset']!r}, got {values['num_negatives']}.")
   if values["model"] == "cnn" and values["dataset"] == "synthetic":
     raise ConfigError("config.model: the synthetic dataset has flat features; use 'mlp'.")
+  if values["head"] != "tree" and (values["tree"], values["branching"]) != ("huffman", 2):
+    raise ConfigError(f"config.tree, config.branching: only the tree head has a tree; set "
+                      f"config.head='tree' or leave them at 'huffman' and 2.")
   if values["num_clusters"] and values["head"] != "hierarchical":
     raise ConfigError(f"config.num_clusters: only the hierarchical head has clusters; "
                       f"set config.head='hierarchical' or num_clusters=0, got {values['num_clusters']}.")

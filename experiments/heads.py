@@ -25,6 +25,8 @@ static training setup.
   the ``[..., K]`` logits. Its ``largest_logit`` is an upper bound read without forming
   them, ``max_k (max_i |h_i| |w_k| + |b_k|)`` (Cauchy-Schwarz), so the divergence rule
   fires no later than on the logits themselves.
+- :class:`TreeHead`: a tree of any depth (balanced or Huffman); training computes only
+  the nodes on the labels' paths; sets of wrong labels through the tree's set losses.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
-from jaxsoftmax import losses
-from jaxsoftmax.tree import ClassTree, balanced_tree
+from jaxsoftmax import losses, models
+from jaxsoftmax.tree import ClassTree, Tree, balanced_tree
 
 
 def id_mask(ids, num_classes: int):
@@ -192,13 +195,86 @@ class FusedHead(SoftmaxHead):
     return jnp.max(largest_h * column + jnp.abs(b.astype(jnp.float32)))
 
 
-Head = SoftmaxHead | HierarchicalHead | FusedHead
-NAMES = ("softmax", "hierarchical", "fused")
+@dataclasses.dataclass(frozen=True)
+class TreeHead:
+  """A tree of any depth (:class:`jaxsoftmax.tree.Tree`): training computes only the
+  logits of the nodes on the labels' (and the wrong labels') paths, O(depth) per label.
+
+  Its training output is the features and the output layer's weights, as the fused
+  head's; its ``largest_logit`` is the bound ``max_i |h_i| max_{n,b} |w_nb| + max |b|``
+  (Cauchy-Schwarz), so the divergence rule fires no later than on the logits."""
+  tree: Tree
+
+  def training_output(self, model, x, labels):
+    del labels
+    layer = _output_module(model)
+    return model.features(x), layer.kernel[...], layer.bias[...]
+
+  def _paths(self, out, classes):
+    return models.tree_path_logits(*out, self.tree, classes)
+
+  def nll(self, out, labels):
+    return losses.tree_nll(self._paths(out, labels), labels, self.tree)
+
+  def complement_nll(self, out, labels, wrong=None):
+    if wrong is None:
+      return losses.tree_complement_nll(self._paths(out, labels), labels, self.tree)
+    ids = _ids(labels, wrong)
+    return losses.tree_complement_set_nll(self._paths(out, ids), ids, self.tree, ignore_index=-1)
+
+  def set_nll(self, out, labels, wrong=None):
+    """``-log P(labels and wrong)``; an empty set gives 0 (its loss is masked out)."""
+    if wrong is None:
+      return self.nll(out, labels)
+    ids = _ids(labels, wrong)
+    return losses.tree_set_nll(self._paths(out, ids), ids, self.tree, ignore_index=-1)
+
+  def flat_loss(self, name, out, labels, **kwargs):
+    raise ValueError(f"{name} needs the logits, which the tree head never forms.")
+
+  set_loss = flat_loss
+
+  def largest_logit(self, out):
+    h, kernel, bias = out
+    largest_h = jnp.max(jnp.linalg.norm(h.astype(jnp.float32), axis=-1))
+    column = jnp.linalg.norm(kernel.astype(jnp.float32), axis=1)   # [N, B]
+    return jnp.max(largest_h * column + jnp.abs(bias.astype(jnp.float32)))
+
+  def scores(self, model, x):
+    return losses.tree_log_softmax(model(x), self.tree)
+
+  def evaluation(self, model, x, y):
+    table = model(x)
+    valid = jnp.arange(self.tree.branching) < jnp.asarray(self.tree.arity)[:, None]
+    return (losses.tree_log_softmax(table, self.tree), losses.tree_nll(table, y, self.tree),
+            jnp.max(jnp.where(valid, jnp.abs(table), 0.0)))
 
 
-def make_head(name: str, num_classes: int, num_clusters: int = 0, vocab_chunk: int = 512) -> Head:
-  """The head a config names: ``softmax``, ``hierarchical`` over a balanced tree, or
-  ``fused`` (chunks of ``vocab_chunk`` classes)."""
+def _output_module(model):
+  """The model's output layer: ``head`` of an MLP or CNN, ``out`` of a TransformerLM."""
+  return model.head if hasattr(model, "head") else model.out
+
+
+Head = SoftmaxHead | HierarchicalHead | FusedHead | TreeHead
+NAMES = ("softmax", "hierarchical", "fused", "tree")
+TREES = ("balanced", "huffman")
+
+
+def make_head(name: str, num_classes: int, num_clusters: int = 0, vocab_chunk: int = 512, *,
+              tree: str = "balanced", branching: int = 2,
+              frequencies: np.ndarray | None = None) -> Head:
+  """The head a config names: ``softmax``, ``hierarchical`` over a balanced tree,
+  ``fused`` (chunks of ``vocab_chunk`` classes), or ``tree``: a ``balanced`` or
+  ``huffman`` tree of ``branching`` children per node (Huffman from ``frequencies``,
+  the class counts of the training data)."""
+  if name == "tree":
+    if tree == "huffman":
+      if frequencies is None or len(frequencies) != num_classes:
+        raise ValueError(f"a Huffman tree needs the frequencies of the {num_classes} classes.")
+      return TreeHead(Tree.huffman(frequencies, branching))
+    if tree == "balanced":
+      return TreeHead(Tree.balanced(num_classes, branching))
+    raise ValueError(f"unknown tree {tree!r}; choose one of {', '.join(TREES)}.")
   if name == "softmax":
     return SoftmaxHead(num_classes)
   if name == "hierarchical":
@@ -208,7 +284,7 @@ def make_head(name: str, num_classes: int, num_clusters: int = 0, vocab_chunk: i
   raise ValueError(f"unknown head {name!r}; choose one of {', '.join(NAMES)}.")
 
 
-def tree_of(head: Head) -> ClassTree | None:
+def tree_of(head: Head) -> ClassTree | Tree | None:
   """The class tree a model built for ``head`` needs (None for a flat head)."""
   return getattr(head, "tree", None)
 

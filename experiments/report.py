@@ -77,7 +77,9 @@ def summary_markdown(results: dict[str, Any], wall_seconds: float | None = None,
            "",
            f"Model {c['model']}"
            + {"hierarchical": " with a hierarchical softmax head",
-              "fused": " with the fused head"}.get(c.get("head"), "")
+              "fused": " with the fused head",
+              "tree": f" with a {c.get('tree')} tree head of branching {c.get('branching')}",
+              }.get(c.get("head"), "")
            + f", {c['num_seeds']} seeds, {c['steps']} steps"
            + (f" x {c['feedback_rounds']} rounds" if c["feedback_rounds"] > 1 else "")
            + f", batch {c['batch_size']}, {c['optimizer']} at learning rate {c['learning_rate']:g}; "

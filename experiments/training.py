@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -315,7 +316,10 @@ def functions(setup: Setup) -> Functions:
 def make_setup(config, dataset, *, regimes: Sequence[str], total_steps: int,
                devices: Sequence[jax.Device] | None = None) -> Setup:
   """The setup of ``regimes`` x ``config.num_seeds`` runs of a config on a dataset."""
-  head = heads_lib.make_head(config.head, dataset.num_classes, config.num_clusters)
+  head = heads_lib.make_head(
+      config.head, dataset.num_classes, config.num_clusters, tree=config.tree,
+      branching=config.branching,
+      frequencies=np.bincount(np.asarray(dataset.y_train), minlength=dataset.num_classes))
   model = ModelSpec(config.model, tuple(dataset.input_shape), dataset.num_classes,
                     tuple(config.hidden), tuple(config.channels), config.kernel_size)
   cosine = config.schedule == "cosine"

@@ -10,14 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsoftmax.losses import hierarchical_log_softmax
-from jaxsoftmax.tree import ClassTree
+from jaxsoftmax.losses import hierarchical_log_softmax, tree_log_softmax
+from jaxsoftmax.tree import ClassTree, Tree
 
 
 class MLP(nnx.Module):
   """Flattens the input, then ReLU hidden layers and a linear layer of logits.
 
-  Given a ``tree``, the output layer is a :class:`HierarchicalSoftmax` instead.
+  Given a ``tree``, the output layer is a :class:`HierarchicalSoftmax` (a ``ClassTree``)
+  or a :class:`TreeSoftmax` (a ``Tree`` of any depth) instead.
 
   Example:
     >>> from flax import nnx
@@ -28,7 +29,7 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, input_shape: Sequence[int], num_classes: int, *,
-               hidden: Sequence[int] = (100, 100), tree: ClassTree | None = None,
+               hidden: Sequence[int] = (100, 100), tree: ClassTree | Tree | None = None,
                rngs: nnx.Rngs):
     if num_classes < 1 or any(h < 1 for h in hidden):
       raise ValueError(f"num_classes and hidden sizes must be positive, got {num_classes}, {tuple(hidden)}.")
@@ -70,7 +71,7 @@ class CNN(nnx.Module):
 
   def __init__(self, input_shape: Sequence[int], num_classes: int, *,
                channels: Sequence[int] = (25, 25, 25), kernel_size: int | None = None,
-               tree: ClassTree | None = None, rngs: nnx.Rngs):
+               tree: ClassTree | Tree | None = None, rngs: nnx.Rngs):
     self.input_shape = tuple(input_shape)
     rank = len(self.input_shape)
     if rank not in (1, 2):
@@ -102,18 +103,21 @@ class CNN(nnx.Module):
     return _linear_weights(self.head)
 
 
-def make_head(in_features: int, num_classes: int, tree: ClassTree | None,
+def make_head(in_features: int, num_classes: int, tree: ClassTree | Tree | None,
               rngs: nnx.Rngs) -> nnx.Module:
-  """A ``Linear`` layer of logits, or a :class:`HierarchicalSoftmax` over ``tree``.
+  """A ``Linear`` layer of logits, a :class:`HierarchicalSoftmax` over a ``ClassTree``
+  or a :class:`TreeSoftmax` over a ``Tree`` of any depth.
 
-  With a tree, the model's call returns ``(cluster_logits, within_logits)``
-  instead of logits.
+  With a class tree, the model's call returns ``(cluster_logits, within_logits)``; with
+  a tree, the node logits ``[..., N, B]``; else the logits.
   """
   if tree is None:
     return nnx.Linear(in_features, num_classes, rngs=rngs)
   if tree.num_classes != num_classes:
     raise ValueError(f"the class tree has {tree.num_classes} classes, but the model has "
-                     f"{num_classes}: cluster_of needs one entry per class.")
+                     f"{num_classes}: the tree needs one leaf per class.")
+  if isinstance(tree, Tree):
+    return TreeSoftmax(in_features, tree, rngs=rngs)
   return HierarchicalSoftmax(in_features, tree, rngs=rngs)
 
 
@@ -205,6 +209,61 @@ class HierarchicalSoftmax(nnx.Module):
     return hierarchical_log_softmax(*self(x), self.tree)
 
 
+class TreeSoftmax(nnx.Module):
+  """A tree-structured softmax output layer of any depth (:class:`~jaxsoftmax.tree.Tree`).
+
+  Every internal node ``n`` has a ``[in_features, B]`` kernel and a ``[B]`` bias: its
+  logits over its children. Calling the layer computes every node's logits, the
+  ``[..., N, B]`` table (O(K B D) per example), for prediction and
+  :func:`~jaxsoftmax.losses.tree_log_softmax`; :meth:`path_logits` computes only the
+  nodes on the given classes' paths (O(L B D) per class, O(log K) for a balanced or
+  Huffman tree), which is all the tree losses need.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from jaxsoftmax.losses import tree_nll
+    >>> from jaxsoftmax.tree import Tree
+    >>> head = TreeSoftmax(16, Tree.balanced(100, 2), rngs=nnx.Rngs(0))
+    >>> x, y = jnp.ones((4, 16)), jnp.array([0, 5, 50, 99])
+    >>> head.path_logits(x, y).shape      # 7 levels of a binary tree over 100 classes
+    (4, 7, 2)
+    >>> bool(jnp.allclose(tree_nll(head.path_logits(x, y), y, head.tree),
+    ...                   -head.log_probs(x)[jnp.arange(4), y], rtol=1e-5))
+    True
+  """
+
+  def __init__(self, in_features: int, tree: Tree, *, rngs: nnx.Rngs):
+    if not isinstance(tree, Tree):
+      raise TypeError(f"tree must be a jaxsoftmax.tree.Tree, got {type(tree).__name__}.")
+    self.tree = tree
+    init = jax.nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
+    self.kernel = nnx.Param(init(rngs.params(), (tree.num_nodes, in_features, tree.branching)))
+    self.bias = nnx.Param(jnp.zeros((tree.num_nodes, tree.branching)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """The node logits ``[..., N, B]`` for features ``[..., D]``."""
+    return jnp.einsum("...d,ndb->...nb", x, self.kernel[...]) + self.bias[...]
+
+  def path_logits(self, x: jax.Array, classes: jax.Array) -> jax.Array:
+    """The logits of the nodes on each class's path: ``[..., L, B]`` for classes
+    ``[...]`` (one per example of ``x [..., D]``), ``[..., M, L, B]`` for ``[..., M]``."""
+    return tree_path_logits(x, self.kernel[...], self.bias[...], self.tree, classes)
+
+  def log_probs(self, x: jax.Array) -> jax.Array:
+    """Log-probabilities of all ``K`` classes, ``[..., K]``."""
+    return tree_log_softmax(self(x), self.tree)
+
+
+def tree_path_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array, tree: Tree,
+                     classes: jax.Array) -> jax.Array:
+  """:meth:`TreeSoftmax.path_logits` on given weights: gathers each path's ``[L, D, B]``
+  kernel rows (levels past a class's depth read the root's, which the losses ignore)."""
+  nodes = jnp.maximum(jnp.asarray(tree.path_nodes)[jnp.maximum(classes, 0)], 0)
+  x = x.reshape(*x.shape[:-1], *(1,) * (classes.ndim - x.ndim + 1), x.shape[-1])
+  return jnp.einsum("...d,...ldb->...lb", x, kernel[nodes]) + bias[nodes]
+
+
 class TransformerLM(nnx.Module):
   """A small decoder-only transformer: token and learned position embeddings, pre-norm
   blocks of causal multi-head attention and a ReLU MLP, a final layer norm.
@@ -225,7 +284,7 @@ class TransformerLM(nnx.Module):
   """
 
   def __init__(self, vocab_size: int, max_length: int, *, width: int = 64, depth: int = 2,
-               heads: int = 4, tree: ClassTree | None = None, rngs: nnx.Rngs):
+               heads: int = 4, tree: ClassTree | Tree | None = None, rngs: nnx.Rngs):
     if width % heads:
       raise ValueError(f"width ({width}) must be a multiple of heads ({heads}).")
     self.max_length = max_length

@@ -87,6 +87,21 @@ def test_cross_key_checks():
     config.validate(c, num_train=1347)
 
 
+def test_the_tree_keys_need_the_tree_head_and_a_branching_of_two_or_more():
+  c = config.defaults()
+  c.tree = "balanced"
+  with pytest.raises(config.ConfigError, match=r"^config\.tree, config\.branching: only the tree head"):
+    config.validate(c)
+  c.head = "tree"
+  config.validate(c, num_classes=10)
+  c.branching = 1
+  with pytest.raises(config.ConfigError, match=r"^config\.branching: .*an int >= 2"):
+    config.validate(c)
+  c.branching, c.tree = 2, "random"
+  with pytest.raises(config.ConfigError, match=r"^config\.tree: .*one of huffman, balanced"):
+    config.validate(c)
+
+
 def test_num_clusters_needs_the_hierarchical_head_and_at_most_k_clusters():
   c = config.defaults()
   c.num_clusters = 3

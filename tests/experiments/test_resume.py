@@ -139,13 +139,14 @@ def _tiny_feedback(**overrides):
   return loop.make_plan(c, data.load("synthetic"))
 
 
-def test_resuming_from_any_state_of_a_two_round_experiment_gives_the_same_results():
+@pytest.mark.parametrize("head", ["softmax", "tree"])
+def test_resuming_from_any_state_of_a_two_round_experiment_gives_the_same_results(head):
   """The loop itself: every yielded state resumes, across the round boundary."""
   import jax
 
   from jaxsoftmax_experiments import loop
 
-  plan = _tiny_feedback(feedback_rounds=2)
+  plan = _tiny_feedback(feedback_rounds=2, head=head)
   states = list(loop.run(plan))
   assert [int(s.step) for s in states] == [0, 10, 20, 30, 40, 50, 60]  # 30: the round boundary
   records = [r for s in states for r in loop.records(plan, jax.device_get(loop.light(s)))]

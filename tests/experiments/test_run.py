@@ -152,6 +152,31 @@ def test_hierarchical_head_runs_every_regime(tmp_path):
     assert all(a > 0.6 for a in accuracy), (regime, accuracy)  # chance on synthetic is 0.2
 
 
+@pytest.mark.parametrize("tree, branching", [("huffman", 2), ("balanced", 3)])
+def test_tree_head_runs_every_regime_and_sets_of_wrong_labels(tmp_path, tree, branching):
+  workdir = tmp_path / "tree"
+  assert run.main([f"--config={CONFIG}:tree", f"--workdir={workdir}", *TINY,
+                   "--config.steps=200", "--config.initial_steps=200",
+                   "--config.learning_rate=0.01", f"--config.tree={tree}",
+                   f"--config.branching={branching}"]) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  assert (results["config"]["head"], results["config"]["tree"]) == ("tree", tree)
+  assert (f"Model mlp with a {tree} tree head of branching {branching}, 2 seeds"
+          in (workdir / "summary.md").read_text())
+  assert sorted(results["regimes"]) == sorted(config_lib.REGIMES)
+  for regime in ("positive_only", "complement_likelihood"):
+    accuracy = results["regimes"][regime]["test_accuracy"]
+    assert all(a > 0.6 for a in accuracy), (regime, accuracy)  # chance on synthetic is 0.2
+  # Two wrong labels per input: the tree's set losses.
+  sets = tmp_path / "sets"
+  assert run.main([f"--config={CONFIG}:tree", f"--workdir={sets}", *TINY,
+                   "--config.protocol=uniform", "--config.num_negatives=2",
+                   "--config.steps=200", "--config.learning_rate=0.01",
+                   f"--config.tree={tree}", f"--config.branching={branching}"]) == 0
+  regimes = json.loads((sets / "results.json").read_text())["regimes"]
+  assert all(a > 0.4 for a in regimes["complement_likelihood"]["test_accuracy"])
+
+
 def test_the_fused_head_trains_the_classifier_as_the_softmax_head_does(tmp_path, capsys):
   runs = {}
   for head in ("softmax", "fused"):
