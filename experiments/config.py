@@ -43,7 +43,7 @@ LITERATURE_NAMES = {"repetition": {"positive_only": "mle", "complement_likelihoo
                     "unlearning": {"positive_only": "retain only",
                                    "negated_gradient": "gradient ascent",
                                    "complement_likelihood": "complement", "npo": "NPO"}}
-LM_HEADS = ("fused", "softmax", "hierarchical")
+LM_HEADS = ("fused", "softmax", "hierarchical", "tree")
 MULTILABEL_DATASETS = ("canvases", "generated")
 MULTILABEL_OBJECTIVES = regimes_lib.LABEL_SET_NAMES
 
@@ -183,11 +183,15 @@ _LM = {
                 _names(regimes_lib.REGIMES), "a non-empty tuple of distinct names from "
                 + ", ".join(regimes_lib.NAMES)),
     "head": ("fused", "fused (the fused linear + loss, no [B, T, V] logits), softmax (the "
-                      "losses on the logits) or hierarchical (a two-level tree of the "
-                      "vocabulary)", lambda v: v in LM_HEADS,
-             "one of " + ", ".join(LM_HEADS)),
+                      "losses on the logits), hierarchical (a two-level tree of the "
+                      "vocabulary) or tree (a tree of any depth: config.tree, config.branching)",
+             lambda v: v in LM_HEADS, "one of " + ", ".join(LM_HEADS)),
     "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(vocabulary))",
                      lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "tree": ("huffman", "tree head: huffman (word2vec's, from the training text's token "
+                        "counts) or balanced", lambda v: v in TREES, f"one of {', '.join(TREES)}"),
+    "branching": (2, "tree head: children per internal node (2: a binary tree)",
+                  lambda v: _is_int(v) and v >= 2, "an int >= 2"),
     "num_seeds": _like("num_seeds", 3),
     "steps": _like("steps", 800, "optimizer steps per regime"),
     "batch_size": _like("batch_size", 16, "windows per step, drawn with replacement"),
@@ -441,6 +445,9 @@ def validate_lm(values: dict, corpus_sizes: dict[str, int] | None = None,
              "wrong label per example (use head 'fused' or 'softmax')")
     if why:
       raise ConfigError(f"config.regimes: {name!r} {why}.")
+  if head != "tree" and (values["tree"], values["branching"]) != ("huffman", 2):
+    raise ConfigError(f"config.tree, config.branching: only the tree head has a tree; set "
+                      f"config.head='tree' or leave them at 'huffman' and 2.")
   if values["width"] % values["heads"]:
     raise ConfigError(f"config.width: must be a multiple of config.heads ({values['heads']}), "
                       f"got {values['width']}.")
@@ -484,6 +491,8 @@ def lm_estimate_bytes(values: dict, vocab_size: int) -> int:
     activations += values["batch_size"] * t * v
   if values["head"] == "hierarchical":
     params += v * w  # the within-cluster kernels: clusters x width x largest cluster
+  if values["head"] == "tree":
+    params += v * w  # the node kernels: (V - 1) / (b - 1) nodes x width x b children
   runs = len(values["regimes"]) * values["num_seeds"]
   return 4 * runs * (4 * params + 2 * activations)
 

@@ -175,6 +175,9 @@ class Tree:
     path_branches: ``[K, L]`` int32, the child taken at each of those nodes, -1 past
       the depth.
     depth: ``[K]`` int32, the number of internal nodes on each class's path.
+    node_parent, node_branch: ``[N]`` int32, each internal node's parent (an internal
+      node; -1 at the root) and the child slot it fills there.
+    class_parent, class_branch: ``[K]`` int32, the same for each class.
 
   Example:
     >>> tree = Tree.balanced(5, branching=2)
@@ -230,9 +233,20 @@ class Tree:
     for c in range(k):
       nodes_table[c, :depth[c]] = path_nodes[c]
       branch_table[c, :depth[c]] = path_branches[c]
+    # Each node's parent and branch: internal nodes (-1 at the root) and classes.
+    node_parent = np.full(n, -1, np.int32)
+    node_branch = np.full(n, -1, np.int32)
+    rows, slots = np.nonzero(children >= 0)
+    kids = children[rows, slots]
+    inner = kids >= k
+    node_parent[kids[inner] - k], node_branch[kids[inner] - k] = rows[inner], slots[inner]
+    class_parent = nodes_table[np.arange(k), depth - 1]
+    class_branch = branch_table[np.arange(k), depth - 1]
     for name, value in (("children", children.astype(np.int32)), ("arity", arity.astype(np.int32)),
                         ("path_nodes", nodes_table), ("path_branches", branch_table),
-                        ("depth", depth)):
+                        ("depth", depth), ("node_parent", node_parent),
+                        ("node_branch", node_branch), ("class_parent", class_parent),
+                        ("class_branch", class_branch)):
       value.setflags(write=False)
       object.__setattr__(self, name, value)
     object.__setattr__(self, "num_classes", k)
@@ -401,6 +415,14 @@ class Tree:
     parents = np.concatenate([k + 1 + tree.cluster_of.astype(np.int64), [-1],
                               np.full(c, k, np.int64)])
     return cls.from_parents(parents, k)
+
+  def levels(self) -> list[np.ndarray]:
+    """The internal nodes below the root, level by level from the top: each level's
+    parents are in the levels before it (for a top-down sweep of the tree)."""
+    node_depth = np.zeros(self.num_nodes, np.int64)
+    for n in range(1, self.num_nodes):  # breadth-first: a parent before its children
+      node_depth[n] = node_depth[self.node_parent[n]] + 1
+    return [np.flatnonzero(node_depth == d) for d in range(1, int(node_depth.max()) + 1)]
 
   @property
   def num_nodes(self) -> int:

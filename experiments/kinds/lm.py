@@ -97,6 +97,8 @@ class Settings:
   alpha: float = 1.0
   head: str = "fused"
   num_clusters: int = 0
+  tree: str = "huffman"
+  branching: int = 2
   vocab_chunk: int = 512
   prompt: int = 16
   generate: int = 32
@@ -149,13 +151,20 @@ def make_data(s: Settings, corpus: text.Corpus | None = None) -> tuple[Data, dic
 # --- model and losses ----------------------------------------------------------------
 
 
-def make_head(s: Settings, vocab_size: int) -> heads_lib.Head:
-  return heads_lib.make_head(s.head, vocab_size, s.num_clusters, s.vocab_chunk)
+def token_counts(data: Data) -> np.ndarray:
+  """How often each token is a training target: the frequencies of a Huffman tree."""
+  return np.bincount(data.train[:, 1:].ravel(), minlength=data.vocab_size)
 
 
-def build(s: Settings, vocab_size: int, key) -> TransformerLM:
+def make_head(s: Settings, vocab_size: int, frequencies: np.ndarray | None = None) -> heads_lib.Head:
+  return heads_lib.make_head(s.head, vocab_size, s.num_clusters, s.vocab_chunk, tree=s.tree,
+                             branching=s.branching, frequencies=frequencies)
+
+
+def build(s: Settings, vocab_size: int, key, head: heads_lib.Head | None = None) -> TransformerLM:
+  head = head if head is not None else make_head(s, vocab_size)
   return TransformerLM(vocab_size, s.length, width=s.width, depth=s.depth, heads=s.heads,
-                       tree=heads_lib.tree_of(make_head(s, vocab_size)), rngs=nnx.Rngs(key))
+                       tree=heads_lib.tree_of(head), rngs=nnx.Rngs(key))
 
 
 def candidates(windows):
@@ -230,8 +239,9 @@ class Plan:
 def make_plan(s: Settings, data: Data, info: dict | None = None, devices=None) -> Plan:
   """The plan of settings on data, over ``devices`` (default: all): each regime's seeds
   split over the mesh's runs axis, each run's batch of windows over its batch axis."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(s, data.vocab_size, 0)))  # no compute
-  return Plan(s, data, graphdef, make_head(s, data.vocab_size),
+  head = make_head(s, data.vocab_size, token_counts(data))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(s, data.vocab_size, 0, head)))  # no compute
+  return Plan(s, data, graphdef, head,
               parallel.make_mesh(s.num_seeds, s.batch_size, devices), info or {})
 
 
@@ -257,7 +267,7 @@ def _step(plan: Plan, regime: str, run: training.RunState, reference, train,
 
 def _init(plan: Plan, key) -> training.RunState:
   k_init, k_batch = jax.random.split(key)
-  params = nnx.state(build(plan.settings, plan.data.vocab_size, k_init), nnx.Param)
+  params = nnx.state(build(plan.settings, plan.data.vocab_size, k_init, plan.head), nnx.Param)
   return training.new_run(params, plan.optimizer, k_batch)
 
 

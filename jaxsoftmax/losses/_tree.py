@@ -403,8 +403,8 @@ def tree_log_softmax(node_logits: ArrayLike, tree: Tree) -> jax.Array:
   """The log-probability of every class, the sum of its path's branch log-softmaxes.
 
   This is the flat distribution the tree implies, ``[..., K]``: its ``-log`` at a label
-  equals :func:`tree_nll`. It costs O(K L) per example; use it to predict and evaluate,
-  and the losses to train.
+  equals :func:`tree_nll`. It costs O(N B + K) per example (a top-down sweep, one level
+  at a time); use it to predict and evaluate, and the losses to train.
 
   Args:
     node_logits: the node table ``[..., N, B]``.
@@ -424,6 +424,9 @@ def tree_log_softmax(node_logits: ArrayLike, tree: Tree) -> jax.Array:
                      f"[..., N={tree.num_nodes}, B={tree.branching}].")
   valid = jnp.arange(tree.branching) < jnp.asarray(tree.arity)[:, None]
   log_q = jax.nn.log_softmax(jnp.where(valid, node_logits, -jnp.inf), axis=-1, where=valid)
-  nodes, branches = jnp.asarray(tree.path_nodes), jnp.asarray(tree.path_branches)
-  picked = log_q[..., jnp.maximum(nodes, 0), jnp.maximum(branches, 0)]   # [..., K, L]
-  return jnp.sum(jnp.where(nodes >= 0, picked, 0.0), axis=-1)
+  # log P(reach node), top-down one level at a time: O(N B + K) per example, not O(K L).
+  reach = jnp.zeros(log_q.shape[:-1], log_q.dtype)
+  for level in tree.levels():
+    parent, branch = tree.node_parent[level], tree.node_branch[level]
+    reach = reach.at[..., level].set(reach[..., parent] + log_q[..., parent, branch])
+  return reach[..., tree.class_parent] + log_q[..., tree.class_parent, tree.class_branch]

@@ -207,3 +207,35 @@ def test_continuations_shorter_than_the_context_are_generated():
   # The padding is never read: the same continuations as with a longer budget's first two.
   longer = language.make_plan(dataclasses.replace(s, generate=8), data)
   np.testing.assert_array_equal(seqs, np.asarray(language._continue(longer, params, prompts))[:, :, :6])
+
+
+def test_the_tree_head_trains_unlearning_and_its_set_losses_equal_the_flat_ones(tmp_path):
+  # Unlikelihood's sets of previous tokens ([B, T, M]) through a Huffman tree of the
+  # training text's token counts: the losses equal the flat set losses of the
+  # distribution the tree implies (tree_log_softmax of the node table).
+  from jaxsoftmax import losses
+  from jaxsoftmax.tree import Tree
+  s = language.Settings.of(lm_config(head="tree"))
+  data, _ = language.make_data(s)
+  plan = language.make_plan(s, data)
+  head = plan.head
+  counts = language.token_counts(data)
+  assert head.tree == Tree.huffman(counts)
+  assert head.tree.depth[np.argmax(counts)] < head.tree.depth.mean()  # frequent: short paths
+  model = language.build(s, data.vocab_size, jax.random.key(0), head)
+  windows = jnp.asarray(data.train[:3])
+  inputs, targets = windows[:, :-1], windows[:, 1:]
+  wrong = language.candidates(windows)
+  out = head.training_output(model, inputs, targets)
+  log_p = losses.tree_log_softmax(model(inputs), head.tree)
+  mask = heads.id_mask(wrong, data.vocab_size)
+  np.testing.assert_allclose(head.complement_nll(out, jnp.full_like(targets, -1), wrong),
+                             losses.complement_set_nll(log_p, mask), rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(head.nll(out, targets), losses.nll(log_p, targets), rtol=2e-5)
+  # Unlearning through the framework with that tree (the set losses above run in the
+  # classifier's tree-head test through the same loop).
+  c = lm_config("unlearning", head="tree", regimes=("complement_likelihood",))
+  assert lm_execute(c, tmp_path / "unlearning") == 0
+  record = json.loads((tmp_path / "unlearning" / "results.json").read_text())["regimes"][
+      "complement_likelihood"]
+  assert all(x is not None and np.isfinite(x) for x in record["forget_nll"])
