@@ -21,5 +21,10 @@ from jaxsoftmax.losses import scl_exp
 from jaxsoftmax.losses import set_nll
 from jaxsoftmax.losses import sigmoid_binary_cross_entropy
 from jaxsoftmax.losses import soft_cross_entropy
+from jaxsoftmax.losses import tree_complement_nll
+from jaxsoftmax.losses import tree_complement_set_nll
+from jaxsoftmax.losses import tree_log_softmax
+from jaxsoftmax.losses import tree_nll
+from jaxsoftmax.losses import tree_set_nll
 
 __version__ = "0.1.0"

@@ -7,7 +7,10 @@ features:
 - flat: logits ``h @ W + b`` (``W`` is ``[D, K]``), then ``nll``;
 - hierarchical: a balanced tree (``ceil(sqrt K)`` clusters), the cluster logits and
   only the label's cluster row (:meth:`HierarchicalSoftmax.target_logits`), then
-  ``hierarchical_nll`` or ``hierarchical_complement_nll``.
+  ``hierarchical_nll`` or ``hierarchical_complement_nll``;
+- tree: a balanced binary tree (``ceil(log2 K)`` levels), only the logits of the nodes
+  on the label's path (:meth:`TreeSoftmax.path_logits`), then ``tree_nll`` or
+  ``tree_complement_nll``.
 
 They run interleaved in one process, the order rotating each round; the table reports the median per example, the
 flat NLL's time divided by each (speed-up), and the compiled program's temporary
@@ -29,11 +32,11 @@ import numpy as np
 from flax import nnx
 
 from jaxsoftmax import losses
-from jaxsoftmax.models import HierarchicalSoftmax
-from jaxsoftmax.tree import balanced_tree
+from jaxsoftmax.models import HierarchicalSoftmax, TreeSoftmax
+from jaxsoftmax.tree import Tree, balanced_tree
 from jaxsoftmax_experiments.benchmarks import timer
 
-CLASSES = (1024, 32768, 262144)
+CLASSES = (1024, 32768, 262144, 1048576)
 
 
 def _flat(k, dim):
@@ -55,12 +58,25 @@ def _hierarchical(k, dim, fn):
   return loss, params
 
 
-def functions(k: int, dim: int):
+def _tree(tree, dim, fn):
+  head = TreeSoftmax(dim, tree, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(head)
+
+  def loss(params, h, y):
+    head = nnx.merge(graphdef, params)
+    return jnp.mean(fn(head.path_logits(h, y), y, head.tree))
+  return loss, params
+
+
+def functions(k: int, dim: int, tree: Tree | None = None):
   """name -> (loss(params, features, labels), params), the flat NLL first."""
+  tree = tree or Tree.balanced(k, 2)
   return {
       "flat nll": _flat(k, dim),
       "hierarchical_nll": _hierarchical(k, dim, losses.hierarchical_nll),
       "hierarchical_complement_nll": _hierarchical(k, dim, losses.hierarchical_complement_nll),
+      "tree_nll (binary)": _tree(tree, dim, losses.tree_nll),
+      "tree_complement_nll (binary)": _tree(tree, dim, losses.tree_complement_nll),
   }
 
 
@@ -79,12 +95,12 @@ def _temp_bytes(compiled) -> float:
   return float("nan") if stats is None else float(stats.temp_size_in_bytes)
 
 
-def bench(k: int, dim: int, batch: int, rounds: int):
+def bench(k: int, dim: int, batch: int, rounds: int, tree: Tree | None = None):
   """Returns {name: (median seconds per example, temp bytes per example)} for one K."""
   h, y = _inputs(k, dim, batch)
   h2, y2 = _inputs(k, dim, 2 * batch)
   compiled, memory = {}, {}
-  for name, (loss, params) in functions(k, dim).items():
+  for name, (loss, params) in functions(k, dim, tree).items():
     compiled[name] = (_compile(loss, params, h, y), params)
     memory[name] = (_temp_bytes(_compile(loss, params, h2, y2))
                     - _temp_bytes(compiled[name][0])) / batch
@@ -104,17 +120,25 @@ def main(argv=None):
   print(f"{timer.machine()}; D = {args.dim}, batch {args.batch}, median of {args.rounds} "
         "interleaved rounds (call order rotated), float32")
   print()
-  print("| K | clusters x size | function | logits per example | us per example "
-        "| speed-up over flat | temp KiB per example |")
-  print("|---:|---|---|---:|---:|---:|---:|")
+  print("| K | function | tree | logits per example | us per example "
+        "| speed-up over flat | temp KiB per example | parameters |")
+  print("|---:|---|---|---:|---:|---:|---:|---:|")
   for k in args.classes:
-    tree = balanced_tree(k)
-    results = bench(k, args.dim, args.batch, args.rounds)
+    two_level, binary = balanced_tree(k), Tree.balanced(k, 2)
+    results = bench(k, args.dim, args.batch, args.rounds, binary)
     base = results["flat nll"][0]
     for name, (seconds, memory) in results.items():
-      width = k if name == "flat nll" else tree.num_clusters + tree.max_size
-      print(f"| {k} | {tree.num_clusters} x {tree.max_size} | {name} | {width} "
-            f"| {seconds * 1e6:.2f} | {base / seconds:.1f} | {memory / 2**10:.1f} |")
+      if name.startswith("flat"):
+        shape, width, params = "", k, (args.dim + 1) * k
+      elif name.startswith("hierarchical"):
+        shape = f"{two_level.num_clusters} clusters x {two_level.max_size}"
+        width = two_level.num_clusters + two_level.max_size
+        params = (args.dim + 1) * two_level.num_clusters * (1 + two_level.max_size)
+      else:
+        shape, width = f"binary, {binary.max_depth} levels", 2 * binary.max_depth
+        params = (args.dim + 1) * 2 * binary.num_nodes
+      print(f"| {k} | {name} | {shape} | {width} | {seconds * 1e6:.2f} | {base / seconds:.1f} "
+            f"| {memory / 2**10:.1f} | {params / 1e6:.2f} M |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsoftmax import losses
-from jaxsoftmax.tree import balanced_tree
+from jaxsoftmax.tree import Tree, balanced_tree
 from tests.losses import reference
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -194,6 +194,40 @@ def measure_hierarchical(regime: str, n: int, k: int, complement: bool, seed: in
   return np.array(rows).reshape(-1, 3)
 
 
+def measure_tree(regime: str, n: int, k: int, complement: bool, seed: int = 0):
+  """The same rows for tree_nll or tree_complement_nll on a balanced binary tree of
+  ``k`` classes: every level of the label's path shifted by a gap of the regime (for
+  p_l -> 0, one level far below and the others in the middle)."""
+  rng = np.random.default_rng(seed)
+  tree = Tree.balanced(k, 2)
+  labels = rng.integers(0, k, n)
+  depth, branches = tree.depth[labels], tree.path_branches[labels]
+  z = rng.normal(0.0, 3.0, (n, tree.max_depth, 2))
+  gaps = np.stack([REGIMES["middle" if regime == "middle" else "p(S) -> 1"](rng, n)
+                   for _ in range(tree.max_depth)], axis=1)
+  if regime == "p_l -> 0":
+    gaps = np.stack([REGIMES["middle"](rng, n) for _ in range(tree.max_depth)], axis=1)
+    far = rng.integers(0, depth)
+    gaps[np.arange(n), far] = REGIMES["p(S) -> 0"](rng, n)
+  rows_n = np.arange(n)[:, None]
+  levels = np.arange(tree.max_depth)[None, :]
+  safe = np.maximum(branches, 0)
+  other = z[rows_n, levels, 1 - safe]
+  z[rows_n, levels, safe] = other + gaps
+  z = z.astype(np.float32)
+  fn = losses.tree_complement_nll if complement else losses.tree_nll
+  ours = np.asarray(jax.jit(fn, static_argnums=2)(z, labels.astype(np.int32), tree), np.float64)
+  rows = []
+  for i in range(n):
+    path = z[i, :depth[i]].astype(np.float64)
+    loss, grad = reference.tree_path(path, branches[i, :depth[i]], complement)
+    _add_row(rows, ours[i], loss, grad, path.ravel())
+  return np.array(rows).reshape(-1, 3)
+
+
+TREE_REGIMES = ("p_l -> 1", "middle", "p_l -> 0")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", type=int, default=40, help="examples per loss, regime and K")
@@ -223,6 +257,14 @@ def main(argv=None):
                              for k in args.classes])
       worst = max(worst, rows[:, 0].max())
       print(f"| {name} (balanced tree) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
+            f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
+  for complement in (False, True):
+    name = "tree_complement_nll" if complement else "tree_nll"
+    for regime in TREE_REGIMES:
+      rows = np.concatenate([measure_tree(regime, args.cases, k, complement, seed=k)
+                             for k in args.classes])
+      worst = max(worst, rows[:, 0].max())
+      print(f"| {name} (binary tree) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
             f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
   print()
   print(f"worst case over all losses: {worst:.2f} ulps per unit of (1 + condition number)")

@@ -151,3 +151,25 @@ def hierarchical(u, row, cluster, slot, complement):
   grad_row = [scale * not_q if j == slot else -scale * x / t2 for j, x in enumerate(e2)]
   # -log(rest) = log(1 + p_l / rest): no 1 - tiny rounding when p_l is far below 1e-40.
   return mp.log1p(scale), grad_u + grad_row
+
+
+def tree_path(z, branches, complement):
+  """``-log p_l`` or ``-log(1 - p_l)`` for ``p_l = prod_t q_t`` along a tree path, and
+  the gradient over the path logits ``z`` (``[L, B]``, children past a node's arity at
+  -inf), flattened. ``1 - p_l = sum_t (1 - q_t) prod_{s<t} q_s``: positive terms."""
+  q, not_q, rows = [], [], []
+  for t, b in enumerate(branches):
+    _, e, e_in, e_out = _masses(z[t], np.arange(len(z[t])) == b)
+    total = e_in + e_out
+    q.append(e_in / total)
+    not_q.append(e_out / total)
+    rows.append((e, total, e_out, e_in))
+  p = mp.fprod(q)
+  nll_grad = []
+  for (e, total, e_out, _), b in zip(rows, branches):
+    nll_grad += [-(e_out / total) if j == b else x / total for j, x in enumerate(e)]
+  if not complement:
+    return mp.fsum(mp.log1p(e_out / e_in) for _, _, e_out, e_in in rows), nll_grad
+  rest = mp.fsum(not_q[t] * mp.fprod(q[:t]) for t in range(len(q)))
+  scale = p / rest  # d(-log(1 - p)) = -(p / (1 - p)) d(-log p)
+  return mp.log1p(scale), [-scale * g for g in nll_grad]

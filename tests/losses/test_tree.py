@@ -12,6 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxsoftmax import losses
+from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax.losses import tree_complement_nll, tree_complement_set_nll, tree_log_softmax
 from jaxsoftmax.losses import tree_nll, tree_set_nll
 from jaxsoftmax.tree import ClassTree, Tree
@@ -283,6 +284,18 @@ def _tail_table(tree, label, gap, seed=0):
     others = np.delete(table[node, :tree.arity[node]], branch)
     table[node, branch] = others.max() + gap
   return table
+
+
+@pytest.mark.parametrize("complement", [False, True], ids=["nll", "complement"])
+@pytest.mark.parametrize("regime", accuracy_losses.TREE_REGIMES)
+def test_float32_value_within_ulps_times_condition_number(regime, complement):
+  """Expected values: mpmath at 40 digits (reference.tree_path), binary trees of
+  2, 16, 64 and 300 classes, every level of the label's path shifted by the regime."""
+  rows = np.concatenate([accuracy_losses.measure_tree(regime, 12, k, complement, seed=k)
+                         for k in (2, 16, 64, 300)])
+  # A complement loss about a tiny p_l underflows float32 for most far gaps (to -1e4).
+  assert len(rows) >= 0.3 * 12 * 4
+  assert rows[:, 0].max() <= 4.0, rows[rows[:, 0].argmax()]
 
 
 @pytest.mark.parametrize("gap", [40.0, 12.0, 0.0, -12.0, -40.0])
