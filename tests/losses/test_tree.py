@@ -198,12 +198,20 @@ def test_equal_to_the_flat_losses_of_the_implied_distribution(name):
     cases = [(tree_nll, losses.nll, y, y), (tree_complement_nll, losses.complement_nll, y, y),
              (tree_set_nll, losses.set_nll, members, mask),
              (tree_complement_set_nll, losses.complement_set_nll, members, mask)]
-    for ours, flat, target, flat_target in cases:
-      v_ours, g_ours = jax.value_and_grad(lambda t: ours(t, target, tree).sum())(table)
-      v_flat, g_flat = jax.value_and_grad(lambda t: flat(flat_z(t), flat_target).sum())(table)
-      np.testing.assert_allclose(ours(table, target, tree), flat(flat_z(table), flat_target),
-                                 rtol=1e-11, err_msg=ours.__name__)
-      np.testing.assert_allclose(v_ours, v_flat, rtol=1e-11)
+
+    @jax.jit
+    def both(table):
+      """Per-example values and gradients of ours and of the flat losses on z(table)."""
+      out = []
+      for ours, flat, target, flat_target in cases:
+        mine = lambda t: ours(t, target, tree)
+        theirs = lambda t: flat(flat_z(t), flat_target)
+        out.append((mine(table), theirs(table), jax.grad(lambda t: mine(t).sum())(table),
+                    jax.grad(lambda t: theirs(t).sum())(table)))
+      return out
+
+    for (ours, *_), (v_ours, v_flat, g_ours, g_flat) in zip(cases, both(table)):
+      np.testing.assert_allclose(v_ours, v_flat, rtol=1e-11, err_msg=ours.__name__)
       # Children past a node's arity carry no probability and get no gradient.
       np.testing.assert_allclose(g_ours, g_flat, rtol=1e-9, atol=1e-12, err_msg=ours.__name__)
 
@@ -381,35 +389,39 @@ def test_composes_with_jit_and_vmap():
                                rtol=1e-6)
 
 
+def _value_and_grad(fn, tree, **kwargs):
+  return jax.jit(jax.value_and_grad(lambda t, y: fn(t, y, tree, **kwargs).sum()))
+
+
 def test_edge_cases_follow_the_flat_conventions():
   one = Tree.balanced(1)
   table = jnp.zeros((1, 1, 1))
   assert tree_nll(table, jnp.array([0]), one)[0] == 0.0
-  loss, grad = jax.value_and_grad(lambda t: tree_complement_nll(t, jnp.array([0]), one).sum())(table)
+  loss, grad = _value_and_grad(tree_complement_nll, one)(table, jnp.array([0]))
   assert loss == jnp.inf and np.all(grad == 0)
   tree = Tree.balanced(4, 2)
   table = jnp.zeros((1, 3, 2)).at[0, 0, 0].set(-jnp.inf)   # classes 0, 1 unreachable
-  loss, grad = jax.value_and_grad(lambda t: tree_nll(t, jnp.array([0]), tree).sum())(table)
+  loss, grad = _value_and_grad(tree_nll, tree)(table, jnp.array([0]))
   assert loss == jnp.inf and np.all(grad == 0)
   assert tree_complement_nll(table, jnp.array([0]), tree)[0] == 0.0
-  loss, grad = jax.value_and_grad(lambda t: tree_set_nll(t, jnp.array([[0, 1]]), tree).sum())(table)
+  loss, grad = _value_and_grad(tree_set_nll, tree)(table, jnp.array([[0, 1]]))
   assert loss == jnp.inf and np.all(grad == 0)
   # NaN anywhere in the table: that example's loss and gradient are NaN; others untouched.
   table = jnp.zeros((2, 3, 2)).at[0, 2, 1].set(jnp.nan)
-  out = tree_nll(table, jnp.array([3, 3]), tree)
+  out = jax.jit(lambda t, y: tree_nll(t, y, tree))(table, jnp.array([3, 3]))
   assert np.isnan(out[0]) and out[1] == pytest.approx(np.log(4))
   # ignore_index: loss 0 and a zero gradient; a masked NaN example poisons nothing.
-  loss, grad = jax.value_and_grad(
-      lambda t: tree_nll(t, jnp.array([-100, 3]), tree, ignore_index=-100).sum())(table)
+  loss, grad = _value_and_grad(tree_nll, tree, ignore_index=-100)(table, jnp.array([-100, 3]))
   assert loss == pytest.approx(np.log(4)) and np.all(grad[0] == 0) and np.isfinite(grad).all()
   # Under jit an out-of-range label is NaN for its example only.
   out = jax.jit(lambda y: tree_nll(jnp.zeros((2, 3, 2)), y, tree))(jnp.array([1, 7]))
   assert np.isfinite(out[0]) and np.isnan(out[1])
   # The empty set and the full set.
   z = jnp.zeros((1, 3, 2))
-  assert tree_set_nll(z, jnp.array([[-1, -1]]), tree)[0] == jnp.inf
-  assert tree_complement_set_nll(z, jnp.array([[-1, -1]]), tree)[0] == 0.0
-  assert tree_set_nll(z, jnp.array([[0, 1, 2, 3]]), tree)[0] == 0.0
+  sets = jax.jit(lambda m: (tree_set_nll(z, m, tree), tree_complement_set_nll(z, m, tree)))
+  assert sets(jnp.array([[-1, -1, -1, -1]]))[0][0] == jnp.inf
+  assert sets(jnp.array([[-1, -1, -1, -1]]))[1][0] == 0.0
+  assert sets(jnp.array([[0, 1, 2, 3]]))[0][0] == 0.0
 
 
 def test_bad_input_is_named():
