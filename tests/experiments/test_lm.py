@@ -234,7 +234,8 @@ def test_the_tree_head_trains_unlearning_and_its_set_losses_equal_the_flat_ones(
   np.testing.assert_allclose(head.nll(out, targets), losses.nll(log_p, targets), rtol=2e-5)
   # Unlearning through the framework with that tree (the set losses above run in the
   # classifier's tree-head test through the same loop).
-  c = lm_config("unlearning", head="tree", regimes=("complement_likelihood",))
+  c = lm_config("unlearning", head="tree", regimes=("complement_likelihood",), steps=10,
+                eval_every=10, checkpoint_every=10, initial_steps=10)
   assert lm_execute(c, tmp_path / "unlearning") == 0
   record = json.loads((tmp_path / "unlearning" / "results.json").read_text())["regimes"][
       "complement_likelihood"]
