@@ -497,6 +497,18 @@ def lm_estimate_bytes(values: dict, vocab_size: int) -> int:
   return 4 * runs * (4 * params + 2 * activations)
 
 
+# Keys that only one head reads, recorded (config.json, results.json, the checkpoints'
+# fingerprint) only with that head: a run of another head records what it recorded before
+# the keys existed, so its folder still resumes and its results stay byte for byte.
+HEAD_KEYS = {"tree": ("tree", "branching")}
+
+
+def recorded(values: dict) -> dict:
+  """The config as a run records it: ``values`` without the keys of a head it does not use."""
+  unused = {k for head, keys in HEAD_KEYS.items() if values.get("head") != head for k in keys}
+  return {k: v for k, v in values.items() if k not in unused}
+
+
 def sets_across_rounds(values) -> bool:
   """Whether feedback rounds gather each input's wrong predictions into one set."""
   return (values["protocol"] == "feedback" and values["feedback_rounds"] > 1

@@ -111,7 +111,7 @@ def prepare(config, distributed: bool = False):
     kind.check(config, data, None if distributed else memory_bytes())
   except (config_lib.ConfigError, data_lib.DataError) as e:
     return error(str(e))
-  return kind, data, json.loads(report.to_json(config.to_dict()))
+  return kind, data, json.loads(report.to_json(config_lib.recorded(config.to_dict())))
 
 
 def execute(config, workdir_path, options: Options, interrupt: Interrupt | None = None) -> int:

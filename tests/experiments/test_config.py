@@ -102,6 +102,17 @@ def test_the_tree_keys_need_the_tree_head_and_a_branching_of_two_or_more():
     config.validate(c)
 
 
+def test_the_tree_keys_are_recorded_only_with_the_tree_head():
+  # A run of another head records the config it recorded before these keys existed, so
+  # its folder still resumes (same config check, same checkpoint fingerprint).
+  for kind in ("classifier", "lm"):
+    values = config.defaults(kind).to_dict()
+    assert not {"tree", "branching"} & set(config.recorded(values)), kind
+    assert set(config.recorded(values)) == set(values) - {"tree", "branching"}
+    values["head"] = "tree"
+    assert config.recorded(values) == values
+
+
 def test_num_clusters_needs_the_hierarchical_head_and_at_most_k_clusters():
   c = config.defaults()
   c.num_clusters = 3
