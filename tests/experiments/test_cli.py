@@ -94,8 +94,11 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
 
 def test_ctrl_c_while_compiling_prints_one_line_and_exits_130(tmp_path):
   workdir = tmp_path / "early"
+  # Far more steps than it can take before the signal: a loaded machine may otherwise
+  # finish the tiny run between config.json appearing and the signal (exit 0).
   proc = subprocess.Popen([sys.executable, "-m", "jaxsoftmax_experiments.run", "--config=feedback_digits",
-                           f"--workdir={workdir}", *TINY], cwd=ROOT, stdout=subprocess.PIPE,
+                           f"--workdir={workdir}", *TINY, "--config.steps=100000",
+                           "--config.initial_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 60
   while not (workdir / "config.json").exists():  # past flag parsing: loading, compiling
