@@ -22,14 +22,15 @@ import os
 import ml_collections
 
 from jaxsoftmax_experiments import data
+from jaxsoftmax_experiments import heads as heads_lib
 from jaxsoftmax_experiments import regimes as regimes_lib
 
 KINDS = ("classifier", "lm", "multilabel")
 REGIMES = ("positive_only", "negated_gradient", "complement_likelihood")  # the default comparison
 PROTOCOLS = ("feedback", "uniform", "biased", "supervised")
 MODELS = ("mlp", "cnn")
-HEADS = ("softmax", "hierarchical", "fused", "tree")
-TREES = ("huffman", "balanced")
+HEADS = heads_lib.NAMES
+TREES = heads_lib.TREES
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 # The LM experiments' default regimes, from the one regime table: on token targets,
@@ -307,6 +308,13 @@ def kind_of(config) -> str:
   return kind
 
 
+def _check_tree_keys(values: dict) -> None:
+  """Refuses a tree or a branching set for a head that has no tree."""
+  if values["head"] != "tree" and (values["tree"], values["branching"]) != ("huffman", 2):
+    raise ConfigError("config.tree, config.branching: only the tree head has a tree; set "
+                      "config.head='tree' or leave them at 'huffman' and 2.")
+
+
 def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
              num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
              memory_bytes: int | None = None) -> None:
@@ -371,9 +379,7 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
                       f"of {values['dataset']!r}, got {values['num_negatives']}.")
   if values["model"] == "cnn" and values["dataset"] == "synthetic":
     raise ConfigError("config.model: the synthetic dataset has flat features; use 'mlp'.")
-  if values["head"] != "tree" and (values["tree"], values["branching"]) != ("huffman", 2):
-    raise ConfigError(f"config.tree, config.branching: only the tree head has a tree; set "
-                      f"config.head='tree' or leave them at 'huffman' and 2.")
+  _check_tree_keys(values)
   if values["num_clusters"] and values["head"] != "hierarchical":
     raise ConfigError(f"config.num_clusters: only the hierarchical head has clusters; "
                       f"set config.head='hierarchical' or num_clusters=0, got {values['num_clusters']}.")
@@ -445,9 +451,7 @@ def validate_lm(values: dict, corpus_sizes: dict[str, int] | None = None,
              "wrong label per example (use head 'fused' or 'softmax')")
     if why:
       raise ConfigError(f"config.regimes: {name!r} {why}.")
-  if head != "tree" and (values["tree"], values["branching"]) != ("huffman", 2):
-    raise ConfigError(f"config.tree, config.branching: only the tree head has a tree; set "
-                      f"config.head='tree' or leave them at 'huffman' and 2.")
+  _check_tree_keys(values)
   if values["width"] % values["heads"]:
     raise ConfigError(f"config.width: must be a multiple of config.heads ({values['heads']}), "
                       f"got {values['width']}.")

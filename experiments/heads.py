@@ -257,7 +257,7 @@ def _output_module(model):
 
 Head = SoftmaxHead | HierarchicalHead | FusedHead | TreeHead
 NAMES = ("softmax", "hierarchical", "fused", "tree")
-TREES = ("balanced", "huffman")
+TREES = ("huffman", "balanced")
 
 
 def make_head(name: str, num_classes: int, num_clusters: int = 0, vocab_chunk: int = 512, *,

@@ -5,6 +5,8 @@ reproduction of what a user met when the language model and the multi-label stud
 command lines of their own."""
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,31 @@ from jaxsoftmax_experiments import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["--progress=false", "--compilation_cache="]
+
+
+def small_text() -> Path:
+  """The first 30 of CPython's help topics as a user's text file (``dataset=text:PATH``):
+  what these tests ask of the language model needs a corpus, not all of help_topics,
+  whose evaluation windows would be most of each run's time. Written once per machine
+  and user, atomically, so that parallel workers and subprocesses read the same file."""
+  from pydoc_data.topics import topics
+  text = "\n\n".join(topics[name] for name in sorted(topics)[:30])
+  path = Path(tempfile.gettempdir()) / f"jaxsoftmax-tests-{os.getuid()}" / "help_topics_30.txt"
+  if not path.exists() or path.read_text(encoding="utf-8") != text:
+    path.parent.mkdir(exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+  return path
+
+
 # One tiny command per kind; each evaluates at steps 0, 10 and 20 and checkpoints at each.
 KINDS = {
     "classifier": ["--config=feedback_digits", "--config.dataset=synthetic", "--config.steps=20",
                    "--config.eval_every=10", "--config.num_seeds=2", "--config.initial_steps=20",
                    "--config.num_labeled=50", "--config.hidden=(8,)", "--config.checkpoint_every=10"],
-    "lm": ["--config=lm_unlearning", "--config.num_seeds=2", "--config.steps=20",
+    "lm": ["--config=lm_unlearning", f"--config.dataset=text:{small_text()}", "--config.forget=2",
+           "--config.num_seeds=2", "--config.steps=20",
            "--config.eval_every=10", "--config.checkpoint_every=10", "--config.batch_size=4",
            "--config.length=8", "--config.width=16", "--config.depth=1", "--config.heads=2",
            "--config.vocab_chunk=256", "--config.initial_steps=20", "--config.learning_rate=1e-2",

@@ -14,10 +14,13 @@ from jaxsoftmax.models import TransformerLM
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import execute, heads, run, text
 from jaxsoftmax_experiments.kinds import lm as language
+from kinds_common import small_text
 
 TINY = dict(num_seeds=2, steps=20, eval_every=10, batch_size=4, length=8, width=16, depth=1,
             heads=2, vocab_chunk=256, prompt=4, generate=8, num_prompts=4, initial_steps=20,
             learning_rate=1e-2, checkpoint_every=10)
+# A run whose checks do not depend on help_topics' own topics: 30 of them as a text file.
+SMALL_TEXT = dict(dataset=f"text:{small_text()}", forget=2)
 FLAGS = [f"--config.{k}={v}" for k, v in TINY.items()] + ["--progress=false",
                                                           "--compilation_cache="]
 
@@ -175,7 +178,7 @@ def test_a_regime_of_both_kinds_is_one_entry_of_one_table():
 def test_the_hierarchical_head_trains_unlearning_and_refuses_sets_by_name(tmp_path, capsys):
   workdir = tmp_path / "tree"
   c = lm_config("unlearning", head="hierarchical", steps=10, eval_every=10, checkpoint_every=10,
-                regimes=("complement_likelihood",), initial_steps=10)
+                regimes=("complement_likelihood",), initial_steps=10, **SMALL_TEXT)
   assert lm_execute(c, workdir) == 0
   results = json.loads((workdir / "results.json").read_text())
   start = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -226,16 +229,23 @@ def test_the_tree_head_trains_unlearning_and_its_set_losses_equal_the_flat_ones(
   windows = jnp.asarray(data.train[:3])
   inputs, targets = windows[:, :-1], windows[:, 1:]
   wrong = language.candidates(windows)
-  out = head.training_output(model, inputs, targets)
-  log_p = losses.tree_log_softmax(model(inputs), head.tree)
-  mask = heads.id_mask(wrong, data.vocab_size)
-  np.testing.assert_allclose(head.complement_nll(out, jnp.full_like(targets, -1), wrong),
-                             losses.complement_set_nll(log_p, mask), rtol=2e-4, atol=1e-6)
-  np.testing.assert_allclose(head.nll(out, targets), losses.nll(log_p, targets), rtol=2e-5)
+
+  @jax.jit  # one program: op by op, a 15-level tree dispatches hundreds of small ones
+  def both_ways(inputs, targets, wrong):
+    out = head.training_output(model, inputs, targets)
+    log_p = losses.tree_log_softmax(model(inputs), head.tree)
+    mask = heads.id_mask(wrong, data.vocab_size)
+    return (head.complement_nll(out, jnp.full_like(targets, -1), wrong),
+            losses.complement_set_nll(log_p, mask), head.nll(out, targets),
+            losses.nll(log_p, targets))
+
+  tree_complement, flat_complement, tree_nll, flat_nll = both_ways(inputs, targets, wrong)
+  np.testing.assert_allclose(tree_complement, flat_complement, rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(tree_nll, flat_nll, rtol=2e-5)
   # Unlearning through the framework with that tree (the set losses above run in the
   # classifier's tree-head test through the same loop).
   c = lm_config("unlearning", head="tree", regimes=("complement_likelihood",), steps=10,
-                eval_every=10, checkpoint_every=10, initial_steps=10)
+                eval_every=10, checkpoint_every=10, initial_steps=10, **SMALL_TEXT)
   assert lm_execute(c, tmp_path / "unlearning") == 0
   record = json.loads((tmp_path / "unlearning" / "results.json").read_text())["regimes"][
       "complement_likelihood"]
