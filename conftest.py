@@ -39,6 +39,7 @@ def _compilation_cache(tmp_path_factory):
   the tests, ``--compilation_cache=``). Subprocesses find it through JAX's environment
   variables."""
   import jax
+
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent

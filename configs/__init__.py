@@ -14,8 +14,9 @@ import importlib.resources
 def names() -> list[str]:
   """The packaged configs' names, sorted."""
   root = importlib.resources.files(__name__)
-  return sorted(p.name[:-3] for p in root.iterdir()
-                if p.name.endswith(".py") and not p.name.startswith("_"))
+  return sorted(
+    p.name[:-3] for p in root.iterdir() if p.name.endswith(".py") and not p.name.startswith("_")
+  )
 
 
 def path(name: str) -> str | None:

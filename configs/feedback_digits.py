@@ -4,7 +4,7 @@ A model trained on 100 true labels predicts the rest of the 1347 training digits
 judge marks each prediction right (a positive example) or wrong (a negative example,
 "not that label"). Each regime then trains an MLP on those examples, 5 seeds at once.
 
-    python -m jaxsoftmax_experiments.run --config=configs/feedback_digits.py --workdir=runs/feedback_digits
+    jaxsoftmax-run --config=feedback_digits --workdir=runs/feedback_digits
 
 ``configs/feedback_digits.py:hierarchical`` gives the MLP a hierarchical softmax head
 (a balanced tree of the 10 classes in 4 clusters) in place of its softmax layer;

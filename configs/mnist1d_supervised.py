@@ -4,8 +4,8 @@ Greydanus & Kobak, "Scaling down deep learning with MNIST-1D" (ICML 2024), repor
 68% test accuracy for their MLP and 94% for their CNN. Their training setup: Adam at
 learning rate 1e-2, batch 100, 6000 steps. Pick the model with the config argument:
 
-    python -m jaxsoftmax_experiments.run --config=configs/mnist1d_supervised.py:mlp --workdir=runs/mnist1d_mlp
-    python -m jaxsoftmax_experiments.run --config=configs/mnist1d_supervised.py:cnn --workdir=runs/mnist1d_cnn
+    jaxsoftmax-run --config=mnist1d_supervised:mlp --workdir=runs/mnist1d_mlp
+    jaxsoftmax-run --config=mnist1d_supervised:cnn --workdir=runs/mnist1d_cnn
 """
 
 from jaxsoftmax_experiments import config

@@ -29,7 +29,6 @@ MAX_TO_KEEP = 3
 _LEAF = "{:05d}"
 
 
-
 class CheckpointWarning(UserWarning):
   """A checkpoint could not be restored and was moved aside."""
 
@@ -48,14 +47,18 @@ def _key_impl(x):
     return jax.random.key_impl(x)
   default = jax.random.key(0)
   if x.dtype != default.dtype:
-    raise TypeError(f"cannot tell the PRNG implementation of an abstract {x.dtype} key; "
-                    "restore into a concrete key array.")
+    raise TypeError(
+      f"cannot tell the PRNG implementation of an abstract {x.dtype} key; "
+      "restore into a concrete key array."
+    )
   return jax.random.key_impl(default)
 
 
 def _to_leaves(tree) -> dict[str, jax.Array]:
   leaves = jax.tree.leaves(tree)
-  return {_LEAF.format(i): jax.random.key_data(x) if _is_key(x) else x for i, x in enumerate(leaves)}
+  return {
+    _LEAF.format(i): jax.random.key_data(x) if _is_key(x) else x for i, x in enumerate(leaves)
+  }
 
 
 def _abstract(x):
@@ -81,8 +84,9 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, max_to_keep: int = MAX_TO_KEEP):
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
@@ -94,12 +98,17 @@ class Checkpointer:
     Raises :class:`CheckpointError` if Orbax did not write it (it skips a step at or
     below its newest one).
     """
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(_to_leaves(tree)), meta=ocp.args.JsonSave(meta)))
+    saved = self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(_to_leaves(tree)), meta=ocp.args.JsonSave(meta)
+      ),
+    )
     self.manager.wait_until_finished()
     if not saved or step not in self.manager.all_steps():
-      raise CheckpointError(f"checkpoint {step} was not written to {self.directory} "
-                            f"(it holds steps {self.steps()}).")
+      raise CheckpointError(
+        f"checkpoint {step} was not written to {self.directory} (it holds steps {self.steps()})."
+      )
 
   def drop_after(self, step: int) -> list[int]:
     """Deletes this run's checkpoints newer than ``step`` (stale after resuming from it)."""
@@ -109,8 +118,9 @@ class Checkpointer:
     self.manager.reload()
     return stale
 
-  def restore_latest(self, target, usable: Callable[[dict], bool] = lambda meta: True,
-                     fingerprint: str | None = None) -> tuple[int, Any, dict] | None:
+  def restore_latest(
+    self, target, usable: Callable[[dict], bool] = lambda meta: True, fingerprint: str | None = None
+  ) -> tuple[int, Any, dict] | None:
     """The newest checkpoint that restores and whose meta passes ``usable``.
 
     Args:
@@ -129,8 +139,12 @@ class Checkpointer:
     abstract = {_LEAF.format(i): _abstract(x) for i, x in enumerate(leaves)}
     for step in reversed(self.steps()):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+          ),
+        )
         arrays, meta = restored["arrays"], restored["meta"]
         if set(arrays) != set(abstract):
           raise ValueError(f"it holds {len(arrays)} arrays, the experiment {len(abstract)}")
@@ -139,30 +153,41 @@ class Checkpointer:
         continue
       if fingerprint is not None and meta.get("fingerprint") != fingerprint:
         raise CheckpointError(
-            f"checkpoint {step} in {self.directory} belongs to another config or dataset "
-            f"(fingerprint {str(meta.get('fingerprint'))[:12]}, this run's {fingerprint[:12]}).")
+          f"checkpoint {step} in {self.directory} belongs to another config or dataset "
+          f"(fingerprint {str(meta.get('fingerprint'))[:12]}, this run's {fingerprint[:12]})."
+        )
       if not usable(meta):
         continue
-      values = [jax.random.wrap_key_data(arrays[_LEAF.format(i)], impl=_key_impl(x))
-                if _is_key(x) else arrays[_LEAF.format(i)] for i, x in enumerate(leaves)]
+      values = [
+        jax.random.wrap_key_data(arrays[_LEAF.format(i)], impl=_key_impl(x))
+        if _is_key(x)
+        else arrays[_LEAF.format(i)]
+        for i, x in enumerate(leaves)
+      ]
       return step, jax.tree.unflatten(treedef, values), meta
     return None
 
   def _set_aside(self, step: int, error: Exception) -> None:
     damaged = self.directory.with_name(self.directory.name + "-damaged")
     if damaged.is_symlink():
-      raise CheckpointError(f"checkpoint {step} in {self.directory} could not be restored "
-                            f"({type(error).__name__}), and {damaged} is a symbolic link: "
-                            "nothing is moved through links; remove it and rerun.") from error
+      raise CheckpointError(
+        f"checkpoint {step} in {self.directory} could not be restored "
+        f"({type(error).__name__}), and {damaged} is a symbolic link: "
+        "nothing is moved through links; remove it and rerun."
+      ) from error
     damaged.mkdir(exist_ok=True)
     destination = damaged / str(step)
     if destination.exists():
       shutil.rmtree(destination)
     shutil.move(str(self.directory / str(step)), destination)
     self.manager.reload()
-    warnings.warn(f"checkpoint {step} in {self.directory} could not be restored "
-                  f"({type(error).__name__}: {str(error)[:200]}); moved it to {destination} "
-                  f"and trying the previous one.", CheckpointWarning, stacklevel=3)
+    warnings.warn(
+      f"checkpoint {step} in {self.directory} could not be restored "
+      f"({type(error).__name__}: {str(error)[:200]}); moved it to {destination} "
+      f"and trying the previous one.",
+      CheckpointWarning,
+      stacklevel=3,
+    )
 
   def close(self) -> None:
     self.manager.close()

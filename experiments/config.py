@@ -37,13 +37,23 @@ SCHEDULES = ("constant", "cosine")
 # positive_only is mle, complement_likelihood with the earlier tokens as the set is
 # token-level unlikelihood (Welleck et al. 2019) and on forget tokens the complement,
 # negated_gradient is the negated unlikelihood, or gradient ascent on forget tokens.
-LM_EXPERIMENTS = {"repetition": ("positive_only", "complement_likelihood", "negated_gradient"),
-                  "unlearning": ("negated_gradient", "complement_likelihood", "npo")}
-LITERATURE_NAMES = {"repetition": {"positive_only": "mle", "complement_likelihood": "unlikelihood",
-                                   "negated_gradient": "negated unlikelihood"},
-                    "unlearning": {"positive_only": "retain only",
-                                   "negated_gradient": "gradient ascent",
-                                   "complement_likelihood": "complement", "npo": "NPO"}}
+LM_EXPERIMENTS = {
+  "repetition": ("positive_only", "complement_likelihood", "negated_gradient"),
+  "unlearning": ("negated_gradient", "complement_likelihood", "npo"),
+}
+LITERATURE_NAMES = {
+  "repetition": {
+    "positive_only": "mle",
+    "complement_likelihood": "unlikelihood",
+    "negated_gradient": "negated unlikelihood",
+  },
+  "unlearning": {
+    "positive_only": "retain only",
+    "negated_gradient": "gradient ascent",
+    "complement_likelihood": "complement",
+    "npo": "NPO",
+  },
+}
 LM_HEADS = ("fused", "softmax", "hierarchical", "tree")
 MULTILABEL_DATASETS = ("canvases", "generated")
 MULTILABEL_OBJECTIVES = regimes_lib.LABEL_SET_NAMES
@@ -55,43 +65,55 @@ class ConfigError(ValueError):
 
 # key -> (default, help): every key a classifier config may set, in --help's order.
 _DEFAULTS = {
-    "dataset": ("digits", "digits, mnist1d, synthetic, or npz:PATH (a file with x_train, y_train, "
-                          "x_test, y_test and optionally num_classes)"),
-    "protocol": ("feedback", "where the examples come from: " + ", ".join(PROTOCOLS)),
-    "model": ("mlp", "mlp or cnn"),
-    "hidden": ((100, 100), "MLP hidden layer sizes"),
-    "channels": ((25, 25, 25), "CNN channels, one strided convolution each"),
-    "kernel_size": (0, "CNN kernel size; 0: 5 for 1-D inputs, 3 for 2-D"),
-    "head": ("softmax", "output layer: softmax, hierarchical (a two-level class tree), fused "
-                        "(the fused linear + loss of jaxsoftmax.losses: training forms no logits) "
-                        "or tree (a tree of any depth: config.tree, config.branching)"),
-    "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(classes))"),
-    "tree": ("huffman", "tree head: huffman (from the training labels' class counts) or "
-                        "balanced"),
-    "branching": (2, "tree head: children per internal node (2: a binary tree)"),
-    "regimes": (REGIMES, "how negative examples are used, each of " + ", ".join(regimes_lib.NAMES)),
-    "num_seeds": (5, "seeds trained in parallel (jax.vmap)"),
-    "steps": (1000, "optimizer steps per regime (per feedback round)"),
-    "batch_size": (128, "examples per step, drawn with replacement"),
-    "optimizer": ("adam", "adam (AdamW when weight_decay > 0) or sgd (momentum 0.9)"),
-    "learning_rate": (1e-3, "peak learning rate"),
-    "weight_decay": (0.0, "decoupled weight decay"),
-    "schedule": ("constant", "constant, or cosine decay to 0 after warmup_steps"),
-    "warmup_steps": (0, "linear warmup from 0"),
-    "num_labeled": (100, "true labels per seed, drawn from the training split"),
-    "initial_steps": (500, "feedback: steps that train the model making the predictions"),
-    "feedback_rounds": (1, "feedback: rounds of predict, judge, train"),
-    "feedback_sets": (True, "feedback: an input's wrong predictions over the rounds form one "
-                            "set of wrong labels (False: one negative example per round)"),
-    "bias": (0.5, "biased: probability that the wrong label is (y + 1) mod K"),
-    "num_negatives": (1, "uniform and biased: distinct wrong labels per unlabeled input, "
-                         "used as one set"),
-    "npo_beta": (0.1, "npo: the inverse temperature beta of its loss"),
-    "logit_bound": (1e3, "a run whose largest |logit| passes this, or whose loss falls below "
-                         "minus this, has diverged"),
-    "seed": (0, "the root of every random draw"),
-    "eval_every": (100, "steps between evaluations on the test split"),
-    "checkpoint_every": (500, "steps between checkpoints (at evaluations); 0: only the last"),
+  "dataset": (
+    "digits",
+    "digits, mnist1d, synthetic, or npz:PATH (a file with x_train, y_train, "
+    "x_test, y_test and optionally num_classes)",
+  ),
+  "protocol": ("feedback", "where the examples come from: " + ", ".join(PROTOCOLS)),
+  "model": ("mlp", "mlp or cnn"),
+  "hidden": ((100, 100), "MLP hidden layer sizes"),
+  "channels": ((25, 25, 25), "CNN channels, one strided convolution each"),
+  "kernel_size": (0, "CNN kernel size; 0: 5 for 1-D inputs, 3 for 2-D"),
+  "head": (
+    "softmax",
+    "output layer: softmax, hierarchical (a two-level class tree), fused "
+    "(the fused linear + loss of jaxsoftmax.losses: training forms no logits) "
+    "or tree (a tree of any depth: config.tree, config.branching)",
+  ),
+  "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(classes))"),
+  "tree": ("huffman", "tree head: huffman (from the training labels' class counts) or balanced"),
+  "branching": (2, "tree head: children per internal node (2: a binary tree)"),
+  "regimes": (REGIMES, "how negative examples are used, each of " + ", ".join(regimes_lib.NAMES)),
+  "num_seeds": (5, "seeds trained in parallel (jax.vmap)"),
+  "steps": (1000, "optimizer steps per regime (per feedback round)"),
+  "batch_size": (128, "examples per step, drawn with replacement"),
+  "optimizer": ("adam", "adam (AdamW when weight_decay > 0) or sgd (momentum 0.9)"),
+  "learning_rate": (1e-3, "peak learning rate"),
+  "weight_decay": (0.0, "decoupled weight decay"),
+  "schedule": ("constant", "constant, or cosine decay to 0 after warmup_steps"),
+  "warmup_steps": (0, "linear warmup from 0"),
+  "num_labeled": (100, "true labels per seed, drawn from the training split"),
+  "initial_steps": (500, "feedback: steps that train the model making the predictions"),
+  "feedback_rounds": (1, "feedback: rounds of predict, judge, train"),
+  "feedback_sets": (
+    True,
+    "feedback: an input's wrong predictions over the rounds form one "
+    "set of wrong labels (False: one negative example per round)",
+  ),
+  "bias": (0.5, "biased: probability that the wrong label is (y + 1) mod K"),
+  "num_negatives": (
+    1,
+    "uniform and biased: distinct wrong labels per unlabeled input, used as one set",
+  ),
+  "npo_beta": (0.1, "npo: the inverse temperature beta of its loss"),
+  "logit_bound": (
+    1e3,
+    "a run whose largest |logit| passes this, or whose loss falls below minus this, has diverged",
+  ),
+  "seed": (0, "the root of every random draw"),
+  "eval_every": (100, "steps between evaluations on the test split"),
+  "checkpoint_every": (500, "steps between checkpoints (at evaluations); 0: only the last"),
 }
 
 
@@ -113,45 +135,63 @@ def _int_tuple(v):
 
 # key -> (test, what the value must be)
 _RULES = {
-    "dataset": (lambda v: v in data.NAMES or (isinstance(v, str) and v.startswith("npz:")),
-                f"one of {', '.join(data.NAMES)}, or npz:PATH"),
-    "protocol": (lambda v: v in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}"),
-    "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
-    "hidden": (_int_tuple, "a tuple of positive ints"),
-    "channels": (lambda v: _int_tuple(v) and len(v) >= 1, "a non-empty tuple of positive ints"),
-    "kernel_size": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
-    "num_clusters": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "tree": (lambda v: v in TREES, f"one of {', '.join(TREES)}"),
-    "branching": (lambda v: _is_int(v) and v >= 2, "an int >= 2"),
-    "regimes": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
-                and len(set(v)) == len(v) and all(r in regimes_lib.NAMES for r in v),
-                f"a non-empty tuple of distinct names from {', '.join(regimes_lib.NAMES)}"),
-    "num_seeds": (_positive_int, "an int >= 1"),
-    "steps": (_positive_int, "an int >= 1"),
-    "batch_size": (_positive_int, "an int >= 1"),
-    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-    "learning_rate": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-    "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-    "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "num_labeled": (_positive_int, "an int >= 1"),
-    "initial_steps": (_positive_int, "an int >= 1"),
-    "feedback_rounds": (_positive_int, "an int >= 1"),
-    "feedback_sets": (lambda v: isinstance(v, bool), "True or False"),
-    "bias": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "num_negatives": (_positive_int, "an int >= 1"),
-    "npo_beta": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "logit_bound": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
-    "eval_every": (_positive_int, "an int >= 1"),
-    "checkpoint_every": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+  "dataset": (
+    lambda v: v in data.NAMES or (isinstance(v, str) and v.startswith("npz:")),
+    f"one of {', '.join(data.NAMES)}, or npz:PATH",
+  ),
+  "protocol": (lambda v: v in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}"),
+  "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+  "hidden": (_int_tuple, "a tuple of positive ints"),
+  "channels": (lambda v: _int_tuple(v) and len(v) >= 1, "a non-empty tuple of positive ints"),
+  "kernel_size": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+  "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
+  "num_clusters": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+  "tree": (lambda v: v in TREES, f"one of {', '.join(TREES)}"),
+  "branching": (lambda v: _is_int(v) and v >= 2, "an int >= 2"),
+  "regimes": (
+    lambda v: (
+      isinstance(v, (tuple, list))
+      and len(v) >= 1
+      and len(set(v)) == len(v)
+      and all(r in regimes_lib.NAMES for r in v)
+    ),
+    f"a non-empty tuple of distinct names from {', '.join(regimes_lib.NAMES)}",
+  ),
+  "num_seeds": (_positive_int, "an int >= 1"),
+  "steps": (_positive_int, "an int >= 1"),
+  "batch_size": (_positive_int, "an int >= 1"),
+  "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+  "learning_rate": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+  "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+  "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+  "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+  "num_labeled": (_positive_int, "an int >= 1"),
+  "initial_steps": (_positive_int, "an int >= 1"),
+  "feedback_rounds": (_positive_int, "an int >= 1"),
+  "feedback_sets": (lambda v: isinstance(v, bool), "True or False"),
+  "bias": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+  "num_negatives": (_positive_int, "an int >= 1"),
+  "npo_beta": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+  "logit_bound": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+  "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
+  "eval_every": (_positive_int, "an int >= 1"),
+  "checkpoint_every": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
 }
 KEYS = tuple(_RULES)  # the classifier's keys
 assert KEYS == tuple(_DEFAULTS), "every key needs a default, a help line and a rule"
 
-_COMMON = ("dataset", "regimes", "num_seeds", "steps", "batch_size", "learning_rate",
-           "logit_bound", "seed", "eval_every", "checkpoint_every")
+_COMMON = (
+  "dataset",
+  "regimes",
+  "num_seeds",
+  "steps",
+  "batch_size",
+  "learning_rate",
+  "logit_bound",
+  "seed",
+  "eval_every",
+  "checkpoint_every",
+)
 
 
 def _like(key: str, default, help_: str | None = None) -> tuple:
@@ -161,96 +201,155 @@ def _like(key: str, default, help_: str | None = None) -> tuple:
 
 
 def _names(allowed):
-  return lambda v: (isinstance(v, (tuple, list)) and len(v) >= 1 and len(set(v)) == len(v)
-                    and all(r in allowed for r in v))
+  return lambda v: (
+    isinstance(v, (tuple, list))
+    and len(v) >= 1
+    and len(set(v)) == len(v)
+    and all(r in allowed for r in v)
+  )
 
 
 # key -> (default, help, test, what the value must be), for the language-model kind.
 _LM = {
-    "kind": ("lm", "the experiment: " + ", ".join(KINDS), lambda v: v == "lm", "'lm' here"),
-    "dataset": ("help_topics", "help_topics (CPython's help topics), or text:PATH (a UTF-8 text "
-                               "file, or a folder of them, split and tokenised as help_topics is)",
-                lambda v: v == "help_topics" or (isinstance(v, str) and v.startswith("text:")
-                                                 and len(v) > 5),
-                "help_topics, or text:PATH"),
-    "experiment": ("repetition", "repetition (unlikelihood against repeats, from a random start) "
-                                 "or unlearning (forget topics from a trained start)",
-                   lambda v: v in LM_EXPERIMENTS, "one of " + ", ".join(LM_EXPERIMENTS)),
-    "regimes": (LM_EXPERIMENTS["repetition"],
-                "from the one regime table (" + ", ".join(regimes_lib.NAMES) + "); those whose "
-                "needs the experiment and head meet. Default repetition: "
-                + ", ".join(LM_EXPERIMENTS["repetition"]) + "; unlearning: "
-                + ", ".join(LM_EXPERIMENTS["unlearning"]),
-                _names(regimes_lib.REGIMES), "a non-empty tuple of distinct names from "
-                + ", ".join(regimes_lib.NAMES)),
-    "head": ("fused", "fused (the fused linear + loss, no [B, T, V] logits), softmax (the "
-                      "losses on the logits), hierarchical (a two-level tree of the "
-                      "vocabulary) or tree (a tree of any depth: config.tree, config.branching)",
-             lambda v: v in LM_HEADS, "one of " + ", ".join(LM_HEADS)),
-    "num_clusters": (0, "hierarchical head: balanced clusters; 0: ceil(sqrt(vocabulary))",
-                     lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "tree": ("huffman", "tree head: huffman (word2vec's, from the training text's token "
-                        "counts) or balanced", lambda v: v in TREES, f"one of {', '.join(TREES)}"),
-    "branching": (2, "tree head: children per internal node (2: a binary tree)",
-                  lambda v: _is_int(v) and v >= 2, "an int >= 2"),
-    "num_seeds": _like("num_seeds", 3),
-    "steps": _like("steps", 800, "optimizer steps per regime"),
-    "batch_size": _like("batch_size", 16, "windows per step, drawn with replacement"),
-    "learning_rate": _like("learning_rate", 1e-3, "Adam's learning rate"),
-    "length": (32, "tokens per window (the context)", _positive_int, "an int >= 1"),
-    "width": (64, "the transformer's width", _positive_int, "an int >= 1"),
-    "depth": (2, "transformer blocks", _positive_int, "an int >= 1"),
-    "heads": (4, "attention heads (dividing width)", _positive_int, "an int >= 1"),
-    "alpha": (1.0, "repetition: the weight of the negative term",
-              lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-    "vocab_chunk": (512, "fused head: vocabulary columns per chunk", _positive_int, "an int >= 1"),
-    "prompt": (16, "repetition: prompt tokens of each greedy continuation", _positive_int,
-               "an int >= 1"),
-    "generate": (32, "repetition: tokens generated after each prompt", _positive_int,
-                 "an int >= 1"),
-    "num_prompts": (40, "repetition: validation prompts continued at each evaluation",
-                    _positive_int, "an int >= 1"),
-    "initial_steps": (800, "unlearning: mle steps on every training topic that make the start",
-                      _positive_int, "an int >= 1"),
-    "forget": (4, "unlearning: training topics to forget", _positive_int, "an int >= 1"),
-    "npo_beta": _like("npo_beta", 0.1),
-    "collapse": (3.0, "unlearning: retain perplexity above this times the start's is a collapse",
-                 lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "logit_bound": _like("logit_bound", 1e3),
-    "seed": _like("seed", 0),
-    "eval_every": _like("eval_every", 200, "steps between evaluations"),
-    "checkpoint_every": _like("checkpoint_every", 200),
+  "kind": ("lm", "the experiment: " + ", ".join(KINDS), lambda v: v == "lm", "'lm' here"),
+  "dataset": (
+    "help_topics",
+    "help_topics (CPython's help topics), or text:PATH (a UTF-8 text "
+    "file, or a folder of them, split and tokenised as help_topics is)",
+    lambda v: v == "help_topics" or (isinstance(v, str) and v.startswith("text:") and len(v) > 5),
+    "help_topics, or text:PATH",
+  ),
+  "experiment": (
+    "repetition",
+    "repetition (unlikelihood against repeats, from a random start) "
+    "or unlearning (forget topics from a trained start)",
+    lambda v: v in LM_EXPERIMENTS,
+    "one of " + ", ".join(LM_EXPERIMENTS),
+  ),
+  "regimes": (
+    LM_EXPERIMENTS["repetition"],
+    "from the one regime table (" + ", ".join(regimes_lib.NAMES) + "); those whose "
+    "needs the experiment and head meet. Default repetition: "
+    + ", ".join(LM_EXPERIMENTS["repetition"])
+    + "; unlearning: "
+    + ", ".join(LM_EXPERIMENTS["unlearning"]),
+    _names(regimes_lib.REGIMES),
+    "a non-empty tuple of distinct names from " + ", ".join(regimes_lib.NAMES),
+  ),
+  "head": (
+    "fused",
+    "fused (the fused linear + loss, no [B, T, V] logits), softmax (the "
+    "losses on the logits), hierarchical (a two-level tree of the "
+    "vocabulary) or tree (a tree of any depth: config.tree, config.branching)",
+    lambda v: v in LM_HEADS,
+    "one of " + ", ".join(LM_HEADS),
+  ),
+  "num_clusters": (
+    0,
+    "hierarchical head: balanced clusters; 0: ceil(sqrt(vocabulary))",
+    lambda v: _is_int(v) and v >= 0,
+    "an int >= 0",
+  ),
+  "tree": (
+    "huffman",
+    "tree head: huffman (word2vec's, from the training text's token counts) or balanced",
+    lambda v: v in TREES,
+    f"one of {', '.join(TREES)}",
+  ),
+  "branching": (
+    2,
+    "tree head: children per internal node (2: a binary tree)",
+    lambda v: _is_int(v) and v >= 2,
+    "an int >= 2",
+  ),
+  "num_seeds": _like("num_seeds", 3),
+  "steps": _like("steps", 800, "optimizer steps per regime"),
+  "batch_size": _like("batch_size", 16, "windows per step, drawn with replacement"),
+  "learning_rate": _like("learning_rate", 1e-3, "Adam's learning rate"),
+  "length": (32, "tokens per window (the context)", _positive_int, "an int >= 1"),
+  "width": (64, "the transformer's width", _positive_int, "an int >= 1"),
+  "depth": (2, "transformer blocks", _positive_int, "an int >= 1"),
+  "heads": (4, "attention heads (dividing width)", _positive_int, "an int >= 1"),
+  "alpha": (
+    1.0,
+    "repetition: the weight of the negative term",
+    lambda v: _is_number(v) and v >= 0,
+    "a finite number >= 0",
+  ),
+  "vocab_chunk": (512, "fused head: vocabulary columns per chunk", _positive_int, "an int >= 1"),
+  "prompt": (
+    16,
+    "repetition: prompt tokens of each greedy continuation",
+    _positive_int,
+    "an int >= 1",
+  ),
+  "generate": (32, "repetition: tokens generated after each prompt", _positive_int, "an int >= 1"),
+  "num_prompts": (
+    40,
+    "repetition: validation prompts continued at each evaluation",
+    _positive_int,
+    "an int >= 1",
+  ),
+  "initial_steps": (
+    800,
+    "unlearning: mle steps on every training topic that make the start",
+    _positive_int,
+    "an int >= 1",
+  ),
+  "forget": (4, "unlearning: training topics to forget", _positive_int, "an int >= 1"),
+  "npo_beta": _like("npo_beta", 0.1),
+  "collapse": (
+    3.0,
+    "unlearning: retain perplexity above this times the start's is a collapse",
+    lambda v: _is_number(v) and v > 0,
+    "a finite number > 0",
+  ),
+  "logit_bound": _like("logit_bound", 1e3),
+  "seed": _like("seed", 0),
+  "eval_every": _like("eval_every", 200, "steps between evaluations"),
+  "checkpoint_every": _like("checkpoint_every", 200),
 }
 
 # The same, for the multi-label kind.
 _MULTILABEL = {
-    "kind": ("multilabel", "the experiment: " + ", ".join(KINDS), lambda v: v == "multilabel",
-             "'multilabel' here"),
-    "dataset": ("canvases", "canvases (digit canvases), generated (scikit-learn's "
-                            "make_multilabel_classification), or npz:PATH (x_train, y_train, "
-                            "x_val, y_val, x_test, y_test; each y a 0/1 [n, K] mask)",
-                lambda v: v in MULTILABEL_DATASETS or (isinstance(v, str) and v.startswith("npz:")
-                                                       and len(v) > 4),
-                "one of " + ", ".join(MULTILABEL_DATASETS) + ", or npz:PATH"),
-    "regimes": (MULTILABEL_OBJECTIVES, "the objectives, each of " + ", ".join(MULTILABEL_OBJECTIVES),
-                _names(MULTILABEL_OBJECTIVES),
-                "a non-empty tuple of distinct names from " + ", ".join(MULTILABEL_OBJECTIVES)),
-    "hidden": _like("hidden", (100, 100)),
-    "num_seeds": _like("num_seeds", 5),
-    "steps": _like("steps", 2000, "optimizer steps per objective"),
-    "batch_size": _like("batch_size", 128),
-    "learning_rate": _like("learning_rate", 1e-3, "Adam's learning rate"),
-    "logit_bound": _like("logit_bound", 1e3),
-    "seed": _like("seed", 0),
-    "eval_every": _like("eval_every", 200, "steps between evaluations"),
-    "checkpoint_every": _like("checkpoint_every", 0),
+  "kind": (
+    "multilabel",
+    "the experiment: " + ", ".join(KINDS),
+    lambda v: v == "multilabel",
+    "'multilabel' here",
+  ),
+  "dataset": (
+    "canvases",
+    "canvases (digit canvases), generated (scikit-learn's "
+    "make_multilabel_classification), or npz:PATH (x_train, y_train, "
+    "x_val, y_val, x_test, y_test; each y a 0/1 [n, K] mask)",
+    lambda v: (
+      v in MULTILABEL_DATASETS or (isinstance(v, str) and v.startswith("npz:") and len(v) > 4)
+    ),
+    "one of " + ", ".join(MULTILABEL_DATASETS) + ", or npz:PATH",
+  ),
+  "regimes": (
+    MULTILABEL_OBJECTIVES,
+    "the objectives, each of " + ", ".join(MULTILABEL_OBJECTIVES),
+    _names(MULTILABEL_OBJECTIVES),
+    "a non-empty tuple of distinct names from " + ", ".join(MULTILABEL_OBJECTIVES),
+  ),
+  "hidden": _like("hidden", (100, 100)),
+  "num_seeds": _like("num_seeds", 5),
+  "steps": _like("steps", 2000, "optimizer steps per objective"),
+  "batch_size": _like("batch_size", 128),
+  "learning_rate": _like("learning_rate", 1e-3, "Adam's learning rate"),
+  "logit_bound": _like("logit_bound", 1e3),
+  "seed": _like("seed", 0),
+  "eval_every": _like("eval_every", 200, "steps between evaluations"),
+  "checkpoint_every": _like("checkpoint_every", 0),
 }
 
 # kind -> key -> (default, help, test, want)
 TABLE = {
-    "classifier": {k: (_DEFAULTS[k][0], _DEFAULTS[k][1], *_RULES[k]) for k in KEYS},
-    "lm": _LM,
-    "multilabel": _MULTILABEL,
+  "classifier": {k: (_DEFAULTS[k][0], _DEFAULTS[k][1], *_RULES[k]) for k in KEYS},
+  "lm": _LM,
+  "multilabel": _MULTILABEL,
 }
 KIND_KEYS = {kind: tuple(table) for kind, table in TABLE.items()}
 ALL_KEYS = tuple(dict.fromkeys(k for keys in KIND_KEYS.values() for k in keys))
@@ -275,10 +374,15 @@ def describe(kinds=KINDS) -> str:
   out = []
   for kind in kinds:
     width = max(map(len, TABLE[kind]))
-    out.append(f" {kind}" + (" (a config without a kind key)" if kind == "classifier"
-                            else f" (kind={kind!r})") + ":")
-    out += [f"  --config.{key:<{width}}  {spec[1]} (default: {spec[0]!r})"
-            for key, spec in TABLE[kind].items()]
+    out.append(
+      f" {kind}"
+      + (" (a config without a kind key)" if kind == "classifier" else f" (kind={kind!r})")
+      + ":"
+    )
+    out += [
+      f"  --config.{key:<{width}}  {spec[1]} (default: {spec[0]!r})"
+      for key, spec in TABLE[kind].items()
+    ]
   return "\n".join(out)
 
 
@@ -288,13 +392,17 @@ def _check_keys(values: dict, kind: str) -> None:
   for key in sorted(set(values) - set(table)):
     owners = kinds_of(key)
     if owners:
-      raise ConfigError(f"config.{key}: a key of kind {' and '.join(owners)}, not of kind "
-                        f"{kind!r}; the {kind} keys are {', '.join(table)}.")
+      raise ConfigError(
+        f"config.{key}: a key of kind {' and '.join(owners)}, not of kind "
+        f"{kind!r}; the {kind} keys are {', '.join(table)}."
+      )
     raise ConfigError(f"config.{key}: unknown key; the keys are {', '.join(table)}.")
   for key, (_, _, test, want) in table.items():
     if key not in values:
-      raise ConfigError(f"config.{key}: missing; start the config from "
-                        f"jaxsoftmax_experiments.config.defaults({kind!r}).")
+      raise ConfigError(
+        f"config.{key}: missing; start the config from "
+        f"jaxsoftmax_experiments.config.defaults({kind!r})."
+      )
     if not test(values[key]):
       raise ConfigError(f"config.{key}: must be {want}, got {values[key]!r}.")
 
@@ -302,7 +410,8 @@ def _check_keys(values: dict, kind: str) -> None:
 def kind_of(config) -> str:
   """The kind a config names (``classifier`` for one without a ``kind`` key)."""
   kind = (config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config).get(
-      "kind", "classifier")
+    "kind", "classifier"
+  )
   if kind not in KINDS:
     raise ConfigError(f"config.kind: must be one of {', '.join(KINDS)}, got {kind!r}.")
   return kind
@@ -311,13 +420,19 @@ def kind_of(config) -> str:
 def _check_tree_keys(values: dict) -> None:
   """Refuses a tree or a branching set for a head that has no tree."""
   if values["head"] != "tree" and (values["tree"], values["branching"]) != ("huffman", 2):
-    raise ConfigError("config.tree, config.branching: only the tree head has a tree; set "
-                      "config.head='tree' or leave them at 'huffman' and 2.")
+    raise ConfigError(
+      "config.tree, config.branching: only the tree head has a tree; set "
+      "config.head='tree' or leave them at 'huffman' and 2."
+    )
 
 
-def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
-             num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
-             memory_bytes: int | None = None) -> None:
+def validate(
+  config: ml_collections.ConfigDict,
+  num_train: int | None = None,
+  num_classes: int | None = None,
+  input_shape: tuple[int, ...] | None = None,
+  memory_bytes: int | None = None,
+) -> None:
   """Raises :class:`ConfigError` naming the first key that is unknown, missing or bad.
 
   Args:
@@ -332,9 +447,11 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
       refused, with the estimate.
   """
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"the config must be an ml_collections.ConfigDict (get_config() returns "
-                      f"one built on jaxsoftmax_experiments.config.defaults()), got "
-                      f"{type(config).__name__}.")
+    raise ConfigError(
+      f"the config must be an ml_collections.ConfigDict (get_config() returns "
+      f"one built on jaxsoftmax_experiments.config.defaults()), got "
+      f"{type(config).__name__}."
+    )
   values = config.to_dict()
   kind = kind_of(values)
   _check_keys(values, kind)
@@ -343,69 +460,101 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
   if kind == "multilabel":
     return None
   if values["warmup_steps"] > values["steps"]:
-    raise ConfigError(f"config.warmup_steps: must be at most config.steps ({values['steps']}), "
-                      f"got {values['warmup_steps']}.")
+    raise ConfigError(
+      f"config.warmup_steps: must be at most config.steps ({values['steps']}), "
+      f"got {values['warmup_steps']}."
+    )
   if values["feedback_rounds"] > 1 and values["protocol"] != "feedback":
-    raise ConfigError(f"config.feedback_rounds: more than one round needs protocol 'feedback', "
-                      f"not {values['protocol']!r}.")
+    raise ConfigError(
+      f"config.feedback_rounds: more than one round needs protocol 'feedback', "
+      f"not {values['protocol']!r}."
+    )
   for name in values["regimes"]:
     needs = regimes_lib.REGIMES[name].needs
     if regimes_lib.FLAT_LOGITS in needs and values["head"] != "softmax":
-      raise ConfigError(f"config.regimes: {name!r} needs the softmax head's logits; use "
-                        f"head 'softmax' or leave {name!r} out.")
+      raise ConfigError(
+        f"config.regimes: {name!r} needs the softmax head's logits; use "
+        f"head 'softmax' or leave {name!r} out."
+      )
     if regimes_lib.TRANSITION in needs and values["protocol"] not in ("uniform", "biased"):
-      raise ConfigError(f"config.regimes: {name!r} needs the protocol's transition matrix, "
-                        f"which 'uniform' and 'biased' have and {values['protocol']!r} has not.")
+      raise ConfigError(
+        f"config.regimes: {name!r} needs the protocol's transition matrix, "
+        f"which 'uniform' and 'biased' have and {values['protocol']!r} has not."
+      )
     if regimes_lib.ONE_WRONG_LABEL in needs and values["num_negatives"] > 1:
-      raise ConfigError(f"config.regimes: {name!r} takes one wrong label per input; set "
-                        f"num_negatives=1 or use complement_likelihood or an mcl_* regime.")
+      raise ConfigError(
+        f"config.regimes: {name!r} takes one wrong label per input; set "
+        f"num_negatives=1 or use complement_likelihood or an mcl_* regime."
+      )
   if sets_across_rounds(values):
     for name in values["regimes"]:
       if regimes_lib.ONE_WRONG_LABEL in regimes_lib.REGIMES[name].needs:
-        raise ConfigError(f"config.feedback_sets: {name!r} takes one wrong label per input, and "
-                          f"{values['feedback_rounds']} feedback rounds gather sets; set "
-                          f"feedback_sets=False or leave {name!r} out.")
+        raise ConfigError(
+          f"config.feedback_sets: {name!r} takes one wrong label per input, and "
+          f"{values['feedback_rounds']} feedback rounds gather sets; set "
+          f"feedback_sets=False or leave {name!r} out."
+        )
     if values["head"] == "hierarchical":
-      raise ConfigError("config.feedback_sets: the hierarchical head takes one wrong label per "
-                        "input; set feedback_sets=False or use head 'softmax'.")
+      raise ConfigError(
+        "config.feedback_sets: the hierarchical head takes one wrong label per "
+        "input; set feedback_sets=False or use head 'softmax'."
+      )
   if values["num_negatives"] > 1 and values["protocol"] not in ("uniform", "biased"):
-    raise ConfigError(f"config.num_negatives: several wrong labels per input need protocol "
-                      f"'uniform' or 'biased', not {values['protocol']!r}.")
+    raise ConfigError(
+      f"config.num_negatives: several wrong labels per input need protocol "
+      f"'uniform' or 'biased', not {values['protocol']!r}."
+    )
   if values["num_negatives"] > 1 and values["head"] == "hierarchical":
-    raise ConfigError("config.num_negatives: the hierarchical head takes one wrong label per "
-                      "input; use head 'softmax' for sets.")
+    raise ConfigError(
+      "config.num_negatives: the hierarchical head takes one wrong label per "
+      "input; use head 'softmax' for sets."
+    )
   if num_classes is not None and values["num_negatives"] > num_classes - 1:
-    raise ConfigError(f"config.num_negatives: must be at most the {num_classes - 1} wrong labels "
-                      f"of {values['dataset']!r}, got {values['num_negatives']}.")
+    raise ConfigError(
+      f"config.num_negatives: must be at most the {num_classes - 1} wrong labels "
+      f"of {values['dataset']!r}, got {values['num_negatives']}."
+    )
   if values["model"] == "cnn" and values["dataset"] == "synthetic":
     raise ConfigError("config.model: the synthetic dataset has flat features; use 'mlp'.")
   _check_tree_keys(values)
   if values["num_clusters"] and values["head"] != "hierarchical":
-    raise ConfigError(f"config.num_clusters: only the hierarchical head has clusters; "
-                      f"set config.head='hierarchical' or num_clusters=0, got {values['num_clusters']}.")
+    raise ConfigError(
+      f"config.num_clusters: only the hierarchical head has clusters; "
+      f"set config.head='hierarchical' or num_clusters=0, got {values['num_clusters']}."
+    )
   if num_classes is not None and values["num_clusters"] > num_classes:
-    raise ConfigError(f"config.num_clusters: must be at most the {num_classes} classes of "
-                      f"{values['dataset']!r} (no empty cluster), got {values['num_clusters']}.")
+    raise ConfigError(
+      f"config.num_clusters: must be at most the {num_classes} classes of "
+      f"{values['dataset']!r} (no empty cluster), got {values['num_clusters']}."
+    )
   if num_train is not None and values["num_labeled"] > num_train:
-    raise ConfigError(f"config.num_labeled: must be at most the {num_train} training examples "
-                      f"of {values['dataset']!r}, got {values['num_labeled']}.")
+    raise ConfigError(
+      f"config.num_labeled: must be at most the {num_train} training examples "
+      f"of {values['dataset']!r}, got {values['num_labeled']}."
+    )
   if values["schedule"] == "cosine":
     phases = {"steps": values["steps"]}
     if values["protocol"] == "feedback":
       phases["initial_steps"] = values["initial_steps"]
     for key, steps in phases.items():
       if values["warmup_steps"] >= steps:
-        raise ConfigError(f"config.warmup_steps: a cosine schedule needs its warmup below the "
-                          f"steps of every phase, but config.{key} is {steps}, got "
-                          f"{values['warmup_steps']}.")
+        raise ConfigError(
+          f"config.warmup_steps: a cosine schedule needs its warmup below the "
+          f"steps of every phase, but config.{key} is {steps}, got "
+          f"{values['warmup_steps']}."
+        )
   if input_shape is not None and values["model"] == "cnn":
     kernel = values["kernel_size"] or (5 if len(input_shape) == 1 else 3)
     if len(input_shape) not in (1, 2):
-      raise ConfigError(f"config.model: the CNN takes 1-D or 2-D inputs, and "
-                        f"{values['dataset']!r} has input shape {tuple(input_shape)}; use 'mlp'.")
+      raise ConfigError(
+        f"config.model: the CNN takes 1-D or 2-D inputs, and "
+        f"{values['dataset']!r} has input shape {tuple(input_shape)}; use 'mlp'."
+      )
     if kernel > min(input_shape):
-      raise ConfigError(f"config.kernel_size: the kernel ({kernel}) is larger than the input "
-                        f"{tuple(input_shape)} of {values['dataset']!r}.")
+      raise ConfigError(
+        f"config.kernel_size: the kernel ({kernel}) is larger than the input "
+        f"{tuple(input_shape)} of {values['dataset']!r}."
+      )
   if input_shape is not None and num_classes is not None and memory_bytes is not None:
     need = sum(estimate_bytes(values, input_shape, num_classes))
     if need > memory_bytes:
@@ -414,13 +563,18 @@ def validate(config: ml_collections.ConfigDict, num_train: int | None = None,
       too_wide = sum(estimate_bytes(default_batch, input_shape, num_classes)) > memory_bytes
       key = ("hidden" if values["model"] == "mlp" else "channels") if too_wide else "batch_size"
       raise ConfigError(
-          f"config.{key}: the runs need about {need / 2**30:.1f} GiB "
-          f"(parameters, optimizer state, gradients and one batch's activations, float32), "
-          f"more than the {memory_bytes / 2**30:.1f} GiB available.")
+        f"config.{key}: the runs need about {need / 2**30:.1f} GiB "
+        f"(parameters, optimizer state, gradients and one batch's activations, float32), "
+        f"more than the {memory_bytes / 2**30:.1f} GiB available."
+      )
 
 
-def validate_lm(values: dict, corpus_sizes: dict[str, int] | None = None,
-                memory_bytes: int | None = None, vocab_size: int | None = None) -> None:
+def validate_lm(
+  values: dict,
+  corpus_sizes: dict[str, int] | None = None,
+  memory_bytes: int | None = None,
+  vocab_size: int | None = None,
+) -> None:
   """The language-model kind's checks across keys, and against its data when known.
 
   Args:
@@ -446,42 +600,60 @@ def validate_lm(values: dict, corpus_sizes: dict[str, int] | None = None,
       why = "needs a reference model, which only unlearning trains"
     elif regimes_lib.ONE_WRONG_LABEL in rule.needs and experiment == "repetition":
       why = "takes one wrong token, and repetition's negatives are sets (the earlier tokens)"
-    elif (head == "hierarchical" and experiment == "repetition" and rule.negative is not None):
-      why = ("takes sets of wrong tokens (the earlier tokens), and the hierarchical head one "
-             "wrong label per example (use head 'fused' or 'softmax')")
+    elif head == "hierarchical" and experiment == "repetition" and rule.negative is not None:
+      why = (
+        "takes sets of wrong tokens (the earlier tokens), and the hierarchical head one "
+        "wrong label per example (use head 'fused' or 'softmax')"
+      )
     if why:
       raise ConfigError(f"config.regimes: {name!r} {why}.")
   _check_tree_keys(values)
   if values["width"] % values["heads"]:
-    raise ConfigError(f"config.width: must be a multiple of config.heads ({values['heads']}), "
-                      f"got {values['width']}.")
+    raise ConfigError(
+      f"config.width: must be a multiple of config.heads ({values['heads']}), "
+      f"got {values['width']}."
+    )
   if values["experiment"] == "repetition" and values["prompt"] >= values["length"]:
-    raise ConfigError(f"config.prompt: must be shorter than config.length ({values['length']}), "
-                      f"got {values['prompt']}.")
+    raise ConfigError(
+      f"config.prompt: must be shorter than config.length ({values['length']}), "
+      f"got {values['prompt']}."
+    )
   if corpus_sizes is not None:
     if values["experiment"] == "unlearning" and values["forget"] >= corpus_sizes["train_topics"]:
-      raise ConfigError(f"config.forget: must leave a training topic to retain: at most "
-                        f"{corpus_sizes['train_topics'] - 1} of the {corpus_sizes['train_topics']} "
-                        f"training topics, got {values['forget']}.")
+      raise ConfigError(
+        f"config.forget: must leave a training topic to retain: at most "
+        f"{corpus_sizes['train_topics'] - 1} of the {corpus_sizes['train_topics']} "
+        f"training topics, got {values['forget']}."
+      )
     shortest = min(corpus_sizes[p] for p in ("train", "validation", "test"))
     if values["length"] >= shortest:
-      raise ConfigError(f"config.length: every split needs a window of length + 1 tokens, and "
-                        f"the shortest has {shortest}; use a length below {shortest}, got "
-                        f"{values['length']}.")
+      raise ConfigError(
+        f"config.length: every split needs a window of length + 1 tokens, and "
+        f"the shortest has {shortest}; use a length below {shortest}, got "
+        f"{values['length']}."
+      )
     windows = (corpus_sizes["validation"] - 1) // values["length"]
     if values["experiment"] == "repetition" and values["num_prompts"] > windows:
-      raise ConfigError(f"config.num_prompts: the validation text has {windows} windows of "
-                        f"{values['length']} tokens, got {values['num_prompts']}.")
+      raise ConfigError(
+        f"config.num_prompts: the validation text has {windows} windows of "
+        f"{values['length']} tokens, got {values['num_prompts']}."
+      )
   if memory_bytes is not None and vocab_size is not None:
     need = lm_estimate_bytes(values, vocab_size)
     if need > memory_bytes:
       one_seed = lm_estimate_bytes(dict(values, num_seeds=1, batch_size=1), vocab_size)
-      key = ("width" if one_seed > memory_bytes else "num_seeds"
-             if lm_estimate_bytes(dict(values, num_seeds=1), vocab_size) <= memory_bytes
-             else "batch_size")
-      raise ConfigError(f"config.{key}: the runs need about {need / 2**30:.1f} GiB (parameters, "
-                        f"optimizer state, gradients and one batch's activations, float32), more "
-                        f"than the {memory_bytes / 2**30:.1f} GiB available.")
+      key = (
+        "width"
+        if one_seed > memory_bytes
+        else "num_seeds"
+        if lm_estimate_bytes(dict(values, num_seeds=1), vocab_size) <= memory_bytes
+        else "batch_size"
+      )
+      raise ConfigError(
+        f"config.{key}: the runs need about {need / 2**30:.1f} GiB (parameters, "
+        f"optimizer state, gradients and one batch's activations, float32), more "
+        f"than the {memory_bytes / 2**30:.1f} GiB available."
+      )
 
 
 def lm_estimate_bytes(values: dict, vocab_size: int) -> int:
@@ -515,8 +687,9 @@ def recorded(values: dict) -> dict:
 
 def sets_across_rounds(values) -> bool:
   """Whether feedback rounds gather each input's wrong predictions into one set."""
-  return (values["protocol"] == "feedback" and values["feedback_rounds"] > 1
-          and values["feedback_sets"])
+  return (
+    values["protocol"] == "feedback" and values["feedback_rounds"] > 1 and values["feedback_sets"]
+  )
 
 
 def _widths(values, input_shape):

@@ -32,6 +32,7 @@ class DataError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A fixed train/test split; ``x`` float32 ``[n, *input_shape]``, ``y`` int32 ``[n]``."""
+
   name: str
   x_train: np.ndarray
   y_train: np.ndarray
@@ -64,7 +65,8 @@ def digits():
   bunch = load_digits()
   x = bunch.images.astype(np.float64)  # [1797, 8, 8]
   x_train, x_test, y_train, y_test = train_test_split(
-      x, bunch.target, test_size=0.25, random_state=0, stratify=bunch.target)
+    x, bunch.target, test_size=0.25, random_state=0, stratify=bunch.target
+  )
   return x_train, y_train, x_test, y_test, 10
 
 
@@ -78,9 +80,11 @@ def _mnist1d():
 def _synthetic(num_classes=5, dim=10, n_train=500, n_test=250, seed=0):
   rng = np.random.default_rng(seed)
   centres = rng.normal(0.0, 1.5, (num_classes, dim))
+
   def draw(n):
     y = rng.integers(0, num_classes, n)
     return centres[y] + rng.normal(0.0, 1.0, (n, dim)), y
+
   x_train, y_train = draw(n_train)
   x_test, y_test = draw(n_test)
   return x_train, y_train, x_test, y_test, num_classes
@@ -92,7 +96,9 @@ def check_inputs(path: str, key: str, x: np.ndarray) -> None:
   if x.dtype.kind not in "fiu":
     raise DataError(f"{path}: {key} must hold real numbers, got dtype {x.dtype}.")
   if x.ndim not in (2, 3):
-    raise DataError(f"{path}: {key} must be [n, d] vectors or [n, h, w] images, got shape {x.shape}.")
+    raise DataError(
+      f"{path}: {key} must be [n, d] vectors or [n, h, w] images, got shape {x.shape}."
+    )
   if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
     bad = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
     raise DataError(f"{path}: {key}{list(bad)} = {x[bad]} is not finite.")
@@ -106,20 +112,26 @@ def _npz(path: str):
     raise DataError(f"cannot read {path} as a .npz file: {e}") from None
   missing = [k for k in NPZ_KEYS if k not in arrays]
   if missing:
-    raise DataError(f"{path} has no {', '.join(missing)}; it needs {', '.join(NPZ_KEYS)} "
-                    f"(and optionally num_classes), found {', '.join(sorted(arrays)) or 'nothing'}.")
+    raise DataError(
+      f"{path} has no {', '.join(missing)}; it needs {', '.join(NPZ_KEYS)} "
+      f"(and optionally num_classes), found {', '.join(sorted(arrays)) or 'nothing'}."
+    )
   x_train, y_train, x_test, y_test = (arrays[k] for k in NPZ_KEYS)
   for key, x in (("x_train", x_train), ("x_test", x_test)):
     check_inputs(path, key, x)
   if x_test.shape[1:] != x_train.shape[1:]:
-    raise DataError(f"{path}: x_test inputs have shape {x_test.shape[1:]}, x_train's "
-                    f"{x_train.shape[1:]}; they must match.")
+    raise DataError(
+      f"{path}: x_test inputs have shape {x_test.shape[1:]}, x_train's "
+      f"{x_train.shape[1:]}; they must match."
+    )
   for key, y, x in (("y_train", y_train, x_train), ("y_test", y_test, x_test)):
     if y.dtype.kind not in "iu":
       raise DataError(f"{path}: {key} must hold integer labels, got dtype {y.dtype}.")
     if y.shape != x.shape[:1]:
-      raise DataError(f"{path}: {key} has shape {y.shape}; it needs one label per input of "
-                      f"x_{key[2:]}, shape ({x.shape[0]},).")
+      raise DataError(
+        f"{path}: {key} has shape {y.shape}; it needs one label per input of "
+        f"x_{key[2:]}, shape ({x.shape[0]},)."
+      )
   if len(y_train) == 0 or len(y_test) == 0:
     raise DataError(f"{path}: both splits need at least one example.")
   if "num_classes" in arrays:
@@ -144,13 +156,20 @@ def load(name: str) -> Dataset:
   training split."""
   makers = {"digits": digits, "mnist1d": _mnist1d, "synthetic": _synthetic}
   if name.startswith("npz:"):
-    x_train, y_train, x_test, y_test, num_classes = _npz(name[len("npz:"):])
+    x_train, y_train, x_test, y_test, num_classes = _npz(name[len("npz:") :])
     x_train, x_test = standardise(x_train, x_test)
-    return Dataset(name, x_train, np.asarray(y_train, np.int32), x_test,
-                   np.asarray(y_test, np.int32), num_classes)
+    return Dataset(
+      name,
+      x_train,
+      np.asarray(y_train, np.int32),
+      x_test,
+      np.asarray(y_test, np.int32),
+      num_classes,
+    )
   if name not in makers:
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}, or npz:PATH.")
   x_train, y_train, x_test, y_test, num_classes = makers[name]()
   x_train, x_test = standardise(np.asarray(x_train), np.asarray(x_test))
-  return Dataset(name, x_train, np.asarray(y_train, np.int32), x_test,
-                 np.asarray(y_test, np.int32), num_classes)
+  return Dataset(
+    name, x_train, np.asarray(y_train, np.int32), x_test, np.asarray(y_test, np.int32), num_classes
+  )

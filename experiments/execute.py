@@ -25,15 +25,16 @@ INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 @dataclasses.dataclass
 class Options:
   """How to run, beside the config: the command line's flags."""
+
   overwrite: bool = False
   progress: bool = True
   num_devices: int = 0
   compilation_cache: str = ""
   distributed: bool = False
   distributed_args: tuple = (None, None, None)  # coordinator_address, num_processes, process_id
-  command: Sequence[str] = ()     # the command as typed, for the resume hint
+  command: Sequence[str] = ()  # the command as typed, for the resume hint
   program: str = "jaxsoftmax-run"
-  stop_after: int | None = None   # evaluations after which to stop as Ctrl-C would (tests)
+  stop_after: int | None = None  # evaluations after which to stop as Ctrl-C would (tests)
 
 
 class Interrupt:
@@ -48,8 +49,10 @@ class Interrupt:
     if not self.started or self.requested:
       raise KeyboardInterrupt
     self.requested = True
-    print("\nInterrupted: saving a checkpoint at the next evaluation (Ctrl-C again to stop now).",
-          file=sys.stderr)
+    print(
+      "\nInterrupted: saving a checkpoint at the next evaluation (Ctrl-C again to stop now).",
+      file=sys.stderr,
+    )
 
 
 def error(message: str) -> int:
@@ -62,12 +65,14 @@ def memory_bytes() -> int:
   import jax
 
   from jaxsoftmax_experiments import config as config_lib
+
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("bytes_limit") or config_lib.available_memory()
 
 
 def enable_cache(directory: str) -> None:
   import jax
+
   if directory:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -78,10 +83,17 @@ class Progress:
 
   def __init__(self, total: int, done: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
+
     self.lines = enabled and not sys.stderr.isatty()
     self.total = total
-    self.bar = tqdm(total=total, initial=done, desc=desc, unit="step", dynamic_ncols=True,
-                    disable=not enabled or self.lines)
+    self.bar = tqdm(
+      total=total,
+      initial=done,
+      desc=desc,
+      unit="step",
+      dynamic_ncols=True,
+      disable=not enabled or self.lines,
+    )
 
   def update(self, step: int, values: dict[str, float], what: str) -> None:
     text = ", ".join(f"{r} {a:.3f}" for r, a in values.items())
@@ -103,6 +115,7 @@ def prepare(config, distributed: bool = False):
   from jaxsoftmax_experiments import config as config_lib
   from jaxsoftmax_experiments import data as data_lib
   from jaxsoftmax_experiments import kinds, report
+
   try:
     config_lib.validate(config)
     kind = kinds.get(config_lib.kind_of(config))
@@ -132,12 +145,15 @@ def execute(config, workdir_path, options: Options, interrupt: Interrupt | None 
     import jax
 
     from jaxsoftmax_experiments import parallel
+
     try:
       parallel.initialize_distributed(*options.distributed_args)
     except (ValueError, RuntimeError) as e:
-      return error(f"--distributed: jax.distributed.initialize failed: {e} Run one process per "
-                   "host under a cluster that JAX detects, or pass --coordinator_address, "
-                   "--num_processes and --process_id.")
+      return error(
+        f"--distributed: jax.distributed.initialize failed: {e} Run one process per "
+        "host under a cluster that JAX detects, or pass --coordinator_address, "
+        "--num_processes and --process_id."
+      )
     primary = jax.process_index() == 0
   if not primary:  # process 0 claims, checks and writes the folder
     return _run(kind, config, resolved, data, workdir, options, interrupt, primary=False)
@@ -157,9 +173,11 @@ def execute(config, workdir_path, options: Options, interrupt: Interrupt | None 
       if problem:
         return error(problem)
       if workdir.is_complete():
-        print(f"The run in {workdir.path} is complete ({kind.total_steps(config)} steps); "
-              "nothing to do. Its results are in results.json and summary.md; pass "
-              "--overwrite to run it afresh.")
+        print(
+          f"The run in {workdir.path} is complete ({kind.total_steps(config)} steps); "
+          "nothing to do. Its results are in results.json and summary.md; pass "
+          "--overwrite to run it afresh."
+        )
         return 0
     return _run(kind, config, resolved, data, workdir, options, interrupt, primary=True)
   except OSError as e:  # a full disk, a folder that became unwritable, before the run began
@@ -170,8 +188,11 @@ def execute(config, workdir_path, options: Options, interrupt: Interrupt | None 
 
 def _write_failed(workdir, e: OSError, step: int, last: int | None) -> int:
   kept = f"the checkpoint at step {last} is kept" if last else "no checkpoint was taken"
-  print(f"error: writing to {workdir.path} failed at step {step} ({e.strerror or e}); {kept}. "
-        "Rerun the same command once the problem is fixed.", file=sys.stderr)
+  print(
+    f"error: writing to {workdir.path} failed at step {step} ({e.strerror or e}); {kept}. "
+    "Rerun the same command once the problem is fixed.",
+    file=sys.stderr,
+  )
   if not last:
     try:
       workdir.forget_start()
@@ -180,8 +201,9 @@ def _write_failed(workdir, e: OSError, step: int, last: int | None) -> int:
   return 1
 
 
-def _run(kind, config, resolved: dict, data, workdir, options: Options, interrupt: Interrupt,
-         primary: bool) -> int:
+def _run(
+  kind, config, resolved: dict, data, workdir, options: Options, interrupt: Interrupt, primary: bool
+) -> int:
   import jax  # after flag parsing, so that --help and bad flags answer at once
 
   from jaxsoftmax_experiments import workdir as workdir_lib
@@ -189,7 +211,7 @@ def _run(kind, config, resolved: dict, data, workdir, options: Options, interrup
 
   enable_cache(options.compilation_cache)
   start_time = time.perf_counter()
-  devices = jax.devices()[:options.num_devices] if options.num_devices else None
+  devices = jax.devices()[: options.num_devices] if options.num_devices else None
   if primary:
     workdir.claim(" ".join([options.program, *options.command]))
     workdir.write_config(resolved)
@@ -199,8 +221,11 @@ def _run(kind, config, resolved: dict, data, workdir, options: Options, interrup
     checkpoints = Checkpointer(workdir.checkpoints)
     fingerprint = workdir_lib.fingerprint(resolved, kind.arrays(data))
     lines, records = workdir.read_metrics()
-    found = checkpoints.restore_latest(kind.template(plan), fingerprint=fingerprint,
-                                       usable=lambda meta: meta["num_records"] <= len(lines))
+    found = checkpoints.restore_latest(
+      kind.template(plan),
+      fingerprint=fingerprint,
+      usable=lambda meta: meta["num_records"] <= len(lines),
+    )
     state = None
     if found:
       resumed_from, state, _ = found
@@ -235,8 +260,9 @@ def _run(kind, config, resolved: dict, data, workdir, options: Options, interrup
             interrupt.requested = True
           due = next_save is not None and step >= next_save
           if step > 0 and step != resumed_from and (due or step == total or interrupt.requested):
-            checkpoints.save(step, state, {"step": step, "num_records": len(records),
-                                           "fingerprint": fingerprint})
+            checkpoints.save(
+              step, state, {"step": step, "num_records": len(records), "fingerprint": fingerprint}
+            )
             saved.append(step)
             if every:
               next_save = (step // every + 1) * every
@@ -247,10 +273,14 @@ def _run(kind, config, resolved: dict, data, workdir, options: Options, interrup
       bar.close()
     if step < total:
       again = " ".join(shlex.quote(a) for a in [options.program, *options.command])
-      where = (f"the checkpoint is in {checkpoints.directory}" if saved
-               else "no checkpoint was taken yet")
-      print(f"Stopped at step {saved[-1] if saved else step} of {total}; {where}. Resume with "
-            f"the same command:\n  {again}", file=sys.stderr)
+      where = (
+        f"the checkpoint is in {checkpoints.directory}" if saved else "no checkpoint was taken yet"
+      )
+      print(
+        f"Stopped at step {saved[-1] if saved else step} of {total}; {where}. Resume with "
+        f"the same command:\n  {again}",
+        file=sys.stderr,
+      )
       return INTERRUPTED
     wall = time.perf_counter() - start_time
     results, summary, plot = kind.outputs(plan, state, records, resolved, wall, resumed_from)

@@ -9,9 +9,9 @@ A head answers these calls on a model (an ``MLP``, ``CNN`` or ``TransformerLM`` 
 - ``nll(out, labels)``, ``set_nll(out, labels, wrong)`` and
   ``complement_nll(out, labels, wrong)``: per-example losses on that output
   (``wrong``: further wrong labels of each example, or None);
-- ``largest_logit(out)``: the largest |logit| in it, for the divergence check;
+- ``largest_logit(out)``: the largest ``|logit|`` in it, for the divergence check;
 - ``scores(model, x)``: per-class scores whose argmax is the prediction, and
-  ``evaluation(model, x, y)``: those scores, the NLL of ``y`` and the largest |logit|.
+  ``evaluation(model, x, y)``: those scores, the NLL of ``y`` and the largest ``|logit|``.
 
 Sets of wrong labels are ids ``[..., M]`` padded with -1; a head that needs a mask builds
 it by one scatter (:func:`id_mask`). Heads are frozen and hashable: they are part of the
@@ -50,8 +50,11 @@ def id_mask(ids, num_classes: int):
   """
   flat = ids.reshape(-1, ids.shape[-1])
   rows = jnp.arange(flat.shape[0])[:, None]
-  mask = jnp.zeros((flat.shape[0], num_classes), bool).at[
-      rows, jnp.where(flat < 0, num_classes, flat)].set(True, mode="drop")
+  mask = (
+    jnp.zeros((flat.shape[0], num_classes), bool)
+    .at[rows, jnp.where(flat < 0, num_classes, flat)]
+    .set(True, mode="drop")
+  )
   return mask.reshape(*ids.shape[:-1], num_classes)
 
 
@@ -68,6 +71,7 @@ def _members(labels, wrong, num_classes):
 @dataclasses.dataclass(frozen=True)
 class SoftmaxHead:
   """A linear layer of logits with the flat losses."""
+
   num_classes: int
 
   def training_output(self, model, x, labels):
@@ -112,6 +116,7 @@ class SoftmaxHead:
 @dataclasses.dataclass(frozen=True)
 class HierarchicalHead:
   """A two-level class tree: training computes only the labels' cluster rows."""
+
   tree: ClassTree
 
   def training_output(self, model, x, labels):
@@ -133,7 +138,9 @@ class HierarchicalHead:
 
   def _largest(self, cluster_logits, within, sizes):
     valid = jnp.arange(self.tree.max_size) < sizes[..., None]
-    return jnp.maximum(jnp.max(jnp.abs(cluster_logits)), jnp.max(jnp.where(valid, jnp.abs(within), 0.0)))
+    return jnp.maximum(
+      jnp.max(jnp.abs(cluster_logits)), jnp.max(jnp.where(valid, jnp.abs(within), 0.0))
+    )
 
   def largest_logit(self, out):
     cluster_logits, rows, cluster = out
@@ -144,15 +151,18 @@ class HierarchicalHead:
 
   def evaluation(self, model, x, y):
     cluster_logits, within = model(x)
-    return (losses.hierarchical_log_softmax(cluster_logits, within, self.tree),
-            losses.hierarchical_nll(cluster_logits, within, y, self.tree),
-            self._largest(cluster_logits, within, jnp.asarray(self.tree.sizes)))
+    return (
+      losses.hierarchical_log_softmax(cluster_logits, within, self.tree),
+      losses.hierarchical_nll(cluster_logits, within, y, self.tree),
+      self._largest(cluster_logits, within, jnp.asarray(self.tree.sizes)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class FusedHead(SoftmaxHead):
   """The fused losses on the features and the output layer's weights: training never
   forms the logits (evaluation does, as :class:`SoftmaxHead`)."""
+
   vocab_chunk: int = 512
 
   def training_output(self, model, x, labels):
@@ -176,8 +186,7 @@ class FusedHead(SoftmaxHead):
     if wrong is None:
       return self.nll(out, labels)
     ids = _ids(labels, wrong)
-    return losses.fused_set_nll(out[0], out[1], ids, where=jnp.any(ids >= 0, -1),
-                                **self._kw(out))
+    return losses.fused_set_nll(out[0], out[1], ids, where=jnp.any(ids >= 0, -1), **self._kw(out))
 
   def flat_loss(self, name, out, labels, **kwargs):
     raise ValueError(f"{name} needs the logits, which the fused head never forms.")
@@ -203,6 +212,7 @@ class TreeHead:
   Its training output is the features and the output layer's weights, as the fused
   head's; its ``largest_logit`` is the bound ``max_i |h_i| max_{n,b} |w_nb| + max |b|``
   (Cauchy-Schwarz), so the divergence rule fires no later than on the logits."""
+
   tree: Tree
 
   def training_output(self, model, x, labels):
@@ -237,7 +247,7 @@ class TreeHead:
   def largest_logit(self, out):
     h, kernel, bias = out
     largest_h = jnp.max(jnp.linalg.norm(h.astype(jnp.float32), axis=-1))
-    column = jnp.linalg.norm(kernel.astype(jnp.float32), axis=1)   # [N, B]
+    column = jnp.linalg.norm(kernel.astype(jnp.float32), axis=1)  # [N, B]
     return jnp.max(largest_h * column + jnp.abs(bias.astype(jnp.float32)))
 
   def scores(self, model, x):
@@ -246,8 +256,11 @@ class TreeHead:
   def evaluation(self, model, x, y):
     table = model(x)
     valid = jnp.arange(self.tree.branching) < jnp.asarray(self.tree.arity)[:, None]
-    return (losses.tree_log_softmax(table, self.tree), losses.tree_nll(table, y, self.tree),
-            jnp.max(jnp.where(valid, jnp.abs(table), 0.0)))
+    return (
+      losses.tree_log_softmax(table, self.tree),
+      losses.tree_nll(table, y, self.tree),
+      jnp.max(jnp.where(valid, jnp.abs(table), 0.0)),
+    )
 
 
 def _output_module(model):
@@ -260,9 +273,16 @@ NAMES = ("softmax", "hierarchical", "fused", "tree")
 TREES = ("huffman", "balanced")
 
 
-def make_head(name: str, num_classes: int, num_clusters: int = 0, vocab_chunk: int = 512, *,
-              tree: str = "balanced", branching: int = 2,
-              frequencies: np.ndarray | None = None) -> Head:
+def make_head(
+  name: str,
+  num_classes: int,
+  num_clusters: int = 0,
+  vocab_chunk: int = 512,
+  *,
+  tree: str = "balanced",
+  branching: int = 2,
+  frequencies: np.ndarray | None = None,
+) -> Head:
   """The head a config names: ``softmax``, ``hierarchical`` over a balanced tree,
   ``fused`` (chunks of ``vocab_chunk`` classes), or ``tree``: a ``balanced`` or
   ``huffman`` tree of ``branching`` children per node (Huffman from ``frequencies``,
@@ -287,4 +307,3 @@ def make_head(name: str, num_classes: int, num_clusters: int = 0, vocab_chunk: i
 def tree_of(head: Head) -> ClassTree | Tree | None:
   """The class tree a model built for ``head`` needs (None for a flat head)."""
   return getattr(head, "tree", None)
-

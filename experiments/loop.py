@@ -35,18 +35,20 @@ METRICS = ("test_accuracy", "test_nll", "test_max_logit", "param_norm", "train_l
 class State(NamedTuple):
   """Where an experiment stands after an evaluation; the tuples hold one entry per regime
   group, each stacked over seeds."""
-  runs: tuple                       # training.RunState per regime, stacked over seeds
-  examples: tuple                   # protocols.Examples per regime, [seeds, rounds * n]
-  step: jax.Array                   # int32: training steps done, over all rounds
-  evaluations: jax.Array            # int32: evaluations done (the first is at step 0)
-  metrics: tuple                    # per regime: {name in METRICS: float32 [seeds]}
-  best_accuracy: tuple              # per regime: float32 [seeds], best test accuracy so far
-  notes: dict                       # protocol notes, e.g. the initial model's test accuracy
+
+  runs: tuple  # training.RunState per regime, stacked over seeds
+  examples: tuple  # protocols.Examples per regime, [seeds, rounds * n]
+  step: jax.Array  # int32: training steps done, over all rounds
+  evaluations: jax.Array  # int32: evaluations done (the first is at step 0)
+  metrics: tuple  # per regime: {name in METRICS: float32 [seeds]}
+  best_accuracy: tuple  # per regime: float32 [seeds], best test accuracy so far
+  notes: dict  # protocol notes, e.g. the initial model's test accuracy
   reference: jax.Array | None = None  # [seeds, n, K] log p of the reference model (npo)
 
 
 class Data(NamedTuple):
   """The dataset's arrays on the mesh's devices, replicated."""
+
   x_train: jax.Array
   y_train: jax.Array
   x_test: jax.Array
@@ -56,10 +58,11 @@ class Data(NamedTuple):
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class Plan:
   """What a config asks for, resolved once: its setups and its data on the devices."""
+
   config: ml_collections.ConfigDict
   dataset: Dataset
-  setup: training.Setup                 # the experiment's runs
-  initial: training.Setup | None        # the model of the labeled inputs alone (feedback, npo)
+  setup: training.Setup  # the experiment's runs
+  initial: training.Setup | None  # the model of the labeled inputs alone (feedback, npo)
   data: Data
 
   @property
@@ -79,12 +82,14 @@ class Plan:
 def make_plan(config, dataset: Dataset, devices: Sequence[jax.Device] | None = None) -> Plan:
   """The plan of a validated config on a dataset, over ``devices`` (default: all)."""
   total_steps = config.steps * config.feedback_rounds
-  setup = training.make_setup(config, dataset, regimes=tuple(config.regimes),
-                              total_steps=total_steps, devices=devices)
+  setup = training.make_setup(
+    config, dataset, regimes=tuple(config.regimes), total_steps=total_steps, devices=devices
+  )
   initial = None
   if config.protocol == "feedback" or needs_reference(config):
-    initial = training.make_setup(config, dataset, regimes=("positive_only",),
-                                  total_steps=config.initial_steps, devices=devices)
+    initial = training.make_setup(
+      config, dataset, regimes=("positive_only",), total_steps=config.initial_steps, devices=devices
+    )
   arrays = (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
   data = Data(*parallel.put(arrays, parallel.replicated(setup.mesh)))
   return Plan(config, dataset, setup, initial, data)
@@ -117,16 +122,23 @@ def _first_examples(plan: Plan, keys, data: Data):
   marks that model's predictions on the training inputs.
   """
   c, y = plan.config, data.y_train
-  labeled = jax.vmap(protocols.labeled_mask, (0, None, None))(keys["labeled"], y.shape[0],
-                                                               c.num_labeled)
+  labeled = jax.vmap(protocols.labeled_mask, (0, None, None))(
+    keys["labeled"], y.shape[0], c.num_labeled
+  )
   ys = jnp.broadcast_to(y, labeled.shape)
   if c.protocol == "supervised":
     examples = protocols.supervised(ys, c.feedback_rounds)
   elif c.protocol in ("uniform", "biased"):
     bias = c.bias if c.protocol == "biased" else 0.0
-    draw = lambda key, lab: protocols.complementary(key, y, lab, plan.dataset.num_classes,
-                                                    bias=bias, rounds=c.feedback_rounds,
-                                                    num_negatives=c.num_negatives)
+    draw = lambda key, lab: protocols.complementary(
+      key,
+      y,
+      lab,
+      plan.dataset.num_classes,
+      bias=bias,
+      rounds=c.feedback_rounds,
+      num_negatives=c.num_negatives,
+    )
     examples = jax.vmap(draw)(keys["protocol"], labeled)
   else:
     examples = protocols.labeled_only(ys, labeled, c.feedback_rounds)
@@ -154,7 +166,9 @@ def _first_examples(plan: Plan, keys, data: Data):
 def _evaluated(fns, state: State, x_test, y_test, stats) -> State:
   """``state`` with a new evaluation: metrics, best accuracy, and the count."""
   metrics, best = [], []
-  for i, (group, evaluation) in enumerate(zip(state.runs, fns.evaluate(state.runs, x_test, y_test))):
+  for i, (group, evaluation) in enumerate(
+    zip(state.runs, fns.evaluate(state.runs, x_test, y_test))
+  ):
     m = dict(evaluation)
     if stats is None:
       m["train_loss"] = jnp.full_like(m["test_nll"], jnp.nan)
@@ -164,12 +178,18 @@ def _evaluated(fns, state: State, x_test, y_test, stats) -> State:
       live = alive.sum(0)
       total = jnp.where(alive, stats[i].loss, 0.0).sum(0)
       m["train_loss"] = jnp.where(live > 0, total / jnp.maximum(live, 1), jnp.nan)
-      m["max_logit"] = jnp.where(live > 0, jnp.where(alive, stats[i].max_logit, -jnp.inf).max(0), jnp.nan)
+      m["max_logit"] = jnp.where(
+        live > 0, jnp.where(alive, stats[i].max_logit, -jnp.inf).max(0), jnp.nan
+      )
     metrics.append(m)
-    best.append(m["test_accuracy"] if stats is None
-                else jnp.maximum(state.best_accuracy[i], m["test_accuracy"]))
-  return state._replace(metrics=tuple(metrics), best_accuracy=tuple(best),
-                        evaluations=state.evaluations + 1)
+    best.append(
+      m["test_accuracy"]
+      if stats is None
+      else jnp.maximum(state.best_accuracy[i], m["test_accuracy"])
+    )
+  return state._replace(
+    metrics=tuple(metrics), best_accuracy=tuple(best), evaluations=state.evaluations + 1
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -194,8 +214,9 @@ def _advance(plan: Plan, state: State, data: Data, length: int) -> State:
 @functools.partial(jax.jit, static_argnames=("plan", "round_"))
 def _next_round(plan: Plan, state: State, data: Data, round_: int) -> State:
   predictions = training.functions(plan.setup).predict(state.runs, data.x_train)
-  examples = tuple(protocols.judge(e, p, data.y_train, round_)
-                   for e, p in zip(state.examples, predictions))
+  examples = tuple(
+    protocols.judge(e, p, data.y_train, round_) for e, p in zip(state.examples, predictions)
+  )
   if state.reference is not None:
     examples = tuple(protocols.with_reference(e, state.reference) for e in examples)
   return _constrain(plan, state._replace(examples=examples))
@@ -229,7 +250,8 @@ def _shardings(plan: Plan, state):
   runs = parallel.run_sharding(plan.setup.mesh)
   replicated = parallel.replicated(plan.setup.mesh)
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: runs if path[0].name in _PER_RUN else replicated, state)
+    lambda path, _: runs if path[0].name in _PER_RUN else replicated, state
+  )
 
 
 def _constrain(plan: Plan, state: State) -> State:
@@ -240,8 +262,9 @@ def _constrain(plan: Plan, state: State) -> State:
 def template(plan: Plan) -> State:
   """A :class:`State` of abstract arrays with a checkpoint's shapes, dtypes and shardings."""
   state = jax.eval_shape(lambda: start(plan))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, _shardings(plan, state))
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, _shardings(plan, state)
+  )
 
 
 def light(state: State, examples: bool = False) -> State:
@@ -279,17 +302,32 @@ def results(plan: Plan, host: State) -> dict[str, Any]:
   lines = records(plan, host)
   seeds = plan.setup.seeds
   for i, regime in enumerate(plan.setup.regimes):
-    mine = lines[i * seeds:(i + 1) * seeds]
-    columns = {key: [r[key] for r in mine]
-               for key in ("test_accuracy", "test_nll", "train_loss", "max_logit", "param_norm",
-                           "diverged", "diverged_at_step")}
+    mine = lines[i * seeds : (i + 1) * seeds]
+    columns = {
+      key: [r[key] for r in mine]
+      for key in (
+        "test_accuracy",
+        "test_nll",
+        "train_loss",
+        "max_logit",
+        "param_norm",
+        "diverged",
+        "diverged_at_step",
+      )
+    }
     columns["best_test_accuracy"] = [_float(v) for v in host.best_accuracy[i]]
-    positives, negatives = (np.sum(np.asarray(host.examples[i].kind) == k, axis=-1)
-                            for k in (protocols.POSITIVE, protocols.NEGATIVE))
+    positives, negatives = (
+      np.sum(np.asarray(host.examples[i].kind) == k, axis=-1)
+      for k in (protocols.POSITIVE, protocols.NEGATIVE)
+    )
     columns["num_positive"] = [int(c) for c in positives]
     columns["num_negative"] = [int(c) for c in negatives]
     regimes[regime] = columns
-  out: dict[str, Any] = {"regimes": regimes, "num_train": len(plan.dataset.y_train),
-                         "num_test": len(plan.dataset.y_test), "num_devices": plan.setup.mesh.size}
+  out: dict[str, Any] = {
+    "regimes": regimes,
+    "num_train": len(plan.dataset.y_train),
+    "num_test": len(plan.dataset.y_test),
+    "num_devices": plan.setup.mesh.size,
+  }
   out.update({k: [_float(v) for v in np.asarray(a)] for k, a in host.notes.items()})
   return out

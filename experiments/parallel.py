@@ -35,7 +35,7 @@ def make_mesh(num_runs: int, batch_size: int, devices: Sequence[jax.Device] | No
   devices = list(jax.devices() if devices is None else devices)
   runs = math.gcd(num_runs, len(devices))
   batch = math.gcd(len(devices) // runs, batch_size)
-  return Mesh(np.array(devices[:runs * batch]).reshape(runs, batch), (RUNS, BATCH))
+  return Mesh(np.array(devices[: runs * batch]).reshape(runs, batch), (RUNS, BATCH))
 
 
 def run_sharding(mesh: Mesh) -> NamedSharding:
@@ -73,6 +73,7 @@ def put(tree, sharding: NamedSharding):
       return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
   return jax.tree.map(one, tree)
 
 
@@ -80,13 +81,16 @@ def fetch(tree):
   """``jax.device_get``, gathering across hosts when there are several."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """``jax.distributed.initialize``: one process per host, all running the same command.
 
   On Cloud TPU, SLURM, Open MPI and Kubernetes JAX reads all three arguments from the

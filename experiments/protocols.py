@@ -7,8 +7,9 @@ example ("x_i is not label"). A negative slot may also hold a set of further wro
 labels of the same input (``wrong``: int32 ``[..., rounds * n, M]``, -1 where unused),
 which the complement losses then take as one set: ``complementary`` draws sets of
 ``num_negatives`` labels, and :func:`judge` on a table made by :func:`with_sets`
-accumulates each input's wrong predictions over the feedback rounds into one set. Every function here is pure and works on any leading
-batch shape (seeds, regimes), so a whole experiment's tables are built at once.
+accumulates each input's wrong predictions over the feedback rounds into one set. Every
+function here is pure and works on any leading batch shape (seeds, regimes), so a whole
+experiment's tables are built at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ EMPTY, POSITIVE, NEGATIVE = 0, 1, 2
 class Examples(NamedTuple):
   """A table of examples: ``label`` and ``kind`` int32 ``[..., rounds * n]``, and
   optionally ``wrong`` int32 ``[..., rounds * n, M]``, further wrong labels per slot."""
+
   label: jax.Array
   kind: jax.Array
   wrong: jax.Array | None = None
@@ -76,16 +78,19 @@ def wrong_labels(key: jax.Array, y: jax.Array, num_classes: int, bias: float = 0
   return jax.random.categorical(key, log_t[y]).astype(jnp.int32)
 
 
-def wrong_label_sets(key: jax.Array, y: jax.Array, num_classes: int, count: int,
-                     bias: float = 0.0) -> jax.Array:
+def wrong_label_sets(
+  key: jax.Array, y: jax.Array, num_classes: int, count: int, bias: float = 0.0
+) -> jax.Array:
   """``count`` distinct wrong labels per input, int32 ``[n, count]``.
 
   Drawn without replacement from ``transition_matrix(num_classes, bias)[y]`` by the
   Gumbel top-k trick; ``count = 1`` draws exactly what :func:`wrong_labels` draws.
   """
   if not 1 <= count <= num_classes - 1:
-    raise ValueError(f"count must be in [1, {num_classes - 1}] (the wrong labels of "
-                     f"{num_classes} classes), got {count}.")
+    raise ValueError(
+      f"count must be in [1, {num_classes - 1}] (the wrong labels of "
+      f"{num_classes} classes), got {count}."
+    )
   if count == 1:
     return wrong_labels(key, y, num_classes, bias)[..., None]
   log_t = jnp.log(transition_matrix(num_classes, bias))[y]
@@ -93,15 +98,25 @@ def wrong_label_sets(key: jax.Array, y: jax.Array, num_classes: int, count: int,
   return jax.lax.top_k(noisy, count)[1].astype(jnp.int32)
 
 
-def complementary(key: jax.Array, y: jax.Array, labeled: jax.Array, num_classes: int, *,
-                  bias: float = 0.0, rounds: int = 1, num_negatives: int = 1) -> Examples:
+def complementary(
+  key: jax.Array,
+  y: jax.Array,
+  labeled: jax.Array,
+  num_classes: int,
+  *,
+  bias: float = 0.0,
+  rounds: int = 1,
+  num_negatives: int = 1,
+) -> Examples:
   """Labeled inputs with their true labels; every other input with ``num_negatives``
   distinct wrong labels, one negative example holding them as a set."""
   if num_negatives == 1:
     wrong = wrong_labels(key, y, num_classes, bias)
     return _table(jnp.where(labeled, y, wrong), jnp.where(labeled, POSITIVE, NEGATIVE), rounds)
   sets = wrong_label_sets(key, y, num_classes, num_negatives, bias)
-  table = _table(jnp.where(labeled, y, sets[..., 0]), jnp.where(labeled, POSITIVE, NEGATIVE), rounds)
+  table = _table(
+    jnp.where(labeled, y, sets[..., 0]), jnp.where(labeled, POSITIVE, NEGATIVE), rounds
+  )
   rest = jnp.where(labeled[..., None], -1, sets[..., 1:])
   pad = [(0, 0)] * (rest.ndim - 2) + [(0, (rounds - 1) * rest.shape[-2]), (0, 0)]
   return table._replace(wrong=jnp.pad(rest, pad, constant_values=-1))
@@ -113,7 +128,7 @@ def with_reference(examples: Examples, log_probs: jax.Array) -> Examples:
   n = log_probs.shape[-2]
   slots = examples.label.shape[-1]
   inputs = jnp.arange(slots) % n
-  per_slot = jnp.take(log_probs, inputs, axis=-2)                     # [..., slots, K]
+  per_slot = jnp.take(log_probs, inputs, axis=-2)  # [..., slots, K]
   label = jnp.maximum(examples.label, 0)[..., None]
   return examples._replace(reference=jnp.take_along_axis(per_slot, label, axis=-1)[..., 0])
 
@@ -166,7 +181,7 @@ def _accumulate(examples, kind, label, new_kind, new_label, resolved, round_):
   shape = examples.kind.shape
   size = examples.wrong.shape[-1]
   wrong = examples.wrong.reshape(*kind.shape, size)
-  negative = kind == NEGATIVE                                   # at most one slot per input
+  negative = kind == NEGATIVE  # at most one slot per input
   old_label = jnp.max(jnp.where(negative, label, -1), axis=-2)  # [..., n]
   old_wrong = jnp.max(jnp.where(negative[..., None], wrong, -1), axis=-3)  # [..., n, size]
   members = jnp.concatenate([old_label[..., None], old_wrong], axis=-1)
@@ -174,11 +189,12 @@ def _accumulate(examples, kind, label, new_kind, new_label, resolved, round_):
   # Sorted in decreasing order the unused -1s go last; the earlier set has at most
   # round_ <= size labels, so the first ``size`` columns keep all of them.
   members = -jnp.sort(-members, axis=-1)[..., :size]
-  moved = ~resolved & (new_kind == NEGATIVE)                    # [..., n]
+  moved = ~resolved & (new_kind == NEGATIVE)  # [..., n]
   kind = jnp.where(moved[..., None, :] & negative, EMPTY, kind)
   wrong = jnp.where((moved[..., None, :] & negative)[..., None], -1, wrong)
   kind = kind.at[..., round_, :].set(new_kind)
   label = label.at[..., round_, :].set(new_label)
   wrong = wrong.at[..., round_, :, :].set(jnp.where(moved[..., None], members, -1))
-  return examples._replace(label=label.reshape(shape), kind=kind.reshape(shape),
-                           wrong=wrong.reshape(*shape, size))
+  return examples._replace(
+    label=label.reshape(shape), kind=kind.reshape(shape), wrong=wrong.reshape(*shape, size)
+  )

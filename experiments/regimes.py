@@ -2,8 +2,8 @@
 
 A regime is one entry: its name, the per-example loss it applies to positives and to
 negatives (each a function of the head, the head's training output, the batch and the
-training setup), and what else it needs. Adding a regime is adding an entry to :data:`REGIMES`. The trainer
-groups runs by regime, so a run computes only its own regime's losses.
+training setup), and what else it needs. Adding a regime is adding an entry to
+:data:`REGIMES`. The trainer groups runs by regime, so a run computes only its own regime's losses.
 
 The classifier's regimes take one label per example (:data:`NAMES`); the language model
 takes the same entries on token targets; the multi-label objectives
@@ -23,21 +23,21 @@ import jax.numpy as jnp
 from jaxsoftmax import losses
 from jaxsoftmax_experiments.protocols import NEGATIVE, POSITIVE
 
-
 # (head, head output, batch of examples, setup) -> per-example loss, [batch]
 ExampleLoss = Callable[..., jax.Array]
 
 # What a regime may need; config validation checks each.
-FLAT_LOGITS = "flat_logits"            # a softmax head (the loss is on all K logits)
-TRANSITION = "transition_matrix"       # the protocol's T: uniform or biased wrong labels
-ONE_WRONG_LABEL = "one_wrong_label"    # no sets: num_negatives = 1
-REFERENCE = "reference_model"          # a frozen model trained on the labeled inputs alone
-LABEL_SETS = "label_sets"              # several true labels per example (the multilabel kind)
+FLAT_LOGITS = "flat_logits"  # a softmax head (the loss is on all K logits)
+TRANSITION = "transition_matrix"  # the protocol's T: uniform or biased wrong labels
+ONE_WRONG_LABEL = "one_wrong_label"  # no sets: num_negatives = 1
+REFERENCE = "reference_model"  # a frozen model trained on the labeled inputs alone
+LABEL_SETS = "label_sets"  # several true labels per example (the multilabel kind)
 CLIP = 1e-7  # Keras's epsilon: probabilities clipped to [1e-7, 1 - 1e-7]
 
 
 class LabelSets(NamedTuple):
   """A batch of the multilabel kind: each example's true labels as a bool ``[B, K]`` mask."""
+
   labels: jax.Array
 
 
@@ -95,20 +95,23 @@ def _ure(correction):
   batch's negatives; ``ga`` ascends on the negative ``R_k`` when there are any (else
   descends on their sum), ``nn`` sums ``max(R_k, 0)``. Positives add their mean NLL,
   weighted by their share of the batch."""
+
   def objective(per_example, batch, setup):
     k, size = setup.model.num_classes, per_example.shape[0]
     positive, negative = batch.kind == POSITIVE, batch.kind == NEGATIVE
     positive_part = jnp.sum(jnp.where(positive, per_example, 0.0)) / size
-    by_label = (batch.label[:, None] == jnp.arange(k)) & negative[:, None]      # [B, K]
+    by_label = (batch.label[:, None] == jnp.arange(k)) & negative[:, None]  # [B, K]
     sums = jnp.sum(jnp.where(by_label, per_example[:, None], 0.0), axis=0)
     risks = sums / jnp.maximum(jnp.sum(by_label, axis=0), 1) / k
     if correction == "ga":
       below = risks < 0
-      negative_part = jnp.where(jnp.any(below), -jnp.sum(jnp.where(below, risks, 0.0)),
-                                jnp.sum(risks))
+      negative_part = jnp.where(
+        jnp.any(below), -jnp.sum(jnp.where(below, risks, 0.0)), jnp.sum(risks)
+      )
     else:
       negative_part = jnp.sum(jnp.maximum(risks, 0.0))
     return positive_part + jnp.mean(negative) * negative_part
+
   return objective
 
 
@@ -129,8 +132,9 @@ def _sigmoid(z, y):
 def _complement_terms(z, y):
   """``-sum_{k not in Y} log(1 - p_k)``, each term the exact complement_nll of class k."""
   k = z.shape[-1]
-  per_class = jax.vmap(lambda c: losses.complement_nll(z, jnp.full(z.shape[:-1], c)),
-                       out_axes=-1)(jnp.arange(k))
+  per_class = jax.vmap(lambda c: losses.complement_nll(z, jnp.full(z.shape[:-1], c)), out_axes=-1)(
+    jnp.arange(k)
+  )
   return jnp.sum(jnp.where(y, 0.0, per_class), axis=-1)
 
 
@@ -170,6 +174,7 @@ class Regime:
     scores: for the label-set entries, how predictions are read (``softmax`` or
       ``sigmoid``); None for the others.
   """
+
   name: str
   positive: ExampleLoss
   negative: ExampleLoss | None
@@ -179,50 +184,127 @@ class Regime:
   scores: str | None = None
 
 
-REGIMES: dict[str, Regime] = {r.name: r for r in (
-    Regime("positive_only", _nll, None,
-           summary="nll on the positives; the negatives are ignored"),
-    Regime("negated_gradient", _nll, _negated,
-           summary="nll on the positives plus +log p_l (+log P(S) for a set) on the negatives "
-                   "(the naive method)"),
-    Regime("complement_likelihood", _nll, _complement,
-           summary="nll on the positives plus -log(1 - p_l) (-log(1 - P(S)) for a set) on the "
-                   "negatives"),
-    Regime("scl_exp", _nll, _scl_exp, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
-           summary="nll on the positives plus exp(p_l) on the negatives (Chou et al. 2020)"),
-    Regime("forward", _nll, _forward, needs=(FLAT_LOGITS, TRANSITION, ONE_WRONG_LABEL),
-           summary="nll on the positives plus -log (T^T p)_l with the protocol's T (Yu et al. 2018)"),
-    Regime("pc", _nll, _pairwise, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
-           summary="nll on the positives plus sum_{k != l} sigmoid(z_l - z_k) (Ishida et al. 2017)"),
-    Regime("ure_ga", _nll, _unbiased_term, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
-           batch_objective=_ure("ga"),
-           summary="nll on the positives; the unbiased risk estimator with gradient ascent on "
-                   "negative partial risks, per batch (Ishida et al. 2019)"),
-    Regime("ure_nn", _nll, _unbiased_term, needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
-           batch_objective=_ure("nn"),
-           summary="nll on the positives; the unbiased risk estimator with the non-negative "
-                   "correction, per batch (Ishida et al. 2019)"),
-    Regime("npo", _nll, _npo, needs=(REFERENCE, ONE_WRONG_LABEL),
-           summary="nll on the positives plus (2/beta) log(1 + (p_l / p_ref_l)^beta) against a "
-                   "frozen model trained on the labeled inputs alone (Zhang et al. 2024)"),
-    Regime("mcl_log", _nll, _mcl("complement_set_nll"), needs=(FLAT_LOGITS,),
-           summary="nll on the positives plus -log(1 - P(S)) on sets S (Feng et al. 2020)"),
-    Regime("mcl_mae", _nll, _mcl("mcl_mae"), needs=(FLAT_LOGITS,),
-           summary="nll on the positives plus P(S) on sets S (Feng et al. 2020)"),
-    Regime("mcl_exp", _nll, _mcl("mcl_exp"), needs=(FLAT_LOGITS,),
-           summary="nll on the positives plus exp(-(1 - P(S))) on sets S (Feng et al. 2020)"),
-    Regime("softmax_y_over_size", _on_sets(_softmax_targets), None,
-           needs=(LABEL_SETS, FLAT_LOGITS), scores="softmax",
-           summary="multilabel_softmax_cross_entropy: softmax with targets Y/|Y|"),
-    Regime("sigmoid", _on_sets(_sigmoid), None, needs=(LABEL_SETS, FLAT_LOGITS), scores="sigmoid",
-           summary="sigmoid_binary_cross_entropy summed over classes"),
-    Regime("softmax_plus_complement", _on_sets(_softmax_plus_complement), None,
-           needs=(LABEL_SETS, FLAT_LOGITS), scores="softmax",
-           summary="softmax with targets Y/|Y| plus -log(1 - p_k) for every k not in Y "
-                   "(complement_nll)"),
-    Regime("clipped_softmax", _on_sets(_clipped), None, needs=(LABEL_SETS, FLAT_LOGITS),
-           scores="softmax",
-           summary="Keras-style: softmax probabilities clipped to [1e-7, 1 - 1e-7], targets Y/|Y|"),
-)}
-NAMES = tuple(n for n, r in REGIMES.items() if LABEL_SETS not in r.needs)  # one label each
+#: Every regime and objective by name, the one table the kinds train from.
+REGIMES: dict[str, Regime] = {
+  r.name: r
+  for r in (
+    Regime("positive_only", _nll, None, summary="nll on the positives; the negatives are ignored"),
+    Regime(
+      "negated_gradient",
+      _nll,
+      _negated,
+      summary="nll on the positives plus +log p_l (+log P(S) for a set) on the negatives "
+      "(the naive method)",
+    ),
+    Regime(
+      "complement_likelihood",
+      _nll,
+      _complement,
+      summary="nll on the positives plus -log(1 - p_l) (-log(1 - P(S)) for a set) on the negatives",
+    ),
+    Regime(
+      "scl_exp",
+      _nll,
+      _scl_exp,
+      needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
+      summary="nll on the positives plus exp(p_l) on the negatives (Chou et al. 2020)",
+    ),
+    Regime(
+      "forward",
+      _nll,
+      _forward,
+      needs=(FLAT_LOGITS, TRANSITION, ONE_WRONG_LABEL),
+      summary="nll on the positives plus -log (T^T p)_l with the protocol's T (Yu et al. 2018)",
+    ),
+    Regime(
+      "pc",
+      _nll,
+      _pairwise,
+      needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
+      summary="nll on the positives plus sum_{k != l} sigmoid(z_l - z_k) (Ishida et al. 2017)",
+    ),
+    Regime(
+      "ure_ga",
+      _nll,
+      _unbiased_term,
+      needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
+      batch_objective=_ure("ga"),
+      summary="nll on the positives; the unbiased risk estimator with gradient ascent on "
+      "negative partial risks, per batch (Ishida et al. 2019)",
+    ),
+    Regime(
+      "ure_nn",
+      _nll,
+      _unbiased_term,
+      needs=(FLAT_LOGITS, ONE_WRONG_LABEL),
+      batch_objective=_ure("nn"),
+      summary="nll on the positives; the unbiased risk estimator with the non-negative "
+      "correction, per batch (Ishida et al. 2019)",
+    ),
+    Regime(
+      "npo",
+      _nll,
+      _npo,
+      needs=(REFERENCE, ONE_WRONG_LABEL),
+      summary="nll on the positives plus (2/beta) log(1 + (p_l / p_ref_l)^beta) against a "
+      "frozen model trained on the labeled inputs alone (Zhang et al. 2024)",
+    ),
+    Regime(
+      "mcl_log",
+      _nll,
+      _mcl("complement_set_nll"),
+      needs=(FLAT_LOGITS,),
+      summary="nll on the positives plus -log(1 - P(S)) on sets S (Feng et al. 2020)",
+    ),
+    Regime(
+      "mcl_mae",
+      _nll,
+      _mcl("mcl_mae"),
+      needs=(FLAT_LOGITS,),
+      summary="nll on the positives plus P(S) on sets S (Feng et al. 2020)",
+    ),
+    Regime(
+      "mcl_exp",
+      _nll,
+      _mcl("mcl_exp"),
+      needs=(FLAT_LOGITS,),
+      summary="nll on the positives plus exp(-(1 - P(S))) on sets S (Feng et al. 2020)",
+    ),
+    Regime(
+      "softmax_y_over_size",
+      _on_sets(_softmax_targets),
+      None,
+      needs=(LABEL_SETS, FLAT_LOGITS),
+      scores="softmax",
+      summary="multilabel_softmax_cross_entropy: softmax with targets Y/|Y|",
+    ),
+    Regime(
+      "sigmoid",
+      _on_sets(_sigmoid),
+      None,
+      needs=(LABEL_SETS, FLAT_LOGITS),
+      scores="sigmoid",
+      summary="sigmoid_binary_cross_entropy summed over classes",
+    ),
+    Regime(
+      "softmax_plus_complement",
+      _on_sets(_softmax_plus_complement),
+      None,
+      needs=(LABEL_SETS, FLAT_LOGITS),
+      scores="softmax",
+      summary="softmax with targets Y/|Y| plus -log(1 - p_k) for every k not in Y (complement_nll)",
+    ),
+    Regime(
+      "clipped_softmax",
+      _on_sets(_clipped),
+      None,
+      needs=(LABEL_SETS, FLAT_LOGITS),
+      scores="softmax",
+      summary="Keras-style: softmax probabilities clipped to [1e-7, 1 - 1e-7], targets Y/|Y|",
+    ),
+  )
+}
+#: The regimes of one true label per example (the classifier's and the LM's).
+NAMES = tuple(n for n, r in REGIMES.items() if LABEL_SETS not in r.needs)
+#: The objectives of several true labels per example (the multi-label kind's).
 LABEL_SET_NAMES = tuple(n for n, r in REGIMES.items() if LABEL_SETS in r.needs)

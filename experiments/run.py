@@ -1,5 +1,5 @@
 """The one command line: runs an experiment config of any kind and writes its results to a
-workdir.
+workdir::
 
     jaxsoftmax-run --config=feedback_digits --workdir=runs/feedback_digits
     jaxsoftmax-run --config=lm_unlearning --workdir=runs/lm_unlearning
@@ -54,37 +54,44 @@ def _usage(argv: Sequence[str] = (), program: str = "jaxsoftmax-run") -> str:
   (of the named config's kind only, when ``--config`` names one)."""
   from jaxsoftmax_experiments import config as config_lib
   from jaxsoftmax_experiments import configs
+
   kinds = config_lib.KINDS
-  named = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
+  named = next((a[len("--config=") :] for a in argv if a.startswith("--config=")), None)
   if named:
     loaded = _load_quietly(named)
     if loaded is not None:
       kinds = (config_lib.kind_of(loaded),)
-  return (f"usage: {program} --config=NAME|PATH --workdir=DIR [--config.KEY=VALUE ...]\n\n"
-          f"Trains every regime x seed of an experiment config (a classifier, a language model "
-          f"or a multi-label study) and writes config.json, metrics.jsonl, results.json, "
-          f"timing.json, summary.md and curves.png to --workdir.\n\n"
-          f"flags:\n{_FLAGS}\n\npackaged configs (--config=NAME):\n{_config_list(configs)}\n\n"
-          f"config keys (override any as --config.KEY=VALUE; a config of one kind has its "
-          f"kind's keys only):\n{config_lib.describe(kinds)}\n")
+  return (
+    f"usage: {program} --config=NAME|PATH --workdir=DIR [--config.KEY=VALUE ...]\n\n"
+    f"Trains every regime x seed of an experiment config (a classifier, a language model "
+    f"or a multi-label study) and writes config.json, metrics.jsonl, results.json, "
+    f"timing.json, summary.md and curves.png to --workdir.\n\n"
+    f"flags:\n{_FLAGS}\n\npackaged configs (--config=NAME):\n{_config_list(configs)}\n\n"
+    f"config keys (override any as --config.KEY=VALUE; a config of one kind has its "
+    f"kind's keys only):\n{config_lib.describe(kinds)}\n"
+  )
 
 
 def _config_list(configs) -> str:
   """Each packaged config with its kind, its variants (NAME:ARG) and its first line."""
   import ast
+
   out = []
   for name in configs.names():
     source = open(configs.path(name), encoding="utf-8").read()
     tree = ast.parse(source)
     doc = (ast.get_docstring(tree) or "").strip().splitlines()
-    get = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_config"),
-               None)
+    get = next(
+      (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_config"), None
+    )
     variants = ""
     if get is not None and get.args.args:
       arg = get.args.args[0].arg
       default = get.args.defaults[0].value if get.args.defaults else None
-      choices = sorted({c.value for c in ast.walk(get) if isinstance(c, ast.Constant)
-                        and isinstance(c.value, str)} & _VARIANTS.get(name, set()))
+      choices = sorted(
+        {c.value for c in ast.walk(get) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+        & _VARIANTS.get(name, set())
+      )
       variants = f" (variants {name}:{arg}, {arg} one of {', '.join(choices)}; default {default})"
     out.append(f"  {name}{variants}: {doc[0] if doc else ''}")
   return "\n".join(out)
@@ -97,6 +104,7 @@ _VARIANTS = {"feedback_digits": {"softmax", "hierarchical"}, "mnist1d_supervised
 def _load_quietly(arg: str):
   """The config ``--config=arg`` names, or None when it does not load."""
   import importlib.util
+
   path, _, rest = resolve_config_arg(arg).partition(":")
   try:
     spec = importlib.util.spec_from_file_location("_jaxsoftmax_help_config", path)
@@ -118,14 +126,16 @@ def _flags(argv: list[str]):
 
   fv = flags.FlagValues()
   # sys_argv: the overrides to define come from argv, not from the process's sys.argv.
-  config_flags.DEFINE_config_file("config", None, "Experiment config.", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "Experiment config.", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   flags.DEFINE_string("workdir", None, "Folder for the run's outputs.", flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "Start afresh.", flag_values=fv)
   flags.DEFINE_boolean("progress", True, "Show a progress bar.", flag_values=fv)
   flags.DEFINE_integer("num_devices", 0, "Devices to use; 0: all.", lower_bound=0, flag_values=fv)
-  flags.DEFINE_string("compilation_cache", _default_cache(), "Persistent compilation cache.",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "compilation_cache", _default_cache(), "Persistent compilation cache.", flag_values=fv
+  )
   flags.DEFINE_boolean("distributed", False, "jax.distributed.initialize first.", flag_values=fv)
   flags.DEFINE_string("coordinator_address", None, "Process 0's host:port.", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=fv)
@@ -136,6 +146,7 @@ def _flags(argv: list[str]):
 def resolve_config_arg(arg: str) -> str:
   """``--config=NAME[:ARG]`` names a packaged config; anything else is taken as a path."""
   from jaxsoftmax_experiments import configs
+
   name, colon, rest = arg.partition(":")
   packaged = None if "/" in name or name.endswith(".py") else configs.path(name)
   return packaged + colon + rest if packaged else arg
@@ -145,8 +156,11 @@ def _error(message: str) -> int:
   return execute.error(message)
 
 
-def main(argv: Sequence[str] | None = None, program: str = "jaxsoftmax-run",
-         default_config: str | None = None) -> int:
+def main(
+  argv: Sequence[str] | None = None,
+  program: str = "jaxsoftmax-run",
+  default_config: str | None = None,
+) -> int:
   """Parses ``argv`` (default ``sys.argv[1:]``), runs the experiment; returns the exit status.
 
   ``default_config`` is the config of a command that has one (``jaxsoftmax-lm``), used
@@ -162,8 +176,11 @@ def main(argv: Sequence[str] | None = None, program: str = "jaxsoftmax-run",
   try:
     return _main(argv, interrupt, program)
   except KeyboardInterrupt:
-    print("\nInterrupted before the next checkpoint; rerun the same command to resume from the "
-          "last one (if any).", file=sys.stderr)
+    print(
+      "\nInterrupted before the next checkpoint; rerun the same command to resume from the "
+      "last one (if any).",
+      file=sys.stderr,
+    )
     return INTERRUPTED
   finally:
     signal.signal(signal.SIGINT, previous)
@@ -172,8 +189,10 @@ def main(argv: Sequence[str] | None = None, program: str = "jaxsoftmax-run",
 def _last_override_wins(argv: list[str]) -> list[str]:
   """``argv`` with each ``--config.KEY=VALUE`` kept only where it is given last, so that a
   later override replaces an earlier one for every type (absl appends a tuple's values)."""
+
   def key(arg):
     return arg.partition("=")[0] if arg.startswith("--config.") and "=" in arg else None
+
   last = {key(a): i for i, a in enumerate(argv) if key(a)}
   return [a for i, a in enumerate(argv) if key(a) is None or last[key(a)] == i]
 
@@ -188,38 +207,53 @@ def parse(argv: list[str], program: str = "jaxsoftmax-run"):
   argv = list(argv)
   for i, arg in enumerate(argv):
     if arg.startswith("--config."):
-      key = arg[len("--config."):].split("=")[0].split(".")[0]
+      key = arg[len("--config.") :].split("=")[0].split(".")[0]
       if key not in config_lib.ALL_KEYS:
-        return _error(f"config.{key}: unknown key; the keys are {', '.join(config_lib.ALL_KEYS)} "
-                      "(--help describes each).")
+        return _error(
+          f"config.{key}: unknown key; the keys are {', '.join(config_lib.ALL_KEYS)} "
+          "(--help describes each)."
+        )
     elif arg.startswith("--config="):
-      value = arg[len("--config="):]
+      value = arg[len("--config=") :]
       argv[i] = "--config=" + resolve_config_arg(value)
       name = value.partition(":")[0]
-      if argv[i] == arg and "/" not in name and not name.endswith(".py") and not os.path.exists(name):
+      if (
+        argv[i] == arg and "/" not in name and not name.endswith(".py") and not os.path.exists(name)
+      ):
         from jaxsoftmax_experiments import configs
-        return _error(f"--config={value}: no packaged config of that name and no such file; "
-                      f"the packaged configs are {', '.join(configs.names())} (or give a path).")
+
+        return _error(
+          f"--config={value}: no packaged config of that name and no such file; "
+          f"the packaged configs are {', '.join(configs.names())} (or give a path)."
+        )
   argv = [program, *_last_override_wins(argv)]
   fv = _flags(argv)
-  if not any(a.startswith("--config=") for a in argv) and any(a.startswith("--config.") for a in argv):
-    return _error("--config.KEY=VALUE overrides need a config: add --config=NAME or "
-                  "--config=PATH (e.g. --config=feedback_digits).")
+  if not any(a.startswith("--config=") for a in argv) and any(
+    a.startswith("--config.") for a in argv
+  ):
+    return _error(
+      "--config.KEY=VALUE overrides need a config: add --config=NAME or "
+      "--config=PATH (e.g. --config=feedback_digits)."
+    )
   try:
     fv(argv)
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError) as e:
     missing = re.fullmatch(r"\"?'([\w.]+)'\"?", str(e))
     if missing:  # an override of a key that the config file does not hold
       key = missing.group(1)
-      named = next((a[len("--config="):] for a in argv if a.startswith("--config=")), "")
+      named = next((a[len("--config=") :] for a in argv if a.startswith("--config=")), "")
       loaded = _load_quietly(named)
       kind = config_lib.kind_of(loaded) if loaded is not None else "classifier"
       owners = [k for k in config_lib.kinds_of(key.split(".")[0]) if k != kind]
       if owners and kind not in config_lib.kinds_of(key.split(".")[0]):
-        return _error(f"--config.{key}: a key of kind {' and '.join(owners)}, not of this "
-                      f"config's kind {kind!r} (--help --config=... lists its keys).")
-      return _error(f"--config.{key}: the config has no such key; a config file starts from "
-                    "jaxsoftmax_experiments.config.defaults(KIND), which holds every key.")
+        return _error(
+          f"--config.{key}: a key of kind {' and '.join(owners)}, not of this "
+          f"config's kind {kind!r} (--help --config=... lists its keys)."
+        )
+      return _error(
+        f"--config.{key}: the config has no such key; a config file starts from "
+        "jaxsoftmax_experiments.config.defaults(KIND), which holds every key."
+      )
     return _error(f"{e} (--help lists the flags and config keys).")
   except Exception as e:  # the config file itself: a syntax error, or get_config raising  # noqa: BLE001
     return _error(f"cannot load --config: {type(e).__name__}: {e}")
@@ -230,7 +264,7 @@ def parse(argv: list[str], program: str = "jaxsoftmax-run"):
   try:
     config = fv.config
     if type(config).__name__ == "_ErrorConfig":  # absl's stand-in for a file that failed
-      config.to_dict()                            # to load raises that failure here
+      config.to_dict()  # to load raises that failure here
   except Exception as e:  # a missing config file, or one that raises  # noqa: BLE001
     return _error(f"cannot load --config: {type(e).__name__}: {e}")
   return fv, config
@@ -243,10 +277,15 @@ def _main(argv: list[str], interrupt: execute.Interrupt, program: str) -> int:
     return parsed
   fv, config = parsed
   options = execute.Options(
-      overwrite=fv.overwrite, progress=fv.progress, num_devices=fv.num_devices,
-      compilation_cache=fv.compilation_cache, distributed=fv.distributed,
-      distributed_args=(fv.coordinator_address, fv.num_processes, fv.process_id),
-      command=command, program=program)
+    overwrite=fv.overwrite,
+    progress=fv.progress,
+    num_devices=fv.num_devices,
+    compilation_cache=fv.compilation_cache,
+    distributed=fv.distributed,
+    distributed_args=(fv.coordinator_address, fv.num_processes, fv.process_id),
+    command=command,
+    program=program,
+  )
   return execute.execute(config, fv.workdir, options, interrupt)
 
 

@@ -26,20 +26,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 PROTOCOLS = ("uniform", "biased", "feedback")
 TABLE_MD, TABLE_JSON = "table.md", "table.json"
 
 
 def _usage() -> str:
-  return ("usage: jaxsoftmax-table --config=NAME|PATH --workdir=DIR [--protocols=P,...] "
-          "[--config.KEY=VALUE ...] [jaxsoftmax-run flags]\n\n" + __doc__)
+  return (
+    "usage: jaxsoftmax-table --config=NAME|PATH --workdir=DIR [--protocols=P,...] "
+    "[--config.KEY=VALUE ...] [jaxsoftmax-run flags]\n\n" + __doc__
+  )
 
 
 def regimes_for(config, protocol: str, wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
   """The regimes of ``wanted`` that ``config`` can train under ``protocol``, and for each
   one left out the config check's reason."""
   from jaxsoftmax_experiments import config as config_lib
+
   kept, left_out = [], {}
   for name in wanted:
     trial = config.copy_and_resolve_references()
@@ -55,6 +57,7 @@ def regimes_for(config, protocol: str, wanted: Sequence[str]) -> tuple[list[str]
 
 def _cell(r: dict[str, Any]) -> str:
   from jaxsoftmax_experiments.report import mean_std
+
   diverged = sum(r["diverged"])
   steps = [s for s in r["diverged_at_step"] if s is not None]
   text = f"{mean_std(r['test_accuracy'])}<br>NLL {mean_std(r['test_nll'])}"
@@ -71,16 +74,24 @@ def table_markdown(table: dict[str, Any]) -> str:
   for p in protocols:
     regimes += [r for r in table["protocols"][p]["regimes"] if r not in regimes]
   c = table["config"]
-  lines = [f"# Every regime x protocol on {c['dataset']}", "",
-           f"Model {c['model']}, {c['num_labeled']} true labels, {c['num_seeds']} seeds, "
-           f"{c['steps']} steps, batch {c['batch_size']}, {c['optimizer']} at learning rate "
-           f"{c['learning_rate']:g}. Each cell: test accuracy, test NLL (mean ± sample standard "
-           "deviation over seeds, last step) and the seeds that diverged.", "",
-           "| regime | " + " | ".join(protocols) + " |",
-           "|---|" + "---|" * len(protocols)]
+  lines = [
+    f"# Every regime x protocol on {c['dataset']}",
+    "",
+    f"Model {c['model']}, {c['num_labeled']} true labels, {c['num_seeds']} seeds, "
+    f"{c['steps']} steps, batch {c['batch_size']}, {c['optimizer']} at learning rate "
+    f"{c['learning_rate']:g}. Each cell: test accuracy, test NLL (mean ± sample standard "
+    "deviation over seeds, last step) and the seeds that diverged.",
+    "",
+    "| regime | " + " | ".join(protocols) + " |",
+    "|---|" + "---|" * len(protocols),
+  ]
   for regime in regimes:
-    cells = [_cell(table["protocols"][p]["regimes"][regime])
-             if regime in table["protocols"][p]["regimes"] else "n/a" for p in protocols]
+    cells = [
+      _cell(table["protocols"][p]["regimes"][regime])
+      if regime in table["protocols"][p]["regimes"]
+      else "n/a"
+      for p in protocols
+    ]
     lines.append(f"| {regime} | " + " | ".join(cells) + " |")
   lines += ["", "| protocol | runs | wall seconds | seconds per run |", "|---|---:|---:|---:|"]
   for p in protocols:
@@ -89,8 +100,11 @@ def table_markdown(table: dict[str, Any]) -> str:
     wall = entry["wall_seconds"]
     resumed = " (resumed)" if entry.get("resumed_from_step") is not None else ""
     lines.append(f"| {p} | {runs} | {wall:.1f}{resumed} | {wall / runs:.2f} |")
-  lines += ["", f"All protocols: {table['wall_seconds']:.1f} s (the sum of their wall times; a "
-            "rerun of a finished table trains nothing and writes the same table)."]
+  lines += [
+    "",
+    f"All protocols: {table['wall_seconds']:.1f} s (the sum of their wall times; a "
+    "rerun of a finished table trains nothing and writes the same table).",
+  ]
   left = {p: e["left_out"] for p, e in table["protocols"].items() if e["left_out"]}
   if left:
     lines += ["", "Left out (the config check's reason):"]
@@ -114,11 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       protocols = [p for p in arg.split("=", 1)[1].split(",") if p]
       bad = [p for p in protocols if p not in PROTOCOLS]
       if bad or not protocols:
-        return run._error(f"--protocols: must be a comma-separated list of {', '.join(PROTOCOLS)}, "
-                          f"got {arg.split('=', 1)[1]!r}.")
+        return run._error(
+          f"--protocols: must be a comma-separated list of {', '.join(PROTOCOLS)}, "
+          f"got {arg.split('=', 1)[1]!r}."
+        )
     elif arg.startswith(("--config.protocol=", "--config.protocol ")):
-      return run._error("--config.protocol: the table runs every protocol; choose them with "
-                        "--protocols=uniform,biased,feedback.")
+      return run._error(
+        "--config.protocol: the table runs every protocol; choose them with "
+        "--protocols=uniform,biased,feedback."
+      )
     else:
       rest.append(arg)
   parsed = run.parse(rest, program="jaxsoftmax-table")
@@ -133,22 +151,36 @@ def main(argv: Sequence[str] | None = None) -> int:
   for protocol in protocols:
     kept, left_out = regimes_for(config, protocol, wanted)
     if not kept:
-      return run._error(f"no regime of {', '.join(wanted)} can train under protocol "
-                        f"{protocol!r}: {next(iter(left_out.values()))}")
+      return run._error(
+        f"no regime of {', '.join(wanted)} can train under protocol "
+        f"{protocol!r}: {next(iter(left_out.values()))}"
+      )
     workdir = root / protocol
-    print(f"== {protocol}: {len(kept)} regimes x {config.num_seeds} seeds in {workdir}",
-          flush=True)
-    status = run.main([*passed, f"--workdir={workdir}", f"--config.protocol={protocol}",
-                       f"--config.regimes=({', '.join(repr(r) for r in kept)},)"])
+    print(f"== {protocol}: {len(kept)} regimes x {config.num_seeds} seeds in {workdir}", flush=True)
+    status = run.main(
+      [
+        *passed,
+        f"--workdir={workdir}",
+        f"--config.protocol={protocol}",
+        f"--config.regimes=({', '.join(repr(r) for r in kept)},)",
+      ]
+    )
     if status != 0:
       return status
     results = json.loads((workdir / "results.json").read_text())
     timing = json.loads((workdir / "timing.json").read_text())
-    entries[protocol] = {"regimes": results["regimes"], "wall_seconds": timing["wall_seconds"],
-                         "resumed_from_step": timing["resumed_from_step"], "left_out": left_out,
-                         "config": results["config"]}
-  table = {"config": entries[protocols[0]]["config"], "protocols": entries,
-           "wall_seconds": sum(e["wall_seconds"] for e in entries.values())}
+    entries[protocol] = {
+      "regimes": results["regimes"],
+      "wall_seconds": timing["wall_seconds"],
+      "resumed_from_step": timing["resumed_from_step"],
+      "left_out": left_out,
+      "config": results["config"],
+    }
+  table = {
+    "config": entries[protocols[0]]["config"],
+    "protocols": entries,
+    "wall_seconds": sum(e["wall_seconds"] for e in entries.values()),
+  }
   report.write_atomic(root / TABLE_JSON, report.to_json(table))
   text = table_markdown(table)
   report.write_atomic(root / TABLE_MD, text)

@@ -29,6 +29,7 @@ _TOKEN = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
 def topics() -> dict[str, str]:
   """Every help topic of ``pydoc_data.topics``, by name."""
   from pydoc_data.topics import topics as texts
+
   return dict(sorted(texts.items()))
 
 
@@ -91,7 +92,9 @@ def corpus(min_count: int = 3) -> Corpus:
 def _split_corpus(texts: dict[str, str], min_count: int) -> Corpus:
   parts = split(texts)
   vocab = Vocabulary.build([texts[n] for n in parts["train"]], min_count)
-  return Corpus(vocab, {p: {n: vocab.encode(texts[n]) for n in names} for p, names in parts.items()})
+  return Corpus(
+    vocab, {p: {n: vocab.encode(texts[n]) for n in names} for p, names in parts.items()}
+  )
 
 
 def user_corpus(path: str, min_count: int = 3) -> Corpus:
@@ -106,6 +109,7 @@ def user_corpus(path: str, min_count: int = 3) -> Corpus:
   from pathlib import Path
 
   from jaxsoftmax_experiments.data import DataError
+
   root = Path(path)
   if root.is_dir():
     files = sorted(p for p in root.rglob("*.txt") if p.is_file())
@@ -117,14 +121,17 @@ def user_corpus(path: str, min_count: int = 3) -> Corpus:
     raise DataError(f"text:{path}: no such file or folder.")
   texts = {n: t for n, t in texts.items() if tokenize(t)}
   if len(texts) < 10:
-    raise DataError(f"text:{path}: {len(texts)} topics (files of a folder, paragraphs of a file) "
-                    "with text; it needs at least 10, so that every 10th can be a validation "
-                    "and a test topic.")
+    raise DataError(
+      f"text:{path}: {len(texts)} topics (files of a folder, paragraphs of a file) "
+      "with text; it needs at least 10, so that every 10th can be a validation "
+      "and a test topic."
+    )
   return _split_corpus(texts, min_count)
 
 
 def _read(path) -> str:
   from jaxsoftmax_experiments.data import DataError
+
   try:
     return path.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
@@ -146,8 +153,9 @@ def previous_tokens(context, targets):
   ``[..., T]`` up to and including position t other than the target, ``[..., T, T]`` with
   -1 where unused (row t lists positions 0..t)."""
   import jax.numpy as jnp
+
   t = context.shape[-1]
-  upto = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]                  # [T, T]
-  tokens = jnp.broadcast_to(context[..., None, :], (*context.shape, t))    # row t: the context
+  upto = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, T]
+  tokens = jnp.broadcast_to(context[..., None, :], (*context.shape, t))  # row t: the context
   keep = upto & (tokens != targets[..., :, None])
   return jnp.where(keep, tokens, -1)

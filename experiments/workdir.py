@@ -1,4 +1,4 @@
-"""A run's folder: every file name, the config check, the metrics log, results, checkpoints.
+"""A run's folder: every file name, the config check, the metrics log, results, checkpoints::
 
     config.json     the resolved config, written when the run starts
     metrics.jsonl   the log: one line per evaluation per (regime, seed)
@@ -42,22 +42,29 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jaxsoftmax_experiments import report
 
 CONFIG, METRICS, RESULTS, TIMING, SUMMARY, CURVES = (
-    "config.json", "metrics.jsonl", "results.json", "timing.json", "summary.md", "curves.png")
+  "config.json",
+  "metrics.jsonl",
+  "results.json",
+  "timing.json",
+  "summary.md",
+  "curves.png",
+)
 OUTPUTS = (CONFIG, METRICS, RESULTS, TIMING, SUMMARY, CURVES)
 RECORD = "outputs.json"
 _LARGEST_CONFIG = 1 << 20  # a config.json larger than this is not one this project wrote
 CHECKPOINTS = "checkpoints"
 DAMAGED = CHECKPOINTS + "-damaged"
 LOCK = ".lock"
-_TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(n) for n in (*OUTPUTS, RECORD))
-                        + r")\..*\.tmp$")
+_TEMPORARY = re.compile(
+  r"^\.(" + "|".join(re.escape(n) for n in (*OUTPUTS, RECORD)) + r")\..*\.tmp$"
+)
 _STEP = re.compile(r"^\d+$|\.orbax-checkpoint-tmp")
 
 
@@ -93,8 +100,11 @@ def _ours(step_folder: Path) -> bool:
   or is an Orbax temporary folder. A damaged one of ours still has them."""
   if ".orbax-checkpoint-tmp" in step_folder.name:
     return True
-  return ((step_folder / "_CHECKPOINT_METADATA").is_file() and (step_folder / "meta").is_dir()
-          and (step_folder / "arrays").is_dir())
+  return (
+    (step_folder / "_CHECKPOINT_METADATA").is_file()
+    and (step_folder / "meta").is_dir()
+    and (step_folder / "arrays").is_dir()
+  )
 
 
 class Workdir:
@@ -111,22 +121,27 @@ class Workdir:
     goes ahead, so a refused or finished command leaves every file as it was.
     """
     if self.path.is_symlink() and not self.path.exists():
-      raise WorkdirError(f"--workdir {self.path} is a symbolic link to a folder that does not "
-                         "exist; create the folder it points to or choose another.")
+      raise WorkdirError(
+        f"--workdir {self.path} is a symbolic link to a folder that does not "
+        "exist; create the folder it points to or choose another."
+      )
     try:
       self.path.mkdir(parents=True, exist_ok=True)
       handle = open(self.path / LOCK, "a+")
     except OSError as e:
-      raise WorkdirError(f"--workdir {self.path} cannot be written ({e.strerror}); choose a "
-                         "folder you can write to.") from None
+      raise WorkdirError(
+        f"--workdir {self.path} cannot be written ({e.strerror}); choose a folder you can write to."
+      ) from None
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
       handle.seek(0)
       holder = handle.read().strip() or "another process"
       handle.close()
-      raise WorkdirError(f"--workdir {self.path} is in use by {holder}; wait for it to finish "
-                         "or choose another folder.") from None
+      raise WorkdirError(
+        f"--workdir {self.path} is in use by {holder}; wait for it to finish "
+        "or choose another folder."
+      ) from None
     self._lock = handle
 
   def claim(self, command: str) -> None:
@@ -178,8 +193,12 @@ class Workdir:
       if folder.is_symlink():
         if folder.is_dir():
           for entry in folder.iterdir():
-            if (_STEP.search(entry.name) and entry.is_dir() and not entry.is_symlink()
-                and _ours(entry)):
+            if (
+              _STEP.search(entry.name)
+              and entry.is_dir()
+              and not entry.is_symlink()
+              and _ours(entry)
+            ):
               shutil.rmtree(entry)
       elif folder.is_dir():
         shutil.rmtree(folder)
@@ -199,20 +218,27 @@ class Workdir:
       if not isinstance(earlier, dict):
         raise ValueError("it holds no JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as e:
-      return (f"--workdir {self.path} holds a run ({', '.join(existing)}) whose config.json cannot "
-              f"be read ({e}); choose another folder or pass --overwrite to start afresh.")
+      return (
+        f"--workdir {self.path} holds a run ({', '.join(existing)}) whose config.json cannot "
+        f"be read ({e}); choose another folder or pass --overwrite to start afresh."
+      )
     missing = object()
-    differ = sorted(k for k in set(earlier) | set(resolved)
-                    if earlier.get(k, missing) != resolved.get(k, missing))
+    differ = sorted(
+      k for k in set(earlier) | set(resolved) if earlier.get(k, missing) != resolved.get(k, missing)
+    )
     if not differ:
       return None
-    changes = ", ".join(f"{k} ({earlier.get(k, 'unset')!r} -> {resolved.get(k, 'unset')!r})"
-                        for k in differ)
-    more = (" A finished or started run cannot be continued with more steps." if "steps" in differ
-            else "")
-    return (f"--workdir {self.path} holds a run of a different config; differing keys: {changes}."
-            f"{more} Rerun with the same config to resume it, choose another folder, or pass "
-            "--overwrite to start afresh.")
+    changes = ", ".join(
+      f"{k} ({earlier.get(k, 'unset')!r} -> {resolved.get(k, 'unset')!r})" for k in differ
+    )
+    more = (
+      " A finished or started run cannot be continued with more steps." if "steps" in differ else ""
+    )
+    return (
+      f"--workdir {self.path} holds a run of a different config; differing keys: {changes}."
+      f"{more} Rerun with the same config to resume it, choose another folder, or pass "
+      "--overwrite to start afresh."
+    )
 
   def is_complete(self) -> bool:
     """A finished run is here: every output was written and matches the record of them
@@ -270,8 +296,14 @@ class Workdir:
     log.flush()
     os.fsync(log.fileno())
 
-  def write_outputs(self, results: dict[str, Any], summary: str, plot: Callable[[Path], None],
-                    wall: float, resumed_from: int | None) -> None:
+  def write_outputs(
+    self,
+    results: dict[str, Any],
+    summary: str,
+    plot: Callable[[Path], None],
+    wall: float,
+    resumed_from: int | None,
+  ) -> None:
     """results.json, timing.json, summary.md and curves.png (``plot`` writes it), then the
     record of every output, last: the run is complete from that moment on."""
     report.write_atomic(self.path / RESULTS, report.to_json(results))

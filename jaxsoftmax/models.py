@@ -28,11 +28,19 @@ class MLP(nnx.Module):
     (4, 10)
   """
 
-  def __init__(self, input_shape: Sequence[int], num_classes: int, *,
-               hidden: Sequence[int] = (100, 100), tree: ClassTree | Tree | None = None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (100, 100),
+    tree: ClassTree | Tree | None = None,
+    rngs: nnx.Rngs,
+  ):
     if num_classes < 1 or any(h < 1 for h in hidden):
-      raise ValueError(f"num_classes and hidden sizes must be positive, got {num_classes}, {tuple(hidden)}.")
+      raise ValueError(
+        f"num_classes and hidden sizes must be positive, got {num_classes}, {tuple(hidden)}."
+      )
     self.input_shape = tuple(input_shape)
     sizes = (math.prod(self.input_shape), *hidden)
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
@@ -69,19 +77,28 @@ class CNN(nnx.Module):
     (4, 10)
   """
 
-  def __init__(self, input_shape: Sequence[int], num_classes: int, *,
-               channels: Sequence[int] = (25, 25, 25), kernel_size: int | None = None,
-               tree: ClassTree | Tree | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    channels: Sequence[int] = (25, 25, 25),
+    kernel_size: int | None = None,
+    tree: ClassTree | Tree | None = None,
+    rngs: nnx.Rngs,
+  ):
     self.input_shape = tuple(input_shape)
     rank = len(self.input_shape)
     if rank not in (1, 2):
       raise ValueError(f"CNN takes 1-D or 2-D inputs, got input shape {self.input_shape}.")
     kernel = kernel_size or (5 if rank == 1 else 3)
     sizes = (1, *channels)
-    self.convs = nnx.List([
+    self.convs = nnx.List(
+      [
         nnx.Conv(a, b, (kernel,) * rank, strides=2, rngs=rngs)
         for a, b in zip(sizes[:-1], sizes[1:])
-    ])
+      ]
+    )
     spatial = self.input_shape
     for _ in channels:
       spatial = tuple(-(-s // 2) for s in spatial)  # SAME padding, stride 2
@@ -103,8 +120,9 @@ class CNN(nnx.Module):
     return _linear_weights(self.head)
 
 
-def make_head(in_features: int, num_classes: int, tree: ClassTree | Tree | None,
-              rngs: nnx.Rngs) -> nnx.Module:
+def make_head(
+  in_features: int, num_classes: int, tree: ClassTree | Tree | None, rngs: nnx.Rngs
+) -> nnx.Module:
   """A ``Linear`` layer of logits, a :class:`HierarchicalSoftmax` over a ``ClassTree``
   or a :class:`TreeSoftmax` over a ``Tree`` of any depth.
 
@@ -114,8 +132,10 @@ def make_head(in_features: int, num_classes: int, tree: ClassTree | Tree | None,
   if tree is None:
     return nnx.Linear(in_features, num_classes, rngs=rngs)
   if tree.num_classes != num_classes:
-    raise ValueError(f"the class tree has {tree.num_classes} classes, but the model has "
-                     f"{num_classes}: the tree needs one leaf per class.")
+    raise ValueError(
+      f"the class tree has {tree.num_classes} classes, but the model has "
+      f"{num_classes}: the tree needs one leaf per class."
+    )
   if isinstance(tree, Tree):
     return TreeSoftmax(in_features, tree, rngs=rngs)
   return HierarchicalSoftmax(in_features, tree, rngs=rngs)
@@ -124,6 +144,8 @@ def make_head(in_features: int, num_classes: int, tree: ClassTree | Tree | None,
 def _linear_weights(head: nnx.Module) -> tuple[jax.Array, jax.Array]:
   if not isinstance(head, nnx.Linear):
     raise TypeError(f"the fused losses need a linear output layer, not a {type(head).__name__}.")
+  if head.bias is None:
+    raise TypeError("the fused losses need a linear output layer with a bias (use_bias=True).")
   return head.kernel[...], head.bias[...]
 
 
@@ -135,10 +157,11 @@ def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   batched matrix product, where a vmapped convolution becomes a grouped one that
   XLA's CPU backend runs several times slower, most of all inside ``lax.scan``.
   """
-  kernel = conv.kernel[...]                      # [*window, C_in, C_out]
+  kernel = conv.kernel[...]  # [*window, C_in, C_out]
   window = kernel.shape[:-2]
-  strides = conv.strides if isinstance(conv.strides, Sequence) else (conv.strides,) * len(window)
-  spatial = x.shape[-len(window) - 1:-1]
+  given = 1 if conv.strides is None else conv.strides  # nnx.Conv's None: stride 1
+  strides = tuple(given) if isinstance(given, Sequence) else (given,) * len(window)
+  spatial = x.shape[-len(window) - 1 : -1]
   out = [-(-n // s) for n, s in zip(spatial, strides)]
   pads = [(0, 0)] * (x.ndim - len(window) - 1)
   for n, k, s, o in zip(spatial, window, strides, out):
@@ -146,9 +169,11 @@ def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     pads.append((total // 2, total - total // 2))
   x = jnp.pad(x, [*pads, (0, 0)])
   lead = (slice(None),) * (x.ndim - len(window) - 1)
-  taps = [x[(*lead, *(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out, strides)))]
-          for offset in itertools.product(*(range(k) for k in window))]
-  patches = jnp.concatenate(taps, axis=-1)       # [..., *out, prod(window) * C_in], window-major
+  taps = [
+    x[(*lead, *(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out, strides)))]
+    for offset in itertools.product(*(range(k) for k in window))
+  ]
+  patches = jnp.concatenate(taps, axis=-1)  # [..., *out, prod(window) * C_in], window-major
   y = patches @ kernel.reshape(-1, kernel.shape[-1])
   return y + conv.bias[...] if conv.bias is not None else y
 
@@ -255,8 +280,9 @@ class TreeSoftmax(nnx.Module):
     return tree_log_softmax(self(x), self.tree)
 
 
-def tree_path_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array, tree: Tree,
-                     classes: jax.Array) -> jax.Array:
+def tree_path_logits(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array, tree: Tree, classes: jax.Array
+) -> jax.Array:
   """:meth:`TreeSoftmax.path_logits` on given weights: gathers each path's ``[L, D, B]``
   kernel rows (levels past a class's depth read the root's, which the losses ignore)."""
   nodes = jnp.maximum(jnp.asarray(tree.path_nodes)[jnp.maximum(classes, 0)], 0)
@@ -283,8 +309,17 @@ class TransformerLM(nnx.Module):
     (3, 16, 100)
   """
 
-  def __init__(self, vocab_size: int, max_length: int, *, width: int = 64, depth: int = 2,
-               heads: int = 4, tree: ClassTree | Tree | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    vocab_size: int,
+    max_length: int,
+    *,
+    width: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+    tree: ClassTree | Tree | None = None,
+    rngs: nnx.Rngs,
+  ):
     if width % heads:
       raise ValueError(f"width ({width}) must be a multiple of heads ({heads}).")
     self.max_length = max_length

@@ -33,7 +33,7 @@ def log1m_softmax(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
 
 
 def clipped_log1m_softmax(
-    logits: ArrayLike, labels: ArrayLike, *, eps: float = KERAS_EPSILON
+  logits: ArrayLike, labels: ArrayLike, *, eps: float = KERAS_EPSILON
 ) -> jax.Array:
   """``-log(1 - clip(softmax(z)_l, eps, 1 - eps))``, the Keras-style clipped form."""
   return -jnp.log(1.0 - jnp.clip(_prob(logits, labels), eps, 1.0 - eps))
@@ -43,6 +43,4 @@ def difference_of_logsumexps(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   """``logsumexp(z) - logsumexp_{k != l}(z)``, the literal difference."""
   logits = jnp.asarray(logits)
   others = jnp.arange(logits.shape[-1]) != jnp.asarray(labels)[..., None]
-  return jax.nn.logsumexp(logits, axis=-1) - jax.nn.logsumexp(
-      logits, axis=-1, where=others
-  )
+  return jax.nn.logsumexp(logits, axis=-1) - jax.nn.logsumexp(logits, axis=-1, where=others)

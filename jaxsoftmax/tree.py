@@ -41,12 +41,18 @@ class ClassTree:
 
   cluster_of: np.ndarray
   num_clusters: int
+  # Derived from cluster_of by __post_init__.
+  slot_of: np.ndarray = dataclasses.field(init=False, repr=False)
+  sizes: np.ndarray = dataclasses.field(init=False, repr=False)
+  members: np.ndarray = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
     cluster_of = np.asarray(self.cluster_of)
     if cluster_of.ndim != 1 or cluster_of.size == 0:
       raise ValueError(
-          f"cluster_of must be a non-empty 1-D array (class -> cluster), got shape {cluster_of.shape}.")
+        "cluster_of must be a non-empty 1-D array (class -> cluster), got shape "
+        f"{cluster_of.shape}."
+      )
     if not np.issubdtype(cluster_of.dtype, np.integer):
       raise ValueError(f"cluster_of must hold integer cluster ids, got dtype {cluster_of.dtype}.")
     num_clusters = int(self.num_clusters)
@@ -56,14 +62,16 @@ class ClassTree:
     if bad.any():
       k = int(np.argmax(bad))
       raise ValueError(
-          f"cluster_of[{k}] = {cluster_of[k]} is outside [0, {num_clusters}) "
-          f"({int(bad.sum())} class(es) have an out-of-range cluster id).")
+        f"cluster_of[{k}] = {cluster_of[k]} is outside [0, {num_clusters}) "
+        f"({int(bad.sum())} class(es) have an out-of-range cluster id)."
+      )
     sizes = np.bincount(cluster_of, minlength=num_clusters)
     if (sizes == 0).any():
       empty = np.flatnonzero(sizes == 0)
       raise ValueError(
-          f"cluster {int(empty[0])} is empty ({empty.size} of {num_clusters} clusters "
-          f"have no class): every cluster needs at least one class.")
+        f"cluster {int(empty[0])} is empty ({empty.size} of {num_clusters} clusters "
+        f"have no class): every cluster needs at least one class."
+      )
     cluster_of = cluster_of.astype(np.int32)
     order = np.argsort(cluster_of, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -71,15 +79,20 @@ class ClassTree:
     slot_of[order] = np.arange(cluster_of.size) - starts[cluster_of[order]]
     members = np.full((num_clusters, int(sizes.max())), -1, np.int32)
     members[cluster_of, slot_of] = np.arange(cluster_of.size, dtype=np.int32)
-    for name, value in (("cluster_of", cluster_of), ("slot_of", slot_of),
-                        ("sizes", sizes.astype(np.int32)), ("members", members)):
+    for name, value in (
+      ("cluster_of", cluster_of),
+      ("slot_of", slot_of),
+      ("sizes", sizes.astype(np.int32)),
+      ("members", members),
+    ):
       value.setflags(write=False)
       object.__setattr__(self, name, value)
     object.__setattr__(self, "num_clusters", num_clusters)
 
   @classmethod
-  def from_clusters(cls, cluster_of: ArrayLike, num_clusters: int | None = None,
-                    *, num_classes: int | None = None) -> ClassTree:
+  def from_clusters(
+    cls, cluster_of: ArrayLike, num_clusters: int | None = None, *, num_classes: int | None = None
+  ) -> ClassTree:
     """A tree from each class's cluster id.
 
     Args:
@@ -93,8 +106,9 @@ class ClassTree:
     cluster_of = np.asarray(cluster_of)
     if num_classes is not None and (cluster_of.ndim != 1 or len(cluster_of) != num_classes):
       raise ValueError(
-          f"cluster_of has shape {cluster_of.shape}, but the model has {num_classes} classes: "
-          f"it needs one cluster id per class, shape ({num_classes},).")
+        f"cluster_of has shape {cluster_of.shape}, but the model has {num_classes} classes: "
+        f"it needs one cluster id per class, shape ({num_classes},)."
+      )
     if num_clusters is None:
       num_clusters = int(cluster_of.max()) + 1 if cluster_of.size else 1
     return cls(cluster_of, num_clusters)
@@ -109,15 +123,20 @@ class ClassTree:
     return int(self.members.shape[1])
 
   def __eq__(self, other):
-    return (isinstance(other, ClassTree) and self.num_clusters == other.num_clusters
-            and np.array_equal(self.cluster_of, other.cluster_of))
+    return (
+      isinstance(other, ClassTree)
+      and self.num_clusters == other.num_clusters
+      and np.array_equal(self.cluster_of, other.cluster_of)
+    )
 
   def __hash__(self):
     return hash((self.num_clusters, self.cluster_of.tobytes()))
 
   def __repr__(self):
-    return (f"ClassTree(num_classes={self.num_classes}, num_clusters={self.num_clusters}, "
-            f"max_size={self.max_size})")
+    return (
+      f"ClassTree(num_classes={self.num_classes}, num_clusters={self.num_clusters}, "
+      f"max_size={self.max_size})"
+    )
 
 
 def balanced_tree(num_classes: int, num_clusters: int | None = None) -> ClassTree:
@@ -139,8 +158,9 @@ def balanced_tree(num_classes: int, num_clusters: int | None = None) -> ClassTre
     num_clusters = math.isqrt(num_classes - 1) + 1  # ceil(sqrt(K))
   if not 1 <= num_clusters <= num_classes:
     raise ValueError(
-        f"num_clusters must be in [1, num_classes={num_classes}], got {num_clusters}: "
-        f"more clusters than classes leaves some empty.")
+      f"num_clusters must be in [1, num_classes={num_classes}], got {num_clusters}: "
+      f"more clusters than classes leaves some empty."
+    )
   cluster_of = np.arange(num_classes, dtype=np.int64) * num_clusters // num_classes
   return ClassTree(cluster_of, num_clusters)
 
@@ -189,6 +209,15 @@ class Tree:
 
   num_classes: int
   children: np.ndarray
+  # Derived from children by __post_init__.
+  arity: np.ndarray = dataclasses.field(init=False, repr=False)
+  path_nodes: np.ndarray = dataclasses.field(init=False, repr=False)
+  path_branches: np.ndarray = dataclasses.field(init=False, repr=False)
+  depth: np.ndarray = dataclasses.field(init=False, repr=False)
+  node_parent: np.ndarray = dataclasses.field(init=False, repr=False)
+  node_branch: np.ndarray = dataclasses.field(init=False, repr=False)
+  class_parent: np.ndarray = dataclasses.field(init=False, repr=False)
+  class_branch: np.ndarray = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
     k = int(self.num_classes)
@@ -196,8 +225,10 @@ class Tree:
       raise ValueError(f"num_classes must be positive, got {k}.")
     children = np.asarray(self.children)
     if children.ndim != 2 or children.shape[0] < 1 or not np.issubdtype(children.dtype, np.integer):
-      raise ValueError(f"children must be a [N, B] integer table with N >= 1, got shape "
-                       f"{children.shape} and dtype {children.dtype}.")
+      raise ValueError(
+        f"children must be a [N, B] integer table with N >= 1, got shape "
+        f"{children.shape} and dtype {children.dtype}."
+      )
     n = children.shape[0]
     arity = (children >= 0).sum(axis=1)
     if (arity == 0).any():
@@ -231,8 +262,8 @@ class Tree:
     nodes_table = np.full((k, width), -1, np.int32)
     branch_table = np.full((k, width), -1, np.int32)
     for c in range(k):
-      nodes_table[c, :depth[c]] = path_nodes[c]
-      branch_table[c, :depth[c]] = path_branches[c]
+      nodes_table[c, : depth[c]] = path_nodes[c]
+      branch_table[c, : depth[c]] = path_branches[c]
     # Each node's parent and branch: internal nodes (-1 at the root) and classes.
     node_parent = np.full(n, -1, np.int32)
     node_branch = np.full(n, -1, np.int32)
@@ -242,11 +273,17 @@ class Tree:
     node_parent[kids[inner] - k], node_branch[kids[inner] - k] = rows[inner], slots[inner]
     class_parent = nodes_table[np.arange(k), depth - 1]
     class_branch = branch_table[np.arange(k), depth - 1]
-    for name, value in (("children", children.astype(np.int32)), ("arity", arity.astype(np.int32)),
-                        ("path_nodes", nodes_table), ("path_branches", branch_table),
-                        ("depth", depth), ("node_parent", node_parent),
-                        ("node_branch", node_branch), ("class_parent", class_parent),
-                        ("class_branch", class_branch)):
+    for name, value in (
+      ("children", children.astype(np.int32)),
+      ("arity", arity.astype(np.int32)),
+      ("path_nodes", nodes_table),
+      ("path_branches", branch_table),
+      ("depth", depth),
+      ("node_parent", node_parent),
+      ("node_branch", node_branch),
+      ("class_parent", class_parent),
+      ("class_branch", class_branch),
+    ):
       value.setflags(write=False)
       object.__setattr__(self, name, value)
     object.__setattr__(self, "num_classes", k)
@@ -274,11 +311,15 @@ class Tree:
     parents = np.asarray(parents)
     k = int(num_classes)
     if parents.ndim != 1 or not np.issubdtype(parents.dtype, np.integer):
-      raise ValueError(f"parents must be a 1-D integer array (node -> parent), got shape "
-                       f"{parents.shape} and dtype {parents.dtype}.")
+      raise ValueError(
+        f"parents must be a 1-D integer array (node -> parent), got shape "
+        f"{parents.shape} and dtype {parents.dtype}."
+      )
     if not 1 <= k < parents.size:
-      raise ValueError(f"parents has {parents.size} nodes: it needs the {k} classes and at "
-                       f"least one internal node (the root).")
+      raise ValueError(
+        f"parents has {parents.size} nodes: it needs the {k} classes and at "
+        f"least one internal node (the root)."
+      )
     total = parents.size
     roots = np.flatnonzero(parents == -1)
     if roots.size != 1:
@@ -288,10 +329,12 @@ class Tree:
     bad = (parents != -1) & ((parents < k) | (parents >= total))
     if bad.any():
       i = int(np.argmax(bad))
-      raise ValueError(f"parents[{i}] = {int(parents[i])} is not an internal node: parents "
-                       f"must be in [{k}, {total}) (classes are leaves).")
+      raise ValueError(
+        f"parents[{i}] = {int(parents[i])} is not an internal node: parents "
+        f"must be in [{k}, {total}) (classes are leaves)."
+      )
     # Breadth-first from the root: internal nodes renumbered in that order.
-    kids = [[] for _ in range(total)]
+    kids: list[list[int]] = [[] for _ in range(total)]
     for node, parent in enumerate(parents):
       if parent >= 0:
         kids[parent].append(node)
@@ -312,7 +355,7 @@ class Tree:
     for i, node in enumerate(order):
       if not kids[node]:
         raise ValueError(f"internal node {node} has no children.")
-      children[i, :len(kids[node])] = [c if c < k else k + index[c] for c in kids[node]]
+      children[i, : len(kids[node])] = [c if c < k else k + index[c] for c in kids[node]]
     return cls(k, children)
 
   @classmethod
@@ -354,7 +397,7 @@ class Tree:
       rows.append(row)
     children = np.full((len(rows), b), -1, np.int64)
     for i, row in enumerate(rows):
-      children[i, :len(row)] = row
+      children[i, : len(row)] = row
     return cls(k, children)
 
   @classmethod
@@ -377,6 +420,7 @@ class Tree:
       [1, 3, 3, 3, 4, 4]
     """
     import heapq
+
     freq = np.asarray(frequencies, np.float64)
     if freq.ndim != 1 or freq.size == 0:
       raise ValueError(f"frequencies must be a non-empty 1-D array, got shape {freq.shape}.")
@@ -390,10 +434,12 @@ class Tree:
       return cls(1, np.zeros((1, 1), np.int64))
     # Placeholders (id None) so that every merge takes b nodes: (K - 1) % (b - 1) == 0.
     pad = (-(k - 1)) % (b - 1)
-    heap = [(0.0, -1 - i, None) for i in range(pad)]
+    heap: list[tuple[float, int, int | None]] = [(0.0, -1 - i, None) for i in range(pad)]
     heap += [(float(f), i, i) for i, f in enumerate(freq)]
     heapq.heapify(heap)
-    merged = []  # children of each internal node, in the order made (the root last)
+    merged: list[
+      list[int]
+    ] = []  # children of each internal node, in the order made (the root last)
     while len(heap) > 1:
       group = [heapq.heappop(heap) for _ in range(b)]
       merged.append([node for _, _, node in group if node is not None])
@@ -412,8 +458,9 @@ class Tree:
     cluster over its classes. Its node logits are the cluster logits (row 0) and the
     within-cluster table (rows 1..C), padded to ``max(C, M)`` columns."""
     k, c = tree.num_classes, tree.num_clusters
-    parents = np.concatenate([k + 1 + tree.cluster_of.astype(np.int64), [-1],
-                              np.full(c, k, np.int64)])
+    parents = np.concatenate(
+      [k + 1 + tree.cluster_of.astype(np.int64), [-1], np.full(c, k, np.int64)]
+    )
     return cls.from_parents(parents, k)
 
   def levels(self) -> list[np.ndarray]:
@@ -440,12 +487,17 @@ class Tree:
     return int(self.path_nodes.shape[1])
 
   def __eq__(self, other):
-    return (isinstance(other, Tree) and self.num_classes == other.num_classes
-            and np.array_equal(self.children, other.children))
+    return (
+      isinstance(other, Tree)
+      and self.num_classes == other.num_classes
+      and np.array_equal(self.children, other.children)
+    )
 
   def __hash__(self):
     return hash((self.num_classes, self.children.shape, self.children.tobytes()))
 
   def __repr__(self):
-    return (f"Tree(num_classes={self.num_classes}, num_nodes={self.num_nodes}, "
-            f"branching={self.branching}, max_depth={self.max_depth})")
+    return (
+      f"Tree(num_classes={self.num_classes}, num_nodes={self.num_nodes}, "
+      f"branching={self.branching}, max_depth={self.max_depth})"
+    )

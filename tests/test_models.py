@@ -12,11 +12,14 @@ from jaxsoftmax.models import CNN, MLP, HierarchicalSoftmax, conv_as_matmul
 from jaxsoftmax.tree import ClassTree, balanced_tree
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: MLP((40,), 10, hidden=(16, 8), rngs=nnx.Rngs(0)),
     lambda: CNN((40,), 10, channels=(4, 4), rngs=nnx.Rngs(0)),
     lambda: CNN((8, 8), 10, channels=(4, 4), rngs=nnx.Rngs(0)),
-])
+  ],
+)
 def test_logits_shape_for_any_batch_shape(make):
   model = make()
   x = jnp.zeros((2, 3, *model.input_shape))
@@ -37,9 +40,11 @@ class _Synthetic:
   def __init__(self, num_classes=5, dim=10, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(0.0, 1.5, (num_classes, dim))
+
     def draw(n):
       y = rng.integers(0, num_classes, n)
       return centres[y] + rng.normal(0.0, 1.0, (n, dim)), y
+
     x_train, y_train = draw(500)
     x_test, y_test = draw(250)
     mean, std = x_train.mean(0), x_train.std(0)
@@ -72,17 +77,24 @@ def _train_on_synthetic(model, loss_fn, predict):
 def test_trains_on_synthetic_with_nll_and_adam(model_cls):
   ds = _Synthetic()
   first, last, accuracy = _train_on_synthetic(
-      model_cls(ds.input_shape, ds.num_classes, rngs=nnx.Rngs(0)),
-      lambda m, x, y: losses.nll(m(x), y).mean(),
-      lambda m, x: jnp.argmax(m(x), -1))
+    model_cls(ds.input_shape, ds.num_classes, rngs=nnx.Rngs(0)),
+    lambda m, x, y: losses.nll(m(x), y).mean(),
+    lambda m, x: jnp.argmax(m(x), -1),
+  )
   # Chance is 1/5; the clusters are well separated, so a trained model does far better.
   assert last < 0.5 * first
   assert accuracy > 0.8
 
 
-@pytest.mark.parametrize("shape, window, strides", [
-    ((4, 40, 1), (5,), 2), ((4, 40, 3), (3,), 1), ((2, 8, 8, 1), (3, 3), 2), ((2, 7, 9, 2), (3, 3), 1),
-])
+@pytest.mark.parametrize(
+  "shape, window, strides",
+  [
+    ((4, 40, 1), (5,), 2),
+    ((4, 40, 3), (3,), 1),
+    ((2, 8, 8, 1), (3, 3), 2),
+    ((2, 7, 9, 2), (3, 3), 1),
+  ],
+)
 def test_conv_as_matmul_equals_nnx_conv(shape, window, strides):
   conv = nnx.Conv(shape[-1], 6, window, strides=strides, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), shape)
@@ -99,7 +111,9 @@ def test_hierarchical_head_rows_are_the_full_tables_rows():
   assert cluster_logits.shape == (3, 4, 3) and within.shape == (3, 4, 3, 3)
   u, rows = head.target_logits(x, y)
   np.testing.assert_allclose(u, cluster_logits, rtol=1e-6)
-  expected = jnp.take_along_axis(within, jnp.asarray(tree.cluster_of)[y][..., None, None], -2)[..., 0, :]
+  expected = jnp.take_along_axis(within, jnp.asarray(tree.cluster_of)[y][..., None, None], -2)[
+    ..., 0, :
+  ]
   np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-6)
   logp = head.log_probs(x)
   np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)
@@ -117,9 +131,12 @@ def test_trains_on_synthetic_with_a_hierarchical_head(model_cls):
   ds = _Synthetic()
   tree = balanced_tree(ds.num_classes)
   first, last, accuracy = _train_on_synthetic(
-      model_cls(ds.input_shape, ds.num_classes, tree=tree, rngs=nnx.Rngs(0)),
-      lambda m, x, y: losses.hierarchical_nll(*m.head.target_logits(m.features(x), y), y, tree).mean(),
-      lambda m, x: jnp.argmax(m.head.log_probs(m.features(x)), -1))
+    model_cls(ds.input_shape, ds.num_classes, tree=tree, rngs=nnx.Rngs(0)),
+    lambda m, x, y: losses.hierarchical_nll(
+      *m.head.target_logits(m.features(x), y), y, tree
+    ).mean(),
+    lambda m, x: jnp.argmax(m.head.log_probs(m.features(x)), -1),
+  )
   # As for the softmax head above: chance is 1/5 and the clusters are well separated.
   assert last < 0.5 * first
   assert accuracy > 0.8

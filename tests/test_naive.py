@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.losses import reference
 from jaxsoftmax import naive
 from jaxsoftmax.losses import complement_nll, nll
+from tests.losses import reference
 
 
 def _value_and_grad(fn, gap):

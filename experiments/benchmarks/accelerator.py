@@ -21,7 +21,7 @@ training programs of the classifier's default config, its fused head and the lan
 model, on a mesh of the topology's chips). Needs the ``accelerator`` extra::
 
     pip install ".[accelerator]"
-    JAX_PLATFORMS=cpu python -m jaxsoftmax_experiments.benchmarks.accelerator --topology=v5e:2x2
+    JAX_PLATFORMS=cpu python -m experiments.benchmarks.accelerator --topology=v5e:2x2
         [--sections losses fused mesh programs] [--shapes 8192x32768 ...] [--sizes N,D,V ...]
 """
 
@@ -39,14 +39,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import losses
 
 # Published per-chip peaks: HBM bandwidth (GB/s) and dense bf16 matmul (TFLOP/s).
 # Google Cloud TPU documentation, "TPU versions" (v4, v5e, v5p, v6e/Trillium).
-CHIPS = {"v4": (1228, 275), "v5e": (819, 197), "v5litepod": (819, 197), "v5p": (2765, 459),
-         "v6e": (1640, 918)}
+CHIPS = {
+  "v4": (1228, 275),
+  "v5e": (819, 197),
+  "v5litepod": (819, 197),
+  "v5p": (2765, 459),
+  "v6e": (1640, 918),
+}
 # The loss benchmark's shapes (benchmarks/losses.py) and the issue's accelerator shapes.
 SHAPES = ((8192, 32768), (1024, 262144), (65536, 1000), (1024, 32768))
 FUSED_SIZES = ((8192, 1024, 32768), (4096, 1024, 131072), (2048, 1024, 262144))
@@ -58,11 +64,14 @@ def topology(name: str):
   """The topology description of ``name`` (e.g. ``v5e:2x2``), or a clear error."""
   try:
     from jax.experimental import topologies
+
     return topologies.get_topology_desc(platform="tpu", topology_name=name)
   except Exception as e:  # noqa: BLE001 -- libtpu missing, or an unknown topology
-    raise SystemExit(f"cannot compile for the TPU topology {name!r}: {type(e).__name__}: {e}\n"
-                     "Install the TPU compiler with pip install \".[accelerator]\" (libtpu) and "
-                     "run with JAX_PLATFORMS=cpu.") from None
+    raise SystemExit(
+      f"cannot compile for the TPU topology {name!r}: {type(e).__name__}: {e}\n"
+      'Install the TPU compiler with pip install ".[accelerator]" (libtpu) and '
+      "run with JAX_PLATFORMS=cpu."
+    ) from None
 
 
 def chip_of(name: str) -> tuple[str, float, float]:
@@ -110,10 +119,15 @@ def compile_stats(fn: Callable, *args, loops: bool = False) -> Stats:
   memory = compiled.memory_analysis()
   cost = _cost(compiled)
   hlo = compiled.as_text()
-  return Stats(int(memory.temp_size_in_bytes), int(memory.argument_size_in_bytes),
-               int(memory.output_size_in_bytes),
-               None if loops else float(cost.get("bytes accessed", 0.0)),
-               None if loops else float(cost.get("flops", 0.0)), collectives(hlo), hlo)
+  return Stats(
+    int(memory.temp_size_in_bytes),
+    int(memory.argument_size_in_bytes),
+    int(memory.output_size_in_bytes),
+    None if loops else float(cost.get("bytes accessed", 0.0)),
+    None if loops else float(cost.get("flops", 0.0)),
+    collectives(hlo),
+    hlo,
+  )
 
 
 def large_arrays(hlo: str, min_elements: int) -> dict[str, int]:
@@ -141,9 +155,9 @@ def _abstract(shape, dtype, sharding):
 
 # --- the losses ------------------------------------------------------------------------
 
+
 def _set_members(labels, num_classes):
-  return jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_) | (
-      jnp.arange(num_classes) == 0)
+  return jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_) | (jnp.arange(num_classes) == 0)
 
 
 def _one_hot(y, z):
@@ -152,21 +166,24 @@ def _one_hot(y, z):
 
 # name -> loss(logits, labels); the optax entries are the peers (PEERS).
 LOSSES: dict[str, Callable] = {
-    "optax CE": optax.softmax_cross_entropy_with_integer_labels,
-    "optax CE, dense targets": lambda z, y: optax.softmax_cross_entropy(z, _one_hot(y, z)),
-    "nll": losses.nll,
-    "complement_nll": losses.complement_nll,
-    "negated_nll": losses.negated_nll,
-    "set_nll": lambda z, y: losses.set_nll(z, _set_members(y, z.shape[-1])),
-    "complement_set_nll": lambda z, y: losses.complement_set_nll(z, _set_members(y, z.shape[-1])),
-    "soft_cross_entropy": lambda z, y: losses.soft_cross_entropy(z, _one_hot(y, z)),
+  "optax CE": optax.softmax_cross_entropy_with_integer_labels,
+  "optax CE, dense targets": lambda z, y: optax.softmax_cross_entropy(z, _one_hot(y, z)),
+  "nll": losses.nll,
+  "complement_nll": losses.complement_nll,
+  "negated_nll": losses.negated_nll,
+  "set_nll": lambda z, y: losses.set_nll(z, _set_members(y, z.shape[-1])),
+  "complement_set_nll": lambda z, y: losses.complement_set_nll(z, _set_members(y, z.shape[-1])),
+  "soft_cross_entropy": lambda z, y: losses.soft_cross_entropy(z, _one_hot(y, z)),
 }
 # Each loss's peer: optax on integer labels, or on a dense target array for the loss that
 # takes one (it reads K targets per example, and optax's dense form does too).
 PEERS = {"soft_cross_entropy": "optax CE, dense targets"}
-MODES = {"value_and_grad": lambda fn: jax.value_and_grad(
-             lambda z, y: jnp.sum(fn(z, y).astype(jnp.float32))),
-         "forward": lambda fn: fn}
+MODES = {
+  "value_and_grad": lambda fn: jax.value_and_grad(
+    lambda z, y: jnp.sum(fn(z, y).astype(jnp.float32))
+  ),
+  "forward": lambda fn: fn,
+}
 
 
 def loss_rows(shapes, dtypes, sharding, names=tuple(LOSSES)):
@@ -184,24 +201,38 @@ def loss_rows(shapes, dtypes, sharding, names=tuple(LOSSES)):
             continue
           stats = done[name] = compile_stats(wrap(fn), z, y)
           peer = done.get(PEERS.get(name, "optax CE"), stats)
-          rows.append(dict(shape=f"{n}x{k}", mode=mode, dtype=dtype, name=name, stats=stats,
-                           peer=peer, logits_bytes=n * k * jnp.dtype(DTYPES[dtype]).itemsize))
+          rows.append(
+            dict(
+              shape=f"{n}x{k}",
+              mode=mode,
+              dtype=dtype,
+              name=name,
+              stats=stats,
+              peer=peer,
+              logits_bytes=n * k * jnp.dtype(DTYPES[dtype]).itemsize,
+            )
+          )
   return rows
 
 
 def print_loss_rows(rows, bandwidth, peak):
-  print("| shape | call | dtype | loss | temp MiB | temp / logits | bytes accessed MiB | "
-        "bytes vs optax peer | estimate us (roofline) |")
+  print(
+    "| shape | call | dtype | loss | temp MiB | temp / logits | bytes accessed MiB | "
+    "bytes vs optax peer | estimate us (roofline) |"
+  )
   print("|---|---|---|---|---:|---:|---:|---:|---:|")
   for r in rows:
     s, p = r["stats"], r["peer"]
-    print(f"| {r['shape']} | {r['mode']} | {r['dtype']} | {r['name']} | {_mib(s.temp)} | "
-          f"{s.temp / r['logits_bytes']:.3f} | {_mib(s.bytes_accessed)} | "
-          f"{s.bytes_accessed / p.bytes_accessed:.2f} | {s.estimate_us(bandwidth, peak):.0f} |",
-          flush=True)
+    print(
+      f"| {r['shape']} | {r['mode']} | {r['dtype']} | {r['name']} | {_mib(s.temp)} | "
+      f"{s.temp / r['logits_bytes']:.3f} | {_mib(s.bytes_accessed)} | "
+      f"{s.bytes_accessed / p.bytes_accessed:.2f} | {s.estimate_us(bandwidth, peak):.0f} |",
+      flush=True,
+    )
 
 
 # --- the fused losses ------------------------------------------------------------------
+
 
 def fused_rows(sizes, dtypes, sharding, chunk=None, names=None):
   rows = []
@@ -213,41 +244,56 @@ def fused_rows(sizes, dtypes, sharding, chunk=None, names=None):
       negatives = _abstract((n, 4), jnp.int32, sharding)
       chunks = {} if chunk is None else dict(vocab_chunk=chunk)
       calls = {
-          "optax on h @ w": (lambda h, w, y: optax.softmax_cross_entropy_with_integer_labels(
-              h @ w, y), y),
-          "fused_nll": (lambda h, w, y: losses.fused_nll(h, w, y, **chunks), y),
-          "fused_complement_nll": (lambda h, w, y: losses.fused_complement_nll(h, w, y, **chunks),
-                                   y),
-          "fused_complement_set_nll": (lambda h, w, m: losses.fused_complement_set_nll(
-              h, w, m, **chunks), negatives),
+        "optax on h @ w": (
+          lambda h, w, y: optax.softmax_cross_entropy_with_integer_labels(h @ w, y),
+          y,
+        ),
+        "fused_nll": (lambda h, w, y: losses.fused_nll(h, w, y, **chunks), y),
+        "fused_complement_nll": (lambda h, w, y: losses.fused_complement_nll(h, w, y, **chunks), y),
+        "fused_complement_set_nll": (
+          lambda h, w, m: losses.fused_complement_set_nll(h, w, m, **chunks),
+          negatives,
+        ),
       }
       peer = None
       for name, (fn, target) in calls.items():
         if names is not None and name not in names and name != "optax on h @ w":
           continue
-        step = jax.value_and_grad(lambda h, w, t, fn=fn: jnp.sum(fn(h, w, t).astype(jnp.float32)),
-                                  argnums=(0, 1))
+        step = jax.value_and_grad(
+          lambda h, w, t, fn=fn: jnp.sum(fn(h, w, t).astype(jnp.float32)), argnums=(0, 1)
+        )
         stats = compile_stats(step, h, w, target, loops=name != "optax on h @ w")
         peer = peer or stats
-        rows.append(dict(size=f"{n}x{d}x{v}", dtype=dtype, name=name, stats=stats, peer=peer,
-                         weights=d * v))
+        rows.append(
+          dict(size=f"{n}x{d}x{v}", dtype=dtype, name=name, stats=stats, peer=peer, weights=d * v)
+        )
   return rows
 
 
 def print_fused_rows(rows):
-  print("| N x D x V | dtype | value_and_grad of | temp MiB | temp vs optax | argument + output MiB "
-        "| HLO arrays of w's size or more |")
+  print(
+    "| N x D x V | dtype | value_and_grad of | temp MiB | temp vs optax | argument + output MiB "
+    "| HLO arrays of w's size or more |"
+  )
   print("|---|---|---|---:|---:|---:|---|")
   for r in rows:
     s, p = r["stats"], r["peer"]
-    arrays = "" if r["name"].startswith("optax") else ", ".join(
-        f"{k} x{c}" if c > 1 else k for k, c in large_arrays(s.hlo, r["weights"]).items())
-    print(f"| {r['size']} | {r['dtype']} | {r['name']} | {_mib(s.temp)} | "
-          f"{s.temp / max(p.temp, 1):.3f} | {_mib(s.argument + s.output)} | {arrays} |",
-          flush=True)
+    arrays = (
+      ""
+      if r["name"].startswith("optax")
+      else ", ".join(
+        f"{k} x{c}" if c > 1 else k for k, c in large_arrays(s.hlo, r["weights"]).items()
+      )
+    )
+    print(
+      f"| {r['size']} | {r['dtype']} | {r['name']} | {_mib(s.temp)} | "
+      f"{s.temp / max(p.temp, 1):.3f} | {_mib(s.argument + s.output)} | {arrays} |",
+      flush=True,
+    )
 
 
 # --- the fused losses on a (data, vocab) mesh ------------------------------------------
+
 
 def mesh_layouts(count: int) -> list[tuple[dict[str, int], tuple[str, ...]]]:
   """The meshes of ``count`` chips to compile on, each with the axes that split the tokens:
@@ -277,8 +323,9 @@ def mesh_rows(devices, sizes, dtypes):
           per_token = losses.fused_nll(h, w, y, vocab_axis_name="vocab")
           return jax.lax.psum(jnp.sum(per_token.astype(jnp.float32)), tokens)
 
-        sharded = jax.shard_map(total, mesh=mesh, in_specs=(P(tokens, None), P(None, "vocab"),
-                                                            P(tokens)), out_specs=P())
+        sharded = jax.shard_map(
+          total, mesh=mesh, in_specs=(P(tokens, None), P(None, "vocab"), P(tokens)), out_specs=P()
+        )
         step = jax.value_and_grad(sharded, argnums=(0, 1))
         stats = compile_stats(step, h, w, y, loops=True)
         rows.append(dict(size=f"{n}x{d}x{v}", dtype=dtype, mesh=dict(mesh.shape), stats=stats))
@@ -286,27 +333,35 @@ def mesh_rows(devices, sizes, dtypes):
 
 
 def print_mesh_rows(rows):
-  print("| N x D x V | dtype | mesh | temp MiB per chip | argument + output MiB per chip | "
-        "collectives |")
+  print(
+    "| N x D x V | dtype | mesh | temp MiB per chip | argument + output MiB per chip | "
+    "collectives |"
+  )
   print("|---|---|---|---:|---:|---|")
   for r in rows:
     s = r["stats"]
     mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
     ops = ", ".join(f"{k} {v}" for k, v in s.collectives.items()) or "none"
-    print(f"| {r['size']} | {r['dtype']} | {mesh} | {_mib(s.temp)} | "
-          f"{_mib(s.argument + s.output)} | {ops} |", flush=True)
+    print(
+      f"| {r['size']} | {r['dtype']} | {mesh} | {_mib(s.temp)} | "
+      f"{_mib(s.argument + s.output)} | {ops} |",
+      flush=True,
+    )
 
 
 # --- the experiments' training programs ------------------------------------------------
+
 
 @contextlib.contextmanager
 def _abstract_puts():
   """Inside, ``parallel.put`` returns abstract arrays: a plan over a topology's devices
   (which this process cannot address) then holds shapes and shardings only."""
   from jaxsoftmax_experiments import parallel
+
   original = parallel.put
   parallel.put = lambda tree, sharding: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=sharding), tree)
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=sharding), tree
+  )
   try:
     yield
   finally:
@@ -315,7 +370,9 @@ def _abstract_puts():
 
 def classifier_program(devices, **overrides) -> Stats:
   """The classifier's jitted chunk of training steps and evaluation (``loop._advance``)."""
-  from jaxsoftmax_experiments import config as config_lib, data, loop
+  from jaxsoftmax_experiments import config as config_lib
+  from jaxsoftmax_experiments import data, loop
+
   config = config_lib.defaults()
   for key, value in overrides.items():
     setattr(config, key, value)
@@ -323,15 +380,17 @@ def classifier_program(devices, **overrides) -> Stats:
   with _abstract_puts():
     plan = loop.make_plan(config, data.load(config.dataset), devices)
     state = loop.template(plan)
-  return compile_stats(lambda s, d: loop._advance(plan, s, d, config.eval_every), state,
-                       plan.data, loops=True)
+  return compile_stats(
+    lambda s, d: loop._advance(plan, s, d, config.eval_every), state, plan.data, loops=True
+  )
 
 
 def lm_program(devices, **overrides) -> Stats:
   """The language model's jitted chunk of training steps (``kinds.lm._train``)."""
-  from jaxsoftmax_experiments import config as config_lib, kinds
-  from jaxsoftmax_experiments import parallel
+  from jaxsoftmax_experiments import config as config_lib
+  from jaxsoftmax_experiments import kinds, parallel
   from jaxsoftmax_experiments.kinds import lm
+
   config = config_lib.defaults("lm")
   for key, value in overrides.items():
     setattr(config, key, value)
@@ -340,18 +399,25 @@ def lm_program(devices, **overrides) -> Stats:
   plan = kind.plan(config, loaded, devices)
   state = kind.template(plan)
   s = plan.settings
-  arrays = [jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
-                                 sharding=parallel.replicated(plan.mesh))
-            for x in lm.training_windows(plan)]
-  return compile_stats(lambda runs, reference, train, forget: lm._train(
-      plan, s.regimes, runs, reference, s.eval_every, train, forget),
-      state.runs, state.extra, *arrays, loops=True)
+  arrays = [
+    jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=parallel.replicated(plan.mesh))
+    for x in lm.training_windows(plan)
+  ]
+  return compile_stats(
+    lambda runs, reference, train, forget: lm._train(
+      plan, s.regimes, runs, reference, s.eval_every, train, forget
+    ),
+    state.runs,
+    state.extra,
+    *arrays,
+    loops=True,
+  )
 
 
 PROGRAMS = {
-    "classifier, feedback_digits (softmax head)": lambda devices: classifier_program(devices),
-    "classifier, feedback_digits:fused": lambda devices: classifier_program(devices, head="fused"),
-    "language model, lm_unlearning (fused head)": lambda devices: lm_program(devices),
+  "classifier, feedback_digits (softmax head)": lambda devices: classifier_program(devices),
+  "classifier, feedback_digits:fused": lambda devices: classifier_program(devices, head="fused"),
+  "language model, lm_unlearning (fused head)": lambda devices: lm_program(devices),
 }
 
 
@@ -363,13 +429,17 @@ def print_program_rows(devices):
     stats = build(devices)
     rows[name] = stats
     ops = ", ".join(f"{k} {v}" for k, v in stats.collectives.items()) or "none"
-    print(f"| {name} | {len(devices)} | {_mib(stats.temp)} | {_mib(stats.argument + stats.output)} "
-          f"| {ops} |", flush=True)
+    print(
+      f"| {name} | {len(devices)} | {_mib(stats.temp)} | {_mib(stats.argument + stats.output)} "
+      f"| {ops} |",
+      flush=True,
+    )
   return rows
 
 
 def versions() -> str:
   import importlib.metadata as md
+
   try:
     libtpu = md.version("libtpu")
   except md.PackageNotFoundError:
@@ -380,26 +450,42 @@ def versions() -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--topology", default="v5e:2x2", help="a TPU topology, e.g. v5e:2x2, v5e:4x4")
-  parser.add_argument("--sections", nargs="+", default=["losses", "fused", "mesh", "programs"],
-                      choices=["losses", "fused", "mesh", "programs"])
-  parser.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES],
-                      help="NxK logits of the losses section")
-  parser.add_argument("--sizes", nargs="+", default=[",".join(map(str, s)) for s in FUSED_SIZES],
-                      help="N,D,V of the fused and mesh sections")
+  parser.add_argument(
+    "--sections",
+    nargs="+",
+    default=["losses", "fused", "mesh", "programs"],
+    choices=["losses", "fused", "mesh", "programs"],
+  )
+  parser.add_argument(
+    "--shapes",
+    nargs="+",
+    default=[f"{n}x{k}" for n, k in SHAPES],
+    help="NxK logits of the losses section",
+  )
+  parser.add_argument(
+    "--sizes",
+    nargs="+",
+    default=[",".join(map(str, s)) for s in FUSED_SIZES],
+    help="N,D,V of the fused and mesh sections",
+  )
   parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
   args = parser.parse_args(argv)
   if os.environ.get("JAX_PLATFORMS", "") != "cpu":
-    print("(set JAX_PLATFORMS=cpu: compiling for the topology needs no TPU, and JAX then does "
-          "not try to start one)")
+    print(
+      "(set JAX_PLATFORMS=cpu: compiling for the topology needs no TPU, and JAX then does "
+      "not try to start one)"
+    )
   topo = topology(args.topology)
   devices = list(topo.devices)
   kind, bandwidth, peak = chip_of(args.topology)
   one = jax.sharding.SingleDeviceSharding(devices[0])
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
   sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
-  print(f"TPU compiler for {args.topology} ({len(devices)} chips), {versions()}. Estimates: "
-        f"max(bytes / {bandwidth / 1e9:.0f} GB/s, flops / {peak / 1e12:.0f} TFLOP/s), the "
-        f"published {kind} peaks; an estimate, not a measurement.")
+  print(
+    f"TPU compiler for {args.topology} ({len(devices)} chips), {versions()}. Estimates: "
+    f"max(bytes / {bandwidth / 1e9:.0f} GB/s, flops / {peak / 1e12:.0f} TFLOP/s), the "
+    f"published {kind} peaks; an estimate, not a measurement."
+  )
   if "losses" in args.sections:
     print("\n## Losses on one chip, beside optax's cross-entropy\n")
     print_loss_rows(loss_rows(shapes, args.dtypes, one), bandwidth, peak)

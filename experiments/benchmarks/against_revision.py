@@ -3,10 +3,10 @@
 The earlier ``jaxsoftmax`` package is taken from the repository with ``git archive``
 into a temporary folder and imported under another name, so both kernels run in one
 process, compiled once each and timed in the same rotated rounds
-(:func:`jaxsoftmax_experiments.benchmarks.timer.interleaved`). ``jit(value_and_grad)``
+(:func:`experiments.benchmarks.timer.interleaved`). ``jit(value_and_grad)``
 of the summed loss, float32. Run from the repository:
 
-    python -m jaxsoftmax_experiments.benchmarks.against_revision --rev d274042 [--rounds 30]
+    python -m experiments.benchmarks.against_revision --rev d274042 [--rounds 30]
 """
 
 from __future__ import annotations
@@ -27,16 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.benchmarks import timer
 from jaxsoftmax import losses
-from jaxsoftmax_experiments.benchmarks import timer
 
 SHAPES = ((8192, 16), (65536, 1000), (1024, 32768), (64, 262144))
 
 
 def import_revision(rev: str, folder: Path):
   """``jaxsoftmax.losses`` as it was at ``rev``, imported as ``jaxsoftmax_at_rev.losses``."""
-  archive = subprocess.run(["git", "archive", rev, "jaxsoftmax"], check=True, capture_output=True,
-                           cwd=Path(__file__).resolve().parents[2]).stdout
+  archive = subprocess.run(
+    ["git", "archive", rev, "jaxsoftmax"],
+    check=True,
+    capture_output=True,
+    cwd=Path(__file__).resolve().parents[2],
+  ).stdout
   with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
     tar.extractall(folder, filter="data")
   package = folder / "jaxsoftmax_at_rev"
@@ -54,11 +58,16 @@ def main(argv=None):
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as folder:
     old = import_revision(args.rev, Path(folder))
-    fns = {"optax": optax.softmax_cross_entropy_with_integer_labels,
-           "nll, this checkout": losses.nll, f"nll at {args.rev}": old.nll,
-           "complement_nll, this checkout": losses.complement_nll,
-           f"complement_nll at {args.rev}": old.complement_nll}
-    print(f"{timer.machine()}; median of {args.rounds} rotated rounds; jit(value_and_grad), float32")
+    fns = {
+      "optax": optax.softmax_cross_entropy_with_integer_labels,
+      "nll, this checkout": losses.nll,
+      f"nll at {args.rev}": old.nll,
+      "complement_nll, this checkout": losses.complement_nll,
+      f"complement_nll at {args.rev}": old.complement_nll,
+    }
+    print(
+      f"{timer.machine()}; median of {args.rounds} rotated rounds; jit(value_and_grad), float32"
+    )
     print()
     print("| shape | function | median ms | ratio to optax |")
     print("|---|---|---:|---:|")
@@ -72,8 +81,11 @@ def main(argv=None):
         calls[name] = functools.partial(step.lower(z, y).compile(), z, y)
       medians = {k: float(np.median(v)) for k, v in timer.interleaved(calls, args.rounds).items()}
       for name, seconds in medians.items():
-        print(f"| {shape[0]}x{shape[1]} | {name} | {seconds * 1e3:.2f} | "
-              f"{seconds / medians['optax']:.3f} |", flush=True)
+        print(
+          f"| {shape[0]}x{shape[1]} | {name} | {seconds * 1e3:.2f} | "
+          f"{seconds / medians['optax']:.3f} |",
+          flush=True,
+        )
 
 
 if __name__ == "__main__":

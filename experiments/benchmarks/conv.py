@@ -7,7 +7,7 @@ update, vmapped over the seeds, once per call and ``--chunk`` times inside
 convolution; :func:`jaxsoftmax.models.conv_as_matmul` stays a batched matrix product.
 The sides alternate in rounds; the median round is reported.
 
-    python -m jaxsoftmax_experiments.benchmarks.conv --seeds 8 --rounds 5
+    python -m experiments.benchmarks.conv --seeds 8 --rounds 5
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.benchmarks import timer
 from jaxsoftmax.models import conv_as_matmul
-from jaxsoftmax_experiments.benchmarks import timer
 
 
 def _convs(key):
@@ -33,7 +33,8 @@ def _step(apply, graphdef, params, x):
     h = x
     for conv in nnx.merge(graphdef, params):
       h = jax.nn.relu(apply(conv, h))
-    return jnp.mean(h ** 2)
+    return jnp.mean(h**2)
+
   grads = jax.grad(loss)(params)
   return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
 
@@ -50,13 +51,16 @@ def bench(seeds: int, chunk: int, rounds: int) -> dict[str, dict[str, float]]:
     scan = lambda p, step=step: jax.lax.scan(lambda c, _: (step(c), None), p, None, length=chunk)[0]
     calls[name, "per call"] = (jax.jit(step), 1)
     calls[name, "in scan"] = (jax.jit(scan), chunk)
+
   def run(fn, steps):
     out = params
     for _ in range(chunk // steps):
       out = fn(out)
     return out
-  times = timer.interleaved({key: (lambda fn=fn, steps=steps: run(fn, steps))
-                             for key, (fn, steps) in calls.items()}, rounds)
+
+  times = timer.interleaved(
+    {key: (lambda fn=fn, steps=steps: run(fn, steps)) for key, (fn, steps) in calls.items()}, rounds
+  )
   result: dict[str, dict[str, float]] = {}
   for (name, how), t in times.items():
     result.setdefault(name, {})[how] = float(np.median(t)) * 1e3 / chunk
@@ -70,13 +74,17 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args(argv)
   r = bench(args.seeds, args.chunk, args.rounds)
-  print(f"{timer.machine()}; {args.seeds} seeds, batch 128; median of {args.rounds} interleaved "
-        f"rounds of {args.chunk} steps, ms per vmapped step")
+  print(
+    f"{timer.machine()}; {args.seeds} seeds, batch 128; median of {args.rounds} interleaved "
+    f"rounds of {args.chunk} steps, ms per vmapped step"
+  )
   print()
   print("| convolution | per call | in lax.scan | scan / per call |")
   print("|---|---:|---:|---:|")
   for name, t in r.items():
-    print(f"| {name} | {t['per call']:.2f} | {t['in scan']:.2f} | {t['in scan'] / t['per call']:.2f}x |")
+    print(
+      f"| {name} | {t['per call']:.2f} | {t['in scan']:.2f} | {t['in scan'] / t['per call']:.2f}x |"
+    )
   ratio = r["nnx.Conv"]["in scan"] / r["conv_as_matmul"]["in scan"]
   print()
   print(f"In lax.scan, nnx.Conv takes {ratio:.1f}x the time of conv_as_matmul.")

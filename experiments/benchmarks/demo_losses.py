@@ -6,7 +6,7 @@ and from :func:`jaxsoftmax.losses.complement_nll`, then trains the logits on tha
 feedback with the negated-gradient objective and with the complement likelihood.
 Run:
 
-    python -m jaxsoftmax_experiments.benchmarks.demo_losses
+    python -m experiments.benchmarks.demo_losses
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from jaxsoftmax import losses, naive
 
 GAPS = (5.0, 10.0, 15.0, 17.0, 20.0, 50.0, 1e3, 1e4)
 FORMS = {
-    "log(1 - softmax)": naive.log1m_softmax,
-    "clipped to [1e-7, 1 - 1e-7]": naive.clipped_log1m_softmax,
-    "complement_nll": losses.complement_nll,
+  "log(1 - softmax)": naive.log1m_softmax,
+  "clipped to [1e-7, 1 - 1e-7]": naive.clipped_log1m_softmax,
+  "complement_nll": losses.complement_nll,
 }
 
 
@@ -39,8 +39,10 @@ def gap_rows() -> list[tuple[float, list[tuple[float, float]]]]:
 
 def gap_table() -> str:
   """Markdown table of gap_rows()."""
-  lines = ["| gap | " + " | ".join(f"{name}: loss, d/dz0" for name in FORMS) + " |",
-           "|---:|" + "---|" * len(FORMS)]
+  lines = [
+    "| gap | " + " | ".join(f"{name}: loss, d/dz0" for name in FORMS) + " |",
+    "|---:|" + "---|" * len(FORMS),
+  ]
   for gap, cells in gap_rows():
     lines.append(f"| {gap:g} | " + " | ".join(f"{l:.6g}, {g:.3g}" for l, g in cells) + " |")
   return "\n".join(lines)
@@ -70,11 +72,15 @@ def main() -> None:
   print()
   print("| step | negated_nll: objective, gap z1-z0 | complement_nll: objective, gap z1-z0 |")
   print("|---:|---|---|")
-  for (i, neg, neg_gap), (_, comp, comp_gap) in zip(train(losses.negated_nll), train(losses.complement_nll)):
+  for (i, neg, neg_gap), (_, comp, comp_gap) in zip(
+    train(losses.negated_nll), train(losses.complement_nll)
+  ):
     print(f"| {i} | {neg:.4g}, {neg_gap:.4g} | {comp:.3g}, {comp_gap:.4g} |")
   print()
-  print("negated_nll keeps pushing the gap apart without bound; complement_nll stops "
-        "once p(class 0) is small.")
+  print(
+    "negated_nll keeps pushing the gap apart without bound; complement_nll stops "
+    "once p(class 0) is small."
+  )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ sum, with respect to ``h`` ``[N, D]`` and ``w`` ``[D, V]``:
 
 Memory is XLA's compiled ``temp_size_in_bytes`` (the buffers besides inputs and outputs);
 time is the median of ``--rounds`` interleaved calls
-(:func:`jaxsoftmax_experiments.benchmarks.timer.interleaved`). Ratios are to optax in the
+(:func:`experiments.benchmarks.timer.interleaved`). Ratios are to optax in the
 same run.
 
-    python -m jaxsoftmax_experiments.benchmarks.fused [--sizes 8192,1024,32768 4096,1024,131072]
+    python -m experiments.benchmarks.fused [--sizes 8192,1024,32768 4096,1024,131072]
         [--dtypes float32 bfloat16] [--rounds 3] [--chunk 2048] [--token-chunk 2048]
         [--memory-only]
 """
@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.benchmarks import timer
 from jaxsoftmax import losses
 from jaxsoftmax.losses._fused import DEFAULT_CHUNK, DEFAULT_TOKEN_CHUNK
-from jaxsoftmax_experiments.benchmarks import timer
-
 
 FLOOR = "floor: the 4 products alone"
 
@@ -46,18 +45,19 @@ def _products(h, w, chunk):
   n, v = h.shape[0], w.shape[1]
   starts = jnp.arange(v // chunk) * chunk
   columns = lambda start: jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
-  total, _ = jax.lax.scan(lambda t, s: (t + jnp.sum(h @ columns(s), axis=1), None),
-                          jnp.zeros(n, h.dtype), starts)
+  total, _ = jax.lax.scan(
+    lambda t, s: (t + jnp.sum(h @ columns(s), axis=1), None), jnp.zeros(n, h.dtype), starts
+  )
 
   def backward(carry, start):
     dh, dw = carry
     w_c = columns(start)
     dz = h @ w_c
-    return (dh + dz @ w_c.T,
-            jax.lax.dynamic_update_slice_in_dim(dw, h.T @ dz, start, axis=1)), None
+    return (dh + dz @ w_c.T, jax.lax.dynamic_update_slice_in_dim(dw, h.T @ dz, start, axis=1)), None
 
-  (dh, dw), _ = jax.lax.scan(backward, (jnp.zeros_like(h) + total[:, None], jnp.zeros_like(w)),
-                             starts)
+  (dh, dw), _ = jax.lax.scan(
+    backward, (jnp.zeros_like(h) + total[:, None], jnp.zeros_like(w)), starts
+  )
   return jnp.sum(total), (dh, dw)
 
 
@@ -69,39 +69,49 @@ def _calls(n, d, v, dtype, chunk, token_chunk):
   negatives = jnp.asarray(rng.integers(0, v, (n, 4)), jnp.int32)
   chunks = dict(vocab_chunk=chunk, token_chunk=token_chunk)
   fns = {
-      "optax": lambda h, w: optax.softmax_cross_entropy_with_integer_labels(h @ w, labels),
-      "complement_nll (unfused)": lambda h, w: losses.complement_nll(h @ w, labels),
-      "fused_nll": lambda h, w: losses.fused_nll(h, w, labels, **chunks),
-      "fused_complement_nll": lambda h, w: losses.fused_complement_nll(h, w, labels, **chunks),
-      "fused_complement_set_nll": lambda h, w: losses.fused_complement_set_nll(
-          h, w, negatives, **chunks),
+    "optax": lambda h, w: optax.softmax_cross_entropy_with_integer_labels(h @ w, labels),
+    "complement_nll (unfused)": lambda h, w: losses.complement_nll(h @ w, labels),
+    "fused_nll": lambda h, w: losses.fused_nll(h, w, labels, **chunks),
+    "fused_complement_nll": lambda h, w: losses.fused_complement_nll(h, w, labels, **chunks),
+    "fused_complement_set_nll": lambda h, w: losses.fused_complement_set_nll(
+      h, w, negatives, **chunks
+    ),
   }
-  steps = {name: jax.value_and_grad(lambda h, w, fn=fn: jnp.sum(fn(h, w).astype(jnp.float32)),
-                                    argnums=(0, 1)) for name, fn in fns.items()}
+  steps = {
+    name: jax.value_and_grad(
+      lambda h, w, fn=fn: jnp.sum(fn(h, w).astype(jnp.float32)), argnums=(0, 1)
+    )
+    for name, fn in fns.items()
+  }
   if dtype == jnp.float32 and v % chunk == 0:
     steps[FLOOR] = functools.partial(_products, chunk=chunk)
   out = {}
   for name, step in steps.items():
     compiled = jax.jit(step).lower(h, w).compile()
-    out[name] = (compiled.memory_analysis().temp_size_in_bytes,
-                 functools.partial(compiled, h, w))
+    out[name] = (compiled.memory_analysis().temp_size_in_bytes, functools.partial(compiled, h, w))
   return out
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", nargs="+", default=["8192,1024,32768", "4096,1024,131072"],
-                      help="N,D,V triples")
+  parser.add_argument(
+    "--sizes", nargs="+", default=["8192,1024,32768", "4096,1024,131072"], help="N,D,V triples"
+  )
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="vocab_chunk")
-  parser.add_argument("--token-chunk", default=str(DEFAULT_TOKEN_CHUNK),
-                      help="token_chunk (an int, or none for all tokens at once)")
+  parser.add_argument(
+    "--token-chunk",
+    default=str(DEFAULT_TOKEN_CHUNK),
+    help="token_chunk (an int, or none for all tokens at once)",
+  )
   parser.add_argument("--memory-only", action="store_true", help="compile, do not time")
   args = parser.parse_args(argv)
   token_chunk = None if args.token_chunk.lower() == "none" else int(args.token_chunk)
-  print(f"{timer.machine()}; vocab_chunk {args.chunk}, token_chunk {token_chunk}; "
-        f"jit(value_and_grad) w.r.t. h and w")
+  print(
+    f"{timer.machine()}; vocab_chunk {args.chunk}, token_chunk {token_chunk}; "
+    f"jit(value_and_grad) w.r.t. h and w"
+  )
   print()
   print("| N, D, V | dtype | loss | temp MiB | ratio to optax | seconds | ratio to optax |")
   print("|---|---|---|---:|---:|---:|---:|")
@@ -109,15 +119,23 @@ def main(argv=None):
     n, d, v = (int(x) for x in size.split(","))
     for dtype in args.dtypes:
       calls = _calls(n, d, v, jnp.dtype(dtype), args.chunk, token_chunk)
-      times = ({} if args.memory_only else
-               timer.interleaved({k: c for k, (_, c) in calls.items()}, args.rounds))
+      times = (
+        {}
+        if args.memory_only
+        else timer.interleaved({k: c for k, (_, c) in calls.items()}, args.rounds)
+      )
       base_mem = calls["optax"][0]
       base_time = float(np.median(times["optax"])) if times else None
       for name, (mem, _) in calls.items():
-        t = f"{np.median(times[name]):.2f} | {np.median(times[name]) / base_time:.2f}" if times \
-            else "- | -"
-        print(f"| {n}, {d}, {v} | {dtype} | {name} | {mem / 2**20:.0f} | "
-              f"{mem / base_mem:.3f} | {t} |", flush=True)
+        t = (
+          f"{np.median(times[name]):.2f} | {np.median(times[name]) / base_time:.2f}"
+          if times
+          else "- | -"
+        )
+        print(
+          f"| {n}, {d}, {v} | {dtype} | {name} | {mem / 2**20:.0f} | {mem / base_mem:.3f} | {t} |",
+          flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -52,10 +52,10 @@ timeout 330 python -m pytest -q -o addopts="" -p no:cacheprovider "${libs[@]}" \
 tail -3 "$out/tests.txt"
 
 # The loss benchmark, shrunk: the four shapes, 10 rounds; float32 and bfloat16.
-timeout 150 python -m jaxsoftmax_experiments.benchmarks.losses --rounds 10 \
+timeout 150 python -m experiments.benchmarks.losses --rounds 10 \
   > "$out/losses.md" 2>&1 || status=1
 # The fused losses against optax on h @ w, at two vocabulary sizes.
-timeout 150 python -m jaxsoftmax_experiments.benchmarks.fused --rounds 3 \
+timeout 150 python -m experiments.benchmarks.fused --rounds 3 \
   --sizes 8192,1024,32768 4096,1024,131072 --dtypes float32 bfloat16 \
   > "$out/fused.md" 2>&1 || status=1
 

@@ -12,13 +12,13 @@ features:
   on the label's path (:meth:`TreeSoftmax.path_logits`), then ``tree_nll`` or
   ``tree_complement_nll``.
 
-They run interleaved in one process, the order rotating each round; the table reports the median per example, the
-flat NLL's time divided by each (speed-up), and the compiled program's temporary
-memory per example, measured as the growth of ``memory_analysis()``'s temp size
+They run interleaved in one process, the order rotating each round; the table reports the
+median per example, the flat NLL's time divided by each (speed-up), and the compiled
+program's temporary memory per example, measured as the growth of ``memory_analysis()``'s temp size
 from batch B to 2B divided by B (parameter-sized buffers such as the gradient
 cancel out). Run:
 
-    python -m jaxsoftmax_experiments.benchmarks.hierarchical [--rounds 10] [--dim 64] [--batch 256]
+    python -m experiments.benchmarks.hierarchical [--rounds 10] [--dim 64] [--batch 256]
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.benchmarks import timer
 from jaxsoftmax import losses
 from jaxsoftmax.models import HierarchicalSoftmax, TreeSoftmax
 from jaxsoftmax.tree import Tree, balanced_tree
-from jaxsoftmax_experiments.benchmarks import timer
 
 CLASSES = (1024, 32768, 262144, 1048576)
 
@@ -45,6 +45,7 @@ def _flat(k, dim):
 
   def loss(params, h, y):
     return jnp.mean(losses.nll(nnx.merge(graphdef, params)(h), y))
+
   return loss, params
 
 
@@ -55,6 +56,7 @@ def _hierarchical(k, dim, fn):
   def loss(params, h, y):
     head = nnx.merge(graphdef, params)
     return jnp.mean(fn(*head.target_logits(h, y), y, head.tree))
+
   return loss, params
 
 
@@ -65,6 +67,7 @@ def _tree(tree, dim, fn):
   def loss(params, h, y):
     head = nnx.merge(graphdef, params)
     return jnp.mean(fn(head.path_logits(h, y), y, head.tree))
+
   return loss, params
 
 
@@ -72,18 +75,20 @@ def functions(k: int, dim: int, tree: Tree | None = None):
   """name -> (loss(params, features, labels), params), the flat NLL first."""
   tree = tree or Tree.balanced(k, 2)
   return {
-      "flat nll": _flat(k, dim),
-      "hierarchical_nll": _hierarchical(k, dim, losses.hierarchical_nll),
-      "hierarchical_complement_nll": _hierarchical(k, dim, losses.hierarchical_complement_nll),
-      "tree_nll (binary)": _tree(tree, dim, losses.tree_nll),
-      "tree_complement_nll (binary)": _tree(tree, dim, losses.tree_complement_nll),
+    "flat nll": _flat(k, dim),
+    "hierarchical_nll": _hierarchical(k, dim, losses.hierarchical_nll),
+    "hierarchical_complement_nll": _hierarchical(k, dim, losses.hierarchical_complement_nll),
+    "tree_nll (binary)": _tree(tree, dim, losses.tree_nll),
+    "tree_complement_nll (binary)": _tree(tree, dim, losses.tree_complement_nll),
   }
 
 
 def _inputs(k, dim, batch, seed=0):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.normal(0, 1, (batch, dim)), jnp.float32),
-          jnp.asarray(rng.integers(0, k, batch), jnp.int32))
+  return (
+    jnp.asarray(rng.normal(0, 1, (batch, dim)), jnp.float32),
+    jnp.asarray(rng.integers(0, k, batch), jnp.int32),
+  )
 
 
 def _compile(loss, params, h, y):
@@ -102,11 +107,15 @@ def bench(k: int, dim: int, batch: int, rounds: int, tree: Tree | None = None):
   compiled, memory = {}, {}
   for name, (loss, params) in functions(k, dim, tree).items():
     compiled[name] = (_compile(loss, params, h, y), params)
-    memory[name] = (_temp_bytes(_compile(loss, params, h2, y2))
-                    - _temp_bytes(compiled[name][0])) / batch
+    memory[name] = (
+      _temp_bytes(_compile(loss, params, h2, y2)) - _temp_bytes(compiled[name][0])
+    ) / batch
     jax.block_until_ready(compiled[name][0](params, h, y))  # warm up
-  times = timer.interleaved({name: functools.partial(c, params, h, y)
-                             for name, (c, params) in compiled.items()}, rounds, warmup=0)
+  times = timer.interleaved(
+    {name: functools.partial(c, params, h, y) for name, (c, params) in compiled.items()},
+    rounds,
+    warmup=0,
+  )
   return {name: (float(np.median(t)) / batch, memory[name]) for name, t in times.items()}
 
 
@@ -117,11 +126,15 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--classes", type=int, nargs="+", default=list(CLASSES))
   args = parser.parse_args(argv)
-  print(f"{timer.machine()}; D = {args.dim}, batch {args.batch}, median of {args.rounds} "
-        "interleaved rounds (call order rotated), float32")
+  print(
+    f"{timer.machine()}; D = {args.dim}, batch {args.batch}, median of {args.rounds} "
+    "interleaved rounds (call order rotated), float32"
+  )
   print()
-  print("| K | function | tree | logits per example | us per example "
-        "| speed-up over flat | temp KiB per example | parameters |")
+  print(
+    "| K | function | tree | logits per example | us per example "
+    "| speed-up over flat | temp KiB per example | parameters |"
+  )
   print("|---:|---|---|---:|---:|---:|---:|---:|")
   for k in args.classes:
     two_level, binary = balanced_tree(k), Tree.balanced(k, 2)
@@ -137,8 +150,11 @@ def main(argv=None):
       else:
         shape, width = f"binary, {binary.max_depth} levels", 2 * binary.max_depth
         params = (args.dim + 1) * 2 * binary.num_nodes
-      print(f"| {k} | {name} | {shape} | {width} | {seconds * 1e6:.2f} | {base / seconds:.1f} "
-            f"| {memory / 2**10:.1f} | {params / 1e6:.2f} M |", flush=True)
+      print(
+        f"| {k} | {name} | {shape} | {width} | {seconds * 1e6:.2f} | {base / seconds:.1f} "
+        f"| {memory / 2**10:.1f} | {params / 1e6:.2f} M |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

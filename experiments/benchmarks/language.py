@@ -13,7 +13,7 @@ windows of ``--length`` tokens, with the MLE loss alone and with token unlikelih
 It prints XLA's compiled temporary memory of the step and its tokens per second (median
 of ``--rounds`` interleaved calls), with ratios fused / unfused from the same run.
 
-    python -m jaxsoftmax_experiments.benchmarks.language [--vocab 32768] [--width 256]
+    python -m experiments.benchmarks.language [--vocab 32768] [--width 256]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments.benchmarks import timer
 from jaxsoftmax_experiments.kinds import lm as language
-from jaxsoftmax_experiments.benchmarks import timer
 
 
 def _step(settings, regime, vocab):
@@ -38,10 +38,12 @@ def _step(settings, regime, vocab):
 
   @jax.jit
   def step(params, opt_state, windows):
-    loss, grads = jax.value_and_grad(lambda p: language.objective(
-        settings, regime, nnx.merge(graphdef, p), (windows,)))(params)
+    loss, grads = jax.value_and_grad(
+      lambda p: language.objective(settings, regime, nnx.merge(graphdef, p), (windows,))
+    )(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
+
   params = nnx.state(language.build(settings, vocab, jax.random.key(0)), nnx.Param)
   return step, params, opt.init(params)
 
@@ -56,15 +58,26 @@ def main(argv=None):
   parser.add_argument("--chunk", type=int, default=2048)
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args(argv)
-  base = language.Settings(width=args.width, depth=args.depth, heads=4, length=args.length,
-                           batch_size=args.batch, vocab_chunk=args.chunk)
-  windows = jnp.asarray(np.random.default_rng(0).integers(0, args.vocab,
-                                                          (args.batch, args.length + 1)), jnp.int32)
+  base = language.Settings(
+    width=args.width,
+    depth=args.depth,
+    heads=4,
+    length=args.length,
+    batch_size=args.batch,
+    vocab_chunk=args.chunk,
+  )
+  windows = jnp.asarray(
+    np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.length + 1)), jnp.int32
+  )
   tokens = args.batch * args.length
-  print(f"{timer.machine()}; TransformerLM width {args.width}, depth {args.depth}, "
-        f"V = {args.vocab}, {args.batch} x {args.length} = {tokens} tokens per step, Adam")
+  print(
+    f"{timer.machine()}; TransformerLM width {args.width}, depth {args.depth}, "
+    f"V = {args.vocab}, {args.batch} x {args.length} = {tokens} tokens per step, Adam"
+  )
   print()
-  print("| loss | head | temp MiB | tokens per second | fused / unfused memory | fused / unfused time |")
+  print(
+    "| loss | head | temp MiB | tokens per second | fused / unfused memory | fused / unfused time |"
+  )
   print("|---|---|---:|---:|---:|---:|")
   for regime, name in (("mle", "mle (nll)"), ("unlikelihood", "mle + unlikelihood")):
     calls, memory = {}, {}
@@ -76,9 +89,14 @@ def main(argv=None):
       calls[head] = functools.partial(compiled, params, opt_state, windows)
     times = {k: float(np.median(v)) for k, v in timer.interleaved(calls, args.rounds).items()}
     for head in ("unfused", "fused"):
-      ratios = (f"{memory['fused'] / memory['unfused']:.3f} | {times['fused'] / times['unfused']:.2f}"
-                if head == "fused" else "| ")
-      print(f"| {name} | {head} | {memory[head] / 2**20:.0f} | {tokens / times[head]:.0f} | {ratios} |")
+      ratios = (
+        f"{memory['fused'] / memory['unfused']:.3f} | {times['fused'] / times['unfused']:.2f}"
+        if head == "fused"
+        else "| "
+      )
+      print(
+        f"| {name} | {head} | {memory[head] / 2**20:.0f} | {tokens / times[head]:.0f} | {ratios} |"
+      )
 
 
 if __name__ == "__main__":

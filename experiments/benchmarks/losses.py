@@ -1,7 +1,7 @@
 """Times the losses against optax's cross-entropy, in training and in evaluation.
 
 For each shape, every call below is compiled once and timed in the same interleaved
-rounds (:func:`jaxsoftmax_experiments.benchmarks.timer.interleaved`, order rotated each round),
+rounds (:func:`experiments.benchmarks.timer.interleaved`, order rotated each round),
 and each row's ratio is to the optax call of its own group measured in those rounds:
 
 - ``value_and_grad``: ``jit(value_and_grad)`` of the summed loss (training);
@@ -12,7 +12,7 @@ and each row's ratio is to the optax call of its own group measured in those rou
 
 Memory is the compiled program's temp and output size (``memory_analysis()``). Run:
 
-    python -m jaxsoftmax_experiments.benchmarks.losses [--rounds 30] [--shapes 8192x16 1024x32768]
+    python -m experiments.benchmarks.losses [--rounds 30] [--shapes 8192x16 1024x32768]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsoftmax_experiments.benchmarks import timer
+from experiments.benchmarks import timer
 from jaxsoftmax import losses
 
 SHAPES = ((8192, 16), (65536, 1000), (1024, 32768), (64, 262144))
@@ -34,18 +34,22 @@ PAD = -100
 
 def _optax_padded(z, y):
   keep = y != PAD
-  return jnp.where(keep, optax.softmax_cross_entropy_with_integer_labels(z, jnp.where(keep, y, 0)), 0.0)
+  return jnp.where(
+    keep, optax.softmax_cross_entropy_with_integer_labels(z, jnp.where(keep, y, 0)), 0.0
+  )
 
 
 # (group, name) -> loss(logits, labels, where); the first name of a group is its peer.
 FUNCTIONS = {
-    ("plain", "optax CE"): lambda z, y, w: optax.softmax_cross_entropy_with_integer_labels(z, y),
-    ("plain", "nll"): lambda z, y, w: losses.nll(z, y),
-    ("plain", "complement_nll"): lambda z, y, w: losses.complement_nll(z, y),
-    ("where", "optax CE"): lambda z, y, w: optax.softmax_cross_entropy_with_integer_labels(z, y, where=w),
-    ("where", "nll"): lambda z, y, w: losses.nll(z, y, where=w),
-    ("ignore_index", "optax CE"): lambda z, y, w: _optax_padded(z, y),
-    ("ignore_index", "nll"): lambda z, y, w: losses.nll(z, y, ignore_index=PAD),
+  ("plain", "optax CE"): lambda z, y, w: optax.softmax_cross_entropy_with_integer_labels(z, y),
+  ("plain", "nll"): lambda z, y, w: losses.nll(z, y),
+  ("plain", "complement_nll"): lambda z, y, w: losses.complement_nll(z, y),
+  ("where", "optax CE"): lambda z, y, w: optax.softmax_cross_entropy_with_integer_labels(
+    z, y, where=w
+  ),
+  ("where", "nll"): lambda z, y, w: losses.nll(z, y, where=w),
+  ("ignore_index", "optax CE"): lambda z, y, w: _optax_padded(z, y),
+  ("ignore_index", "nll"): lambda z, y, w: losses.nll(z, y, ignore_index=PAD),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("value_and_grad", "value")
@@ -97,29 +101,43 @@ def bench(shape, rounds: int, dtypes=tuple(DTYPES)):
     memory[case] = _memory(compiled)
   times = timer.interleaved(calls, rounds)
   medians = {case: float(np.median(t)) for case, t in times.items()}
-  return {(mode, dtype, group, name): (seconds, seconds / medians[mode, dtype, group, "optax CE"],
-                                       memory[mode, dtype, group, name])
-          for (mode, dtype, group, name), seconds in medians.items()}
+  return {
+    (mode, dtype, group, name): (
+      seconds,
+      seconds / medians[mode, dtype, group, "optax CE"],
+      memory[mode, dtype, group, name],
+    )
+    for (mode, dtype, group, name), seconds in medians.items()
+  }
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=30)
-  parser.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES],
-                      help="NxK shapes of the logits")
+  parser.add_argument(
+    "--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES], help="NxK shapes of the logits"
+  )
   parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
   args = parser.parse_args(argv)
-  print(f"{timer.machine()}; optax {optax.__version__}; median of {args.rounds} interleaved "
-        "rounds, call order rotated each round")
+  print(
+    f"{timer.machine()}; optax {optax.__version__}; median of {args.rounds} interleaved "
+    "rounds, call order rotated each round"
+  )
   print()
-  print("| shape | call | dtype | variant | function | median ms | ratio to optax | temp + output MiB |")
+  print(
+    "| shape | call | dtype | variant | function | median ms | ratio to optax | temp + output MiB |"
+  )
   print("|---|---|---|---|---|---:|---:|---:|")
   for text in args.shapes:
     shape = tuple(int(v) for v in text.split("x"))
-    for (mode, dtype, group, name), (seconds, ratio, memory) in bench(shape, args.rounds,
-                                                                       tuple(args.dtypes)).items():
-      print(f"| {text} | {mode} | {dtype} | {group} | {name} | {seconds * 1e3:.2f} | {ratio:.2f} "
-            f"| {memory} |", flush=True)
+    for (mode, dtype, group, name), (seconds, ratio, memory) in bench(
+      shape, args.rounds, tuple(args.dtypes)
+    ).items():
+      print(
+        f"| {text} | {mode} | {dtype} | {group} | {name} | {seconds * 1e3:.2f} | {ratio:.2f} "
+        f"| {memory} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The README's figure of cross-entropy's push on a confidently wrong true logit, exact
-against clipped: ``python -m jaxsoftmax_experiments.benchmarks.multilabel_figure PATH``
+"""The multi-label guide's figure of cross-entropy's push on a confidently wrong true logit, exact
+against clipped: ``python -m experiments.benchmarks.multilabel_figure PATH``
 (default ``multilabel_gradients.png``)."""
 
 import sys

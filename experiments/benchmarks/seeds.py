@@ -8,7 +8,7 @@ vmapped steps per call, as the experiment loop does. Compile time is measured ap
 shared timer, and the median round is reported. Throughput counts seed-steps per
 second.
 
-    python -m jaxsoftmax_experiments.benchmarks.seeds --seeds 8 --steps 100 --rounds 5
+    python -m experiments.benchmarks.seeds --seeds 8 --steps 100 --rounds 5
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import itertools
 import jax
 import numpy as np
 
+from experiments.benchmarks import timer
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import data, protocols, training
-from jaxsoftmax_experiments.benchmarks import timer
 
 CASES = (("digits", "mlp"), ("mnist1d", "cnn"))
 REGIME = "complement_likelihood"
@@ -35,15 +35,18 @@ def _setup(dataset_name, model, seeds, batch_size=128):
   ds = data.load(dataset_name)
   setup = training.make_setup(c, ds, regimes=(REGIME,), total_steps=1000, devices=jax.devices()[:1])
   y = np.asarray(ds.y_train)
-  one = protocols.complementary(jax.random.key(0), y, np.arange(len(y)) < c.num_labeled, ds.num_classes)
+  one = protocols.complementary(
+    jax.random.key(0), y, np.arange(len(y)) < c.num_labeled, ds.num_classes
+  )
   examples = jax.tree.map(lambda a: np.stack([a] * seeds), one)
   keys = jax.random.split(jax.random.key(1), seeds)[None]
   state = training.functions(setup).init(keys, jax.random.split(jax.random.key(2), seeds)[None])[0]
   return setup, one, examples, state, jax.numpy.asarray(ds.x_train)
 
 
-def bench(dataset_name: str, model: str, seeds: int, batch_size: int, steps: int, rounds: int,
-          chunk: int) -> dict:
+def bench(
+  dataset_name: str, model: str, seeds: int, batch_size: int, steps: int, rounds: int, chunk: int
+) -> dict:
   """Compile seconds and seed-steps per second of the loop, vmap and vmap+scan sides."""
   setup, one, examples, state, x = _setup(dataset_name, model, seeds, batch_size)
   step = functools.partial(training.step, setup, REGIME)
@@ -53,8 +56,10 @@ def bench(dataset_name: str, model: str, seeds: int, batch_size: int, steps: int
   batched, batched_compile = compile_(jax.vmap(step, in_axes=(0, 0, None)), state, examples, x)
 
   def scan_fn(state, examples, x):
-    return jax.lax.scan(lambda s, _: jax.vmap(step, in_axes=(0, 0, None))(s, examples, x),
-                        state, None, length=chunk)
+    return jax.lax.scan(
+      lambda s, _: jax.vmap(step, in_axes=(0, 0, None))(s, examples, x), state, None, length=chunk
+    )
+
   scanned, scanned_compile = compile_(scan_fn, state, examples, x)
   held = {"loop": states, "vmap": state, "vmap+scan": state}
 
@@ -76,8 +81,10 @@ def bench(dataset_name: str, model: str, seeds: int, batch_size: int, steps: int
   times = timer.interleaved({"loop": loop, "vmap": vmapped, "vmap+scan": scan}, rounds)
   done = {"loop": steps, "vmap": steps, "vmap+scan": (steps // chunk) * chunk}
   throughput = {name: seeds * done[name] / float(np.median(t)) for name, t in times.items()}
-  return {"compile": {"loop": single_compile, "vmap": batched_compile, "vmap+scan": scanned_compile},
-          "throughput": throughput}
+  return {
+    "compile": {"loop": single_compile, "vmap": batched_compile, "vmap+scan": scanned_compile},
+    "throughput": throughput,
+  }
 
 
 def main(argv=None) -> None:
@@ -88,19 +95,27 @@ def main(argv=None) -> None:
   parser.add_argument("--chunk", type=int, default=50, help="steps per scanned call")
   parser.add_argument("--batch-sizes", default="16,128", help="comma-separated")
   args = parser.parse_args(argv)
-  print(f"{timer.machine()}; {args.seeds} seeds, {REGIME}; median of {args.rounds} "
-        f"interleaved rounds of {args.steps} steps")
+  print(
+    f"{timer.machine()}; {args.seeds} seeds, {REGIME}; median of {args.rounds} "
+    f"interleaved rounds of {args.steps} steps"
+  )
   print()
-  print("| data, model, batch | loop: compile s, seed-steps/s | vmap: compile s, seed-steps/s "
-        "| vmap+scan: compile s, seed-steps/s | vmap / loop | vmap+scan / loop |")
+  print(
+    "| data, model, batch | loop: compile s, seed-steps/s | vmap: compile s, seed-steps/s "
+    "| vmap+scan: compile s, seed-steps/s | vmap / loop | vmap+scan / loop |"
+  )
   print("|---|---|---|---|---:|---:|")
   for (dataset_name, model), batch in itertools.product(
-      CASES, [int(b) for b in args.batch_sizes.split(",")]):
+    CASES, [int(b) for b in args.batch_sizes.split(",")]
+  ):
     r = bench(dataset_name, model, args.seeds, batch, args.steps, args.rounds, args.chunk)
     c, t = r["compile"], r["throughput"]
     cells = " | ".join(f"{c[k]:.2f}, {t[k]:,.0f}" for k in ("loop", "vmap", "vmap+scan"))
-    print(f"| {dataset_name}, {model}, {batch} | {cells} | {t['vmap'] / t['loop']:.1f}x "
-          f"| {t['vmap+scan'] / t['loop']:.1f}x |", flush=True)
+    print(
+      f"| {dataset_name}, {model}, {batch} | {cells} | {t['vmap'] / t['loop']:.1f}x "
+      f"| {t['vmap+scan'] / t['loop']:.1f}x |",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 
-def interleaved(calls: Mapping[str, Callable[[], object]], rounds: int,
-                warmup: int = 1) -> dict[str, np.ndarray]:
+def interleaved(
+  calls: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, np.ndarray]:
   """Seconds per call of each ``calls[name]()``, ``rounds`` calls each, order rotated.
 
   Each call's result is waited for (``jax.block_until_ready``) inside its timing.
@@ -63,5 +64,7 @@ def machine() -> str:
   """One line naming the software and hardware a table was measured on."""
   device = jax.devices()[0]
   kind = device.device_kind if device.platform != "cpu" else "cpu"
-  return (f"jax {jax.__version__}, {device.platform} ({kind}), {jax.device_count()} device(s); "
-          f"host {cpu_model()}")
+  return (
+    f"jax {jax.__version__}, {device.platform} ({kind}), {jax.device_count()} device(s); "
+    f"host {cpu_model()}"
+  )

@@ -4,7 +4,7 @@
    x 5 seeds should cost about what 15 seeds of one regime cost, and every regime of
    the table (``jaxsoftmax-table``) x 5 seeds about 4 times as much. The benchmark
    times one compiled call of ``--steps`` training steps for each layout, interleaved
-   (:func:`jaxsoftmax_experiments.benchmarks.timer.interleaved`), and gives each
+   (:func:`experiments.benchmarks.timer.interleaved`), and gives each
    layout's cost per run and step as a ratio to the three-regime one.
 2. Compilations. It runs the default config (``feedback_digits``) through the loop in
    this process and counts XLA compilations and their seconds
@@ -12,7 +12,7 @@
 3. The persistent cache. It runs the command line twice in subprocesses with a fresh
    cache folder (the second run with ``--overwrite``) and reports each one's wall time.
 
-    python -m jaxsoftmax_experiments.benchmarks.training [--steps 100] [--rounds 10]
+    python -m experiments.benchmarks.training [--steps 100] [--rounds 10]
 """
 
 from __future__ import annotations
@@ -27,22 +27,24 @@ import time
 import jax
 import numpy as np
 
+from experiments.benchmarks import timer
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import data, loop, parallel, protocols, training
 from jaxsoftmax_experiments import regimes as regimes_lib
-from jaxsoftmax_experiments.benchmarks import timer
 from jaxsoftmax_experiments.configs import feedback_digits
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _events: list[tuple[str, float]] = []
-jax.monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: _events.append((name, secs)))
+jax.monitoring.register_event_duration_secs_listener(
+  lambda name, secs, **kw: _events.append((name, secs))
+)
 
 LAYOUTS = {  # name -> (regimes, seeds per regime)
-    "3 regimes x 5 seeds": (("positive_only", "negated_gradient", "complement_likelihood"), 5),
-    "positive_only x 15": (("positive_only",), 15),
-    "negated_gradient x 15": (("negated_gradient",), 15),
-    "complement_likelihood x 15": (("complement_likelihood",), 15),
-    "every regime x 5 seeds": (tuple(regimes_lib.NAMES), 5),
+  "3 regimes x 5 seeds": (("positive_only", "negated_gradient", "complement_likelihood"), 5),
+  "positive_only x 15": (("positive_only",), 15),
+  "negated_gradient x 15": (("negated_gradient",), 15),
+  "complement_likelihood x 15": (("complement_likelihood",), 15),
+  "every regime x 5 seeds": (tuple(regimes_lib.NAMES), 5),
 }
 
 
@@ -60,8 +62,9 @@ def regime_cost(steps: int, rounds: int) -> dict[str, float]:
     fns = training.functions(setup)
     keys = jax.random.split(jax.random.key(0), len(regimes) * seeds).reshape(len(regimes), seeds)
     state = fns.init(keys, keys)
-    one = protocols.complementary(jax.random.key(1), y, np.arange(len(y)) < c.num_labeled,
-                                  ds.num_classes)
+    one = protocols.complementary(
+      jax.random.key(1), y, np.arange(len(y)) < c.num_labeled, ds.num_classes
+    )
     one = one._replace(reference=np.full(y.shape, -np.log(ds.num_classes), np.float32))  # npo
     examples = (jax.tree.map(lambda a: np.stack([a] * seeds), one),) * len(regimes)
     examples = parallel.put(examples, parallel.run_sharding(setup.mesh))
@@ -69,8 +72,10 @@ def regime_cost(steps: int, rounds: int) -> dict[str, float]:
     compiled = fns.train.lower(state, examples, x, length=steps).compile()
     calls[name] = functools.partial(compiled, state, examples, x)
   times = timer.interleaved(calls, rounds)
-  return {name: float(np.median(t)) / steps / (len(LAYOUTS[name][0]) * LAYOUTS[name][1])
-          for name, t in times.items()}
+  return {
+    name: float(np.median(t)) / steps / (len(LAYOUTS[name][0]) * LAYOUTS[name][1])
+    for name, t in times.items()
+  }
 
 
 def compilations() -> tuple[int, float, float]:
@@ -91,9 +96,16 @@ def compilations() -> tuple[int, float, float]:
 def cached_reruns() -> tuple[float, float]:
   """Wall seconds of the command line's first run and of a rerun, with a fresh cache."""
   with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as workdir:
-    command = [sys.executable, "-m", "jaxsoftmax_experiments.run", "--config=feedback_digits",
-               f"--workdir={workdir}", f"--compilation_cache={cache}", "--progress=false",
-               "--overwrite"]
+    command = [
+      sys.executable,
+      "-m",
+      "jaxsoftmax_experiments.run",
+      "--config=feedback_digits",
+      f"--workdir={workdir}",
+      f"--compilation_cache={cache}",
+      "--progress=false",
+      "--overwrite",
+    ]
     walls = []
     for _ in range(2):
       start = time.perf_counter()
@@ -120,11 +132,15 @@ def main(argv=None):
     print(f"| {name} | {runs} | {seconds * 1e3:.3f} | {seconds / base:.2f} |")
   print()
   count, compile_seconds, wall = compilations()
-  print(f"A first run of feedback_digits in one process (no persistent cache): {count} XLA "
-        f"compilations taking {compile_seconds:.1f} s of {wall:.1f} s.")
+  print(
+    f"A first run of feedback_digits in one process (no persistent cache): {count} XLA "
+    f"compilations taking {compile_seconds:.1f} s of {wall:.1f} s."
+  )
   first, again = cached_reruns()
-  print(f"The command line with a fresh compilation cache: {first:.1f} s; the same run again "
-        f"(--overwrite, cache filled): {again:.1f} s.")
+  print(
+    f"The command line with a fresh compilation cache: {first:.1f} s; the same run again "
+    f"(--overwrite, cache filled): {again:.1f} s."
+  )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ def load(config):
 
 
 def check(config, dataset, memory_bytes):
-  config_lib.validate(config, len(dataset.y_train), dataset.num_classes, dataset.input_shape,
-                      memory_bytes)
+  config_lib.validate(
+    config, len(dataset.y_train), dataset.num_classes, dataset.input_shape, memory_bytes
+  )
 
 
 def plan(config, dataset, devices):
@@ -56,8 +57,9 @@ def progress(plan_, new) -> tuple[str, dict[str, float]]:
   accuracy = {}
   for r in new:
     accuracy.setdefault(r["regime"], []).append(r["test_accuracy"])
-  return PROGRESS, {r: float(np.mean([np.nan if v is None else v for v in a]))
-                    for r, a in accuracy.items()}
+  return PROGRESS, {
+    r: float(np.mean([np.nan if v is None else v for v in a])) for r, a in accuracy.items()
+  }
 
 
 def outputs(plan_, state, records_, resolved, wall, resumed_from):

@@ -19,8 +19,8 @@ The regimes are the classifier's, from the one regime table
 (:mod:`jaxsoftmax_experiments.regimes`), on token targets:
 
 - ``positive_only`` (mle): the NLL of each next token.
-- ``complement_likelihood`` (unlikelihood): mle plus ``alpha * -log(1 - P(C_t))``, with C_t the window's
-  tokens before position t other than its target (``fused_complement_set_nll``).
+- ``complement_likelihood`` (unlikelihood): mle plus ``alpha * -log(1 - P(C_t))``, with C_t
+  the window's tokens before position t other than its target (``fused_complement_set_nll``).
 - ``negated_gradient``: mle plus ``alpha * log P(C_t)`` on the same negatives, the naive
   negated gradient (``-fused_set_nll``).
 
@@ -32,8 +32,8 @@ tokens over all continuations; and whether the validation perplexity is above th
 vocabulary size (worse than a uniform guess), the first evaluation at which it is.
 
 ``unlearning`` (Zhang et al. 2024): a model trained with ``mle`` on every training topic
-for ``config.initial_steps`` is the start and the frozen reference. ``config.forget`` topics are to be
-forgotten, the other training topics retained. Each regime adds the retain NLL to:
+for ``config.initial_steps`` is the start and the frozen reference. ``config.forget``
+topics are to be forgotten, the other training topics retained. Each regime adds the retain NLL to:
 
 - ``negated_gradient`` (gradient ascent): minus the forget NLL;
 - ``complement_likelihood``: ``-log(1 - p_t)`` of each forget token (``fused_complement_nll``);
@@ -46,7 +46,7 @@ the start's. The packaged ``lm_unlearning`` runs 200 steps and
 evaluates every 50.
 
 A run diverges at the first step whose loss or gradient is not finite, whose largest
-|logit| passes ``logit_bound`` (the head's reading: an upper bound for the fused head) or
+``|logit|`` passes ``logit_bound`` (the head's reading: an upper bound for the fused head) or
 whose loss falls below ``-logit_bound``; it is then frozen and recorded. The workdir is the
 framework's (:mod:`jaxsoftmax_experiments.workdir`); a resumed run ends with the same
 files, byte for byte, as a run never stopped.
@@ -71,9 +71,8 @@ from jaxsoftmax import losses
 from jaxsoftmax.models import TransformerLM
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import heads as heads_lib
-from jaxsoftmax_experiments import parallel, text, training
+from jaxsoftmax_experiments import parallel, report, text, training
 from jaxsoftmax_experiments.regimes import REGIMES
-from jaxsoftmax_experiments import report
 from jaxsoftmax_experiments.report import mean_std
 
 EXPERIMENTS = config_lib.LM_EXPERIMENTS
@@ -82,6 +81,7 @@ EXPERIMENTS = config_lib.LM_EXPERIMENTS
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """A validated lm config as a frozen, hashable record (it keys the compiled programs)."""
+
   experiment: str = "repetition"
   regimes: tuple[str, ...] = EXPERIMENTS["repetition"]
   dataset: str = "help_topics"
@@ -114,18 +114,19 @@ class Settings:
   def of(cls, config) -> "Settings":
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
-                  if k in fields})
+    return cls(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
+    )
 
 
 # --- data ----------------------------------------------------------------------------
 
 
 class Data(NamedTuple):
-  train: np.ndarray       # [n, length + 1] windows (retain windows when unlearning)
+  train: np.ndarray  # [n, length + 1] windows (retain windows when unlearning)
   validation: np.ndarray
   test: np.ndarray
-  forget: np.ndarray      # [m, length + 1]; empty for repetition
+  forget: np.ndarray  # [m, length + 1]; empty for repetition
   vocab_size: int
 
 
@@ -134,17 +135,26 @@ def make_data(s: Settings, corpus: text.Corpus | None = None) -> tuple[Data, dic
   train_names = sorted(corpus.tokens["train"])
   # The forget topics: evenly spaced among the training topics, by name.
   step = max(1, len(train_names) // s.forget)
-  forget_names = train_names[step // 2::step][:s.forget] if s.experiment == "unlearning" else []
+  forget_names = train_names[step // 2 :: step][: s.forget] if s.experiment == "unlearning" else []
   retain_names = [n for n in train_names if n not in forget_names]
   w = lambda stream: text.windows(stream, s.length)
-  data = Data(w(corpus.stream("train", retain_names)), w(corpus.stream("validation")),
-              w(corpus.stream("test")),
-              w(corpus.stream("train", forget_names)) if forget_names
-              else np.zeros((0, s.length + 1), np.int32),
-              len(corpus.vocabulary))
-  info = {"vocab_size": len(corpus.vocabulary), "forget_topics": forget_names,
-          "train_windows": len(data.train), "validation_windows": len(data.validation),
-          "test_windows": len(data.test), "forget_windows": len(data.forget)}
+  data = Data(
+    w(corpus.stream("train", retain_names)),
+    w(corpus.stream("validation")),
+    w(corpus.stream("test")),
+    w(corpus.stream("train", forget_names))
+    if forget_names
+    else np.zeros((0, s.length + 1), np.int32),
+    len(corpus.vocabulary),
+  )
+  info = {
+    "vocab_size": len(corpus.vocabulary),
+    "forget_topics": forget_names,
+    "train_windows": len(data.train),
+    "validation_windows": len(data.validation),
+    "test_windows": len(data.test),
+    "forget_windows": len(data.forget),
+  }
   return data, info
 
 
@@ -156,15 +166,31 @@ def token_counts(data: Data) -> np.ndarray:
   return np.bincount(data.train[:, 1:].ravel(), minlength=data.vocab_size)
 
 
-def make_head(s: Settings, vocab_size: int, frequencies: np.ndarray | None = None) -> heads_lib.Head:
-  return heads_lib.make_head(s.head, vocab_size, s.num_clusters, s.vocab_chunk, tree=s.tree,
-                             branching=s.branching, frequencies=frequencies)
+def make_head(
+  s: Settings, vocab_size: int, frequencies: np.ndarray | None = None
+) -> heads_lib.Head:
+  return heads_lib.make_head(
+    s.head,
+    vocab_size,
+    s.num_clusters,
+    s.vocab_chunk,
+    tree=s.tree,
+    branching=s.branching,
+    frequencies=frequencies,
+  )
 
 
 def build(s: Settings, vocab_size: int, key, head: heads_lib.Head | None = None) -> TransformerLM:
   head = head if head is not None else make_head(s, vocab_size)
-  return TransformerLM(vocab_size, s.length, width=s.width, depth=s.depth, heads=s.heads,
-                       tree=heads_lib.tree_of(head), rngs=nnx.Rngs(key))
+  return TransformerLM(
+    vocab_size,
+    s.length,
+    width=s.width,
+    depth=s.depth,
+    heads=s.heads,
+    tree=heads_lib.tree_of(head),
+    rngs=nnx.Rngs(key),
+  )
 
 
 def candidates(windows):
@@ -177,6 +203,7 @@ class Targets(NamedTuple):
   """What a regime's losses read of a batch of windows (the fields the classifier's
   examples have): the target tokens ``[B, T]`` (-1: none), further wrong ids
   ``[B, T, M]`` or None, and the reference log-likelihood of each window ``[B]`` (npo)."""
+
   label: jax.Array
   wrong: jax.Array | None = None
   reference: jax.Array | None = None
@@ -228,7 +255,7 @@ class Plan:
   data: Data
   graphdef: Any
   head: heads_lib.Head
-  mesh: Mesh                                            # (runs, batch): seeds x each batch
+  mesh: Mesh  # (runs, batch): seeds x each batch
   info: dict = dataclasses.field(default_factory=dict)  # the data's description
 
   @property
@@ -241,12 +268,14 @@ def make_plan(s: Settings, data: Data, info: dict | None = None, devices=None) -
   split over the mesh's runs axis, each run's batch of windows over its batch axis."""
   head = make_head(s, data.vocab_size, token_counts(data))
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(s, data.vocab_size, 0, head)))  # no compute
-  return Plan(s, data, graphdef, head,
-              parallel.make_mesh(s.num_seeds, s.batch_size, devices), info or {})
+  return Plan(
+    s, data, graphdef, head, parallel.make_mesh(s.num_seeds, s.batch_size, devices), info or {}
+  )
 
 
-def _step(plan: Plan, regime: str, run: training.RunState, reference, train,
-          forget) -> training.RunState:
+def _step(
+  plan: Plan, regime: str, run: training.RunState, reference, train, forget
+) -> training.RunState:
   s = plan.settings
   key, k1, k2 = jax.random.split(run.key, 3)
   rows = jax.random.randint(k1, (s.batch_size,), 0, train.shape[0])
@@ -272,25 +301,34 @@ def _init(plan: Plan, key) -> training.RunState:
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "regimes", "length"))
-def _train(plan: Plan, regimes: tuple[str, ...], runs: tuple, reference, length: int,
-           train, forget) -> tuple:
+def _train(
+  plan: Plan, regimes: tuple[str, ...], runs: tuple, reference, length: int, train, forget
+) -> tuple:
   """``length`` steps of every run of ``regimes`` (one group each, over seeds)."""
-  steppers = [jax.vmap(functools.partial(_step, plan, regime), (0, 0, None, None),
-                       spmd_axis_name=parallel.RUNS) for regime in regimes]
+  steppers = [
+    jax.vmap(
+      functools.partial(_step, plan, regime), (0, 0, None, None), spmd_axis_name=parallel.RUNS
+    )
+    for regime in regimes
+  ]
 
   def body(runs, _):
     return tuple(f(run, reference, train, forget) for f, run in zip(steppers, runs)), None
+
   runs, _ = jax.lax.scan(body, runs, None, length=length)
   return jax.lax.with_sharding_constraint(
-      runs, jax.tree.map(lambda _: parallel.run_sharding(plan.mesh), runs))
+    runs, jax.tree.map(lambda _: parallel.run_sharding(plan.mesh), runs)
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _window_losses(plan: Plan, params, windows):
   """Per-window token NLLs ``[seeds, n, T]`` and next-token hits, unfused (eval only)."""
+
   def one(p):
     z = plan.head.scores(nnx.merge(plan.graphdef, p), windows[:, :-1])
     return losses.nll(z, windows[:, 1:]), jnp.argmax(z, -1) == windows[:, 1:]
+
   return jax.vmap(one)(params)
 
 
@@ -302,10 +340,12 @@ def _continue(plan: Plan, params, prompts):
   predicts from)."""
   s = plan.settings
   total = s.prompt + s.generate
+
   def one(p):
     model = nnx.merge(plan.graphdef, p)
     width = max(total, s.length)
-    seq = jnp.zeros((prompts.shape[0], width), jnp.int32).at[:, :s.prompt].set(prompts)
+    seq = jnp.zeros((prompts.shape[0], width), jnp.int32).at[:, : s.prompt].set(prompts)
+
     def body(seq, t):
       start = jnp.maximum(t - s.length, 0)
       window = jax.lax.dynamic_slice_in_dim(seq, start, s.length, axis=1)
@@ -313,20 +353,22 @@ def _continue(plan: Plan, params, prompts):
       last = jnp.minimum(t, s.length) - 1
       nxt = jnp.argmax(z[:, last], -1).astype(jnp.int32)
       return seq.at[:, t].set(nxt), None
+
     seq, _ = jax.lax.scan(body, seq, jnp.arange(s.prompt, total))
     return seq[:, :total]
+
   return jax.vmap(one)(params)
 
 
 def seq_rep(continuation: np.ndarray, n: int = 4) -> float:
   """1 - unique n-grams / n-grams of one continuation (Welleck et al.'s seq-rep-n)."""
-  grams = [tuple(continuation[i:i + n]) for i in range(len(continuation) - n + 1)]
+  grams = [tuple(continuation[i : i + n]) for i in range(len(continuation) - n + 1)]
   return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def repetition_rate(sequence: np.ndarray, start: int, window: int = 16) -> float:
   """The share of tokens from ``start`` on found among the ``window`` tokens before them."""
-  hits = [sequence[t] in sequence[max(0, t - window):t] for t in range(start, len(sequence))]
+  hits = [sequence[t] in sequence[max(0, t - window) : t] for t in range(start, len(sequence))]
   return float(np.mean(hits))
 
 
@@ -337,16 +379,19 @@ def evaluate(plan: Plan, state: training.State, start_retain_ppl=None) -> list[d
   for regime, run in zip(s.regimes, state.runs):
     rec = {}
     if s.experiment == "repetition":
-      nll, hit = (np.asarray(a, np.float64)
-                  for a in parallel.fetch(_window_losses(plan, run.params, d.validation)))
+      nll, hit = (
+        np.asarray(a, np.float64)
+        for a in parallel.fetch(_window_losses(plan, run.params, d.validation))
+      )
       rec["validation_perplexity"] = np.exp(nll.mean((1, 2)))
       rec["next_token_accuracy"] = hit.mean((1, 2))
-      prompts = d.validation[:s.num_prompts, :s.prompt]
+      prompts = d.validation[: s.num_prompts, : s.prompt]
       seqs = np.asarray(parallel.fetch(_continue(plan, run.params, prompts)))
-      cont = seqs[:, :, s.prompt:]
+      cont = seqs[:, :, s.prompt :]
       rec["seq_rep_4"] = np.array([np.mean([seq_rep(c) for c in seed]) for seed in cont])
-      rec["repetition_rate"] = np.array([np.mean([repetition_rate(q, s.prompt) for q in seed])
-                                         for seed in seqs])
+      rec["repetition_rate"] = np.array(
+        [np.mean([repetition_rate(q, s.prompt) for q in seed]) for seed in seqs]
+      )
       rec["unique_tokens"] = np.array([len(np.unique(seed)) for seed in cont], float)
       rec["worse_than_uniform"] = rec["validation_perplexity"] > d.vocab_size
     else:
@@ -355,8 +400,9 @@ def evaluate(plan: Plan, state: training.State, start_retain_ppl=None) -> list[d
       log_pi = -forget.sum(-1)
       reference = np.asarray(parallel.fetch(state.extra), np.float64)
       rec["forget_log_ratio"] = (log_pi - reference).mean(1) / s.length
-      retain = np.asarray(parallel.fetch(_window_losses(plan, run.params, d.train[:len(d.test)])[0]),
-                          np.float64)
+      retain = np.asarray(
+        parallel.fetch(_window_losses(plan, run.params, d.train[: len(d.test)])[0]), np.float64
+      )
       rec["retain_perplexity"] = np.exp(retain.mean((1, 2)))
       test = np.asarray(parallel.fetch(_window_losses(plan, run.params, d.test)[0]), np.float64)
       rec["test_perplexity"] = np.exp(test.mean((1, 2)))
@@ -387,12 +433,14 @@ def _start(plan: Plan, key) -> training.State:
   # Unlearning: train the start with mle on every training window (retain and forget).
   everything = jnp.concatenate([plan.data.train, plan.data.forget])
   start = jax.vmap(functools.partial(_init, plan))(seeds)
-  pre = dataclasses.replace(plan, settings=dataclasses.replace(
-      s, experiment="repetition", regimes=("positive_only",)))
-  (start,) = _train(pre, ("positive_only",), (start,), None, s.initial_steps, everything,
-                    everything)
+  pre = dataclasses.replace(
+    plan, settings=dataclasses.replace(s, experiment="repetition", regimes=("positive_only",))
+  )
+  (start,) = _train(
+    pre, ("positive_only",), (start,), None, s.initial_steps, everything, everything
+  )
   nll = _window_losses(plan, start.params, plan.data.forget)[0]
-  reference = -jnp.sum(nll, -1)                                     # [seeds, forget windows]
+  reference = -jnp.sum(nll, -1)  # [seeds, forget windows]
   fresh = lambda: jax.vmap(lambda k: jax.random.fold_in(k, 1))(start.key)
   new_run = jax.vmap(lambda params, key: training.new_run(params, plan.optimizer, key))
   runs = tuple(new_run(start.params, fresh()) for _ in s.regimes)
@@ -416,16 +464,22 @@ def run(plan: Plan, state: training.State | None = None) -> Iterator[training.St
   def advance(state, length):
     runs = _train(plan, s.regimes, state.runs, state.extra, length, train, forget)
     return state._replace(runs=runs, step=state.step + length)
+
   return training.evaluations(state, advance, s.steps, s.eval_every)
 
 
 # --- outputs --------------------------------------------------------------------------
 
-METRICS = {"repetition": ("validation_perplexity", "next_token_accuracy", "seq_rep_4",
-                          "repetition_rate", "unique_tokens"),
-           "unlearning": ("forget_nll", "forget_log_ratio", "retain_perplexity",
-                          "test_perplexity")}
-
+METRICS = {
+  "repetition": (
+    "validation_perplexity",
+    "next_token_accuracy",
+    "seq_rep_4",
+    "repetition_rate",
+    "unique_tokens",
+  ),
+  "unlearning": ("forget_nll", "forget_log_ratio", "retain_perplexity", "test_perplexity"),
+}
 
 
 def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tuple[dict, str]:
@@ -435,60 +489,106 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
   results = {"config": None, "data": info, "wall_seconds": wall, "regimes": {}}
   for regime in s.regimes:
     mine = [r for r in final if r["regime"] == regime]
-    entry = {k: [r.get(k) for r in mine] for k in (*METRICS[s.experiment], "diverged",
-                                                   "diverged_at_step")}
+    entry = {
+      k: [r.get(k) for r in mine] for k in (*METRICS[s.experiment], "diverged", "diverged_at_step")
+    }
     flag = "collapsed" if s.experiment == "unlearning" else "worse_than_uniform"
     entry[f"{flag}_at_step"] = [  # a random start is worse than uniform: from step 1 on
-        next((r["step"] for r in records if r["regime"] == regime and r["seed"] == seed
-              and r["step"] > 0 and r.get(flag)), None) for seed in range(s.num_seeds)]
+      next(
+        (
+          r["step"]
+          for r in records
+          if r["regime"] == regime and r["seed"] == seed and r["step"] > 0 and r.get(flag)
+        ),
+        None,
+      )
+      for seed in range(s.num_seeds)
+    ]
     results["regimes"][regime] = entry
   cols = METRICS[s.experiment]
-  lines = [f"# {s.experiment} on CPython's help topics", "",
-           f"TransformerLM (width {s.width}, depth {s.depth}, {s.heads} heads, context "
-           f"{s.length}), vocabulary {info['vocab_size']}, {s.num_seeds} seeds, {s.steps} steps, "
-           f"batch {s.batch_size} windows, Adam at {s.learning_rate:g}, "
-           f"{s.head} head; {wall:.1f} s.", ""]
+  lines = [
+    f"# {s.experiment} on CPython's help topics",
+    "",
+    f"TransformerLM (width {s.width}, depth {s.depth}, {s.heads} heads, context "
+    f"{s.length}), vocabulary {info['vocab_size']}, {s.num_seeds} seeds, {s.steps} steps, "
+    f"batch {s.batch_size} windows, Adam at {s.learning_rate:g}, "
+    f"{s.head} head; {wall:.1f} s.",
+    "",
+  ]
   if s.experiment == "unlearning":
     start = {k: mean_std([r.get(k) for r in first if r["regime"] == s.regimes[0]]) for k in cols}
-    lines += [f"Forget topics: {', '.join(info['forget_topics'])} ({info['forget_windows']} "
-              f"windows). The start ({s.initial_steps} mle steps on every training topic): "
-              + ", ".join(f"{k} {v}" for k, v in start.items()) + ".", ""]
+    lines += [
+      f"Forget topics: {', '.join(info['forget_topics'])} ({info['forget_windows']} "
+      f"windows). The start ({s.initial_steps} mle steps on every training topic): "
+      + ", ".join(f"{k} {v}" for k, v in start.items())
+      + ".",
+      "",
+    ]
   flag = "collapsed" if s.experiment == "unlearning" else "worse_than_uniform"
-  lines += ["| regime | " + " | ".join(cols) + f" | diverged | {flag.replace('_', ' ')} |",
-            "|---|" + "---|" * len(cols) + "---:|---:|"]
-  steps = lambda xs: (f" (steps {min(xs)}-{max(xs)})" if min(xs) != max(xs) else f" (step {xs[0]})") if xs else ""
+  lines += [
+    "| regime | " + " | ".join(cols) + f" | diverged | {flag.replace('_', ' ')} |",
+    "|---|" + "---|" * len(cols) + "---:|---:|",
+  ]
+  steps = lambda xs: (
+    (f" (steps {min(xs)}-{max(xs)})" if min(xs) != max(xs) else f" (step {xs[0]})") if xs else ""
+  )
   for regime, e in results["regimes"].items():
     div = [x for x in e["diverged_at_step"] if x is not None]
     bad = [x for x in e[f"{flag}_at_step"] if x is not None]
     known = config_lib.LITERATURE_NAMES[s.experiment].get(regime)
     label = f"{regime} ({known})" if known else regime
-    lines.append(f"| {label} | " + " | ".join(mean_std(e[k]) for k in cols)
-                 + f" | {len(div)}/{s.num_seeds}{steps(div)} | {len(bad)}/{s.num_seeds}{steps(bad)} |")
-  lines += ["", "Mean ± sample standard deviation over seeds at the last step. "
-            + report.divergence_rule(s.logit_bound) + " "
-            + ("Collapsed: retain perplexity above "
-               f"{s.collapse:g} x the start's, first at the evaluation shown."
-               if s.experiment == "unlearning" else
-               "Worse than uniform: validation perplexity above the vocabulary size "
-               f"({results['data']['vocab_size']}) at an evaluation after the start, the first "
-               "shown.")]
+    lines.append(
+      f"| {label} | "
+      + " | ".join(mean_std(e[k]) for k in cols)
+      + f" | {len(div)}/{s.num_seeds}{steps(div)} | {len(bad)}/{s.num_seeds}{steps(bad)} |"
+    )
+  lines += [
+    "",
+    "Mean ± sample standard deviation over seeds at the last step. "
+    + report.divergence_rule(s.logit_bound)
+    + " "
+    + (
+      "Collapsed: retain perplexity above "
+      f"{s.collapse:g} x the start's, first at the evaluation shown."
+      if s.experiment == "unlearning"
+      else "Worse than uniform: validation perplexity above the vocabulary size "
+      f"({results['data']['vocab_size']}) at an evaluation after the start, the first "
+      "shown."
+    ),
+  ]
   return results, "\n".join(lines) + "\n"
 
 
 def _plot(s: Settings, records, path):
   import io
+
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   from jaxsoftmax_experiments.report import write_atomic
-  keys = (("validation_perplexity", "seq_rep_4") if s.experiment == "repetition"
-          else ("forget_nll", "retain_perplexity"))
+
+  keys = (
+    ("validation_perplexity", "seq_rep_4")
+    if s.experiment == "repetition"
+    else ("forget_nll", "retain_perplexity")
+  )
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, regime in enumerate(s.regimes):
     steps = sorted({r["step"] for r in records})
     for ax, key in zip(axes, keys):
-      v = np.array([[np.nan if r.get(key) is None else r[key] for r in records
-                     if r["regime"] == regime and r["step"] == st] for st in steps], float)
+      v = np.array(
+        [
+          [
+            np.nan if r.get(key) is None else r[key]
+            for r in records
+            if r["regime"] == regime and r["step"] == st
+          ]
+          for st in steps
+        ],
+        float,
+      )
       ax.plot(steps, np.nanmean(v, 1), color=f"C{i}", label=regime)
       ax.set(xlabel="step", ylabel=key, yscale="log" if "perplexity" in key else "linear")
   axes[0].legend()
@@ -507,6 +607,7 @@ PROGRESS = {"repetition": "validation perplexity", "unlearning": "forget NLL"}
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity
 class Loaded:
   """An lm config's settings, data and a description of the data."""
+
   settings: Settings
   data: Data
   info: dict
@@ -536,8 +637,9 @@ def _load(s: Settings) -> Loaded:
   if s.experiment == "unlearning" and (len(data.forget) == 0 or len(data.train) == 0):
     empty = "forget" if len(data.forget) == 0 else "retain"
     raise config_lib.ConfigError(
-        f"config.forget: the {empty} topics hold no window of config.length + 1 = "
-        f"{s.length + 1} tokens; forget other topics (a different count) or use a shorter length.")
+      f"config.forget: the {empty} topics hold no window of config.length + 1 = "
+      f"{s.length + 1} tokens; forget other topics (a different count) or use a shorter length."
+    )
   return Loaded(s, data, info)
 
 
@@ -578,7 +680,9 @@ def records(plan_: Plan, state: training.State, earlier: list[dict]) -> list[dic
   s = plan_.settings
   start = None
   if s.experiment == "unlearning":
-    first = [r["retain_perplexity"] for r in earlier if r["step"] == 0 and r["regime"] == s.regimes[0]]
+    first = [
+      r["retain_perplexity"] for r in earlier if r["step"] == 0 and r["regime"] == s.regimes[0]
+    ]
     start = np.array(first) if first else None
   return evaluate(plan_, state, start)
 
@@ -591,8 +695,14 @@ def progress(plan_: Plan, new: list[dict]) -> tuple[str, dict[str, float]]:
   return PROGRESS[plan_.settings.experiment], {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def outputs(plan_: Plan, state: training.State, records_: list[dict], resolved: dict, wall: float,
-            resumed_from):
+def outputs(
+  plan_: Plan,
+  state: training.State,
+  records_: list[dict],
+  resolved: dict,
+  wall: float,
+  resumed_from,
+):
   del state, wall, resumed_from  # the files do not depend on them: a resumed run's are the same
   s = plan_.settings
   results, summary = summarise(s, records_, plan_.info, 0.0)

@@ -1,10 +1,10 @@
 """Several true labels per example: softmax with targets ``Y/|Y|`` against sigmoid
-cross-entropy, and what the ``(1 - y) log(1 - p)`` terms and probability clipping do.
+cross-entropy, and what the ``(1 - y) log(1 - p)`` terms and probability clipping do::
 
     jaxsoftmax-run --config=multilabel_canvases --workdir=runs/multilabel_canvases
     jaxsoftmax-run --config=multilabel_generated --workdir=runs/multilabel_generated
-    jaxsoftmax-run --config=multilabel_canvases --config.dataset=npz:my_labels.npz --workdir=runs/mine
-    python -m jaxsoftmax_experiments.benchmarks.multilabel_figure docs/multilabel_gradients.png
+    jaxsoftmax-run --config=multilabel_canvases --config.dataset=npz:mine.npz --workdir=runs/mine
+    python -m experiments.benchmarks.multilabel_figure runs/multilabel_gradients.png
 
 The kind ``multilabel`` of the framework (:mod:`jaxsoftmax_experiments.kinds`). Every
 objective of :data:`OBJECTIVES` named in ``config.regimes`` x ``config.num_seeds`` seeds
@@ -12,7 +12,7 @@ trains an MLP at once: one compiled program, the runs grouped by objective and
 ``jax.vmap``-ed over seeds, Adam, batches drawn with replacement. The state, the loop, the
 optimizer step and its divergence rule (:mod:`jaxsoftmax_experiments.training`), the
 workdir, its metrics log, checkpoints and resume are the framework's; a step's largest
-|logit| is read on the logits.
+``|logit|`` is read on the logits.
 
 Data (offline, fixed splits; ``x`` standardised with the training split's statistics):
 
@@ -67,7 +67,7 @@ class MultiLabelError(DataError):
 class Data:
   name: str
   x_train: np.ndarray
-  y_train: np.ndarray   # bool [n, K]
+  y_train: np.ndarray  # bool [n, K]
   x_val: np.ndarray
   y_val: np.ndarray
   x_test: np.ndarray
@@ -82,27 +82,32 @@ def check_labels(y, x, name: str) -> np.ndarray:
   """A bool ``[n, K]`` label mask from a 0/1 or boolean array with one row per input."""
   y = np.asarray(y)
   if y.ndim != 2 or y.shape[0] != len(x):
-    raise MultiLabelError(f"{name}: a label mask must be [n, K] with n = {len(x)} inputs, got "
-                          f"shape {y.shape}.")
+    raise MultiLabelError(
+      f"{name}: a label mask must be [n, K] with n = {len(x)} inputs, got shape {y.shape}."
+    )
   if y.shape[1] == 0:
     raise MultiLabelError(f"{name}: a label mask needs at least one class, got shape {y.shape}.")
   if y.dtype != np.bool_:
     if not np.issubdtype(y.dtype, np.number) or not np.isin(y, (0, 1)).all():
       bad = y[~np.isin(y, (0, 1))] if np.issubdtype(y.dtype, np.number) else y.dtype
-      raise MultiLabelError(f"{name}: a label mask must be binary (0/1 or bool), found "
-                            f"{np.ravel(bad)[:3]}.")
+      raise MultiLabelError(
+        f"{name}: a label mask must be binary (0/1 or bool), found {np.ravel(bad)[:3]}."
+      )
     y = y.astype(bool)
   return y
 
 
 def _generated() -> Data:
   from sklearn.datasets import make_multilabel_classification
-  x, y = make_multilabel_classification(n_samples=3000, n_features=20, n_classes=10,
-                                        n_labels=3, allow_unlabeled=False, random_state=0)
+
+  x, y = make_multilabel_classification(
+    n_samples=3000, n_features=20, n_classes=10, n_labels=3, allow_unlabeled=False, random_state=0
+  )
   xs = standardise(x[:2000], x[2000:2500], x[2500:])
   ys = [y[:2000], y[2000:2500], y[2500:]]
-  return Data("generated", xs[0], ys[0].astype(bool), xs[1], ys[1].astype(bool), xs[2],
-              ys[2].astype(bool))
+  return Data(
+    "generated", xs[0], ys[0].astype(bool), xs[1], ys[1].astype(bool), xs[2], ys[2].astype(bool)
+  )
 
 
 def canvases(images: np.ndarray, classes: np.ndarray, n: int, seed: int):
@@ -117,7 +122,7 @@ def canvases(images: np.ndarray, classes: np.ndarray, n: int, seed: int):
     count = 2 if first < 5 else 4
     shown = [first, *rng.integers(0, 10, count - 1)]
     for slot, c in enumerate(shown):
-      x[i, :, 8 * slot:8 * slot + 8] = images[rng.choice(by_class[c])]
+      x[i, :, 8 * slot : 8 * slot + 8] = images[rng.choice(by_class[c])]
       y[i, c] = True
   return x, y
 
@@ -144,13 +149,19 @@ def _npz(path: str) -> Data:
   for s in ("train", "val", "test"):
     check_inputs(f"npz:{path}", f"x_{s}", arrays[f"x_{s}"])
   if not all(arrays[f"x_{s}"].shape[1:] == arrays["x_train"].shape[1:] for s in ("val", "test")):
-    raise MultiLabelError(f"npz:{path}: x_train, x_val and x_test must have the same input shape, "
-                          f"got {[arrays[f'x_{s}'].shape[1:] for s in ('train', 'val', 'test')]}.")
-  ys = [check_labels(arrays[f"y_{s}"], arrays[f"x_{s}"], f"npz:{path}: y_{s}")
-        for s in ("train", "val", "test")]
+    raise MultiLabelError(
+      f"npz:{path}: x_train, x_val and x_test must have the same input shape, "
+      f"got {[arrays[f'x_{s}'].shape[1:] for s in ('train', 'val', 'test')]}."
+    )
+  ys = [
+    check_labels(arrays[f"y_{s}"], arrays[f"x_{s}"], f"npz:{path}: y_{s}")
+    for s in ("train", "val", "test")
+  ]
   if len({y.shape[1] for y in ys}) != 1:
-    raise MultiLabelError(f"npz:{path}: y_train, y_val and y_test must have the same number of "
-                          f"classes, got {[y.shape[1] for y in ys]}.")
+    raise MultiLabelError(
+      f"npz:{path}: y_train, y_val and y_test must have the same number of "
+      f"classes, got {[y.shape[1] for y in ys]}."
+    )
   xs = standardise(*(np.asarray(arrays[f"x_{s}"], np.float64) for s in ("train", "val", "test")))
   return Data(f"npz:{path}", xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
 
@@ -165,8 +176,10 @@ def load_data(name: str) -> Data:
   else:
     raise MultiLabelError(f"config.dataset: one of generated, canvases or npz:PATH, got {name!r}.")
   if not data.y_test.any():
-    raise MultiLabelError(f"{name}: y_test has no positive label; precision, recall and mean "
-                          "average precision are undefined on it.")
+    raise MultiLabelError(
+      f"{name}: y_test has no positive label; precision, recall and mean "
+      "average precision are undefined on it."
+    )
   return data
 
 
@@ -182,9 +195,10 @@ def _packaged(name: str) -> Data:
 class Objective:
   """A multi-label entry of :data:`jaxsoftmax_experiments.regimes.REGIMES`, as this kind
   reads it: its loss on logits and a label mask, and how its predictions are read."""
+
   name: str
-  loss: Callable        # (logits [B, K], labels bool [B, K]) -> [B]
-  scores: str           # "softmax" or "sigmoid": how predictions are read
+  loss: Callable  # (logits [B, K], labels bool [B, K]) -> [B]
+  scores: str  # "softmax" or "sigmoid": how predictions are read
   summary: str
 
 
@@ -193,8 +207,10 @@ def _objective(rule: regimes_lib.Regime) -> Objective:
   return Objective(rule.name, loss, rule.scores, rule.summary)
 
 
-OBJECTIVES: dict[str, Objective] = {name: _objective(regimes_lib.REGIMES[name])
-                                    for name in regimes_lib.LABEL_SET_NAMES}
+#: The multi-label objectives by name, the label-set entries of the one regime table.
+OBJECTIVES: dict[str, Objective] = {
+  name: _objective(regimes_lib.REGIMES[name]) for name in regimes_lib.LABEL_SET_NAMES
+}
 
 
 # --- training -------------------------------------------------------------------------
@@ -203,6 +219,7 @@ OBJECTIVES: dict[str, Objective] = {name: _objective(regimes_lib.REGIMES[name])
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """A validated multilabel config as a frozen, hashable record (it keys the programs)."""
+
   regimes: tuple[str, ...] = tuple(OBJECTIVES)
   steps: int = 2000
   num_seeds: int = 5
@@ -216,21 +233,29 @@ class Settings:
   @classmethod
   def of(cls, config) -> "Settings":
     v = config.to_dict()
-    return cls(tuple(v["regimes"]), v["steps"], v["num_seeds"], v["batch_size"],
-               float(v["learning_rate"]), tuple(v["hidden"]), v["eval_every"], v["seed"],
-               float(v["logit_bound"]))
+    return cls(
+      tuple(v["regimes"]),
+      v["steps"],
+      v["num_seeds"],
+      v["batch_size"],
+      float(v["learning_rate"]),
+      tuple(v["hidden"]),
+      v["eval_every"],
+      v["seed"],
+      float(v["logit_bound"]),
+    )
 
 
 def _model(settings, data, key):
-  return MLP(data.x_train.shape[1:], data.num_classes, hidden=settings.hidden,
-             rngs=nnx.Rngs(key))
+  return MLP(data.x_train.shape[1:], data.num_classes, hidden=settings.hidden, rngs=nnx.Rngs(key))
 
 
 class Counts(NamedTuple):
   """The kind's own arrays in the framework's state (``training.State.extra``): per run,
   the count of steps with an exactly-zero logit gradient for some example (and, of them,
   those where that example had a clipped true label)."""
-  zero_steps: tuple     # int32 [seeds] per objective
+
+  zero_steps: tuple  # int32 [seeds] per objective
   clipped_steps: tuple  # int32 [seeds] per objective
 
 
@@ -239,8 +264,8 @@ class Plan:
   settings: Settings
   data: Data
   graphdef: Any
-  arrays: tuple         # x_train, y_train, x_val, x_test on the mesh, replicated
-  mesh: Mesh            # (runs, batch): seeds x each batch
+  arrays: tuple  # x_train, y_train, x_val, x_test on the mesh, replicated
+  mesh: Mesh  # (runs, batch): seeds x each batch
 
 
 def _train_fn(settings: Settings, graphdef, objective: Objective, length: int, mesh: Mesh):
@@ -260,15 +285,18 @@ def _train_fn(settings: Settings, graphdef, objective: Objective, length: int, m
     (dz,) = loss_vjp(jnp.ones_like(per_example))
     (grads,) = pullback(dz / settings.batch_size)
     zero = jnp.all(dz == 0, axis=-1)
-    run = training.apply_update(opt, run, key, jnp.mean(per_example), grads,
-                                jnp.max(jnp.abs(z)), settings.logit_bound)
+    run = training.apply_update(
+      opt, run, key, jnp.mean(per_example), grads, jnp.max(jnp.abs(z)), settings.logit_bound
+    )
     stats = (jnp.any(zero), jnp.any(zero & (per_example * jnp.sum(yb, -1) >= zero_loss)))
     return run, stats
 
   def run(state, x, y):
-    state, (zero, clipped) = jax.lax.scan(functools.partial(step, x=x, y=y), state, None,
-                                          length=length)
+    state, (zero, clipped) = jax.lax.scan(
+      functools.partial(step, x=x, y=y), state, None, length=length
+    )
     return state, zero.sum(dtype=jnp.int32), clipped.sum(dtype=jnp.int32)
+
   return jax.vmap(run, in_axes=(0, None, None), spmd_axis_name=parallel.RUNS)
 
 
@@ -277,9 +305,10 @@ def make_plan(settings: Settings, data: Data, devices=None) -> Plan:
   runs axis, each run's batch over its batch axis."""
   mesh = parallel.make_mesh(settings.num_seeds, settings.batch_size, devices)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: _model(settings, data, 0)))  # no compute
-  arrays = parallel.put(tuple(jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_val,
-                                                         data.x_test)),
-                        parallel.replicated(mesh))
+  arrays = parallel.put(
+    tuple(jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_val, data.x_test)),
+    parallel.replicated(mesh),
+  )
   return Plan(settings, data, graphdef, arrays, mesh)
 
 
@@ -301,10 +330,12 @@ def _start(plan: Plan) -> training.State:
 def _advance(plan: Plan, state: training.State, length: int) -> training.State:
   x, y = plan.arrays[0], plan.arrays[1]
   runs, zero, clipped = [], [], []
-  for name, run_, z, c in zip(plan.settings.regimes, state.runs, state.extra.zero_steps,
-                              state.extra.clipped_steps):
-    run_, dz, dc = _train_fn(plan.settings, plan.graphdef, OBJECTIVES[name], length,
-                             plan.mesh)(run_, x, y)
+  for name, run_, z, c in zip(
+    plan.settings.regimes, state.runs, state.extra.zero_steps, state.extra.clipped_steps
+  ):
+    run_, dz, dc = _train_fn(plan.settings, plan.graphdef, OBJECTIVES[name], length, plan.mesh)(
+      run_, x, y
+    )
     runs.append(run_)
     zero.append(z + dz)
     clipped.append(c + dc)
@@ -323,8 +354,9 @@ def run(plan: Plan, state: training.State | None = None) -> Iterator[training.St
   """Yields the state after every evaluation, the first at step 0."""
   s = plan.settings
   advance = lambda state, length: _advance(plan, state, length)
-  return training.evaluations(_start(plan) if state is None else state, advance, s.steps,
-                              s.eval_every)
+  return training.evaluations(
+    _start(plan) if state is None else state, advance, s.steps, s.eval_every
+  )
 
 
 # --- metrics --------------------------------------------------------------------------
@@ -340,7 +372,8 @@ def _probabilities(z: np.ndarray, kind: str) -> np.ndarray:
 
 
 def precision_recall_at_k(scores: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float]:
-  """By hand (scikit-learn has no precision or recall at k for label sets). Mean over examples of |top-k ∩ Y| / k and |top-k ∩ Y| / |Y| (examples with a label)."""
+  """By hand (scikit-learn has no precision or recall at k for label sets). Mean over
+  examples of ``|top-k ∩ Y| / k`` and ``|top-k ∩ Y| / |Y|`` (examples with a label)."""
   top = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
   hits = np.take_along_axis(y, top, axis=-1).sum(-1)
   size = y.sum(-1)
@@ -353,14 +386,16 @@ def mean_average_precision(scores: np.ndarray, y: np.ndarray) -> float:
   ``sklearn.metrics.average_precision_score`` per class, the mean of the precision at each
   positive's rank (tied scores share one threshold)."""
   from sklearn.metrics import average_precision_score
+
   has = y.any(0)
   return float(average_precision_score(y[:, has], scores[:, has], average="macro"))
 
 
 def example_f1(predicted: np.ndarray, y: np.ndarray) -> float:
-  """Mean over examples of 2 |P ∩ Y| / (|P| + |Y|) (1 where both are empty):
+  """Mean over examples of ``2 |P ∩ Y| / (|P| + |Y|)`` (1 where both are empty):
   ``sklearn.metrics.f1_score(average="samples", zero_division=1.0)``."""
   from sklearn.metrics import f1_score
+
   return float(f1_score(y, predicted, average="samples", zero_division=1.0))
 
 
@@ -380,7 +415,7 @@ KNOBS = {"sigmoid": np.linspace(0.05, 0.95, 19), "softmax": np.linspace(0.5, 3.0
 def calibration_error(q: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
   """By hand (scikit-learn's calibration_curve gives the bins' means, not their weights).
   Expected calibration error of label marginals: over (example, class) pairs in 10
-  equal-width bins of q, the weighted mean of |mean q - mean y|."""
+  equal-width bins of q, the weighted mean of ``|mean q - mean y|``."""
   q, y = q.ravel(), y.ravel().astype(float)
   which = np.minimum((q * bins).astype(int), bins - 1)
   total = 0.0
@@ -430,9 +465,10 @@ def check(config, data: Data, memory_bytes) -> None:
   if need > memory_bytes:
     key = "hidden" if 4 * runs * 4 * params > memory_bytes else "batch_size"
     raise config_lib.ConfigError(
-        f"config.{key}: the runs need about {need / 2**30:.1f} GiB (parameters, optimizer "
-        f"state, gradients and one batch's activations, float32), more than the "
-        f"{memory_bytes / 2**30:.1f} GiB available.")
+      f"config.{key}: the runs need about {need / 2**30:.1f} GiB (parameters, optimizer "
+      f"state, gradients and one batch's activations, float32), more than the "
+      f"{memory_bytes / 2**30:.1f} GiB available."
+    )
 
 
 def total_steps(config) -> int:
@@ -456,8 +492,9 @@ def template(plan_: Plan) -> training.State:
 def host(plan_: Plan, state: training.State):
   """The step, every run's test scores at this evaluation, and whether each run is alive
   and the step it diverged at."""
-  scores, runs = parallel.fetch((_scores(plan_, state, plan_.arrays[3]),
-                                 [(r.alive, r.diverged_at) for r in state.runs]))
+  scores, runs = parallel.fetch(
+    (_scores(plan_, state, plan_.arrays[3]), [(r.alive, r.diverged_at) for r in state.runs])
+  )
   return int(state.step), [np.asarray(z) for z in scores], runs
 
 
@@ -475,10 +512,17 @@ def records(plan_: Plan, host_, earlier) -> list[dict]:
     kind = OBJECTIVES[name].scores
     for seed in range(z.shape[0]):
       p = _probabilities(z[seed], kind)
-      out.append({"step": at, "regime": name, "seed": seed,
-                  "precision@1": precision_recall_at_k(p, y, 1)[0],
-                  "mAP": mean_average_precision(p, y), "diverged": not bool(alive[seed]),
-                  "diverged_at_step": None if alive[seed] else int(diverged_at[seed])})
+      out.append(
+        {
+          "step": at,
+          "regime": name,
+          "seed": seed,
+          "precision@1": precision_recall_at_k(p, y, 1)[0],
+          "mAP": mean_average_precision(p, y),
+          "diverged": not bool(alive[seed]),
+          "diverged_at_step": None if alive[seed] else int(diverged_at[seed]),
+        }
+      )
   return out
 
 
@@ -489,17 +533,30 @@ def progress(plan_: Plan, new: list[dict]) -> tuple[str, dict[str, float]]:
   return PROGRESS, {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def outputs(plan_: Plan, state: training.State, records_: list[dict], resolved: dict, wall: float,
-            resumed_from):
+def outputs(
+  plan_: Plan,
+  state: training.State,
+  records_: list[dict],
+  resolved: dict,
+  wall: float,
+  resumed_from,
+):
   del wall, resumed_from  # the files do not depend on them: a resumed run's are the same
   s, data = plan_.settings, plan_.data
-  val, test, counts = parallel.fetch((_scores(plan_, state, plan_.arrays[2]),
-                                       _scores(plan_, state, plan_.arrays[3]), state.extra))
-  results = {"config": resolved, "num_devices": plan_.mesh.size,
-             "num_train": len(data.y_train), "num_val": len(data.y_val),
-             "num_test": len(data.y_test), "num_classes": data.num_classes,
-             "mean_labels": float(data.y_train.sum(-1).mean()),
-             "num_unlabeled": int((data.y_train.sum(-1) == 0).sum()), "objectives": {}}
+  val, test, counts = parallel.fetch(
+    (_scores(plan_, state, plan_.arrays[2]), _scores(plan_, state, plan_.arrays[3]), state.extra)
+  )
+  results = {
+    "config": resolved,
+    "num_devices": plan_.mesh.size,
+    "num_train": len(data.y_train),
+    "num_val": len(data.y_val),
+    "num_test": len(data.y_test),
+    "num_classes": data.num_classes,
+    "mean_labels": float(data.y_train.sum(-1).mean()),
+    "num_unlabeled": int((data.y_train.sum(-1) == 0).sum()),
+    "objectives": {},
+  }
   for i, n in enumerate(s.regimes):
     v, t = np.asarray(val[i]), np.asarray(test[i])
     per_seed = [metrics(v[k], t[k], data, OBJECTIVES[n].scores) for k in range(s.num_seeds)]
@@ -525,29 +582,37 @@ def summary_markdown(results: dict[str, Any]) -> str:
   c = results["config"]
   names = list(results["objectives"])
   cols = ["precision@1", "precision@3", "recall@3", "mAP", "example_f1", "marginal_ece"]
-  lines = [f"# Several true labels on {c['dataset']}", "",
-           f"MLP {tuple(c['hidden'])}, {c['num_seeds']} seeds, {c['steps']} steps, batch "
-           f"{c['batch_size']}, Adam at {c['learning_rate']:g}; {results['num_train']} training, "
-           f"{results['num_val']} validation, {results['num_test']} test examples, "
-           f"{results['num_classes']} classes, {results['mean_labels']:.2f} labels per training "
-           f"example ({results['num_unlabeled']} without any).", "",
-           "| objective | " + " | ".join(cols) + " | steps with a zero-gradient example "
-           "(of them: clipped wrong) | diverged |",
-           "|---|" + "---|" * len(cols) + "---|---:|"]
+  lines = [
+    f"# Several true labels on {c['dataset']}",
+    "",
+    f"MLP {tuple(c['hidden'])}, {c['num_seeds']} seeds, {c['steps']} steps, batch "
+    f"{c['batch_size']}, Adam at {c['learning_rate']:g}; {results['num_train']} training, "
+    f"{results['num_val']} validation, {results['num_test']} test examples, "
+    f"{results['num_classes']} classes, {results['mean_labels']:.2f} labels per training "
+    f"example ({results['num_unlabeled']} without any).",
+    "",
+    "| objective | " + " | ".join(cols) + " | steps with a zero-gradient example "
+    "(of them: clipped wrong) | diverged |",
+    "|---|" + "---|" * len(cols) + "---|---:|",
+  ]
   for n in names:
     r = results["objectives"][n]
     cells = [mean_std(r[k]) for k in cols]
     zero = f"{np.mean(r['zero_gradient_steps']):.3f} ({np.mean(r['clipped_wrong_steps']):.3f})"
-    lines.append(f"| {n} | " + " | ".join(cells) + f" | {zero} | "
-                 f"{sum(r['diverged'])}/{len(r['diverged'])} |")
-  lines += ["", "Mean ± sample standard deviation over seeds, test split, last step. "
-            "example_f1: sets predicted with the threshold (sigmoid) or the count scale "
-            "(softmax: top round(s / max p)) that maximises it on the validation split. "
-            "marginal_ece: 10-bin calibration error of per-class marginals (sigmoid p_k; "
-            "softmax min(1, mean |Y| x p_k)). The last column: the fraction of steps in which "
-            "some example's gradient with respect to its logits was exactly zero, and in "
-            "brackets those where that example had a true label clipped at 1e-7. "
-            + report.divergence_rule(c["logit_bound"])]
+    lines.append(
+      f"| {n} | " + " | ".join(cells) + f" | {zero} | {sum(r['diverged'])}/{len(r['diverged'])} |"
+    )
+  lines += [
+    "",
+    "Mean ± sample standard deviation over seeds, test split, last step. "
+    "example_f1: sets predicted with the threshold (sigmoid) or the count scale "
+    "(softmax: top round(s / max p)) that maximises it on the validation split. "
+    "marginal_ece: 10-bin calibration error of per-class marginals (sigmoid p_k; "
+    "softmax min(1, mean |Y| x p_k)). The last column: the fraction of steps in which "
+    "some example's gradient with respect to its logits was exactly zero, and in "
+    "brackets those where that example had a true label clipped at 1e-7. "
+    + report.divergence_rule(c["logit_bound"]),
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -556,8 +621,10 @@ def _plot(records_: list[dict], names, path):
   import io
 
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, n in enumerate(names):
     mine = [r for r in records_ if r["regime"] == n]
@@ -580,10 +647,14 @@ def gradient_figure(path: str, num_classes: int = 10) -> dict[str, list[float]]:
   cross-entropy plus the (1 - y) log(1 - p) terms, and the clipped form; one true label,
   the other K - 1 logits 0. Returns the curves it plots."""
   import io
+
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   from jaxsoftmax_experiments.report import write_atomic
+
   gaps = np.linspace(-30.0, 10.0, 401, dtype=np.float32)
   y = jnp.zeros((len(gaps), num_classes), bool).at[:, 0].set(True)
   z = jnp.zeros((len(gaps), num_classes)).at[:, 0].set(gaps)
@@ -594,17 +665,25 @@ def gradient_figure(path: str, num_classes: int = 10) -> dict[str, list[float]]:
     grad = jax.jit(jax.grad(lambda z: jnp.sum(fn(z, y))))(z)[:, 0]
     curves[name] = (np.asarray(value), np.asarray(grad))
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  labels = {"softmax_y_over_size": "cross-entropy  -log p_y",
-            "softmax_plus_complement": "+ sum_{k != y} -log(1 - p_k)",
-            "clipped_softmax": "clipped  -log clip(p_y, 1e-7, 1 - 1e-7)"}
+  labels = {
+    "softmax_y_over_size": "cross-entropy  -log p_y",
+    "softmax_plus_complement": "+ sum_{k != y} -log(1 - p_k)",
+    "clipped_softmax": "clipped  -log clip(p_y, 1e-7, 1 - 1e-7)",
+  }
   for i, (name, (value, grad)) in enumerate(curves.items()):
     style = "--" if name == "clipped_softmax" else "-"
     axes[0].plot(gaps, value, style, color=f"C{i}", label=labels[name])
     axes[1].plot(gaps, -grad, style, color=f"C{i}", label=labels[name])
-  axes[0].set(xlabel="true logit minus the others' (K = 10)", ylabel="loss",
-              title="loss (from the toolkit's exact losses)")
-  axes[1].set(xlabel="true logit minus the others' (K = 10)",
-              ylabel="-d loss / d z_true", title="push on the true logit")
+  axes[0].set(
+    xlabel="true logit minus the others' (K = 10)",
+    ylabel="loss",
+    title="loss (from the toolkit's exact losses)",
+  )
+  axes[1].set(
+    xlabel="true logit minus the others' (K = 10)",
+    ylabel="-d loss / d z_true",
+    title="push on the true logit",
+  )
   axes[1].set_yscale("symlog", linthresh=1e-3)
   axes[0].legend()
   fig.tight_layout()
@@ -612,4 +691,6 @@ def gradient_figure(path: str, num_classes: int = 10) -> dict[str, list[float]]:
   fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
   write_atomic(Path(path), buf.getvalue())
-  return {k: [float(v) for v in g] for k, (_, g) in curves.items()} | {"gaps": [float(g) for g in gaps]}
+  return {k: [float(v) for v in g] for k, (_, g) in curves.items()} | {
+    "gaps": [float(g) for g in gaps]
+  }

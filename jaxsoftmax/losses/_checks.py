@@ -36,8 +36,8 @@ def as_logits(logits: ArrayLike, *, name: str = "logits", keep_dtype: bool = Fal
   logits = jnp.asarray(logits)
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise TypeError(
-        f"{name} must be a real floating array, got dtype {logits.dtype}; "
-        f"cast it with {name}.astype(jnp.float32)."
+      f"{name} must be a real floating array, got dtype {logits.dtype}; "
+      f"cast it with {name}.astype(jnp.float32)."
     )
   if logits.ndim == 0:
     raise ValueError(f"{name} must have a class axis (last axis), got a scalar.")
@@ -57,12 +57,12 @@ def is_low_precision(dtype) -> bool:
 
 
 def as_labels(
-    labels: ArrayLike,
-    logits: jax.Array,
-    num_classes: int | None = None,
-    *,
-    ignore_index: int | None = None,
-    logits_shape: tuple[int, ...] | None = None,
+  labels: ArrayLike,
+  logits: jax.Array,
+  num_classes: int | None = None,
+  *,
+  ignore_index: int | None = None,
+  logits_shape: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
   """Returns ``(labels, ignored)``: int32 labels with every invalid label replaced by -1.
 
@@ -80,15 +80,15 @@ def as_labels(
   integers. Under a transformation the values are unknown at trace time, so the
   kernels turn the -1 into NaN for that example only.
   """
-  if is_concrete(labels) and not isinstance(labels, jax.Array):
+  if not isinstance(labels, jax.Array):  # (a tracer is a jax.Array)
     labels = np.asarray(labels)  # a NumPy array or Python int: check before JAX casts it
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integers, got dtype {labels.dtype}.")
   if labels.shape != logits.shape[:-1]:
     shown = logits.shape if logits_shape is None else logits_shape
     raise ValueError(
-        f"labels shape {labels.shape} does not match logits shape {shown}: "
-        f"labels must have the logits' shape without the class axis, {logits.shape[:-1]}."
+      f"labels shape {labels.shape} does not match logits shape {shown}: "
+      f"labels must have the logits' shape without the class axis, {logits.shape[:-1]}."
     )
   if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
     raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
@@ -102,8 +102,8 @@ def as_labels(
     if bad.any():
       where = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(
-          f"labels{index_str(where)} = {values[where]} is outside [0, {num_classes}) "
-          f"({int(bad.sum())} of {values.size} labels are out of range)."
+        f"labels{index_str(where)} = {values[where]} is outside [0, {num_classes}) "
+        f"({int(bad.sum())} of {values.size} labels are out of range)."
       )
     if values.dtype.itemsize > 4:
       # In range (or ignored) now, so int32 holds every value; ignored ones become 0 below.
@@ -134,13 +134,11 @@ def as_class_mask(mask: ArrayLike, logits: jax.Array, *, name: str) -> jax.Array
   mask = jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
     raise TypeError(
-        f"{name} must be a boolean mask, got dtype {mask.dtype}; "
-        f"pass {name}.astype(bool) for a 0/1 array."
+      f"{name} must be a boolean mask, got dtype {mask.dtype}; "
+      f"pass {name}.astype(bool) for a 0/1 array."
     )
   if mask.shape != logits.shape:
-    raise ValueError(
-        f"{name} shape {mask.shape} does not match logits shape {logits.shape}."
-    )
+    raise ValueError(f"{name} shape {mask.shape} does not match logits shape {logits.shape}.")
   return mask
 
 
@@ -150,9 +148,7 @@ def as_targets(targets: ArrayLike, logits: jax.Array) -> jax.Array:
   if not jnp.issubdtype(targets.dtype, jnp.floating):
     raise TypeError(f"targets must be a real floating array, got dtype {targets.dtype}.")
   if targets.shape != logits.shape:
-    raise ValueError(
-        f"targets shape {targets.shape} does not match logits shape {logits.shape}."
-    )
+    raise ValueError(f"targets shape {targets.shape} does not match logits shape {logits.shape}.")
   return targets.astype(compute_dtype(logits.dtype))
 
 

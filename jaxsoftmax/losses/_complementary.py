@@ -28,9 +28,9 @@ from jaxsoftmax.losses._set import set_inputs
 
 # name -> (f(p), f'(p)) for a loss that is a function of a probability p.
 _OF_PROBABILITY = {
-    "p": (lambda p: p, lambda p: jnp.ones_like(p)),
-    "exp": (jnp.exp, jnp.exp),
-    "exp_neg": (lambda p: jnp.exp(-p), lambda p: -jnp.exp(-p)),
+  "p": (lambda p: p, lambda p: jnp.ones_like(p)),
+  "exp": (jnp.exp, jnp.exp),
+  "exp_neg": (lambda p: jnp.exp(-p), lambda p: -jnp.exp(-p)),
 }
 
 
@@ -58,8 +58,14 @@ def _of_probability_bwd(complement, kind, residuals, g):
 _of_probability.defvjp(_of_probability_fwd, _of_probability_bwd)
 
 
-def scl_exp(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None,
-            axis: int = -1, ignore_index: int | None = None) -> jax.Array:
+def scl_exp(
+  logits: ArrayLike,
+  labels: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
+  ignore_index: int | None = None,
+) -> jax.Array:
   r"""SCL-EXP for a negative example "x is not ``label``": ``exp(p_l)``.
 
   Bounded in ``[1, e]``; its gradient ``exp(p_l) p_l (onehot(l) - p)`` vanishes both
@@ -88,8 +94,9 @@ def scl_exp(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = N
   return _checks.finish(_of_probability(logits, labels, False, "exp"), kept, ignored)
 
 
-def mcl_mae(logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None,
-            axis: int = -1) -> jax.Array:
+def mcl_mae(
+  logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None, axis: int = -1
+) -> jax.Array:
   r"""MCL-MAE for a set S of wrong labels: ``1 - sum_{k not in S} p_k = P(S)``.
 
   Bounded in ``[0, 1]`` and computed as ``exp(-set_nll)``, so a tiny ``P(S)`` keeps its
@@ -116,8 +123,9 @@ def mcl_mae(logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = 
   return _checks.finish(_of_probability(logits, members, False, "p"), kept)
 
 
-def mcl_exp(logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None,
-            axis: int = -1) -> jax.Array:
+def mcl_exp(
+  logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None, axis: int = -1
+) -> jax.Array:
   r"""MCL-EXP for a set S of wrong labels: ``exp(-sum_{k not in S} p_k)``.
 
   Bounded in ``[1/e, 1]``.
@@ -196,9 +204,15 @@ def _forward_bwd(residuals, g):
 _forward.defvjp(_forward_fwd, _forward_bwd)
 
 
-def forward_nll(logits: ArrayLike, labels: ArrayLike, transition: ArrayLike, *,
-                where: ArrayLike | None = None, axis: int = -1,
-                ignore_index: int | None = None) -> jax.Array:
+def forward_nll(
+  logits: ArrayLike,
+  labels: ArrayLike,
+  transition: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
+  ignore_index: int | None = None,
+) -> jax.Array:
   r"""Forward correction for a shown wrong label: ``-log sum_k T[k, l] p_k``.
 
   ``T[k, l]`` is the probability that an input of class k is shown the wrong label l
@@ -223,7 +237,7 @@ def forward_nll(logits: ArrayLike, labels: ArrayLike, transition: ArrayLike, *,
 
   Raises:
     ValueError: for a concrete ``T`` with an entry that is not finite or is negative, or
-      a row whose sum is not 1 within :data:`TRANSITION_ROW_TOLERANCE` (1e-4). Under
+      a row whose sum is not 1 within ``TRANSITION_ROW_TOLERANCE`` (1e-4). Under
       ``jit``, such a ``T`` gives NaN loss and gradient instead: for the examples shown a
       label whose column has a bad entry, and for every example when a row is off 1.
 
@@ -239,38 +253,44 @@ def forward_nll(logits: ArrayLike, labels: ArrayLike, transition: ArrayLike, *,
   logits, labels, _, kept, ignored = label_inputs(logits, labels, where, axis, ignore_index)
   k = logits.shape[-1]
   transition, valid_columns = _check_transition(transition, k, logits.dtype)
-  column = jnp.take(transition.T, jnp.maximum(labels, 0), axis=0)      # [..., K]: T[:, l]
+  column = jnp.take(transition.T, jnp.maximum(labels, 0), axis=0)  # [..., K]: T[:, l]
   valid = (labels >= 0) & jnp.take(valid_columns, jnp.maximum(labels, 0))
   column = jnp.where(valid[..., None], column, jnp.nan)  # NaN loss and a NaN gradient row
   return _checks.finish(_forward(logits, column, valid), kept, ignored)
 
 
+#: How far a row of ``forward_nll``'s transition matrix may sum from 1.
 TRANSITION_ROW_TOLERANCE = 1e-4
 
 
-def _check_transition(transition, k, dtype):
+def _check_transition(transition, k, dtype) -> tuple[jax.Array, jax.Array]:
   """``(T, valid_columns)``: ``T`` as a ``[K, K]`` array of ``dtype`` and, per shown label,
   whether its column can be used (finite, non-negative, and every row of ``T`` summing to 1
-  within :data:`TRANSITION_ROW_TOLERANCE`). A concrete ``T`` that fails raises
+  within ``TRANSITION_ROW_TOLERANCE``). A concrete ``T`` that fails raises
   ``ValueError`` naming the entry or row; a traced one gives ``False`` there (NaN loss and
   gradient for the examples shown that label; every example, for a row off 1)."""
   if np.shape(transition) != (k, k):
-    raise ValueError(f"transition has shape {np.shape(transition)}; it must be ({k}, {k}) "
-                     f"for {k} classes.")
+    raise ValueError(
+      f"transition has shape {np.shape(transition)}; it must be ({k}, {k}) for {k} classes."
+    )
   if _checks.is_concrete(transition):
     values = np.asarray(transition, np.float64)
     bad = ~np.isfinite(values) | (values < 0)
     if bad.any():
       at = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"transition{_checks.index_str(at)} = {values[at]}: a transition "
-                       "matrix's entries are finite probabilities >= 0.")
+      raise ValueError(
+        f"transition{_checks.index_str(at)} = {values[at]}: a transition "
+        "matrix's entries are finite probabilities >= 0."
+      )
     rows = values.sum(axis=1)
     off = np.abs(rows - 1.0) > TRANSITION_ROW_TOLERANCE
     if off.any():
       row = int(np.argmax(off))
-      raise ValueError(f"transition row {row} sums to {rows[row]:.6g}; each row of T is the "
-                       f"distribution of the label shown for that class and sums to 1 "
-                       f"(within {TRANSITION_ROW_TOLERANCE}).")
+      raise ValueError(
+        f"transition row {row} sums to {rows[row]:.6g}; each row of T is the "
+        f"distribution of the label shown for that class and sums to 1 "
+        f"(within {TRANSITION_ROW_TOLERANCE})."
+      )
   transition = jnp.asarray(transition, dtype)
   columns = jnp.all(jnp.isfinite(transition) & (transition >= 0), axis=0)
   # (A row holding NaN passes this test: its bad entry marks its column.)
@@ -307,8 +327,14 @@ def _pairwise_bwd(residuals, g):
 _pairwise.defvjp(_pairwise_fwd, _pairwise_bwd)
 
 
-def pairwise_comparison(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None,
-                        axis: int = -1, ignore_index: int | None = None) -> jax.Array:
+def pairwise_comparison(
+  logits: ArrayLike,
+  labels: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
+  ignore_index: int | None = None,
+) -> jax.Array:
   r"""Pairwise comparison (PC) loss of a wrong label: ``sum_{k != l} sigmoid(z_l - z_k)``.
 
   Each term pushes the wrong label's logit below another class's, with the sigmoid

@@ -66,8 +66,7 @@ def _sweep(body, carry, vocab: int, chunk: int):
   if full == 1:
     carry = body(carry, 0, chunk)
   else:
-    carry, _ = jax.lax.scan(lambda c, i: (body(c, i * chunk, chunk), None), carry,
-                            jnp.arange(full))
+    carry, _ = jax.lax.scan(lambda c, i: (body(c, i * chunk, chunk), None), carry, jnp.arange(full))
   if rest:
     carry = body(carry, full * chunk, rest)
   return carry
@@ -100,8 +99,7 @@ def _split_tokens(x, token_chunk):
   m = x.shape[0] - rest
   bits = _as_bits(x)
   head = (bits[:m] if rest else bits).reshape(m // count, count, *x.shape[1:])
-  return head, (_split_tokens(_from_bits(bits[m:], x.dtype), token_chunk) if rest
-                else bits[m:])
+  return head, (_split_tokens(_from_bits(bits[m:], x.dtype), token_chunk) if rest else bits[m:])
 
 
 def _join_tokens(x, dtype):
@@ -132,8 +130,10 @@ def _map_tokens(fn, xs, dtypes):
   order."""
   if not isinstance(xs[0], tuple):
     return fn(*xs)
-  out = jax.lax.map(lambda i: fn(*(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes))),
-                    jnp.arange(xs[0][0].shape[1]))
+  out = jax.lax.map(
+    lambda i: fn(*(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes))),
+    jnp.arange(xs[0][0].shape[1]),
+  )
   out = jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), out)
   if _has_tail(xs[0]):
     tail = _map_tokens(fn, [x[1] for x in xs], dtypes)
@@ -151,8 +151,11 @@ def _scan_tokens(step, dh, carry, xs, dtypes):
 
   def body(c, i):
     dh_head, carry = c
-    rows, carry = step(jax.lax.dynamic_index_in_dim(dh_head, i, axis=1, keepdims=False), carry,
-                       *(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes)))
+    rows, carry = step(
+      jax.lax.dynamic_index_in_dim(dh_head, i, axis=1, keepdims=False),
+      carry,
+      *(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes)),
+    )
     return (jax.lax.dynamic_update_index_in_dim(dh_head, rows, i, axis=1), carry), None
 
   (dh_head, carry), _ = jax.lax.scan(body, (dh_head, carry), jnp.arange(dh_head.shape[1]))
@@ -174,6 +177,7 @@ def _per_platform(fn, *args):
   The bits are XLA:CPU's workaround (see :func:`_as_bits`); the TPU compiler does the
   opposite: it materialises a bitcast of a loop-invariant array, a whole 16-bit copy of
   ``w`` (256 MiB at 1024 x 131072), where it slices and updates 16-bit arrays in place."""
+
   def traced(bits):
     def branch(*a):
       _BITS.append(bits)
@@ -181,7 +185,9 @@ def _per_platform(fn, *args):
         return fn(*a)
       finally:
         _BITS.pop()
+
     return branch
+
   return jax.lax.platform_dependent(*args, cpu=traced(True), default=traced(False))
 
 
@@ -273,7 +279,7 @@ def _manual_axes(x) -> frozenset:
   vma = getattr(aval, "vma", None)
   if vma is None:
     vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-  return frozenset(vma)
+  return frozenset(vma or ())
 
 
 def _varying(x, axis_name, *like):
@@ -290,6 +296,7 @@ def _varying(x, axis_name, *like):
   def cast(a):
     missing = tuple(sorted(axes - _manual_axes(a)))
     return jax.lax.pcast(a, missing, to="varying") if missing else a
+
   return jax.tree.map(cast, x)
 
 
@@ -306,15 +313,17 @@ def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
   dtype = _compute_dtype(h, w)
   valid = members >= 0
   later = (members[:, :, None] == members[:, None, :]) & jnp.tril(
-      jnp.ones((members.shape[1],) * 2, bool), -1)[None]
+    jnp.ones((members.shape[1],) * 2, bool), -1
+  )[None]
   unique = valid & ~jnp.any(later, axis=2)
   local = jnp.where(unique, members - _offset(axis_name, vocab), -1)
 
   def rows(h_rows, local_rows):
     def body(carry, start, size):
       m_out, s_out, member_logits = carry
-      z, _ = _chunk_logits(h_rows, _block(w, start, size, 1), _bias_cols(bias, start, size),
-                           soft_cap)
+      z, _ = _chunk_logits(
+        h_rows, _block(w, start, size, 1), _bias_cols(bias, start, size), soft_cap
+      )
       in_s, inside, at = _in_chunk(local_rows, start, size)
       picked = jnp.take_along_axis(z, jnp.clip(at, 0, size - 1), axis=1)
       member_logits = jnp.where(inside, picked, member_logits)
@@ -325,12 +334,23 @@ def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
       return (*_logsumexp_pair(m_out, s_out, top, total), member_logits)
 
     count = h_rows.shape[0]
-    init = _varying((jnp.full(count, -jnp.inf, dtype), jnp.zeros(count, dtype),
-                     jnp.full(local_rows.shape, -jnp.inf, dtype)), axis_name, h, w, bias, members)
+    init = _varying(
+      (
+        jnp.full(count, -jnp.inf, dtype),
+        jnp.zeros(count, dtype),
+        jnp.full(local_rows.shape, -jnp.inf, dtype),
+      ),
+      axis_name,
+      h,
+      w,
+      bias,
+      members,
+    )
     return _sweep(body, init, vocab, chunk)
 
   m_out, s_out, member_logits = _map_tokens(
-      rows, [_split_tokens(x, token_chunk) for x in (h, local)], (h.dtype, local.dtype))
+    rows, [_split_tokens(x, token_chunk) for x in (h, local)], (h.dtype, local.dtype)
+  )
   if axis_name is not None:
     top = jax.lax.pmax(jax.lax.stop_gradient(m_out), axis_name)
     safe = jnp.where(jnp.isinf(top), 0.0, top)
@@ -356,21 +376,26 @@ def _fused(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_loss
   """Per-token loss of ``[N, D]`` ``h``, ``[D, V]`` ``w``, ``[V]`` bias (or None) and
   ``[N, M]`` int32 member ids (-1 unused); see the module docstring."""
   a, b, _ = _per_platform(
-      lambda *x: _stream(*x, chunk, token_chunk, soft_cap, axis_name), h, w, bias, members)
+    lambda *x: _stream(*x, chunk, token_chunk, soft_cap, axis_name), h, w, bias, members
+  )
   return _loss(a, b, z_loss, complement)
 
 
-def _fused_fwd(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_loss,
-               axis_name):
+def _fused_fwd(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_loss, axis_name):
   a, b, unique = _per_platform(
-      lambda *x: _stream(*x, chunk, token_chunk, soft_cap, axis_name), h, w, bias, members)
+    lambda *x: _stream(*x, chunk, token_chunk, soft_cap, axis_name), h, w, bias, members
+  )
   return _loss(a, b, z_loss, complement), (h, w, bias, members, unique, a, b)
 
 
 def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
   return _per_platform(
-      lambda residuals, g: _backward(complement, chunk, token_chunk, soft_cap, z_loss,
-                                     axis_name, residuals, g), residuals, g)
+    lambda residuals, g: _backward(
+      complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g
+    ),
+    residuals,
+    g,
+  )
 
 
 def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
@@ -384,7 +409,7 @@ def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resid
   g = jnp.where(live, g, 0.0).astype(dtype)
   lse = jnp.logaddexp(a, b)
   s = jax.nn.sigmoid(jnp.where(live, (a - b) if complement else (b - a), 0.0))
-  d_a = g * (s if complement else -s)   # d loss / d a; d loss / d b is its negative
+  d_a = g * (s if complement else -s)  # d loss / d a; d loss / d b is its negative
   finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
   # dz_k = coef * exp(z_k - shift), with the side's logsumexp as the shift (so the
   # exponential is at most 1) and the z-loss term 2 z_loss lse p_k folded into the
@@ -396,8 +421,15 @@ def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resid
     coef_a, coef_b = coef_a + d_lse * share(a), coef_b + d_lse * share(b)
   # Per token: what the logit gradient needs, laid out in blocks of tokens once, outside
   # the loop over the vocabulary.
-  per_token = (h, coef_a, coef_b, finite(a), finite(b), live,
-               jnp.where(unique, members - _offset(axis_name, vocab), -1))
+  per_token = (
+    h,
+    coef_a,
+    coef_b,
+    finite(a),
+    finite(b),
+    live,
+    jnp.where(unique, members - _offset(axis_name, vocab), -1),
+  )
   blocked = [_split_tokens(x, token_chunk) for x in per_token]
   dtypes = [x.dtype for x in per_token]
 
@@ -413,36 +445,50 @@ def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resid
       dw_cols, dbias_cols = carry
       z, t = _chunk_logits(h_rows, w_cols, bias_cols, soft_cap)
       in_s, _, _ = _in_chunk(local, start, size)
-      dz = (jnp.where(in_s, coef_a[:, None], coef_b[:, None])
-            * jnp.exp(z - jnp.where(in_s, shift_a[:, None], shift_b[:, None])))
+      dz = jnp.where(in_s, coef_a[:, None], coef_b[:, None]) * jnp.exp(
+        z - jnp.where(in_s, shift_a[:, None], shift_b[:, None])
+      )
       if soft_cap is not None:
         dz = dz * (1.0 - jnp.square(t))
       dz = jnp.where(live[:, None], dz, 0.0)
       # Low-precision h and w: dz enters each product in their dtype, as any
       # mixed-precision matmul input, and the products accumulate in float32.
       dh_rows = dh_rows + jnp.dot(dz.astype(w.dtype), w_cols_t, preferred_element_type=dtype)
-      dw_cols = dw_cols + jnp.dot(_transposed(h_rows), dz.astype(h.dtype),
-                                  preferred_element_type=dtype)
+      dw_cols = dw_cols + jnp.dot(
+        _transposed(h_rows), dz.astype(h.dtype), preferred_element_type=dtype
+      )
       if dbias_cols is not None:
         dbias_cols = dbias_cols + jnp.sum(dz, axis=0)
       return dh_rows, (dw_cols, dbias_cols)
 
-    init = _varying((jnp.zeros((w.shape[0], size), dtype),
-                     None if bias is None else jnp.zeros(size, dtype)), axis_name, *residuals, g)
+    init = _varying(
+      (jnp.zeros((w.shape[0], size), dtype), None if bias is None else jnp.zeros(size, dtype)),
+      axis_name,
+      *residuals,
+      g,
+    )
     dh, (dw_cols, dbias_cols) = _scan_tokens(rows, dh, init, blocked, dtypes)
     # Written as bits: a 16-bit dw stays 16-bit (see _as_bits); the barrier keeps XLA
     # from moving the cast after the update.
     dw = jax.lax.dynamic_update_slice_in_dim(
-        dw, jax.lax.optimization_barrier(_as_bits(dw_cols.astype(w.dtype))), start, axis=1)
+      dw, jax.lax.optimization_barrier(_as_bits(dw_cols.astype(w.dtype))), start, axis=1
+    )
     if dbias is not None:
-      dbias = jax.lax.dynamic_update_slice_in_dim(dbias, dbias_cols.astype(dbias.dtype),
-                                                  start, axis=0)
+      dbias = jax.lax.dynamic_update_slice_in_dim(
+        dbias, dbias_cols.astype(dbias.dtype), start, axis=0
+      )
     return dh, dw, dbias
 
-  init = _varying((_split_tokens(jnp.zeros(h.shape, dtype), token_chunk),
-                   jnp.zeros(w.shape, _as_bits(jnp.zeros((), w.dtype)).dtype),
-                   None if bias is None else jnp.zeros(bias.shape, bias.dtype)), axis_name,
-                  *residuals, g)
+  init = _varying(
+    (
+      _split_tokens(jnp.zeros(h.shape, dtype), token_chunk),
+      jnp.zeros(w.shape, _as_bits(jnp.zeros((), w.dtype)).dtype),
+      None if bias is None else jnp.zeros(bias.shape, bias.dtype),
+    ),
+    axis_name,
+    *residuals,
+    g,
+  )
   # The weight gradient is carried as bits from start to end (see _as_bits): one
   # 16-bit buffer, converted once after the loop.
   dh, dw, dbias = _sweep(columns, init, vocab, chunk)
@@ -476,8 +522,9 @@ def _check_chunk(name, value, allow_none=False):
   if value is None and allow_none:
     return
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got "
-                     f"{value!r}.")
+    raise ValueError(
+      f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}."
+    )
 
 
 def _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk, token_chunk):
@@ -488,17 +535,21 @@ def _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk, token_chunk):
   if h.ndim < 1:
     raise ValueError("h must have a feature axis (last axis), got a scalar.")
   if w.ndim != 2 or w.shape[0] != h.shape[-1] or w.shape[1] == 0:
-    raise ValueError(f"w must be [D, V] with D = h.shape[-1] = {h.shape[-1]} and V >= 1, got "
-                     f"shape {w.shape}.")
+    raise ValueError(
+      f"w must be [D, V] with D = h.shape[-1] = {h.shape[-1]} and V >= 1, got shape {w.shape}."
+    )
   if bias is not None:
     bias = jnp.asarray(bias)
     if bias.shape != (w.shape[1],) or not jnp.issubdtype(bias.dtype, jnp.floating):
-      raise ValueError(f"bias must be a floating [V] = [{w.shape[1]}] array, got "
-                       f"{bias.dtype} {bias.shape}.")
-  if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and soft_cap > 0
-                                   and math.isfinite(soft_cap)):
-    raise ValueError(f"soft_cap must be a finite number > 0 or None (no capping), got "
-                     f"{soft_cap!r}.")
+      raise ValueError(
+        f"bias must be a floating [V] = [{w.shape[1]}] array, got {bias.dtype} {bias.shape}."
+      )
+  if soft_cap is not None and not (
+    isinstance(soft_cap, (int, float)) and soft_cap > 0 and math.isfinite(soft_cap)
+  ):
+    raise ValueError(
+      f"soft_cap must be a finite number > 0 or None (no capping), got {soft_cap!r}."
+    )
   if not (isinstance(z_loss, (int, float)) and z_loss >= 0):
     raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}.")
   _check_chunk("vocab_chunk", vocab_chunk)
@@ -510,7 +561,8 @@ def _check_where(where, batch_shape):
   if where is None:
     return None
   where = _checks.boolean_mask_for(
-      where, batch_shape, f"the tokens' shape {batch_shape} (h's shape without its feature axis)")
+    where, batch_shape, f"the tokens' shape {batch_shape} (h's shape without its feature axis)"
+  )
   return jnp.broadcast_to(where, batch_shape)
 
 
@@ -520,29 +572,48 @@ BAD_ID = -2  # every id of a token that had an id out of range (see _run)
 def _check_members(members, batch_shape, vocab):
   """int32 ``[..., M]`` ids with -1 for padding; an id outside [-1, V) raises eagerly and
   gives NaN under a transformation (returned as the ``bad`` token mask)."""
-  if _checks.is_concrete(members) and not isinstance(members, jax.Array):
+  if not isinstance(members, jax.Array):  # (a tracer is a jax.Array)
     members = np.asarray(members)
   if not jnp.issubdtype(members.dtype, jnp.integer):
-    raise TypeError(f"negatives must be integers (token ids, -1 for padding), got dtype "
-                    f"{members.dtype}.")
+    raise TypeError(
+      f"negatives must be integers (token ids, -1 for padding), got dtype {members.dtype}."
+    )
   if members.ndim < 1 or members.shape[:-1] != batch_shape:
-    raise ValueError(f"negatives shape {members.shape} must be the tokens' shape {batch_shape} "
-                     f"plus one axis of token ids.")
+    raise ValueError(
+      f"negatives shape {members.shape} must be the tokens' shape {batch_shape} "
+      f"plus one axis of token ids."
+    )
   if vocab is not None and _checks.is_concrete(members):
     values = np.asarray(members)
     bad = (values < -1) | (values >= vocab)
     if bad.any():
       at = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"negatives{_checks.index_str(at)} = {values[at]} is outside [0, {vocab}) "
-                       f"(and is not the padding -1).")
+      raise ValueError(
+        f"negatives{_checks.index_str(at)} = {values[at]} is outside [0, {vocab}) "
+        f"(and is not the padding -1)."
+      )
     return jnp.asarray(values.astype(np.int32)), None
   members = jnp.asarray(members)
   bad = (members < -1) | ((members >= vocab) if vocab is not None else False)
   return members.astype(jnp.int32), jnp.any(bad, axis=-1)  # _run marks the bad rows
 
 
-def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_chunk,
-         token_chunk, vocab_axis_name, ignored=None):
+def _run(
+  h,
+  w,
+  bias,
+  members,
+  bad,
+  kept,
+  complement,
+  *,
+  z_loss,
+  soft_cap,
+  vocab_chunk,
+  token_chunk,
+  vocab_axis_name,
+  ignored=None,
+):
   batch_shape = h.shape[:-1]
   n = int(np.prod(batch_shape))
   if bad is not None:
@@ -550,41 +621,96 @@ def _run(h, w, bias, members, bad, kept, complement, *, z_loss, soft_cap, vocab_
     # logsumexps NaN: NaN loss and a NaN gradient row for h (and so NaN in w's gradient),
     # as the flat losses give a NaN logit-gradient row.
     members = jnp.where(bad[..., None], BAD_ID, members)
-  flat = _fused(h.reshape(n, h.shape[-1]), w, bias, members.reshape(n, members.shape[-1]),
-                complement, vocab_chunk, n if token_chunk is None else token_chunk,
-                None if soft_cap is None else float(soft_cap), float(z_loss), vocab_axis_name)
+  flat = _fused(
+    h.reshape(n, h.shape[-1]),
+    w,
+    bias,
+    members.reshape(n, members.shape[-1]),
+    complement,
+    vocab_chunk,
+    n if token_chunk is None else token_chunk,
+    None if soft_cap is None else float(soft_cap),
+    float(z_loss),
+    vocab_axis_name,
+  )
   loss = flat.reshape(batch_shape)
   return _checks.finish(loss, kept, ignored)
 
 
-def _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
-                token_chunk, vocab_axis_name, complement):
+def _label_loss(
+  h,
+  w,
+  labels,
+  bias,
+  where,
+  ignore_index,
+  z_loss,
+  soft_cap,
+  vocab_chunk,
+  token_chunk,
+  vocab_axis_name,
+  complement,
+):
   h, w, bias = _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk, token_chunk)
   batch_shape = h.shape[:-1]
   where = _check_where(where, batch_shape)
   labels_like = jax.ShapeDtypeStruct((*batch_shape, w.shape[1]), w.dtype)
   # Sharded, ids are global and the shard's V does not bound them: no range check.
   num_classes = np.iinfo(np.int32).max if vocab_axis_name is not None else w.shape[1]
-  labels, ignored = _checks.as_labels(labels, labels_like, num_classes,
-                                      ignore_index=ignore_index)
-  return _run(h, w, bias, labels[..., None], labels < 0, where, complement, ignored=ignored,
-              z_loss=z_loss, soft_cap=soft_cap, vocab_chunk=vocab_chunk,
-              token_chunk=token_chunk, vocab_axis_name=vocab_axis_name)
+  labels, ignored = _checks.as_labels(labels, labels_like, num_classes, ignore_index=ignore_index)
+  return _run(
+    h,
+    w,
+    bias,
+    labels[..., None],
+    labels < 0,
+    where,
+    complement,
+    ignored=ignored,
+    z_loss=z_loss,
+    soft_cap=soft_cap,
+    vocab_chunk=vocab_chunk,
+    token_chunk=token_chunk,
+    vocab_axis_name=vocab_axis_name,
+  )
 
 
-def _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, token_chunk,
-              vocab_axis_name, complement):
+def _set_loss(
+  h,
+  w,
+  members,
+  bias,
+  where,
+  z_loss,
+  soft_cap,
+  vocab_chunk,
+  token_chunk,
+  vocab_axis_name,
+  complement,
+):
   h, w, bias = _check_params(h, w, bias, soft_cap, z_loss, vocab_chunk, token_chunk)
   batch_shape = h.shape[:-1]
   where = _check_where(where, batch_shape)
   vocab = None if vocab_axis_name is not None else w.shape[1]
   members, bad = _check_members(members, batch_shape, vocab)
-  return _run(h, w, bias, members, bad, where, complement, z_loss=z_loss, soft_cap=soft_cap,
-              vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-              vocab_axis_name=vocab_axis_name)
+  return _run(
+    h,
+    w,
+    bias,
+    members,
+    bad,
+    where,
+    complement,
+    z_loss=z_loss,
+    soft_cap=soft_cap,
+    vocab_chunk=vocab_chunk,
+    token_chunk=token_chunk,
+    vocab_axis_name=vocab_axis_name,
+  )
 
 
 _ARGS = """
+
   Args:
     h: ``[..., D]`` floating hidden states, one per token.
     w: ``[D, V]`` floating output weights (the vocabulary on the last axis).
@@ -613,70 +739,153 @@ _ARGS = """
     is defined (``jax.custom_vjp``); the gradients have the dtypes of ``h``, ``w`` and
     ``bias``.
 """
-_LABELS = ("labels: int ``[...]`` (``h.shape[:-1]``) token ids in ``[0, V)``; out of range "
-           "raises eagerly and gives NaN under ``jit``.")
-_IGNORE = ("\n    ignore_index: optional label value (e.g. -100) marking padding tokens: loss 0 "
-           "and a zero gradient.")
+_LABELS = (
+  "labels: int ``[...]`` (``h.shape[:-1]``) token ids in ``[0, V)``; out of range "
+  "raises eagerly and gives NaN under ``jit``."
+)
+_IGNORE = (
+  "\n    ignore_index: optional label value (e.g. -100) marking padding tokens: loss 0 "
+  "and a zero gradient."
+)
 
 
 def _doc(third, ignore=""):
-  return _ARGS.format(third=third, ignore=ignore, chunk=DEFAULT_CHUNK,
-                      token_chunk=DEFAULT_TOKEN_CHUNK)
+  return _ARGS.format(
+    third=third, ignore=ignore, chunk=DEFAULT_CHUNK, token_chunk=DEFAULT_TOKEN_CHUNK
+  )
 
 
-def fused_nll(h: ArrayLike, w: ArrayLike, labels: ArrayLike, *, bias: ArrayLike | None = None,
-              where: ArrayLike | None = None, ignore_index: int | None = None,
-              z_loss: float = 0.0, soft_cap: float | None = None,
-              vocab_chunk: int = DEFAULT_CHUNK,
-              token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
-              vocab_axis_name: str | None = None) -> jax.Array:
+def fused_nll(
+  h: ArrayLike,
+  w: ArrayLike,
+  labels: ArrayLike,
+  *,
+  bias: ArrayLike | None = None,
+  where: ArrayLike | None = None,
+  ignore_index: int | None = None,
+  z_loss: float = 0.0,
+  soft_cap: float | None = None,
+  vocab_chunk: int = DEFAULT_CHUNK,
+  token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+  vocab_axis_name: str | None = None,
+) -> jax.Array:
   """``nll(h @ w + bias, labels)`` without the ``[tokens, V]`` logits: ``-log p_label``,
   as ``softplus(logsumexp_{k != label} z_k - z_label)``, exact when the loss is tiny."""
-  return _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
-                     token_chunk, vocab_axis_name, complement=False)
+  return _label_loss(
+    h,
+    w,
+    labels,
+    bias,
+    where,
+    ignore_index,
+    z_loss,
+    soft_cap,
+    vocab_chunk,
+    token_chunk,
+    vocab_axis_name,
+    complement=False,
+  )
 
 
-def fused_complement_nll(h: ArrayLike, w: ArrayLike, labels: ArrayLike, *,
-                         bias: ArrayLike | None = None, where: ArrayLike | None = None,
-                         ignore_index: int | None = None, z_loss: float = 0.0,
-                         soft_cap: float | None = None, vocab_chunk: int = DEFAULT_CHUNK,
-                         token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
-                         vocab_axis_name: str | None = None) -> jax.Array:
+def fused_complement_nll(
+  h: ArrayLike,
+  w: ArrayLike,
+  labels: ArrayLike,
+  *,
+  bias: ArrayLike | None = None,
+  where: ArrayLike | None = None,
+  ignore_index: int | None = None,
+  z_loss: float = 0.0,
+  soft_cap: float | None = None,
+  vocab_chunk: int = DEFAULT_CHUNK,
+  token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+  vocab_axis_name: str | None = None,
+) -> jax.Array:
   """``complement_nll(h @ w + bias, labels)`` without the logits: ``-log(1 - p_label)``
   ("the next token is not ``label``"), as ``softplus(z_label - logsumexp_{k != label}
   z_k)``: finite and exact after ``p_label`` rounds to 1."""
-  return _label_loss(h, w, labels, bias, where, ignore_index, z_loss, soft_cap, vocab_chunk,
-                     token_chunk, vocab_axis_name, complement=True)
+  return _label_loss(
+    h,
+    w,
+    labels,
+    bias,
+    where,
+    ignore_index,
+    z_loss,
+    soft_cap,
+    vocab_chunk,
+    token_chunk,
+    vocab_axis_name,
+    complement=True,
+  )
 
 
-def fused_set_nll(h: ArrayLike, w: ArrayLike, members: ArrayLike, *,
-                  bias: ArrayLike | None = None, where: ArrayLike | None = None,
-                  z_loss: float = 0.0, soft_cap: float | None = None,
-                  vocab_chunk: int = DEFAULT_CHUNK,
-                  token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
-                  vocab_axis_name: str | None = None) -> jax.Array:
+def fused_set_nll(
+  h: ArrayLike,
+  w: ArrayLike,
+  members: ArrayLike,
+  *,
+  bias: ArrayLike | None = None,
+  where: ArrayLike | None = None,
+  z_loss: float = 0.0,
+  soft_cap: float | None = None,
+  vocab_chunk: int = DEFAULT_CHUNK,
+  token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+  vocab_axis_name: str | None = None,
+) -> jax.Array:
   """``-log P(S)`` for a padded list S of token ids per token (``set_nll`` on ``h @ w``):
   any token of S is right. Duplicates count once; an empty S gives +inf."""
-  return _set_loss(h, w, members, bias, where, z_loss, soft_cap, vocab_chunk, token_chunk,
-                   vocab_axis_name, complement=False)
+  return _set_loss(
+    h,
+    w,
+    members,
+    bias,
+    where,
+    z_loss,
+    soft_cap,
+    vocab_chunk,
+    token_chunk,
+    vocab_axis_name,
+    complement=False,
+  )
 
 
-def fused_complement_set_nll(h: ArrayLike, w: ArrayLike, negatives: ArrayLike, *,
-                             bias: ArrayLike | None = None, where: ArrayLike | None = None,
-                             z_loss: float = 0.0, soft_cap: float | None = None,
-                             vocab_chunk: int = DEFAULT_CHUNK,
-                             token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
-                             vocab_axis_name: str | None = None) -> jax.Array:
+def fused_complement_set_nll(
+  h: ArrayLike,
+  w: ArrayLike,
+  negatives: ArrayLike,
+  *,
+  bias: ArrayLike | None = None,
+  where: ArrayLike | None = None,
+  z_loss: float = 0.0,
+  soft_cap: float | None = None,
+  vocab_chunk: int = DEFAULT_CHUNK,
+  token_chunk: int | None = DEFAULT_TOKEN_CHUNK,
+  vocab_axis_name: str | None = None,
+) -> jax.Array:
   """``-log(1 - P(S))`` for a padded list S of wrong token ids per token
   (``complement_set_nll`` on ``h @ w``; token-level unlikelihood with S the previous
   context tokens). Duplicates count once; an empty S gives 0."""
-  return _set_loss(h, w, negatives, bias, where, z_loss, soft_cap, vocab_chunk,
-                   token_chunk, vocab_axis_name, complement=True)
+  return _set_loss(
+    h,
+    w,
+    negatives,
+    bias,
+    where,
+    z_loss,
+    soft_cap,
+    vocab_chunk,
+    token_chunk,
+    vocab_axis_name,
+    complement=True,
+  )
 
 
 fused_nll.__doc__ += _doc(_LABELS, _IGNORE)
 fused_complement_nll.__doc__ += _doc(_LABELS, _IGNORE)
-fused_set_nll.__doc__ += _doc("members: int ``[..., M]`` token ids of the set S per token, "
-                              "-1 for padding.")
-fused_complement_set_nll.__doc__ += _doc("negatives: int ``[..., M]`` wrong token ids per "
-                                         "token, -1 for padding.")
+fused_set_nll.__doc__ += _doc(
+  "members: int ``[..., M]`` token ids of the set S per token, -1 for padding."
+)
+fused_complement_set_nll.__doc__ += _doc(
+  "negatives: int ``[..., M]`` wrong token ids per token, -1 for padding."
+)

@@ -34,8 +34,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
-from jaxsoftmax.losses._partition import _split_logsumexp
-from jaxsoftmax.losses._partition import _split_logsumexp_value
+from jaxsoftmax.losses._partition import _split_logsumexp, _split_logsumexp_value
 from jaxsoftmax.tree import ClassTree
 
 _LOG2 = math.log(2.0)
@@ -49,28 +48,35 @@ def _target_row(cluster_logits, within_logits, labels, tree, ignore_index=None):
   cluster_logits = _checks.as_logits(cluster_logits, name="cluster_logits")
   within_logits = _checks.as_logits(within_logits, name="within_logits")
   if cluster_logits.shape[-1] != tree.num_clusters:
-    raise ValueError(f"cluster_logits has {cluster_logits.shape[-1]} entries on its last axis, "
-                     f"but the tree has {tree.num_clusters} clusters.")
-  labels, ignored = _checks.as_labels(labels, cluster_logits, num_classes=tree.num_classes,
-                                      ignore_index=ignore_index)
+    raise ValueError(
+      f"cluster_logits has {cluster_logits.shape[-1]} entries on its last axis, "
+      f"but the tree has {tree.num_clusters} clusters."
+    )
+  labels, ignored = _checks.as_labels(
+    labels, cluster_logits, num_classes=tree.num_classes, ignore_index=ignore_index
+  )
   batch, width = cluster_logits.shape[:-1], tree.max_size
   valid = labels >= 0
   cluster = jnp.where(valid, jnp.asarray(tree.cluster_of)[jnp.maximum(labels, 0)], -1)
   slot = jnp.where(valid, jnp.asarray(tree.slot_of)[jnp.maximum(labels, 0)], -1)
   if within_logits.shape == (*batch, tree.num_clusters, width):
-    row = jnp.take_along_axis(within_logits, jnp.maximum(cluster, 0)[..., None, None], axis=-2)[..., 0, :]
+    row = jnp.take_along_axis(within_logits, jnp.maximum(cluster, 0)[..., None, None], axis=-2)[
+      ..., 0, :
+    ]
     # A NaN anywhere in the table poisons the example (loss and gradient), as a NaN
     # among flat logits does, although only the label's row enters the loss.
     poisoned = jnp.any(jnp.isnan(within_logits), axis=(-2, -1))
     cluster_logits = cluster_logits + jnp.where(poisoned, jnp.nan, 0.0)[..., None].astype(
-        cluster_logits.dtype)
+      cluster_logits.dtype
+    )
   elif within_logits.shape == (*batch, width):
     row = within_logits
   else:
     raise ValueError(
-        f"within_logits has shape {within_logits.shape}; with cluster_logits {cluster_logits.shape} "
-        f"it must be the full table {(*batch, tree.num_clusters, width)} or the label's cluster "
-        f"row {(*batch, width)}.")
+      f"within_logits has shape {within_logits.shape}; with cluster_logits {cluster_logits.shape} "
+      f"it must be the full table {(*batch, tree.num_clusters, width)} or the label's cluster "
+      f"row {(*batch, width)}."
+    )
   sizes = jnp.asarray(tree.sizes)[jnp.maximum(cluster, 0)]
   row = jnp.where(jnp.arange(width) < sizes[..., None], row, -jnp.inf)
   dtype = jnp.result_type(cluster_logits, row)
@@ -84,11 +90,11 @@ def _log_not(a, b):
 
 def _loss(a1, b1, a2, b2, complement):
   """The loss from the two levels' label and rest logsumexps; also L and the two logs."""
-  nll = jax.nn.softplus(b1 - a1) + jax.nn.softplus(b2 - a2)   # L = A + B
-  log_u, log_v = _log_not(a1, b1), _log_not(a2, b2)             # log(1 - p(c)), log(1 - p(l|c))
+  nll = jax.nn.softplus(b1 - a1) + jax.nn.softplus(b2 - a2)  # L = A + B
+  log_u, log_v = _log_not(a1, b1), _log_not(a2, b2)  # log(1 - p(c)), log(1 - p(l|c))
   if complement:
-    log_rest = jnp.logaddexp(log_u, log_v - jax.nn.softplus(b1 - a1))   # log(1 - p_l)
-    small = -jnp.log1p(-jnp.exp(-nll))                         # exact once p_l <= 1/2
+    log_rest = jnp.logaddexp(log_u, log_v - jax.nn.softplus(b1 - a1))  # log(1 - p_l)
+    small = -jnp.log1p(-jnp.exp(-nll))  # exact once p_l <= 1/2
     loss = jnp.where(nll > _LOG2, small, -log_rest)
   else:
     loss = nll
@@ -124,21 +130,31 @@ def _hierarchical_bwd(complement, residuals, g):
     # [0, 1], from logs so that none of the factors can underflow on its own.
     base = loss - nll
     w1, w2 = -jnp.exp(base + log_u), -jnp.exp(base + log_v)
-    dead = ~jnp.isfinite(loss) | (nll == jnp.inf)   # p_l is exactly 1 or 0
+    dead = ~jnp.isfinite(loss) | (nll == jnp.inf)  # p_l is exactly 1 or 0
   else:
     w1, w2 = jnp.exp(log_u), jnp.exp(log_v)
-    dead = nll == jnp.inf                            # p_l is exactly 0
+    dead = nll == jnp.inf  # p_l is exactly 0
   w1, w2 = (jnp.where(dead & ~jnp.isnan(nll), 0.0, w) for w in (w1, w2))
   g = g[..., None]
-  return (_checks.zero_where_no_cotangent(g, w1[..., None] * _direction(e1, s1, cluster)),
-          _checks.zero_where_no_cotangent(g, w2[..., None] * _direction(e2, s2, slot)), None, None)
+  return (
+    _checks.zero_where_no_cotangent(g, w1[..., None] * _direction(e1, s1, cluster)),
+    _checks.zero_where_no_cotangent(g, w2[..., None] * _direction(e2, s2, slot)),
+    None,
+    None,
+  )
 
 
 _hierarchical.defvjp(_hierarchical_fwd, _hierarchical_bwd)
 
 
-def hierarchical_nll(cluster_logits: ArrayLike, within_logits: ArrayLike, labels: ArrayLike,
-                     tree: ClassTree, *, ignore_index: int | None = None) -> jax.Array:
+def hierarchical_nll(
+  cluster_logits: ArrayLike,
+  within_logits: ArrayLike,
+  labels: ArrayLike,
+  tree: ClassTree,
+  *,
+  ignore_index: int | None = None,
+) -> jax.Array:
   r"""Negative log-likelihood of the label through the tree, ``-log p(c) - log p(l | c)``.
 
   Args:
@@ -170,14 +186,20 @@ def hierarchical_nll(cluster_logits: ArrayLike, within_logits: ArrayLike, labels
   language model", AISTATS 2005; J. Goodman, "Classes for fast maximum entropy
   training", ICASSP 2001 (the two-level class factorisation).
   """
-  u, row, cluster, slot, ignored = _target_row(cluster_logits, within_logits, labels, tree,
-                                               ignore_index)
+  u, row, cluster, slot, ignored = _target_row(
+    cluster_logits, within_logits, labels, tree, ignore_index
+  )
   return _checks.finish(_hierarchical(u, row, cluster, slot, False), None, ignored)
 
 
-def hierarchical_complement_nll(cluster_logits: ArrayLike, within_logits: ArrayLike,
-                                labels: ArrayLike, tree: ClassTree, *,
-                                ignore_index: int | None = None) -> jax.Array:
+def hierarchical_complement_nll(
+  cluster_logits: ArrayLike,
+  within_logits: ArrayLike,
+  labels: ArrayLike,
+  tree: ClassTree,
+  *,
+  ignore_index: int | None = None,
+) -> jax.Array:
   r"""Complement likelihood of a negative example through the tree, ``-log(1 - p(y = l))``.
 
   .. math::
@@ -215,13 +237,15 @@ def hierarchical_complement_nll(cluster_logits: ArrayLike, within_logits: ArrayL
   "Complementary-label learning for arbitrary losses and models", ICML 2019,
   through the class factorisation of :func:`hierarchical_nll`.
   """
-  u, row, cluster, slot, ignored = _target_row(cluster_logits, within_logits, labels, tree,
-                                               ignore_index)
+  u, row, cluster, slot, ignored = _target_row(
+    cluster_logits, within_logits, labels, tree, ignore_index
+  )
   return _checks.finish(_hierarchical(u, row, cluster, slot, True), None, ignored)
 
 
-def hierarchical_log_softmax(cluster_logits: ArrayLike, within_logits: ArrayLike,
-                             tree: ClassTree) -> jax.Array:
+def hierarchical_log_softmax(
+  cluster_logits: ArrayLike, within_logits: ArrayLike, tree: ClassTree
+) -> jax.Array:
   """The log-probability of every class, ``log p(c(k)) + log p(k | c(k))``, ``[..., K]``.
 
   This is the flat distribution the tree implies: its ``-log`` at a label equals
@@ -246,8 +270,9 @@ def hierarchical_log_softmax(cluster_logits: ArrayLike, within_logits: ArrayLike
   table = (tree.num_clusters, tree.max_size)
   if cluster_logits.shape[-1] != tree.num_clusters or within_logits.shape[-2:] != table:
     raise ValueError(
-        f"cluster_logits {cluster_logits.shape} and within_logits {within_logits.shape} do "
-        f"not fit the tree: they need last axes ({tree.num_clusters},) and {table}.")
+      f"cluster_logits {cluster_logits.shape} and within_logits {within_logits.shape} do "
+      f"not fit the tree: they need last axes ({tree.num_clusters},) and {table}."
+    )
   valid = jnp.asarray(tree.members >= 0)
   log_cluster = jax.nn.log_softmax(cluster_logits, axis=-1)
   log_within = jax.nn.log_softmax(jnp.where(valid, within_logits, -jnp.inf), axis=-1, where=valid)

@@ -11,7 +11,9 @@ from jaxsoftmax.losses._partition import _partition_nll
 from jaxsoftmax.losses._soft import _soft_cross_entropy
 
 
-def label_inputs(logits, labels, where, axis, ignore_index, keep_dtype=False):
+def label_inputs(
+  logits, labels, where, axis, ignore_index, keep_dtype=False
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
   """Checked inputs of a label loss: ``(logits, labels, where, kept, ignored)`` with the
   class axis last, excluded classes at -inf and padding labels replaced by 0 (16-bit
   logits left as they are with ``keep_dtype``, for the partition kernel)."""
@@ -26,8 +28,9 @@ def label_inputs(logits, labels, where, axis, ignore_index, keep_dtype=False):
 
 
 def _label_loss(logits, labels, where, axis, ignore_index, complement, label_smoothing=0.0):
-  logits, labels, where, kept, ignored = label_inputs(logits, labels, where, axis, ignore_index,
-                                                      keep_dtype=not label_smoothing)
+  logits, labels, where, kept, ignored = label_inputs(
+    logits, labels, where, axis, ignore_index, keep_dtype=not label_smoothing
+  )
   if label_smoothing:
     loss = _smoothed_nll(logits, labels, where, label_smoothing)
   else:
@@ -59,13 +62,13 @@ def _check_smoothing(label_smoothing):
 
 
 def nll(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    where: ArrayLike | None = None,
-    axis: int = -1,
-    ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
+  logits: ArrayLike,
+  labels: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
+  ignore_index: int | None = None,
+  label_smoothing: float = 0.0,
 ) -> jax.Array:
   r"""Softmax negative log-likelihood of the label, ``-log p(y = label | x)``.
 
@@ -125,12 +128,12 @@ def nll(
 
 
 def complement_nll(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    where: ArrayLike | None = None,
-    axis: int = -1,
-    ignore_index: int | None = None,
+  logits: ArrayLike,
+  labels: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
+  ignore_index: int | None = None,
 ) -> jax.Array:
   r"""Complement likelihood of a negative example, ``-log p(y != label | x)``.
 
@@ -179,12 +182,12 @@ def complement_nll(
 
 
 def negated_nll(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    where: ArrayLike | None = None,
-    axis: int = -1,
-    ignore_index: int | None = None,
+  logits: ArrayLike,
+  labels: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
+  ignore_index: int | None = None,
 ) -> jax.Array:
   r"""The naive "negate the gradient" objective for a negative example: ``+log p(y = label | x)``.
 

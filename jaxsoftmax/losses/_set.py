@@ -26,11 +26,11 @@ def _set_loss(logits, members, where, axis, complement):
 
 
 def set_nll(
-    logits: ArrayLike,
-    members: ArrayLike,
-    *,
-    where: ArrayLike | None = None,
-    axis: int = -1,
+  logits: ArrayLike,
+  members: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
 ) -> jax.Array:
   r"""Negative log-probability of a set of labels, ``-log sum_{k in S} p_k``.
 
@@ -73,11 +73,11 @@ def set_nll(
 
 
 def complement_set_nll(
-    logits: ArrayLike,
-    members: ArrayLike,
-    *,
-    where: ArrayLike | None = None,
-    axis: int = -1,
+  logits: ArrayLike,
+  members: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
 ) -> jax.Array:
   r"""Complement likelihood of several known-wrong labels, ``-log sum_{k not in S} p_k``.
 

@@ -35,19 +35,17 @@ def _sigmoid_cross_entropy_bwd(residuals, g):
   # sigmoid(z) - t written as (1 - t) sigmoid(z) - t sigmoid(-z): exact in both tails.
   # sigmoid is 0 or 1 at z = +-inf, so no product here is 0 * inf.
   grad = (1 - targets) * jax.nn.sigmoid(logits) - targets * jax.nn.sigmoid(-logits)
-  impossible = (((targets != 0) & (logits == -jnp.inf))
-                | ((targets != 1) & (logits == jnp.inf)))
+  impossible = ((targets != 0) & (logits == -jnp.inf)) | ((targets != 1) & (logits == jnp.inf))
   grad = jnp.where(impossible, 0.0, grad)
   # d/dt [t softplus(-z) + (1 - t) softplus(z)] = softplus(-z) - softplus(z) = -z.
-  return (_checks.zero_where_no_cotangent(g, grad),
-          _checks.zero_where_no_cotangent(g, -logits))
+  return (_checks.zero_where_no_cotangent(g, grad), _checks.zero_where_no_cotangent(g, -logits))
 
 
 _sigmoid_cross_entropy.defvjp(_sigmoid_cross_entropy_fwd, _sigmoid_cross_entropy_bwd)
 
 
 def sigmoid_binary_cross_entropy(
-    logits: ArrayLike, targets: ArrayLike, *, where: ArrayLike | None = None
+  logits: ArrayLike, targets: ArrayLike, *, where: ArrayLike | None = None
 ) -> jax.Array:
   r"""Elementwise sigmoid cross-entropy, for classes that are not exclusive.
 

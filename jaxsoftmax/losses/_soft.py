@@ -18,9 +18,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
-from jaxsoftmax.losses._partition import _computed
-from jaxsoftmax.losses._partition import _split_logsumexp
-from jaxsoftmax.losses._partition import _split_logsumexp_value
+from jaxsoftmax.losses._partition import _computed, _split_logsumexp, _split_logsumexp_value
 
 
 def _weighted_sum(targets, neg_log_probs):
@@ -123,11 +121,11 @@ _soft_cross_entropy.defvjp(_soft_cross_entropy_fwd, _soft_cross_entropy_bwd)
 
 
 def soft_cross_entropy(
-    logits: ArrayLike,
-    targets: ArrayLike,
-    *,
-    where: ArrayLike | None = None,
-    axis: int = -1,
+  logits: ArrayLike,
+  targets: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
 ) -> jax.Array:
   r"""Cross-entropy against a target distribution, ``-sum_k q_k log p_k``.
 
@@ -178,11 +176,11 @@ def soft_cross_entropy(
 
 
 def multilabel_softmax_cross_entropy(
-    logits: ArrayLike,
-    label_mask: ArrayLike,
-    *,
-    where: ArrayLike | None = None,
-    axis: int = -1,
+  logits: ArrayLike,
+  label_mask: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int = -1,
 ) -> jax.Array:
   r"""Softmax cross-entropy against several correct labels, with targets ``Y / |Y|``.
 
@@ -214,7 +212,7 @@ def multilabel_softmax_cross_entropy(
     0.7177
 
   Reference: Mahajan et al., "Exploring the Limits of Weakly Supervised
-  Pretraining", ECCV 2018 (softmax with targets Y/|Y|).
+  Pretraining", ECCV 2018 (softmax with targets ``Y/|Y|``).
   """
   logits = _checks.as_logits(logits, keep_dtype=True)
   axis = _checks.class_axis(axis, logits)
@@ -224,8 +222,8 @@ def multilabel_softmax_cross_entropy(
     if empty.any():
       row = tuple(int(i) for i in np.argwhere(empty)[0])
       raise ValueError(
-          f"label_mask{_checks.index_str(row)} has no label: every example needs at least one "
-          f"({int(empty.sum())} of {empty.size} rows are empty)."
+        f"label_mask{_checks.index_str(row)} has no label: every example needs at least one "
+        f"({int(empty.sum())} of {empty.size} rows are empty)."
       )
   where = _checks.as_where(where, logits, axis)
   logits, kept = _checks.apply_where(_checks.move_to_last(logits, axis), where)

@@ -37,14 +37,14 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
-from jaxsoftmax.losses._partition import _split_logsumexp
-from jaxsoftmax.losses._partition import _split_logsumexp_value
+from jaxsoftmax.losses._partition import _split_logsumexp, _split_logsumexp_value
 from jaxsoftmax.tree import Tree
 
 _LOG2 = math.log(2.0)
 
 
 # --- inputs ----------------------------------------------------------------------------
+
 
 def _check_tree(tree):
   if not isinstance(tree, Tree):
@@ -61,11 +61,12 @@ def _layout(node_logits, tree, extra_axes):
   if node_logits.ndim >= 2 and shape[-1] == width and shape[-2] == n:
     return shape[:-2], True
   if node_logits.ndim >= 2 + extra_axes and shape[-1] == width and shape[-2] == depth:
-    return shape[:-2 - extra_axes], False
+    return shape[: -2 - extra_axes], False
   path = "[..., M, L, B]" if extra_axes else "[..., L, B]"
   raise ValueError(
-      f"node_logits has shape {shape}; for this tree it must be the node table "
-      f"[..., N={n}, B={width}] or the path logits {path} with L={depth}, B={width}.")
+    f"node_logits has shape {shape}; for this tree it must be the node table "
+    f"[..., N={n}, B={width}] or the path logits {path} with L={depth}, B={width}."
+  )
 
 
 def _path_logits(node_logits, is_table, labels, tree):
@@ -77,8 +78,7 @@ def _path_logits(node_logits, is_table, labels, tree):
   branch = jnp.asarray(tree.path_branches)[safe]
   level_ok = nodes >= 0
   if is_table:
-    z = jnp.take_along_axis(node_logits, jnp.maximum(nodes, 0)[..., None],
-                            axis=-2)  # [..., L, B]
+    z = jnp.take_along_axis(node_logits, jnp.maximum(nodes, 0)[..., None], axis=-2)  # [..., L, B]
     poisoned = jnp.any(jnp.isnan(node_logits), axis=(-2, -1))[..., None, None]
     z = jnp.where(poisoned, jnp.nan, z)
   else:
@@ -97,25 +97,30 @@ def _inputs(node_logits, labels, tree, ignore_index):
   node_logits = _checks.as_logits(node_logits, name="node_logits")
   batch, is_table = _layout(node_logits, tree, 0)
   labels, ignored = _checks.as_labels(
-      labels, jax.ShapeDtypeStruct((*batch, tree.num_classes), node_logits.dtype),
-      num_classes=tree.num_classes, ignore_index=ignore_index, logits_shape=node_logits.shape)
+    labels,
+    jax.ShapeDtypeStruct((*batch, tree.num_classes), node_logits.dtype),
+    num_classes=tree.num_classes,
+    ignore_index=ignore_index,
+    logits_shape=node_logits.shape,
+  )
   return node_logits, is_table, labels, ignored
 
 
 # --- one label: -log p and -log(1 - p) -------------------------------------------------
 
+
 def _path_loss(a, b, complement):
   """The loss from each level's branch logit ``a`` and rest logsumexp ``b``; also L and
   each level's log(1 - q)."""
-  steps = jax.nn.softplus(b - a)                    # A_t = -log q_t >= 0
+  steps = jax.nn.softplus(b - a)  # A_t = -log q_t >= 0
   nll = jnp.sum(steps, axis=-1)
-  log_leave = -jax.nn.softplus(a - b)               # log(1 - q_t)
+  log_leave = -jax.nn.softplus(a - b)  # log(1 - q_t)
   if not complement:
     return nll, nll, log_leave
   # log P(reach level t) = -sum_{s<t} A_s, summed forwards (no cancellation).
   reach = -jnp.concatenate([jnp.zeros_like(steps[..., :1]), jnp.cumsum(steps[..., :-1], -1)], -1)
-  log_rest = jax.nn.logsumexp(log_leave + reach, axis=-1)   # log(1 - p)
-  small = -jnp.log1p(-jnp.exp(-nll))                         # exact once p <= 1/2
+  log_rest = jax.nn.logsumexp(log_leave + reach, axis=-1)  # log(1 - p)
+  small = -jnp.log1p(-jnp.exp(-nll))  # exact once p <= 1/2
   return jnp.where(nll > _LOG2, small, -log_rest), nll, log_leave
 
 
@@ -144,10 +149,10 @@ def _label_loss_bwd(complement, residuals, g):
     # d(-log(1 - p)) = -(p / (1 - p)) dL, with dA_t = (1 - q_t) direction_t: weight
     # p (1 - q_t) / (1 - p) in [0, 1], from logs.
     weight = -jnp.exp((loss - nll)[..., None] + log_leave)
-    dead = ~jnp.isfinite(loss) | (nll == jnp.inf)   # p is exactly 1 or 0
+    dead = ~jnp.isfinite(loss) | (nll == jnp.inf)  # p is exactly 1 or 0
   else:
     weight = jnp.exp(log_leave)
-    dead = nll == jnp.inf                            # p is exactly 0
+    dead = nll == jnp.inf  # p is exactly 0
   weight = jnp.where((dead & ~jnp.isnan(nll))[..., None], 0.0, weight)
   grad = weight[..., None] * _direction(e, total, branch)
   return _checks.zero_where_no_cotangent(g[..., None, None], grad), None
@@ -162,8 +167,9 @@ def _label(node_logits, labels, tree, ignore_index, complement):
   return _checks.finish(_label_loss(z, branch, complement), None, ignored)
 
 
-def tree_nll(node_logits: ArrayLike, labels: ArrayLike, tree: Tree, *,
-             ignore_index: int | None = None) -> jax.Array:
+def tree_nll(
+  node_logits: ArrayLike, labels: ArrayLike, tree: Tree, *, ignore_index: int | None = None
+) -> jax.Array:
   r"""Negative log-likelihood of the label through a tree, ``-sum_t log q_t`` on its path.
 
   Args:
@@ -198,8 +204,9 @@ def tree_nll(node_logits: ArrayLike, labels: ArrayLike, tree: Tree, *,
   return _label(node_logits, labels, tree, ignore_index, False)
 
 
-def tree_complement_nll(node_logits: ArrayLike, labels: ArrayLike, tree: Tree, *,
-                        ignore_index: int | None = None) -> jax.Array:
+def tree_complement_nll(
+  node_logits: ArrayLike, labels: ArrayLike, tree: Tree, *, ignore_index: int | None = None
+) -> jax.Array:
   r"""Complement likelihood of a negative example through a tree, ``-log(1 - p(l))``.
 
   .. math::
@@ -233,6 +240,7 @@ def tree_complement_nll(node_logits: ArrayLike, labels: ArrayLike, tree: Tree, *
 
 # --- a set of classes: -log P(S) and -log P(not S) -------------------------------------
 
+
 def _safe_logsumexp(x, axis):
   """logsumexp whose gradient is 0, not NaN, where every term is -inf."""
   top = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
@@ -245,13 +253,14 @@ def _safe_logsumexp(x, axis):
 def _set_logs(z, branch, on_paths, first, member_ok):
   """``(log P(S), log P(not S))`` from the members' path logits ``[..., M, L, B]``."""
   a, b = _split_logsumexp(z, branch)[:2]
-  steps = jax.nn.softplus(b - a)                              # [..., M, L]
+  steps = jax.nn.softplus(b - a)  # [..., M, L]
   log_in = _safe_logsumexp(jnp.where(member_ok, -jnp.sum(steps, -1), -jnp.inf), axis=-1)
   reach = -jnp.concatenate([jnp.zeros_like(steps[..., :1]), jnp.cumsum(steps[..., :-1], -1)], -1)
-  inside, outside = _split_logsumexp(z, on_paths)[:2]         # children on / off the paths
-  leave = -jax.nn.softplus(inside - outside)                  # log P(off the paths | node)
-  log_out = _safe_logsumexp(jnp.where(first, reach + leave, -jnp.inf).reshape(
-      *first.shape[:-2], -1), axis=-1)
+  inside, outside = _split_logsumexp(z, on_paths)[:2]  # children on / off the paths
+  leave = -jax.nn.softplus(inside - outside)  # log P(off the paths | node)
+  log_out = _safe_logsumexp(
+    jnp.where(first, reach + leave, -jnp.inf).reshape(*first.shape[:-2], -1), axis=-1
+  )
   # An empty set: P(not S) = 1 (no member's path to leave).
   return log_in, jnp.where(jnp.any(member_ok, axis=-1), log_out, 0.0)
 
@@ -292,11 +301,14 @@ def _set(node_logits, members, tree, ignore_index, complement):
   batch, is_table = _layout(node_logits, tree, 1)
   if jnp.ndim(members) != len(batch) + 1:
     raise ValueError(
-        f"members has shape {jnp.shape(members)}; with node_logits {node_logits.shape} it must "
-        f"be {(*batch, 'M')}: class ids, -1 for an unused slot.")
+      f"members has shape {jnp.shape(members)}; with node_logits {node_logits.shape} it must "
+      f"be {(*batch, 'M')}: class ids, -1 for an unused slot."
+    )
   if not is_table and jnp.shape(members)[-1] != node_logits.shape[-3]:
-    raise ValueError(f"members has {jnp.shape(members)[-1]} slots but the path logits "
-                     f"{node_logits.shape} have {node_logits.shape[-3]} paths.")
+    raise ValueError(
+      f"members has {jnp.shape(members)[-1]} slots but the path logits "
+      f"{node_logits.shape} have {node_logits.shape[-3]} paths."
+    )
   unused = ignore_index if ignore_index is not None else -1
   members = jnp.asarray(members)
   if not jnp.issubdtype(members.dtype, jnp.integer):
@@ -307,33 +319,38 @@ def _set(node_logits, members, tree, ignore_index, complement):
     bad = (values != unused) & ((values < 0) | (values >= tree.num_classes))
     if bad.any():
       where = _checks.index_str(tuple(int(i) for i in np.argwhere(bad)[0]))
-      raise ValueError(f"members{where} = {values[tuple(np.argwhere(bad)[0])]} is outside "
-                       f"[0, {tree.num_classes}) (unused slots are {unused}).")
+      raise ValueError(
+        f"members{where} = {values[tuple(np.argwhere(bad)[0])]} is outside "
+        f"[0, {tree.num_classes}) (unused slots are {unused})."
+      )
   labels, _ = _checks.as_labels(
-      jnp.where(slot_ok, members, 0),
-      jax.ShapeDtypeStruct((*members.shape, tree.num_classes), node_logits.dtype),
-      num_classes=tree.num_classes, logits_shape=node_logits.shape)
+    jnp.where(slot_ok, members, 0),
+    jax.ShapeDtypeStruct((*members.shape, tree.num_classes), node_logits.dtype),
+    num_classes=tree.num_classes,
+    logits_shape=node_logits.shape,
+  )
   table = node_logits[..., None, :, :] if is_table else node_logits
   z, branch, nodes, level_ok = _path_logits(table, is_table, labels, tree)
   # A repeated member counts once; an unused slot is no member.
   m = members.shape[-1]
-  earlier = jnp.tril(jnp.ones((m, m), bool), -1)               # [m, m'] m' < m
+  earlier = jnp.tril(jnp.ones((m, m), bool), -1)  # [m, m'] m' < m
   same = members[..., :, None] == members[..., None, :]
   member_ok = slot_ok & ~jnp.any(same & earlier & slot_ok[..., None, :], axis=-1)
-  live = level_ok & member_ok[..., None]                       # [..., M, L]
+  live = level_ok & member_ok[..., None]  # [..., M, L]
   # The node at (m, t) is also at (m', t) for another member m' sharing that prefix.
   shared = (nodes[..., :, None, :] == nodes[..., None, :, :]) & live[..., None, :, :]
-  shared &= live[..., :, None, :]                              # [..., M, M', L]
+  shared &= live[..., :, None, :]  # [..., M, M', L]
   first = live & ~jnp.any(shared & earlier[..., None], axis=-2)
-  taken = branch[..., None, :, :, None] == jnp.arange(tree.branching)   # [..., 1, M', L, B]
-  on_paths = jnp.any(shared[..., None] & taken, axis=-3)       # [..., M, L, B]
+  taken = branch[..., None, :, :, None] == jnp.arange(tree.branching)  # [..., 1, M', L, B]
+  on_paths = jnp.any(shared[..., None] & taken, axis=-3)  # [..., M, L, B]
   loss = _set_loss(z, branch, on_paths, first, member_ok, complement)
   ignored = jnp.all(~slot_ok, axis=-1) if ignore_index is not None else None
   return _checks.finish(loss, None, ignored)
 
 
-def tree_set_nll(node_logits: ArrayLike, members: ArrayLike, tree: Tree, *,
-                 ignore_index: int | None = None) -> jax.Array:
+def tree_set_nll(
+  node_logits: ArrayLike, members: ArrayLike, tree: Tree, *, ignore_index: int | None = None
+) -> jax.Array:
   r"""``-log P(y in S)`` through a tree, for a set ``S`` of classes given by member ids.
 
   .. math::
@@ -369,8 +386,9 @@ def tree_set_nll(node_logits: ArrayLike, members: ArrayLike, tree: Tree, *,
   return _set(node_logits, members, tree, ignore_index, False)
 
 
-def tree_complement_set_nll(node_logits: ArrayLike, members: ArrayLike, tree: Tree, *,
-                            ignore_index: int | None = None) -> jax.Array:
+def tree_complement_set_nll(
+  node_logits: ArrayLike, members: ArrayLike, tree: Tree, *, ignore_index: int | None = None
+) -> jax.Array:
   r"""``-log P(y not in S)`` through a tree: the complement likelihood of a set of
   negative classes (for example the previous tokens of unlikelihood training).
 
@@ -420,8 +438,10 @@ def tree_log_softmax(node_logits: ArrayLike, tree: Tree) -> jax.Array:
   _check_tree(tree)
   node_logits = _checks.as_logits(node_logits, name="node_logits")
   if node_logits.ndim < 2 or node_logits.shape[-2:] != (tree.num_nodes, tree.branching):
-    raise ValueError(f"node_logits has shape {node_logits.shape}; it must be the node table "
-                     f"[..., N={tree.num_nodes}, B={tree.branching}].")
+    raise ValueError(
+      f"node_logits has shape {node_logits.shape}; it must be the node table "
+      f"[..., N={tree.num_nodes}, B={tree.branching}]."
+    )
   valid = jnp.arange(tree.branching) < jnp.asarray(tree.arity)[:, None]
   log_q = jax.nn.log_softmax(jnp.where(valid, node_logits, -jnp.inf), axis=-1, where=valid)
   # log P(reach node), top-down one level at a time: O(N B + K) per example, not O(K L).

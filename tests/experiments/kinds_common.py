@@ -24,6 +24,7 @@ def small_text() -> Path:
   whose evaluation windows would be most of each run's time. Written once per machine
   and user, atomically, so that parallel workers and subprocesses read the same file."""
   from pydoc_data.topics import topics
+
   text = "\n\n".join(topics[name] for name in sorted(topics)[:30])
   path = Path(tempfile.gettempdir()) / f"jaxsoftmax-tests-{os.getuid()}" / "help_topics_30.txt"
   if not path.exists() or path.read_text(encoding="utf-8") != text:
@@ -36,24 +37,53 @@ def small_text() -> Path:
 
 # One tiny command per kind; each evaluates at steps 0, 10 and 20 and checkpoints at each.
 KINDS = {
-    "classifier": ["--config=feedback_digits", "--config.dataset=synthetic", "--config.steps=20",
-                   "--config.eval_every=10", "--config.num_seeds=2", "--config.initial_steps=20",
-                   "--config.num_labeled=50", "--config.hidden=(8,)", "--config.checkpoint_every=10"],
-    "lm": ["--config=lm_unlearning", f"--config.dataset=text:{small_text()}", "--config.forget=2",
-           "--config.num_seeds=2", "--config.steps=20",
-           "--config.eval_every=10", "--config.checkpoint_every=10", "--config.batch_size=4",
-           "--config.length=8", "--config.width=16", "--config.depth=1", "--config.heads=2",
-           "--config.vocab_chunk=256", "--config.initial_steps=20", "--config.learning_rate=1e-2",
-           "--config.regimes=('complement_likelihood', 'npo')"],
-    "multilabel": ["--config=multilabel_generated", "--config.steps=20", "--config.eval_every=10",
-                   "--config.checkpoint_every=10", "--config.num_seeds=2", "--config.hidden=(8,)",
-                   "--config.regimes=('sigmoid', 'clipped_softmax')"],
+  "classifier": [
+    "--config=feedback_digits",
+    "--config.dataset=synthetic",
+    "--config.steps=20",
+    "--config.eval_every=10",
+    "--config.num_seeds=2",
+    "--config.initial_steps=20",
+    "--config.num_labeled=50",
+    "--config.hidden=(8,)",
+    "--config.checkpoint_every=10",
+  ],
+  "lm": [
+    "--config=lm_unlearning",
+    f"--config.dataset=text:{small_text()}",
+    "--config.forget=2",
+    "--config.num_seeds=2",
+    "--config.steps=20",
+    "--config.eval_every=10",
+    "--config.checkpoint_every=10",
+    "--config.batch_size=4",
+    "--config.length=8",
+    "--config.width=16",
+    "--config.depth=1",
+    "--config.heads=2",
+    "--config.vocab_chunk=256",
+    "--config.initial_steps=20",
+    "--config.learning_rate=1e-2",
+    "--config.regimes=('complement_likelihood', 'npo')",
+  ],
+  "multilabel": [
+    "--config=multilabel_generated",
+    "--config.steps=20",
+    "--config.eval_every=10",
+    "--config.checkpoint_every=10",
+    "--config.num_seeds=2",
+    "--config.hidden=(8,)",
+    "--config.regimes=('sigmoid', 'clipped_softmax')",
+  ],
 }
 
 
 def _files(workdir):
-  return {p.relative_to(workdir): p.read_bytes() for p in sorted(workdir.rglob("*"))
-          if p.is_file() and "checkpoints" not in p.parts and p.name != ".lock"}
+  return {
+    p.relative_to(workdir): p.read_bytes()
+    for p in sorted(workdir.rglob("*"))
+    if p.is_file() and "checkpoints" not in p.parts and p.name != ".lock"
+  }
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +110,7 @@ def test_every_kind_writes_every_output_and_its_record(finished):
 
 def test_every_kind_stopped_part_way_resumes_to_the_same_files(finished, tmp_path, monkeypatch):
   from jaxsoftmax_experiments import execute
+
   kind, args, source, files = finished
   workdir = tmp_path / "stopped"
   real = execute.Options
@@ -96,9 +127,11 @@ def test_every_kind_stopped_part_way_resumes_to_the_same_files(finished, tmp_pat
   assert json.loads(resumed[Path("timing.json")])["resumed_from_step"] == 10
 
 
-def test_every_kind_refuses_another_config_naming_the_key_and_overwrite_works(finished, capsys,
-                                                                             tmp_path):
+def test_every_kind_refuses_another_config_naming_the_key_and_overwrite_works(
+  finished, capsys, tmp_path
+):
   import shutil
+
   kind, args, source, files = finished
   workdir = tmp_path / "copy"
   shutil.copytree(source, workdir)
@@ -112,9 +145,11 @@ def test_every_kind_refuses_another_config_naming_the_key_and_overwrite_works(fi
   assert json.loads((workdir / "results.json").read_text())["config"]["seed"] == 7
 
 
-def test_every_kind_rewrites_a_damaged_or_missing_output_of_a_finished_run(finished, tmp_path,
-                                                                          capsys):
+def test_every_kind_rewrites_a_damaged_or_missing_output_of_a_finished_run(
+  finished, tmp_path, capsys
+):
   import shutil
+
   kind, args, source, files = finished
   for damage in ("truncate metrics.jsonl", "garble results.json", "delete curves.png"):
     workdir = tmp_path / damage.replace(" ", "_")
@@ -124,7 +159,7 @@ def test_every_kind_rewrites_a_damaged_or_missing_output_of_a_finished_run(finis
     if verb == "delete":
       path.unlink()
     elif verb == "truncate":
-      path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+      path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     elif verb == "garble":
       text = path.read_bytes()
       path.write_bytes(text[:10] + b"#" + text[11:])
@@ -142,8 +177,10 @@ def test_every_kind_rewrites_a_damaged_or_missing_output_of_a_finished_run(finis
 
 
 def test_a_kill_while_the_outputs_are_written_leaves_a_run_that_finishes_them(
-    finished, tmp_path, monkeypatch):
+  finished, tmp_path, monkeypatch
+):
   import shutil
+
   kind, args, source, files = finished
   workdir = tmp_path / "killed"
   shutil.copytree(source, workdir)
@@ -152,11 +189,13 @@ def test_a_kill_while_the_outputs_are_written_leaves_a_run_that_finishes_them(
     (workdir / name).unlink()
   assert run.main(_again(args, workdir)) == 0
   assert {"summary.md", "timing.json", "curves.png", workdir_lib.RECORD} <= set(
-      p.name for p in workdir.iterdir())
+    p.name for p in workdir.iterdir()
+  )
 
 
 def test_a_start_that_fails_is_forgotten_for_every_kind(finished, tmp_path, monkeypatch):
   from jaxsoftmax_experiments import kinds
+
   kind, args, _, _ = finished
   workdir = tmp_path / "failed"
   module = kinds.get(kind)
@@ -172,6 +211,7 @@ def test_every_kind_keeps_its_runs_in_the_one_run_state(finished):
   # One state of a run and one optimizer step under one divergence rule for every kind
   # (training.RunState, training.apply_update): a kind brings no state type of its own.
   from jaxsoftmax_experiments import kinds, training
+
   kind, args, workdir, _ = finished
   parsed = run.parse(_again(args, workdir))
   assert not isinstance(parsed, int)
@@ -183,12 +223,16 @@ def test_every_kind_keeps_its_runs_in_the_one_run_state(finished):
 
 
 # The value each kind's results report per regime and seed: compared across layouts.
-VALUES = {"classifier": ("regimes", "test_accuracy"), "lm": ("regimes", "forget_nll"),
-          "multilabel": ("objectives", "mAP")}
+VALUES = {
+  "classifier": ("regimes", "test_accuracy"),
+  "lm": ("regimes", "forget_nll"),
+  "multilabel": ("objectives", "mAP"),
+}
 
 
 def _free_port():
   import socket
+
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
@@ -202,14 +246,29 @@ def test_every_kind_through_jax_distributed_matches_one_process(finished, tmp_pa
   import os
   import subprocess
   import sys
+
   kind, args, source, _ = finished
-  command = [sys.executable, "-m", "jaxsoftmax_experiments.run",
-             *_again(args, tmp_path / "two"), "--distributed",
-             f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+  command = [
+    sys.executable,
+    "-m",
+    "jaxsoftmax_experiments.run",
+    *_again(args, tmp_path / "two"),
+    "--distributed",
+    f"--coordinator_address=localhost:{_free_port()}",
+    "--num_processes=2",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([*command, f"--process_id={i}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [*command, f"--process_id={i}"],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     outputs = [p.communicate(timeout=300) for p in procs]
   finally:

@@ -4,14 +4,13 @@ libtpu compiles for a TPU v5e 2x2 topology without the hardware
 (``benchmarks/accelerator.py``); its ``memory_analysis`` and HLO say what a TPU would
 materialise. Skipped where libtpu is not installed (the test extra brings it)."""
 
-import jax.numpy as jnp
 import pytest
 
 pytest.importorskip("libtpu", reason="the TPU compiler (libtpu) comes with the test extra")
 
-from jaxsoftmax_experiments.benchmarks import accelerator  # noqa: E402
+from experiments.benchmarks import accelerator  # noqa: E402
 
-SHAPE = (1024, 32768)            # 128 MiB of float32 logits: any copy of them is visible
+SHAPE = (1024, 32768)  # 128 MiB of float32 logits: any copy of them is visible
 # Every loss of the benchmark; soft_cross_entropy against optax on the same dense targets.
 EXACT_LOSSES = [n for n in accelerator.LOSSES if not n.startswith("optax")]
 
@@ -24,6 +23,7 @@ def chips():
 @pytest.fixture(scope="module")
 def loss_rows(chips):
   import jax
+
   one = jax.sharding.SingleDeviceSharding(chips[0])
   return accelerator.loss_rows([SHAPE], ["float32", "bfloat16"], one, names=EXACT_LOSSES)
 
@@ -31,8 +31,9 @@ def loss_rows(chips):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", list(accelerator.MODES))
 @pytest.mark.parametrize("name", EXACT_LOSSES)
-def test_no_loss_holds_a_copy_of_the_logits_or_moves_more_bytes_than_optax(loss_rows, name, mode,
-                                                                           dtype):
+def test_no_loss_holds_a_copy_of_the_logits_or_moves_more_bytes_than_optax(
+  loss_rows, name, mode, dtype
+):
   # Before: nll, complement_nll and negated_nll on bfloat16 logits held a float32 copy
   # (1024 MiB at 8192 x 32768) and moved 1.75x optax's bytes (2.49x forward only);
   # soft_cross_entropy held one too in bfloat16 and moved 2.01x the bytes of optax on
@@ -41,7 +42,11 @@ def test_no_loss_holds_a_copy_of_the_logits_or_moves_more_bytes_than_optax(loss_
   stats, peer = row["stats"], row["peer"]
   assert stats.temp <= 0.01 * row["logits_bytes"], (name, mode, dtype, stats.temp)
   assert stats.bytes_accessed <= 1.005 * peer.bytes_accessed, (
-      name, mode, dtype, stats.bytes_accessed / peer.bytes_accessed)
+    name,
+    mode,
+    dtype,
+    stats.bytes_accessed / peer.bytes_accessed,
+  )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -49,9 +54,11 @@ def test_the_fused_losses_hold_a_sixteenth_of_optaxs_temporary_at_v_32768(chips,
   # Before, in bfloat16: 64.4 MiB against optax's 512.2 (0.126), a 16-bit copy of w made
   # by the bitcast that only XLA:CPU needs.
   import jax
+
   one = jax.sharding.SingleDeviceSharding(chips[0])
-  rows = accelerator.fused_rows([(8192, 1024, 32768)], [dtype], one,
-                                names=("fused_nll", "fused_complement_nll"))
+  rows = accelerator.fused_rows(
+    [(8192, 1024, 32768)], [dtype], one, names=("fused_nll", "fused_complement_nll")
+  )
   peer = rows[0]["stats"].temp
   for r in rows[1:]:
     assert r["stats"].temp <= peer / 15, (r["name"], r["stats"].temp, peer)
@@ -59,11 +66,23 @@ def test_the_fused_losses_hold_a_sixteenth_of_optaxs_temporary_at_v_32768(chips,
 
 # The classifier's default config as it is; the language model shrunk, as in its tests.
 PROGRAMS = {
-    "classifier": lambda chips: accelerator.classifier_program(chips),
-    "lm": lambda chips: accelerator.lm_program(
-        chips, width=16, depth=1, heads=2, length=8, batch_size=8, num_seeds=2,
-        vocab_chunk=256, eval_every=10, steps=20, prompt=4, generate=4, num_prompts=4,
-        initial_steps=10),
+  "classifier": lambda chips: accelerator.classifier_program(chips),
+  "lm": lambda chips: accelerator.lm_program(
+    chips,
+    width=16,
+    depth=1,
+    heads=2,
+    length=8,
+    batch_size=8,
+    num_seeds=2,
+    vocab_chunk=256,
+    eval_every=10,
+    steps=20,
+    prompt=4,
+    generate=4,
+    num_prompts=4,
+    initial_steps=10,
+  ),
 }
 
 

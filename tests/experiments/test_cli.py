@@ -17,9 +17,17 @@ from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import run
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--config.dataset=synthetic", "--config.steps=20", "--config.eval_every=10",
-        "--config.num_seeds=2", "--config.initial_steps=20", "--config.num_labeled=50",
-        "--config.hidden=(8,)", "--progress=false", "--compilation_cache="]
+TINY = [
+  "--config.dataset=synthetic",
+  "--config.steps=20",
+  "--config.eval_every=10",
+  "--config.num_seeds=2",
+  "--config.initial_steps=20",
+  "--config.num_labeled=50",
+  "--config.hidden=(8,)",
+  "--progress=false",
+  "--compilation_cache=",
+]
 
 
 def _files(workdir):
@@ -52,8 +60,13 @@ def test_installing_claims_no_generic_top_level_name():
   dist = importlib.metadata.distribution("jaxsoftmax")
   top = (dist.read_text("top_level.txt") or "").split()
   if not top:  # an editable install without top_level.txt: its RECORD's names
-    top = sorted({str(f).split("/")[0].removesuffix(".py") for f in dist.files or ()
-                  if not str(f).startswith(("jaxsoftmax-", "__editable__", ".."))})
+    top = sorted(
+      {
+        str(f).split("/")[0].removesuffix(".py")
+        for f in dist.files or ()
+        if not str(f).startswith(("jaxsoftmax-", "__editable__", ".."))
+      }
+    )
   assert set(top) <= {"jaxsoftmax", "jaxsoftmax_experiments"}, top
   assert importlib.util.find_spec("jaxsoftmax_experiments") is not None
   assert importlib.util.find_spec("jaxsoftmax_experiments.configs") is not None
@@ -61,6 +74,7 @@ def test_installing_claims_no_generic_top_level_name():
 
 def test_packaged_configs_are_found_through_the_package_not_the_source_tree():
   from jaxsoftmax_experiments import configs
+
   assert {"feedback_digits", "mnist1d_supervised"} <= set(configs.names())
   assert configs.path("feedback_digits").endswith("feedback_digits.py")
   assert configs.path("none") is None
@@ -85,8 +99,9 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
   assert "is complete" in out and "resuming" not in out.lower()
   assert _files(workdir) == before  # timing.json and summary.md included
   # More steps on a finished run: refused, saying so and naming --overwrite.
-  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY,
-                   "--config.steps=40"]) == 2
+  assert (
+    run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY, "--config.steps=40"]) == 2
+  )
   err = capsys.readouterr().err
   assert "cannot be continued with more steps" in err and "--overwrite" in err
   assert _files(workdir) == before
@@ -96,10 +111,22 @@ def test_ctrl_c_while_compiling_prints_one_line_and_exits_130(tmp_path):
   workdir = tmp_path / "early"
   # Far more steps than it can take before the signal: a loaded machine may otherwise
   # finish the tiny run between config.json appearing and the signal (exit 0).
-  proc = subprocess.Popen([sys.executable, "-m", "jaxsoftmax_experiments.run", "--config=feedback_digits",
-                           f"--workdir={workdir}", *TINY, "--config.steps=100000",
-                           "--config.initial_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "jaxsoftmax_experiments.run",
+      "--config=feedback_digits",
+      f"--workdir={workdir}",
+      *TINY,
+      "--config.steps=100000",
+      "--config.initial_steps=100000",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + 60
   while not (workdir / "config.json").exists():  # past flag parsing: loading, compiling
     assert proc.poll() is None and time.monotonic() < deadline
@@ -114,9 +141,20 @@ def test_ctrl_c_while_compiling_prints_one_line_and_exits_130(tmp_path):
 
 def test_progress_in_a_log_is_one_line_per_evaluation_counting_the_asked_steps(tmp_path):
   args = [a for a in TINY if a != "--progress=false"]
-  out = subprocess.run([sys.executable, "-m", "jaxsoftmax_experiments.run", "--config=feedback_digits",
-                        f"--workdir={tmp_path / 'log'}", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxsoftmax_experiments.run",
+      "--config=feedback_digits",
+      f"--workdir={tmp_path / 'log'}",
+      *args,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   lines = [l for l in out.stderr.splitlines() if l.startswith("step ")]
   # Evaluations at steps 0, 10 and 20 of the 20 asked for (the initial model's 20 not counted).
@@ -129,8 +167,12 @@ def test_progress_in_a_log_is_one_line_per_evaluation_counting_the_asked_steps(t
 
 def _npz(path, **arrays):
   rng = np.random.default_rng(0)
-  base = {"x_train": rng.normal(size=(60, 4)).astype(np.float32), "y_train": rng.integers(0, 3, 60),
-          "x_test": rng.normal(size=(30, 4)).astype(np.float32), "y_test": rng.integers(0, 3, 30)}
+  base = {
+    "x_train": rng.normal(size=(60, 4)).astype(np.float32),
+    "y_train": rng.integers(0, 3, 60),
+    "x_test": rng.normal(size=(30, 4)).astype(np.float32),
+    "y_test": rng.integers(0, 3, 30),
+  }
   base.update(arrays)
   np.savez(path, **{k: v for k, v in base.items() if v is not None})
   return f"--config.dataset=npz:{path}"
@@ -140,15 +182,21 @@ def test_a_users_npz_file_runs_the_feedback_experiment(tmp_path):
   flag = _npz(tmp_path / "mine.npz", num_classes=np.int64(4))
   workdir = tmp_path / "mine"
   args = [a for a in TINY if not a.startswith("--config.dataset")]
-  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", flag, *args,
-                   "--config.num_labeled=20"]) == 0
+  assert (
+    run.main(
+      ["--config=feedback_digits", f"--workdir={workdir}", flag, *args, "--config.num_labeled=20"]
+    )
+    == 0
+  )
   results = json.loads((workdir / "results.json").read_text())
   assert (results["num_train"], results["num_test"]) == (60, 30)
   r = results["regimes"]["complement_likelihood"]
   assert [p + n for p, n in zip(r["num_positive"], r["num_negative"])] == [60, 60]
 
 
-@pytest.mark.parametrize("arrays, message", [
+@pytest.mark.parametrize(
+  "arrays, message",
+  [
     ({"y_test": None}, "has no y_test"),
     ({"x_test": np.zeros((30, 5), np.float32)}, "x_test inputs have shape (5,), x_train's (4,)"),
     ({"y_train": np.zeros(59, np.int64)}, "y_train has shape (59,)"),
@@ -156,7 +204,8 @@ def test_a_users_npz_file_runs_the_feedback_experiment(tmp_path):
     ({"x_train": np.full((60, 4), np.nan, np.float32)}, "x_train[0, 0] = nan is not finite"),
     ({"y_test": np.full(30, 7), "num_classes": np.int64(3)}, "y_test[0] = 7 is outside [0, 3)"),
     ({"x_train": np.array(["a"] * 60)}, "x_train must hold real numbers"),
-])
+  ],
+)
 def test_a_bad_npz_file_is_named_and_nothing_is_written(tmp_path, capsys, arrays, message):
   flag = _npz(tmp_path / "bad.npz", **arrays)
   workdir = tmp_path / "out"
@@ -166,22 +215,62 @@ def test_a_bad_npz_file_is_named_and_nothing_is_written(tmp_path, capsys, arrays
 
 
 def test_a_missing_npz_file_is_named(tmp_path, capsys):
-  assert run.main(["--config=feedback_digits", f"--workdir={tmp_path / 'out'}",
-                   f"--config.dataset=npz:{tmp_path / 'none.npz'}", *TINY[1:]]) == 2
+  assert (
+    run.main(
+      [
+        "--config=feedback_digits",
+        f"--workdir={tmp_path / 'out'}",
+        f"--config.dataset=npz:{tmp_path / 'none.npz'}",
+        *TINY[1:],
+      ]
+    )
+    == 2
+  )
   assert "cannot read" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_several_negatives_per_input_train_as_one_set(tmp_path, capsys):
   workdir = tmp_path / "sets"
-  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY,
-                   "--config.protocol=uniform", "--config.num_negatives=3"]) == 0
+  assert (
+    run.main(
+      [
+        "--config=feedback_digits",
+        f"--workdir={workdir}",
+        *TINY,
+        "--config.protocol=uniform",
+        "--config.num_negatives=3",
+      ]
+    )
+    == 0
+  )
   results = json.loads((workdir / "results.json").read_text())
   for r in results["regimes"].values():  # 50 labeled, 450 negative examples of 3 labels each
     assert (r["num_positive"], r["num_negative"]) == ([50, 50], [450, 450])
   assert results["config"]["num_negatives"] == 3
-  assert run.main(["--config=feedback_digits", f"--workdir={tmp_path / 'no'}", *TINY,
-                   "--config.num_negatives=3"]) == 2
-  assert "config.num_negatives: several wrong labels per input need protocol" in capsys.readouterr().err
-  assert run.main(["--config=feedback_digits", f"--workdir={tmp_path / 'no'}", *TINY,
-                   "--config.protocol=uniform", "--config.num_negatives=5"]) == 2
+  assert (
+    run.main(
+      [
+        "--config=feedback_digits",
+        f"--workdir={tmp_path / 'no'}",
+        *TINY,
+        "--config.num_negatives=3",
+      ]
+    )
+    == 2
+  )
+  assert (
+    "config.num_negatives: several wrong labels per input need protocol" in capsys.readouterr().err
+  )
+  assert (
+    run.main(
+      [
+        "--config=feedback_digits",
+        f"--workdir={tmp_path / 'no'}",
+        *TINY,
+        "--config.protocol=uniform",
+        "--config.num_negatives=5",
+      ]
+    )
+    == 2
+  )
   assert "must be at most the 4 wrong labels" in capsys.readouterr().err

@@ -18,9 +18,14 @@ def load_config(name, *args):
   return module.get_config(*args)
 
 
-@pytest.mark.parametrize("name, args", [
-    ("feedback_digits", ()), ("mnist1d_supervised", ("mlp",)), ("mnist1d_supervised", ("cnn",)),
-])
+@pytest.mark.parametrize(
+  "name, args",
+  [
+    ("feedback_digits", ()),
+    ("mnist1d_supervised", ("mlp",)),
+    ("mnist1d_supervised", ("cnn",)),
+  ],
+)
 def test_config_files_are_valid_and_locked(name, args):
   c = load_config(name, *args)
   config.validate(c)
@@ -31,21 +36,54 @@ def test_config_files_are_valid_and_locked(name, args):
 
 def test_defaults_hold_every_key_the_issue_requires():
   # The keys that scripts may rely on, listed in the experiment issue.
-  required = {"dataset", "protocol", "model", "regimes", "num_seeds", "steps", "batch_size",
-              "learning_rate", "num_labeled", "seed", "eval_every"}
+  required = {
+    "dataset",
+    "protocol",
+    "model",
+    "regimes",
+    "num_seeds",
+    "steps",
+    "batch_size",
+    "learning_rate",
+    "num_labeled",
+    "seed",
+    "eval_every",
+  }
   assert required <= set(config.defaults().keys())
 
 
-@pytest.mark.parametrize("key, value", [
-    ("dataset", "cifar10"), ("protocol", "random"), ("model", "resnet"),
-    ("hidden", (100, 0)), ("channels", ()), ("kernel_size", -1),
-    ("regimes", ()), ("regimes", ("positive_only", "positive_only")), ("regimes", ("unlikelihood",)),
-    ("num_seeds", 0), ("steps", 0), ("batch_size", -3), ("optimizer", "lion"),
-    ("learning_rate", 0.0), ("learning_rate", float("nan")), ("weight_decay", -0.1),
-    ("schedule", "step"), ("warmup_steps", -1), ("num_labeled", 0), ("initial_steps", 0),
-    ("feedback_rounds", 0), ("bias", 1.5), ("logit_bound", float("inf")), ("seed", -1),
-    ("eval_every", 0), ("head", "adaptive"), ("num_clusters", -1),
-])
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("dataset", "cifar10"),
+    ("protocol", "random"),
+    ("model", "resnet"),
+    ("hidden", (100, 0)),
+    ("channels", ()),
+    ("kernel_size", -1),
+    ("regimes", ()),
+    ("regimes", ("positive_only", "positive_only")),
+    ("regimes", ("unlikelihood",)),
+    ("num_seeds", 0),
+    ("steps", 0),
+    ("batch_size", -3),
+    ("optimizer", "lion"),
+    ("learning_rate", 0.0),
+    ("learning_rate", float("nan")),
+    ("weight_decay", -0.1),
+    ("schedule", "step"),
+    ("warmup_steps", -1),
+    ("num_labeled", 0),
+    ("initial_steps", 0),
+    ("feedback_rounds", 0),
+    ("bias", 1.5),
+    ("logit_bound", float("inf")),
+    ("seed", -1),
+    ("eval_every", 0),
+    ("head", "adaptive"),
+    ("num_clusters", -1),
+  ],
+)
 def test_bad_value_names_its_key(key, value):
   c = config.defaults()
   c[key] = value
@@ -90,7 +128,9 @@ def test_cross_key_checks():
 def test_the_tree_keys_need_the_tree_head_and_a_branching_of_two_or_more():
   c = config.defaults()
   c.tree = "balanced"
-  with pytest.raises(config.ConfigError, match=r"^config\.tree, config\.branching: only the tree head"):
+  with pytest.raises(
+    config.ConfigError, match=r"^config\.tree, config\.branching: only the tree head"
+  ):
     config.validate(c)
   c.head = "tree"
   config.validate(c, num_classes=10)
@@ -116,12 +156,16 @@ def test_the_tree_keys_are_recorded_only_with_the_tree_head():
 def test_num_clusters_needs_the_hierarchical_head_and_at_most_k_clusters():
   c = config.defaults()
   c.num_clusters = 3
-  with pytest.raises(config.ConfigError, match=r"^config\.num_clusters: only the hierarchical head"):
+  with pytest.raises(
+    config.ConfigError, match=r"^config\.num_clusters: only the hierarchical head"
+  ):
     config.validate(c)
   c.head = "hierarchical"
   config.validate(c, num_classes=10)
   c.num_clusters = 11
-  with pytest.raises(config.ConfigError, match=r"^config\.num_clusters: must be at most the 10 classes"):
+  with pytest.raises(
+    config.ConfigError, match=r"^config\.num_clusters: must be at most the 10 classes"
+  ):
     config.validate(c, num_classes=10)
 
 

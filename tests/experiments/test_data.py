@@ -6,13 +6,16 @@ import pytest
 from jaxsoftmax_experiments import data
 
 
-@pytest.mark.parametrize("name, shapes", [
+@pytest.mark.parametrize(
+  "name, shapes",
+  [
     # digits: 1797 images, 25% test stratified (scikit-learn's split sizes);
     # mnist1d: make_dataset's defaults, 4000 train / 1000 test of length 40.
     ("digits", ((1347, 8, 8), (450, 8, 8))),
     ("mnist1d", ((4000, 40), (1000, 40))),
     ("synthetic", ((500, 10), (250, 10))),
-])
+  ],
+)
 def test_shapes_and_labels(name, shapes):
   ds = data.load(name)
   assert (ds.x_train.shape, ds.x_test.shape) == shapes
@@ -35,5 +38,7 @@ def test_standardised_on_train_only_and_deterministic():
 
 
 def test_unknown_name_is_a_clear_error():
-  with pytest.raises(ValueError, match="unknown dataset 'cifar'; choose one of digits, mnist1d, synthetic"):
+  with pytest.raises(
+    ValueError, match="unknown dataset 'cifar'; choose one of digits, mnist1d, synthetic"
+  ):
     data.load("cifar")

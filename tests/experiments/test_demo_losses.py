@@ -2,12 +2,16 @@
 
 import math
 
-from jaxsoftmax_experiments.benchmarks import demo_losses
+from experiments.benchmarks import demo_losses
 from jaxsoftmax import losses
 
 
 def test_gap_rows_show_the_naive_forms_failing_and_ours_not():
-  for gap, ((naive, naive_grad), (clipped, clipped_grad), (ours, ours_grad)) in demo_losses.gap_rows():
+  for gap, (
+    (naive, naive_grad),
+    (clipped, clipped_grad),
+    (ours, ours_grad),
+  ) in demo_losses.gap_rows():
     # Closed form: -log(1 - p_0) = log1p(exp(gap) / 3) ~ gap - log 3 for a large gap.
     expected = math.log1p(math.exp(gap) / 3) if gap < 50 else gap - math.log(3.0)
     assert math.isclose(ours, expected, rel_tol=4e-7 * (1 + gap))

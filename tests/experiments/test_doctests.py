@@ -12,9 +12,11 @@ import pytest
 
 import jaxsoftmax_experiments
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(jaxsoftmax_experiments.__path__,
-                                                       "jaxsoftmax_experiments.")
-                 if ".benchmarks." not in m.name)
+MODULES = sorted(
+  m.name
+  for m in pkgutil.walk_packages(jaxsoftmax_experiments.__path__, "jaxsoftmax_experiments.")
+  if ".benchmarks." not in m.name
+)
 
 
 def _examples(name):
@@ -24,7 +26,9 @@ def _examples(name):
 def test_the_modules_with_examples_are_found():
   with_examples = [n for n in MODULES if _examples(n)]
   # The two that hold examples today (found by hand); a new one joins on its own.
-  assert {"jaxsoftmax_experiments.checkpoint", "jaxsoftmax_experiments.parallel"} <= set(with_examples)
+  assert {"jaxsoftmax_experiments.checkpoint", "jaxsoftmax_experiments.parallel"} <= set(
+    with_examples
+  )
 
 
 @pytest.mark.parametrize("name", MODULES)

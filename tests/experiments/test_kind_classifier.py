@@ -1,13 +1,16 @@
 """The classifier kind through the one command line: the tests of :mod:`kinds_common`."""
 
 from kinds_common import *  # noqa: F403 - the shared tests and their fixture
+from kinds_common import workdir_lib
 
 KIND = "classifier"
 
 
 def test_overwrite_through_a_linked_checkpoints_folder_keeps_folders_it_did_not_write(
-    finished, tmp_path):
+  finished, tmp_path
+):
   import shutil
+
   _, _, source, _ = finished
   outside = tmp_path / "outside"
   shutil.copytree(source / "checkpoints", outside)  # this project's checkpoints, 10 and 20
@@ -29,6 +32,7 @@ def test_a_classifier_checkpoint_keeps_the_fingerprint_it_had_before_there_were_
   import json
 
   from jaxsoftmax_experiments import data
+
   _, _, source, _ = finished
   # Reference: the fingerprint as jaxsoftmax 0.1.0 at 2af9fba defined it (config, then each
   # split's shape, dtype and bytes, then the class count), so its runs still resume.

@@ -9,20 +9,36 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kinds_common import small_text
 
 from jaxsoftmax.models import TransformerLM
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import execute, heads, run, text
 from jaxsoftmax_experiments.kinds import lm as language
-from kinds_common import small_text
 
-TINY = dict(num_seeds=2, steps=20, eval_every=10, batch_size=4, length=8, width=16, depth=1,
-            heads=2, vocab_chunk=256, prompt=4, generate=8, num_prompts=4, initial_steps=20,
-            learning_rate=1e-2, checkpoint_every=10)
+TINY = dict(
+  num_seeds=2,
+  steps=20,
+  eval_every=10,
+  batch_size=4,
+  length=8,
+  width=16,
+  depth=1,
+  heads=2,
+  vocab_chunk=256,
+  prompt=4,
+  generate=8,
+  num_prompts=4,
+  initial_steps=20,
+  learning_rate=1e-2,
+  checkpoint_every=10,
+)
 # A run whose checks do not depend on help_topics' own topics: 30 of them as a text file.
 SMALL_TEXT = dict(dataset=f"text:{small_text()}", forget=2)
-FLAGS = [f"--config.{k}={v}" for k, v in TINY.items()] + ["--progress=false",
-                                                          "--compilation_cache="]
+FLAGS = [f"--config.{k}={v}" for k, v in TINY.items()] + [
+  "--progress=false",
+  "--compilation_cache=",
+]
 
 
 def lm_config(experiment="repetition", **overrides):
@@ -60,7 +76,7 @@ def test_no_token_sees_the_future():
 
 def test_unlikelihood_candidates_are_the_previous_context_tokens_without_the_target():
   context = jnp.array([5, 6, 5, 7])
-  targets = jnp.array([6, 5, 7, 8])    # targets[t] = context[t + 1]
+  targets = jnp.array([6, 5, 7, 8])  # targets[t] = context[t + 1]
   got = np.asarray(text.previous_tokens(context, targets))
   # Row t: context[0..t] without targets[t]; -1 elsewhere (by hand).
   want = [[5, -1, -1, -1], [-1, 6, -1, -1], [5, 6, 5, -1], [5, 6, 5, 7]]
@@ -83,8 +99,11 @@ def test_fused_and_unfused_objectives_agree():
   graphdef, params = nnx.split(model)
   batch = (jnp.asarray(data.train[:4]),)
   for regime in ("positive_only", "complement_likelihood", "negated_gradient"):
-    value = lambda s: jax.jit(lambda p: language.objective(
-        s, language.make_head(s, data.vocab_size), regime, nnx.merge(graphdef, p), batch))(params)
+    value = lambda s: jax.jit(
+      lambda p: language.objective(
+        s, language.make_head(s, data.vocab_size), regime, nnx.merge(graphdef, p), batch
+      )
+    )(params)
     fused, softmax = value(s), value(dataclasses.replace(s, head="softmax"))
     np.testing.assert_allclose(fused[0], softmax[0], rtol=2e-5)
     # The fused head's largest |logit| is an upper bound of the logits' (Cauchy-Schwarz).
@@ -153,8 +172,9 @@ def test_bad_flags_are_refused(capsys, tmp_path):
   workdir = tmp_path / "x"
   assert run.main(["--config=lm_repetition", f"--workdir={workdir}", "--config.prompt=40"]) == 2
   assert "config.prompt: must be shorter than config.length" in capsys.readouterr().err
-  assert run.main(["--config=lm_repetition", f"--workdir={workdir}",
-                   "--config.experiment=poetry"]) == 2
+  assert (
+    run.main(["--config=lm_repetition", f"--workdir={workdir}", "--config.experiment=poetry"]) == 2
+  )
   assert "config.experiment: must be one of repetition, unlearning" in capsys.readouterr().err
   assert not workdir.exists()
 
@@ -166,10 +186,12 @@ def test_id_mask_marks_each_listed_id_once_and_ignores_padding():
 
 def test_a_regime_of_both_kinds_is_one_entry_of_one_table():
   from jaxsoftmax_experiments import regimes
+
   # The LM's regimes are names of the classifier's table: one function per loss.
   for names in config_lib.LM_EXPERIMENTS.values():
     assert set(names) <= set(regimes.REGIMES)
   from jaxsoftmax_experiments.kinds import multilabel
+
   # The multi-label objectives are the same table's label-set entries.
   assert set(multilabel.OBJECTIVES) == set(regimes.LABEL_SET_NAMES) <= set(regimes.REGIMES)
   assert not set(regimes.LABEL_SET_NAMES) & set(regimes.NAMES)
@@ -177,8 +199,16 @@ def test_a_regime_of_both_kinds_is_one_entry_of_one_table():
 
 def test_the_hierarchical_head_trains_unlearning_and_refuses_sets_by_name(tmp_path, capsys):
   workdir = tmp_path / "tree"
-  c = lm_config("unlearning", head="hierarchical", steps=10, eval_every=10, checkpoint_every=10,
-                regimes=("complement_likelihood",), initial_steps=10, **SMALL_TEXT)
+  c = lm_config(
+    "unlearning",
+    head="hierarchical",
+    steps=10,
+    eval_every=10,
+    checkpoint_every=10,
+    regimes=("complement_likelihood",),
+    initial_steps=10,
+    **SMALL_TEXT,
+  )
   assert lm_execute(c, workdir) == 0
   results = json.loads((workdir / "results.json").read_text())
   start = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -186,12 +216,30 @@ def test_the_hierarchical_head_trains_unlearning_and_refuses_sets_by_name(tmp_pa
     if r["step"] == 0:
       assert abs(r["forget_log_ratio"]) < 1e-5
   assert all(x is not None for x in results["regimes"]["complement_likelihood"]["forget_nll"])
-  assert run.main(["--config=lm_repetition", f"--workdir={tmp_path / 'no'}", *FLAGS,
-                   "--config.head=hierarchical"]) == 2
+  assert (
+    run.main(
+      [
+        "--config=lm_repetition",
+        f"--workdir={tmp_path / 'no'}",
+        *FLAGS,
+        "--config.head=hierarchical",
+      ]
+    )
+    == 2
+  )
   err = capsys.readouterr().err
   assert "config.regimes: 'complement_likelihood' takes sets of wrong tokens" in err
-  assert run.main(["--config=lm_repetition", f"--workdir={tmp_path / 'no'}", *FLAGS,
-                   "--config.regimes=('forward',)"]) == 2
+  assert (
+    run.main(
+      [
+        "--config=lm_repetition",
+        f"--workdir={tmp_path / 'no'}",
+        *FLAGS,
+        "--config.regimes=('forward',)",
+      ]
+    )
+    == 2
+  )
   assert "'forward' needs a protocol's transition matrix" in capsys.readouterr().err
 
 
@@ -202,14 +250,17 @@ def test_continuations_shorter_than_the_context_are_generated():
   data, _ = language.make_data(s)
   plan = language.make_plan(s, data)
   params = jax.vmap(lambda k: nnx.state(language.build(s, data.vocab_size, k), nnx.Param))(
-      jax.random.split(jax.random.key(0), 2))
+    jax.random.split(jax.random.key(0), 2)
+  )
   prompts = jnp.asarray(data.validation[:3, :4])
   seqs = np.asarray(language._continue(plan, params, prompts))
   assert seqs.shape == (2, 3, 6)
   np.testing.assert_array_equal(seqs[:, :, :4], np.broadcast_to(prompts, (2, 3, 4)))
   # The padding is never read: the same continuations as with a longer budget's first two.
   longer = language.make_plan(dataclasses.replace(s, generate=8), data)
-  np.testing.assert_array_equal(seqs, np.asarray(language._continue(longer, params, prompts))[:, :, :6])
+  np.testing.assert_array_equal(
+    seqs, np.asarray(language._continue(longer, params, prompts))[:, :, :6]
+  )
 
 
 def test_the_tree_head_trains_unlearning_and_its_set_losses_equal_the_flat_ones(tmp_path):
@@ -218,6 +269,7 @@ def test_the_tree_head_trains_unlearning_and_its_set_losses_equal_the_flat_ones(
   # distribution the tree implies (tree_log_softmax of the node table).
   from jaxsoftmax import losses
   from jaxsoftmax.tree import Tree
+
   s = language.Settings.of(lm_config(head="tree"))
   data, _ = language.make_data(s)
   plan = language.make_plan(s, data)
@@ -235,18 +287,30 @@ def test_the_tree_head_trains_unlearning_and_its_set_losses_equal_the_flat_ones(
     out = head.training_output(model, inputs, targets)
     log_p = losses.tree_log_softmax(model(inputs), head.tree)
     mask = heads.id_mask(wrong, data.vocab_size)
-    return (head.complement_nll(out, jnp.full_like(targets, -1), wrong),
-            losses.complement_set_nll(log_p, mask), head.nll(out, targets),
-            losses.nll(log_p, targets))
+    return (
+      head.complement_nll(out, jnp.full_like(targets, -1), wrong),
+      losses.complement_set_nll(log_p, mask),
+      head.nll(out, targets),
+      losses.nll(log_p, targets),
+    )
 
   tree_complement, flat_complement, tree_nll, flat_nll = both_ways(inputs, targets, wrong)
   np.testing.assert_allclose(tree_complement, flat_complement, rtol=2e-4, atol=1e-6)
   np.testing.assert_allclose(tree_nll, flat_nll, rtol=2e-5)
   # Unlearning through the framework with that tree (the set losses above run in the
   # classifier's tree-head test through the same loop).
-  c = lm_config("unlearning", head="tree", regimes=("complement_likelihood",), steps=10,
-                eval_every=10, checkpoint_every=10, initial_steps=10, **SMALL_TEXT)
+  c = lm_config(
+    "unlearning",
+    head="tree",
+    regimes=("complement_likelihood",),
+    steps=10,
+    eval_every=10,
+    checkpoint_every=10,
+    initial_steps=10,
+    **SMALL_TEXT,
+  )
   assert lm_execute(c, tmp_path / "unlearning") == 0
   record = json.loads((tmp_path / "unlearning" / "results.json").read_text())["regimes"][
-      "complement_likelihood"]
+    "complement_likelihood"
+  ]
   assert all(x is not None and np.isfinite(x) for x in record["forget_nll"])

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-WORKER = r'''
+WORKER = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jaxsoftmax_experiments import config as config_lib, data, loop, parallel, protocols, training
@@ -69,18 +69,22 @@ for runs, regimes in ((6, ("positive_only", "negated_gradient", "complement_like
     state, _ = fns.train(state, examples, x, length=3)  # later calls: no new program
   out[f"runs{runs}"]["compiles_in_later_calls"] = compiles() - before
 print("RESULT " + json.dumps(out))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def eight_devices():
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-             + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", WORKER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-  return json.loads(line[len("RESULT "):])
+  return json.loads(line[len("RESULT ") :])
 
 
 def test_sharded_run_matches_the_single_device_run(eight_devices):

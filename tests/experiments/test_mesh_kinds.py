@@ -13,7 +13,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 
-KINDS_WORKER = r'''
+KINDS_WORKER = r"""
 import json
 import jax, numpy as np
 from jaxsoftmax_experiments import config as config_lib, kinds
@@ -43,17 +43,28 @@ for name in ("lm", "multilabel"):
     results, _, _ = kind.outputs(plan, state, records, c.to_dict(), 0.0, None)
     key = "forget_nll" if name == "lm" else "mAP"
     out[f"{name}_{label}"] = {
-        "num_devices": results["num_devices"], "devices_holding_params": len(leaf.sharding.device_set),
-        "values": {r: v[key] for r, v in results["regimes" if name == "lm" else "objectives"].items()}}
+        "num_devices": results["num_devices"],
+        "devices_holding_params": len(leaf.sharding.device_set),
+        "values": {r: v[key]
+                   for r, v in results["regimes" if name == "lm" else "objectives"].items()}}
 print("RESULT " + json.dumps(out))
-'''
+"""
 
 
 def test_every_kind_splits_over_the_mesh_and_matches_one_device():
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-             + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", KINDS_WORKER], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", KINDS_WORKER],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
   for name in ("lm", "multilabel"):

@@ -59,11 +59,14 @@ def test_canvases_draw_two_digits_for_classes_0_to_4_and_four_for_5_to_9():
   assert y[has9].sum(1).mean() > y[~has9].sum(1).mean() + 0.5
 
 
-@pytest.mark.parametrize("y, message", [
+@pytest.mark.parametrize(
+  "y, message",
+  [
     (np.zeros((3, 4, 1)), r"must be \[n, K\] with n = 3"),
     (np.zeros((2, 4)), r"must be \[n, K\] with n = 3"),
     (np.array([[0, 2], [1, 0], [0, 1]]), r"must be binary \(0/1 or bool\), found \[2\]"),
-])
+  ],
+)
 def test_bad_label_masks_are_a_clear_error(y, message):
   with pytest.raises(ml.MultiLabelError, match=message):
     ml.check_labels(y, np.zeros((3, 5)), "y_train")
@@ -77,16 +80,24 @@ def test_objectives_match_their_formulas_in_float64():
     p = jax.nn.softmax(z, -1)
     t = y / y.sum(-1, keepdims=True)
     # Expected: the definitions, with probabilities in float64.
-    np.testing.assert_allclose(ml.OBJECTIVES["softmax_y_over_size"].loss(z, y),
-                               -(t * jnp.log(p)).sum(-1), rtol=1e-10)
-    np.testing.assert_allclose(ml.OBJECTIVES["softmax_plus_complement"].loss(z, y),
-                               -(t * jnp.log(p)).sum(-1) - jnp.where(y, 0, jnp.log1p(-p)).sum(-1),
-                               rtol=1e-10)
-    np.testing.assert_allclose(ml.OBJECTIVES["sigmoid"].loss(z, y),
-                               -(y * jax.nn.log_sigmoid(z) + ~y * jax.nn.log_sigmoid(-z)).sum(-1),
-                               rtol=1e-10)
-    np.testing.assert_allclose(ml.OBJECTIVES["clipped_softmax"].loss(z, y),
-                               -(t * jnp.log(jnp.clip(p, 1e-7, 1 - 1e-7))).sum(-1), rtol=1e-10)
+    np.testing.assert_allclose(
+      ml.OBJECTIVES["softmax_y_over_size"].loss(z, y), -(t * jnp.log(p)).sum(-1), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+      ml.OBJECTIVES["softmax_plus_complement"].loss(z, y),
+      -(t * jnp.log(p)).sum(-1) - jnp.where(y, 0, jnp.log1p(-p)).sum(-1),
+      rtol=1e-10,
+    )
+    np.testing.assert_allclose(
+      ml.OBJECTIVES["sigmoid"].loss(z, y),
+      -(y * jax.nn.log_sigmoid(z) + ~y * jax.nn.log_sigmoid(-z)).sum(-1),
+      rtol=1e-10,
+    )
+    np.testing.assert_allclose(
+      ml.OBJECTIVES["clipped_softmax"].loss(z, y),
+      -(t * jnp.log(jnp.clip(p, 1e-7, 1 - 1e-7))).sum(-1),
+      rtol=1e-10,
+    )
 
 
 def test_clipping_stops_the_gradient_of_a_confidently_wrong_example():
@@ -99,7 +110,9 @@ def test_clipping_stops_the_gradient_of_a_confidently_wrong_example():
   # An example without labels: weight 0 for the softmax objective, all-negative for sigmoid.
   empty = jnp.zeros((1, 5), bool)
   assert float(ml.OBJECTIVES["softmax_y_over_size"].loss(z, empty)[0]) == 0.0
-  assert np.all(jax.grad(lambda z: ml.OBJECTIVES["softmax_y_over_size"].loss(z, empty).sum())(z) == 0)
+  assert np.all(
+    jax.grad(lambda z: ml.OBJECTIVES["softmax_y_over_size"].loss(z, empty).sum())(z) == 0
+  )
   assert float(ml.OBJECTIVES["sigmoid"].loss(z, empty)[0]) > 0
 
 
@@ -115,9 +128,16 @@ def test_the_gradient_figure_shows_the_clipped_push_vanish(tmp_path):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("multilabel")
-  args = ["--config=multilabel_generated", f"--workdir={workdir}", "--config.steps=300",
-          "--config.num_seeds=2", "--config.eval_every=150", "--config.hidden=(32,)",
-          "--progress=false", "--compilation_cache="]
+  args = [
+    "--config=multilabel_generated",
+    f"--workdir={workdir}",
+    "--config.steps=300",
+    "--config.num_seeds=2",
+    "--config.eval_every=150",
+    "--config.hidden=(32,)",
+    "--progress=false",
+    "--compilation_cache=",
+  ]
   assert run.main(args) == 0
   return workdir, args, json.loads((workdir / "results.json").read_text())
 
@@ -170,10 +190,18 @@ def test_the_scikit_learn_metrics_equal_their_definitions_on_a_run_sized_case():
 def test_a_run_past_the_logit_bound_is_recorded_as_diverged_and_frozen(tmp_path):
   # The one divergence rule (training.apply_update) in this kind too: with a bound below
   # any logit, every run diverges at its first step and stays at its initial parameters.
-  args = ["--config=multilabel_generated", f"--workdir={tmp_path}", "--config.steps=20",
-          "--config.eval_every=10", "--config.num_seeds=2", "--config.hidden=(8,)",
-          "--config.regimes=('sigmoid',)", "--config.logit_bound=1e-6", "--progress=false",
-          "--compilation_cache="]
+  args = [
+    "--config=multilabel_generated",
+    f"--workdir={tmp_path}",
+    "--config.steps=20",
+    "--config.eval_every=10",
+    "--config.num_seeds=2",
+    "--config.hidden=(8,)",
+    "--config.regimes=('sigmoid',)",
+    "--config.logit_bound=1e-6",
+    "--progress=false",
+    "--compilation_cache=",
+  ]
   assert run.main(args) == 0
   r = json.loads((tmp_path / "results.json").read_text())["objectives"]["sigmoid"]
   assert r["diverged"] == [True, True] and r["diverged_at_step"] == [1, 1]

@@ -73,25 +73,31 @@ def test_judge_marks_predictions_and_skips_resolved_inputs():
 
 def test_judge_gathers_an_inputs_wrong_predictions_into_one_set():
   y = jnp.array([0, 1, 2, 3])
-  ex = protocols.with_sets(protocols.labeled_only(y, jnp.array([True, False, False, False]),
-                                                  rounds=3), 2)
-  ex = protocols.judge(ex, jnp.array([3, 1, 0, 0]), y, 0)   # 2 and 3 wrong (both said 0)
-  ex = protocols.judge(ex, jnp.array([9, 9, 1, 0]), y, 1)   # 2 wrong again (1), 3 again 0
+  ex = protocols.with_sets(
+    protocols.labeled_only(y, jnp.array([True, False, False, False]), rounds=3), 2
+  )
+  ex = protocols.judge(ex, jnp.array([3, 1, 0, 0]), y, 0)  # 2 and 3 wrong (both said 0)
+  ex = protocols.judge(ex, jnp.array([9, 9, 1, 0]), y, 1)  # 2 wrong again (1), 3 again 0
   # Input 2's set is {1, 0} in its round-1 slot; 3's is {0}, said twice, held once.
-  np.testing.assert_array_equal(ex.kind[:8], [POSITIVE, POSITIVE, EMPTY, EMPTY,
-                                              EMPTY, EMPTY, NEGATIVE, NEGATIVE])
+  np.testing.assert_array_equal(
+    ex.kind[:8], [POSITIVE, POSITIVE, EMPTY, EMPTY, EMPTY, EMPTY, NEGATIVE, NEGATIVE]
+  )
   np.testing.assert_array_equal(ex.label[6:8], [1, 0])
   np.testing.assert_array_equal(ex.wrong[6:8], [[0, -1], [-1, -1]])
   np.testing.assert_array_equal(ex.wrong[2:4], [[-1, -1], [-1, -1]])
-  ex = protocols.judge(ex, jnp.array([9, 9, 2, 1]), y, 2)   # 2 now right; 3 wrong (1)
+  ex = protocols.judge(ex, jnp.array([9, 9, 2, 1]), y, 2)  # 2 now right; 3 wrong (1)
   np.testing.assert_array_equal(ex.kind[8:], [EMPTY, EMPTY, POSITIVE, NEGATIVE])
   assert int(ex.kind[6]) == NEGATIVE and int(ex.kind[7]) == EMPTY  # 2 keeps its set
   np.testing.assert_array_equal(ex.label[10:], [2, 1])
   np.testing.assert_array_equal(ex.wrong[11], [0, -1])
   assert [int(c) for c in ex.counts()] == [3, 2]
   # The same on a batch of tables, vmapped over seeds.
-  batch = jax.tree.map(lambda a: jnp.stack([a, a]), protocols.with_sets(
-      protocols.labeled_only(y, jnp.array([True, False, False, False]), rounds=3), 2))
+  batch = jax.tree.map(
+    lambda a: jnp.stack([a, a]),
+    protocols.with_sets(
+      protocols.labeled_only(y, jnp.array([True, False, False, False]), rounds=3), 2
+    ),
+  )
   batch = protocols.judge(batch, jnp.array([[3, 1, 0, 0]] * 2), y, 0)
   batch = protocols.judge(batch, jnp.array([[9, 9, 1, 0]] * 2), y, 1)
   np.testing.assert_array_equal(batch.wrong[1, 6:8], [[0, -1], [-1, -1]])
@@ -118,8 +124,10 @@ def test_sets_of_wrong_labels_are_distinct_and_never_the_true_label():
     np.testing.assert_allclose(np.delete(freq, c), 4 / 9, atol=0.12)
     assert freq[c] == 0
   # One label per input: exactly wrong_labels's draw.
-  np.testing.assert_array_equal(protocols.wrong_label_sets(jax.random.key(3), y, 10, 1)[:, 0],
-                                protocols.wrong_labels(jax.random.key(3), y, 10))
+  np.testing.assert_array_equal(
+    protocols.wrong_label_sets(jax.random.key(3), y, 10, 1)[:, 0],
+    protocols.wrong_labels(jax.random.key(3), y, 10),
+  )
   with pytest.raises(ValueError, match=r"count must be in \[1, 9\]"):
     protocols.wrong_label_sets(jax.random.key(0), y, 10, 10)
 
@@ -138,8 +146,8 @@ def test_complementary_with_several_negatives_holds_one_set_per_input():
   ex = protocols.complementary(jax.random.key(0), y, labeled, 5, num_negatives=3, rounds=2)
   assert ex.wrong.shape == (10, 2)
   np.testing.assert_array_equal(ex.kind[:5], [POSITIVE, NEGATIVE, NEGATIVE, NEGATIVE, NEGATIVE])
-  np.testing.assert_array_equal(ex.wrong[0], [-1, -1])   # the labeled input has no set
-  np.testing.assert_array_equal(ex.wrong[5:], -1)        # later rounds are empty
+  np.testing.assert_array_equal(ex.wrong[0], [-1, -1])  # the labeled input has no set
+  np.testing.assert_array_equal(ex.wrong[5:], -1)  # later rounds are empty
   for i in range(1, 5):
     labels = {int(ex.label[i]), *map(int, ex.wrong[i])}
     assert len(labels) == 3 and i not in labels

@@ -20,13 +20,26 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "feedback_digits"
 # Uniform protocol on digits, 2 seeds x 3 regimes: a few seconds of training after
 # compilation, a checkpoint every 50 steps.
-ARGS = ["--config.protocol=uniform", "--config.num_seeds=2", "--config.hidden=(32,)",
-        "--config.steps=500", "--config.eval_every=25", "--config.checkpoint_every=50",
-        "--progress=false"]
+ARGS = [
+  "--config.protocol=uniform",
+  "--config.num_seeds=2",
+  "--config.hidden=(32,)",
+  "--config.steps=500",
+  "--config.eval_every=25",
+  "--config.checkpoint_every=50",
+  "--progress=false",
+]
 
 
 def _command(workdir):
-  return [sys.executable, "-m", "jaxsoftmax_experiments.run", f"--config={CONFIG}", f"--workdir={workdir}", *ARGS]
+  return [
+    sys.executable,
+    "-m",
+    "jaxsoftmax_experiments.run",
+    f"--config={CONFIG}",
+    f"--workdir={workdir}",
+    *ARGS,
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +52,15 @@ def reference(tmp_path_factory):
 
 def _checkpoint_steps(workdir):
   folder = workdir / "checkpoints"
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+  return (
+    sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+  )
 
 
 def _start_and_wait_for_a_checkpoint(workdir):
-  proc = subprocess.Popen(_command(workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _command(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.monotonic() + 120
   while not _checkpoint_steps(workdir):
     assert proc.poll() is None, proc.communicate()
@@ -54,8 +70,10 @@ def _start_and_wait_for_a_checkpoint(workdir):
 
 
 def _keys(metrics_text):
-  return [(r["round"], r["step"], r["regime"], r["seed"])
-          for r in map(json.loads, metrics_text.splitlines())]
+  return [
+    (r["round"], r["step"], r["regime"], r["seed"])
+    for r in map(json.loads, metrics_text.splitlines())
+  ]
 
 
 def test_sigint_then_sigkill_then_rerun_gives_the_uninterrupted_results(reference, tmp_path):
@@ -71,8 +89,9 @@ def test_sigint_then_sigkill_then_rerun_gives_the_uninterrupted_results(referenc
   assert _checkpoint_steps(workdir)[-1] == stopped
   assert not (workdir / "results.json").exists()
   # Resumed, then killed outright once it has saved a newer checkpoint.
-  proc = subprocess.Popen(_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.monotonic() + 120
   while _checkpoint_steps(workdir)[-1] == stopped:
     assert proc.poll() is None, proc.communicate()
@@ -155,7 +174,9 @@ def test_resuming_from_any_state_of_a_two_round_experiment_gives_the_same_result
     tail = list(loop.run(plan, states[i]))[1:]
     resumed = loop.results(plan, jax.device_get(loop.light(tail[-1], examples=True)))
     assert resumed == full, i
-    logged = [r for s in states[:i + 1] + tail for r in loop.records(plan, jax.device_get(loop.light(s)))]
+    logged = [
+      r for s in states[: i + 1] + tail for r in loop.records(plan, jax.device_get(loop.light(s)))
+    ]
     assert logged == records
 
 

@@ -16,9 +16,16 @@ from jaxsoftmax_experiments import report, run
 
 CONFIG = "feedback_digits"
 SHORT = ["--config.steps=300", "--config.num_seeds=3", "--progress=false"]
-TINY = ["--config.dataset=synthetic", "--config.steps=20", "--config.eval_every=10",
-        "--config.num_seeds=2", "--config.initial_steps=20", "--config.num_labeled=50",
-        "--config.hidden=(8,)", "--progress=false"]
+TINY = [
+  "--config.dataset=synthetic",
+  "--config.steps=20",
+  "--config.eval_every=10",
+  "--config.num_seeds=2",
+  "--config.initial_steps=20",
+  "--config.num_labeled=50",
+  "--config.hidden=(8,)",
+  "--progress=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,9 @@ def test_summary_and_curves(feedback_run):
   assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--config.stepz=3"], "config.stepz: unknown key"),
     (["--config.steps=0"], "config.steps: must be an int >= 1"),
     (["--config.steps=abc"], "--config.steps=abc"),
@@ -97,7 +106,8 @@ def test_summary_and_curves(feedback_run):
     (["--config.num_labeled=5000"], "config.num_labeled: must be at most the 1347"),
     (["--config.protocol=uniform", "--config.feedback_rounds=2"], "config.feedback_rounds"),
     (["--bogus=1"], "bogus"),
-])
+  ],
+)
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
   workdir = tmp_path / "out"
   assert run.main([f"--config={CONFIG}", f"--workdir={workdir}", *args]) == 2
@@ -130,8 +140,12 @@ def test_a_workdir_with_a_run_is_kept_unless_overwrite(tmp_path, capsys):
 def test_tiny_runs_of_every_protocol(tmp_path):
   for protocol in ("supervised", "uniform", "biased"):
     workdir = tmp_path / protocol
-    assert run.main([f"--config={CONFIG}", f"--workdir={workdir}", *TINY,
-                     f"--config.protocol={protocol}"]) == 0
+    assert (
+      run.main(
+        [f"--config={CONFIG}", f"--workdir={workdir}", *TINY, f"--config.protocol={protocol}"]
+      )
+      == 0
+    )
     r = json.loads((workdir / "results.json").read_text())["regimes"]["positive_only"]
     # supervised: all 500 synthetic inputs positive; otherwise 50 labeled, 450 wrong labels.
     want = (500, 0) if protocol == "supervised" else (50, 450)
@@ -140,12 +154,24 @@ def test_tiny_runs_of_every_protocol(tmp_path):
 
 def test_hierarchical_head_runs_every_regime(tmp_path):
   workdir = tmp_path / "hierarchical"
-  assert run.main([f"--config={CONFIG}:hierarchical", f"--workdir={workdir}", *TINY,
-                   "--config.steps=200", "--config.initial_steps=200",
-                   "--config.learning_rate=0.01"]) == 0
+  assert (
+    run.main(
+      [
+        f"--config={CONFIG}:hierarchical",
+        f"--workdir={workdir}",
+        *TINY,
+        "--config.steps=200",
+        "--config.initial_steps=200",
+        "--config.learning_rate=0.01",
+      ]
+    )
+    == 0
+  )
   results = json.loads((workdir / "results.json").read_text())
   assert results["config"]["head"] == "hierarchical"
-  assert "Model mlp with a hierarchical softmax head, 2 seeds" in (workdir / "summary.md").read_text()
+  assert (
+    "Model mlp with a hierarchical softmax head, 2 seeds" in (workdir / "summary.md").read_text()
+  )
   assert sorted(results["regimes"]) == sorted(config_lib.REGIMES)
   for regime in ("positive_only", "complement_likelihood"):
     accuracy = results["regimes"][regime]["test_accuracy"]
@@ -155,24 +181,49 @@ def test_hierarchical_head_runs_every_regime(tmp_path):
 @pytest.mark.parametrize("tree, branching", [("huffman", 2), ("balanced", 3)])
 def test_tree_head_runs_every_regime_and_sets_of_wrong_labels(tmp_path, tree, branching):
   workdir = tmp_path / "tree"
-  assert run.main([f"--config={CONFIG}:tree", f"--workdir={workdir}", *TINY,
-                   "--config.steps=200", "--config.initial_steps=200",
-                   "--config.learning_rate=0.01", f"--config.tree={tree}",
-                   f"--config.branching={branching}"]) == 0
+  assert (
+    run.main(
+      [
+        f"--config={CONFIG}:tree",
+        f"--workdir={workdir}",
+        *TINY,
+        "--config.steps=200",
+        "--config.initial_steps=200",
+        "--config.learning_rate=0.01",
+        f"--config.tree={tree}",
+        f"--config.branching={branching}",
+      ]
+    )
+    == 0
+  )
   results = json.loads((workdir / "results.json").read_text())
   assert (results["config"]["head"], results["config"]["tree"]) == ("tree", tree)
-  assert (f"Model mlp with a {tree} tree head of branching {branching}, 2 seeds"
-          in (workdir / "summary.md").read_text())
+  assert (
+    f"Model mlp with a {tree} tree head of branching {branching}, 2 seeds"
+    in (workdir / "summary.md").read_text()
+  )
   assert sorted(results["regimes"]) == sorted(config_lib.REGIMES)
   for regime in ("positive_only", "complement_likelihood"):
     accuracy = results["regimes"][regime]["test_accuracy"]
     assert all(a > 0.6 for a in accuracy), (regime, accuracy)  # chance on synthetic is 0.2
   # Two wrong labels per input: the tree's set losses.
   sets = tmp_path / "sets"
-  assert run.main([f"--config={CONFIG}:tree", f"--workdir={sets}", *TINY,
-                   "--config.protocol=uniform", "--config.num_negatives=2",
-                   "--config.steps=200", "--config.learning_rate=0.01",
-                   f"--config.tree={tree}", f"--config.branching={branching}"]) == 0
+  assert (
+    run.main(
+      [
+        f"--config={CONFIG}:tree",
+        f"--workdir={sets}",
+        *TINY,
+        "--config.protocol=uniform",
+        "--config.num_negatives=2",
+        "--config.steps=200",
+        "--config.learning_rate=0.01",
+        f"--config.tree={tree}",
+        f"--config.branching={branching}",
+      ]
+    )
+    == 0
+  )
   regimes = json.loads((sets / "results.json").read_text())["regimes"]
   assert all(a > 0.4 for a in regimes["complement_likelihood"]["test_accuracy"])
 
@@ -181,26 +232,56 @@ def test_the_fused_head_trains_the_classifier_as_the_softmax_head_does(tmp_path,
   runs = {}
   for head in ("softmax", "fused"):
     workdir = tmp_path / head
-    assert run.main([f"--config={CONFIG}", f"--workdir={workdir}", *TINY, f"--config.head={head}",
-                     "--config.protocol=uniform", "--config.num_negatives=2"]) == 0
+    assert (
+      run.main(
+        [
+          f"--config={CONFIG}",
+          f"--workdir={workdir}",
+          *TINY,
+          f"--config.head={head}",
+          "--config.protocol=uniform",
+          "--config.num_negatives=2",
+        ]
+      )
+      == 0
+    )
     runs[head] = json.loads((workdir / "results.json").read_text())["regimes"]
   # The same losses by another kernel: the same models up to float32 rounding (the
   # negated gradient may freeze at another step: the fused head reads an upper bound).
   for regime in ("positive_only", "complement_likelihood"):
-    np.testing.assert_allclose(runs["fused"][regime]["test_nll"],
-                               runs["softmax"][regime]["test_nll"], rtol=1e-3)
-  assert run.main([f"--config={CONFIG}", f"--workdir={tmp_path / 'no'}", *TINY,
-                   "--config.head=fused", "--config.protocol=uniform",
-                   "--config.regimes=('pc',)"]) == 2
+    np.testing.assert_allclose(
+      runs["fused"][regime]["test_nll"], runs["softmax"][regime]["test_nll"], rtol=1e-3
+    )
+  assert (
+    run.main(
+      [
+        f"--config={CONFIG}",
+        f"--workdir={tmp_path / 'no'}",
+        *TINY,
+        "--config.head=fused",
+        "--config.protocol=uniform",
+        "--config.regimes=('pc',)",
+      ]
+    )
+    == 2
+  )
   assert "'pc' needs the softmax head's logits" in capsys.readouterr().err
 
 
 def test_two_feedback_rounds_add_examples_only_for_unresolved_inputs(tmp_path):
   workdir = tmp_path / "rounds"
-  assert run.main([f"--config={CONFIG}", f"--workdir={workdir}", *TINY,
-                   "--config.feedback_rounds=2"]) == 0
+  assert (
+    run.main([f"--config={CONFIG}", f"--workdir={workdir}", *TINY, "--config.feedback_rounds=2"])
+    == 0
+  )
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert sorted({(l["round"], l["step"]) for l in lines}) == [(0, 0), (1, 10), (1, 20), (2, 30), (2, 40)]
+  assert sorted({(l["round"], l["step"]) for l in lines}) == [
+    (0, 0),
+    (1, 10),
+    (1, 20),
+    (2, 30),
+    (2, 40),
+  ]
   for r in json.loads((workdir / "results.json").read_text())["regimes"].values():
     for p, n in zip(r["num_positive"], r["num_negative"]):
       assert p <= 500 and 500 <= p + n <= 1000
@@ -231,8 +312,9 @@ def test_best_test_accuracy_is_the_best_evaluation_per_seed(feedback_run):
   for regime, r in results["regimes"].items():
     for seed, best in enumerate(r["best_test_accuracy"]):
       # Expected: the maximum over that run's lines in metrics.jsonl.
-      assert best == max(l["test_accuracy"] for l in lines
-                         if l["regime"] == regime and l["seed"] == seed)
+      assert best == max(
+        l["test_accuracy"] for l in lines if l["regime"] == regime and l["seed"] == seed
+      )
 
 
 def test_write_atomic_gives_the_umask_permissions(tmp_path):
@@ -254,9 +336,15 @@ def test_twelve_regimes_get_twelve_colours():
 def test_an_override_given_twice_takes_its_last_value_for_tuples_as_for_scalars(tmp_path):
   # absl appends a tuple override's values to an earlier one's; a command line's later
   # override replaces the earlier one, as it does for a scalar key.
-  fv, config = run.parse([f"--config={CONFIG}", f"--workdir={tmp_path}",
-                          "--config.regimes=('positive_only','negated_gradient')",
-                          "--config.steps=7", "--config.regimes=('complement_likelihood',)",
-                          "--config.steps=9"])
+  fv, config = run.parse(
+    [
+      f"--config={CONFIG}",
+      f"--workdir={tmp_path}",
+      "--config.regimes=('positive_only','negated_gradient')",
+      "--config.steps=7",
+      "--config.regimes=('complement_likelihood',)",
+      "--config.steps=9",
+    ]
+  )
   assert tuple(config.regimes) == ("complement_likelihood",)
   assert config.steps == 9

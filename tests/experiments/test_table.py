@@ -8,9 +8,17 @@ import pytest
 
 from jaxsoftmax_experiments import loop, table
 
-TINY = ["--config=feedback_digits", "--config.dataset=synthetic", "--config.steps=20",
-        "--config.eval_every=10", "--config.num_seeds=2", "--config.initial_steps=20",
-        "--config.num_labeled=50", "--config.hidden=(8,)", "--progress=false"]
+TINY = [
+  "--config=feedback_digits",
+  "--config.dataset=synthetic",
+  "--config.steps=20",
+  "--config.eval_every=10",
+  "--config.num_seeds=2",
+  "--config.initial_steps=20",
+  "--config.num_labeled=50",
+  "--config.hidden=(8,)",
+  "--progress=false",
+]
 REGIMES = "--config.regimes=('positive_only', 'forward', 'mcl_log')"
 
 
@@ -58,10 +66,13 @@ def test_rerunning_the_same_command_trains_nothing_again(made, capsys):
   assert (root / "table.md").read_bytes() == table_md
 
 
-@pytest.mark.parametrize("flag, message", [
+@pytest.mark.parametrize(
+  "flag, message",
+  [
     ("--protocols=uniform,supervisedd", "--protocols: must be a comma-separated list"),
     ("--config.protocol=uniform", "--config.protocol: the table runs every protocol"),
-])
+  ],
+)
 def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys, flag, message):
   assert table.main([*TINY, f"--workdir={tmp_path / 'w'}", flag]) == 2
   assert message in capsys.readouterr().err
@@ -71,6 +82,7 @@ def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys, flag, mess
 def test_feedback_rounds_gather_each_inputs_wrong_predictions_into_one_set():
   from jaxsoftmax_experiments import config as config_lib
   from jaxsoftmax_experiments import data, protocols
+
   c = config_lib.defaults()
   c.dataset, c.hidden, c.steps, c.eval_every, c.num_seeds = "synthetic", (8,), 5, 5, 2
   c.initial_steps, c.num_labeled, c.feedback_rounds = 5, 50, 3
@@ -79,8 +91,9 @@ def test_feedback_rounds_gather_each_inputs_wrong_predictions_into_one_set():
   plan = loop.make_plan(c, data.load("synthetic"))
   *_, last = loop.run(plan)
   ex = loop.light(last, examples=True).examples[0]
-  kind, label, wrong = (np.asarray(a).reshape(2, 3, -1, *np.shape(a)[2:])
-                        for a in (ex.kind, ex.label, ex.wrong))
+  kind, label, wrong = (
+    np.asarray(a).reshape(2, 3, -1, *np.shape(a)[2:]) for a in (ex.kind, ex.label, ex.wrong)
+  )
   negative = kind == protocols.NEGATIVE
   assert negative.sum(axis=1).max() == 1  # at most one negative example per input
   y = np.asarray(plan.dataset.y_train)

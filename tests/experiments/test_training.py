@@ -34,14 +34,17 @@ def synthetic():
 def setup_for(config, dataset, regimes, seeds=1, steps=100):
   config = config.copy_and_resolve_references()
   config.num_seeds = seeds
-  return training.make_setup(config, dataset, regimes=tuple(regimes), total_steps=steps,
-                             devices=jax.devices()[:1])
+  return training.make_setup(
+    config, dataset, regimes=tuple(regimes), total_steps=steps, devices=jax.devices()[:1]
+  )
 
 
 def fresh(setup, seed=0):
   g, s = len(setup.regimes), setup.seeds
   keys = jax.random.split(jax.random.key(seed), g * s).reshape(g, s)
-  return training.functions(setup).init(keys, jax.random.split(jax.random.key(seed + 1), g * s).reshape(g, s))
+  return training.functions(setup).init(
+    keys, jax.random.split(jax.random.key(seed + 1), g * s).reshape(g, s)
+  )
 
 
 class _Logits:
@@ -54,23 +57,29 @@ class _Logits:
     return self.out
 
 
-@pytest.mark.parametrize("regime, negative_loss", [
+@pytest.mark.parametrize(
+  "regime, negative_loss",
+  [
     ("positive_only", lambda z, l: jnp.zeros(z.shape[0])),
     ("negated_gradient", losses.negated_nll),
     ("complement_likelihood", losses.complement_nll),
-])
+  ],
+)
 def test_example_losses_per_regime(regime, negative_loss):
   z = jax.random.normal(jax.random.key(0), (6, 4)) * 5
   label = jnp.array([0, 1, 2, 3, 0, 1])
   kind = jnp.array([POSITIVE, NEGATIVE, EMPTY, POSITIVE, NEGATIVE, EMPTY])
   head, batch, rule = heads.SoftmaxHead(4), protocols.Examples(label, kind), REGIMES[regime]
   out = head.training_output(_Logits(z), None, label)
-  got = np.where(kind == POSITIVE, rule.positive(head, out, batch),
-                 np.where(kind == NEGATIVE, rule.negative(head, out, batch) if rule.negative
-                          else 0.0, 0.0))
+  got = np.where(
+    kind == POSITIVE,
+    rule.positive(head, out, batch),
+    np.where(kind == NEGATIVE, rule.negative(head, out, batch) if rule.negative else 0.0, 0.0),
+  )
   # Expected: the library's losses, picked by kind by hand.
-  want = np.where(kind == POSITIVE, losses.nll(z, label),
-                  np.where(kind == NEGATIVE, negative_loss(z, label), 0.0))
+  want = np.where(
+    kind == POSITIVE, losses.nll(z, label), np.where(kind == NEGATIVE, negative_loss(z, label), 0.0)
+  )
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -93,7 +102,9 @@ def test_hierarchical_example_losses_equal_the_flat_ones_on_the_implied_logits(r
   u = jax.random.normal(jax.random.key(0), (6, tree.num_clusters)) * 3
   w = jax.random.normal(jax.random.key(1), (6, tree.num_clusters, tree.max_size)) * 3
   label = jnp.array([0, 1, 2, 3, 4, 1])
-  batch = protocols.Examples(label, jnp.array([POSITIVE, NEGATIVE, EMPTY, POSITIVE, NEGATIVE, NEGATIVE]))
+  batch = protocols.Examples(
+    label, jnp.array([POSITIVE, NEGATIVE, EMPTY, POSITIVE, NEGATIVE, NEGATIVE])
+  )
   rule, tree_head, flat_head = REGIMES[regime], heads.HierarchicalHead(tree), heads.SoftmaxHead(5)
   # The flat logits the tree implies: log p(class), whose softmax is p itself.
   flat = losses.hierarchical_log_softmax(u, w, tree)
@@ -103,8 +114,9 @@ def test_hierarchical_example_losses_equal_the_flat_ones_on_the_implied_logits(r
     fn = getattr(rule, part)
     if fn is None:
       continue
-    np.testing.assert_allclose(fn(tree_head, (u, rows, cluster), batch), fn(flat_head, flat, batch),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      fn(tree_head, (u, rows, cluster), batch), fn(flat_head, flat, batch), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("head", ["softmax", "hierarchical"])
@@ -114,8 +126,9 @@ def test_grouped_step_equals_one_run_at_a_time(synthetic, head):
   ex = protocols.complementary(jax.random.key(2), y, jnp.arange(len(y)) < 100, 5)
   state = fresh(setup)
   x = jnp.asarray(synthetic.x_train)
-  grouped, stats = training.functions(setup).train(state, (jax.tree.map(lambda a: a[None], ex),) * 3,
-                                                   x, length=1)
+  grouped, stats = training.functions(setup).train(
+    state, (jax.tree.map(lambda a: a[None], ex),) * 3, x, length=1
+  )
   for g, regime in enumerate(setup.regimes):
     one = jax.tree.map(lambda a: a[0], state[g])
     single, single_stats = jax.jit(training.step, static_argnums=(0, 1))(setup, regime, one, ex, x)
@@ -135,8 +148,8 @@ def test_each_group_computes_only_its_own_regime_loss(synthetic):
     setup = setup_for(small_config(), synthetic, (regime,))
     one = jax.tree.map(lambda a: a[0], fresh(setup)[0])
     text[regime] = str(jax.make_jaxpr(lambda s: training.step(setup, regime, s, ex, x))(one))
-  assert text["positive_only"].count(" logistic ") == 1          # nll alone
-  assert text["negated_gradient"].count(" logistic ") == 2       # nll and its negation
+  assert text["positive_only"].count(" logistic ") == 1  # nll alone
+  assert text["negated_gradient"].count(" logistic ") == 2  # nll and its negation
   assert text["complement_likelihood"].count(" logistic ") == 2  # nll and complement_nll
 
 
@@ -156,7 +169,9 @@ def test_logit_bound_freezes_the_run_at_its_first_step(synthetic):
   setup = setup_for(small_config(logit_bound=1e-3), synthetic, ("positive_only",), steps=10)
   ex = protocols.supervised(jnp.asarray(synthetic.y_train)[None])
   state = fresh(setup)
-  after, stats = training.functions(setup).train(state, (ex,), jnp.asarray(synthetic.x_train), length=5)
+  after, stats = training.functions(setup).train(
+    state, (ex,), jnp.asarray(synthetic.x_train), length=5
+  )
   assert not bool(after[0].alive[0]) and int(after[0].diverged_at[0]) == 1
   assert np.asarray(stats[0].alive)[:, 0].tolist() == [True, False, False, False, False]
   for a, b in zip(jax.tree.leaves(state[0].params), jax.tree.leaves(after[0].params)):
@@ -170,10 +185,12 @@ def test_non_finite_loss_diverges_one_run_and_spares_the_others(synthetic):
   setup = setup_for(small_config(), poisoned, ("positive_only",), seeds=2, steps=20)
   y = jnp.asarray(synthetic.y_train)
   only_first = jnp.zeros(len(y), bool).at[0].set(True)
-  bad = protocols.labeled_only(y, only_first)          # every batch is the NaN input
-  good = protocols.labeled_only(y, ~only_first)        # never sees it
+  bad = protocols.labeled_only(y, only_first)  # every batch is the NaN input
+  good = protocols.labeled_only(y, ~only_first)  # never sees it
   examples = jax.tree.map(lambda a, b: jnp.stack([a, b]), bad, good)
-  after, stats = training.functions(setup).train(fresh(setup), (examples,), jnp.asarray(x), length=20)
+  after, stats = training.functions(setup).train(
+    fresh(setup), (examples,), jnp.asarray(x), length=20
+  )
   assert after[0].diverged_at.tolist() == [1, -1]
   assert after[0].alive.tolist() == [False, True]
   assert np.all(np.isfinite(stats[0].loss[:, 1]))
@@ -185,7 +202,9 @@ def test_positive_only_never_samples_a_negative_example(synthetic):
   x = synthetic.x_train.copy()
   x[1:] = np.nan  # any negative example (inputs 1..n-1) would poison the loss
   y = jnp.asarray(synthetic.y_train)
-  ex = jax.tree.map(lambda a: a[None], protocols.complementary(jax.random.key(0), y, jnp.arange(len(y)) == 0, 5))
+  ex = jax.tree.map(
+    lambda a: a[None], protocols.complementary(jax.random.key(0), y, jnp.arange(len(y)) == 0, 5)
+  )
   setup = setup_for(small_config(), synthetic, ("positive_only", "complement_likelihood"), steps=20)
   after, _ = training.functions(setup).train(fresh(setup), (ex, ex), jnp.asarray(x), length=20)
   assert bool(after[0].alive[0])
@@ -195,12 +214,16 @@ def test_positive_only_never_samples_a_negative_example(synthetic):
 def test_test_metrics_match_a_direct_computation(synthetic):
   setup = setup_for(small_config(), synthetic, ("positive_only",), seeds=2, steps=10)
   state = fresh(setup)
-  metrics = training.functions(setup).evaluate(state, jnp.asarray(synthetic.x_test),
-                                               jnp.asarray(synthetic.y_test))[0]
+  metrics = training.functions(setup).evaluate(
+    state, jnp.asarray(synthetic.x_test), jnp.asarray(synthetic.y_test)
+  )[0]
   from flax import nnx
+
   params = jax.tree.map(lambda a: a[1], state[0].params)
   logits = nnx.merge(setup.graphdef, params)(synthetic.x_test)
-  np.testing.assert_allclose(metrics["test_accuracy"][1],
-                             np.mean(np.argmax(logits, -1) == synthetic.y_test), rtol=1e-6)
-  np.testing.assert_allclose(metrics["test_nll"][1], np.mean(losses.nll(logits, synthetic.y_test)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics["test_accuracy"][1], np.mean(np.argmax(logits, -1) == synthetic.y_test), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    metrics["test_nll"][1], np.mean(losses.nll(logits, synthetic.y_test)), rtol=1e-5
+  )

@@ -15,15 +15,27 @@ from jaxsoftmax_experiments import run
 from jaxsoftmax_experiments.checkpoint import Checkpointer, CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--config=feedback_digits", "--config.dataset=synthetic", "--config.steps=40",
-        "--config.eval_every=10", "--config.checkpoint_every=10", "--config.num_seeds=2",
-        "--config.initial_steps=20", "--config.num_labeled=50", "--config.hidden=(8,)",
-        "--progress=false", "--compilation_cache="]
+TINY = [
+  "--config=feedback_digits",
+  "--config.dataset=synthetic",
+  "--config.steps=40",
+  "--config.eval_every=10",
+  "--config.checkpoint_every=10",
+  "--config.num_seeds=2",
+  "--config.initial_steps=20",
+  "--config.num_labeled=50",
+  "--config.hidden=(8,)",
+  "--progress=false",
+  "--compilation_cache=",
+]
 
 
 def _files(folder):
-  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-          if p.is_file() and p.name != ".lock"}
+  return {
+    p.relative_to(folder): p.read_bytes()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file() and p.name != ".lock"
+  }
 
 
 def _steps(folder):
@@ -40,6 +52,7 @@ def finished(tmp_path_factory):
 
 def _copy(source, destination):
   import shutil
+
   shutil.copytree(source, destination, symlinks=True)
   return destination
 
@@ -49,18 +62,40 @@ def _copy(source, destination):
 
 def test_a_second_run_on_a_workdir_in_use_is_refused_at_once_and_writes_nothing(tmp_path):
   workdir = tmp_path / "busy"
-  first = subprocess.Popen([sys.executable, "-m", "jaxsoftmax_experiments.run", *TINY,
-                            "--config.steps=200", f"--workdir={workdir}"], cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "jaxsoftmax_experiments.run",
+      *TINY,
+      "--config.steps=200",
+      f"--workdir={workdir}",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + 60
   while not (workdir / "config.json").exists():
     assert first.poll() is None and time.monotonic() < deadline
     time.sleep(0.01)
   before = _files(workdir)
   start = time.monotonic()
-  second = subprocess.run([sys.executable, "-m", "jaxsoftmax_experiments.run", *TINY,
-                           "--config.seed=7", f"--workdir={workdir}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+  second = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxsoftmax_experiments.run",
+      *TINY,
+      "--config.seed=7",
+      f"--workdir={workdir}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert second.returncode == 2
   assert f"is in use by process {first.pid}" in second.stderr
   assert time.monotonic() - start < 30  # refused before any JAX work
@@ -76,9 +111,12 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_at_once_and_writes_nothing(
 
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, "-m", "jaxsoftmax_experiments.run", *TINY,
-                           f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "jaxsoftmax_experiments.run", *TINY, f"--workdir={workdir}"],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.monotonic() + 60
   while not (workdir / "config.json").exists():
     assert proc.poll() is None and time.monotonic() < deadline
@@ -106,6 +144,7 @@ def test_checkpoints_of_another_config_are_refused_not_resumed(finished, tmp_pat
 
 def test_a_save_that_does_not_happen_is_an_error(tmp_path):
   import jax.numpy as jnp
+
   ckpt = Checkpointer(tmp_path / "c")
   ckpt.save(20, {"w": jnp.ones(2)}, {"fingerprint": "x"})
   with pytest.raises(CheckpointError, match=r"checkpoint 10 was not written .* steps \[20\]"):
@@ -138,7 +177,9 @@ def test_a_symlinked_checkpoints_folder_is_used_but_never_removed_through(tmp_pa
   assert run.main([*TINY, f"--workdir={workdir}"]) == 0
   assert _steps(disk) == [20, 30, 40]  # the checkpoints went to the bigger disk
   assert run.main([*TINY, "--config.seed=3", "--overwrite", f"--workdir={workdir}"]) == 0
-  assert (workdir / "checkpoints").is_symlink() and (disk / "someone_elses.txt").read_text() == "keep me"
+  assert (workdir / "checkpoints").is_symlink() and (
+    disk / "someone_elses.txt"
+  ).read_text() == "keep me"
   assert json.loads((workdir / "results.json").read_text())["config"]["seed"] == 3
 
 
@@ -175,13 +216,22 @@ def test_temporary_files_of_a_killed_write_are_removed(finished, tmp_path):
 # --- every failure a message ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, message", [
+@pytest.mark.parametrize(
+  "body, message",
+  [
     ("def get_config(:\n", "cannot load --config: SyntaxError"),
-    ("def get_config():\n  raise RuntimeError('boom')\n", "cannot load --config: RuntimeError: boom"),
+    (
+      "def get_config():\n  raise RuntimeError('boom')\n",
+      "cannot load --config: RuntimeError: boom",
+    ),
     ("def get_config():\n  return 3\n", "must be an ml_collections.ConfigDict"),
-    ("import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict({'steps': 3})\n",
-     "config.dataset: missing"),
-])
+    (
+      "import ml_collections\n"
+      "def get_config():\n  return ml_collections.ConfigDict({'steps': 3})\n",
+      "config.dataset: missing",
+    ),
+  ],
+)
 def test_a_bad_config_file_is_one_line_and_nothing_is_written(tmp_path, capsys, body, message):
   path = tmp_path / "mine.py"
   path.write_text(body)
@@ -196,9 +246,12 @@ def test_overrides_without_a_config_or_of_keys_it_lacks(tmp_path, capsys):
   assert run.main(["--config.steps=3", f"--workdir={tmp_path / 'a'}"]) == 2
   assert "overrides need a config" in capsys.readouterr().err
   path = tmp_path / "partial.py"
-  path.write_text("import ml_collections\ndef get_config():\n"
-                  "  return ml_collections.ConfigDict({'steps': 3})\n")
-  assert run.main([f"--config={path}", "--config.protocol=uniform", f"--workdir={tmp_path / 'a'}"]) == 2
+  path.write_text(
+    "import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict({'steps': 3})\n"
+  )
+  assert (
+    run.main([f"--config={path}", "--config.protocol=uniform", f"--workdir={tmp_path / 'a'}"]) == 2
+  )
   assert "--config.protocol: the config has no such key" in capsys.readouterr().err
   assert not (tmp_path / "a").exists()
 
@@ -215,11 +268,13 @@ def test_an_unusable_workdir_is_a_message(tmp_path, capsys):
   assert a_file.read_text() == "x"
 
 
-def test_a_full_disk_mid_run_is_a_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys,
-                                                                            monkeypatch):
+def test_a_full_disk_mid_run_is_a_message_and_keeps_the_last_good_checkpoint(
+  tmp_path, capsys, monkeypatch
+):
   import errno
 
   from jaxsoftmax_experiments import workdir as workdir_lib
+
   workdir = tmp_path / "full"
   calls = []
   real = workdir_lib.Workdir.append_metrics
@@ -229,6 +284,7 @@ def test_a_full_disk_mid_run_is_a_message_and_keeps_the_last_good_checkpoint(tmp
     if len(calls) == 4:  # the evaluation at step 30
       raise OSError(errno.ENOSPC, "No space left on device")
     return real(self, log, records)
+
   monkeypatch.setattr(workdir_lib.Workdir, "append_metrics", append)
   assert run.main([*TINY, f"--workdir={workdir}"]) == 1
   err = capsys.readouterr().err
@@ -241,6 +297,7 @@ def test_a_full_disk_mid_run_is_a_message_and_keeps_the_last_good_checkpoint(tmp
 
 def test_checkpoint_metadata_that_does_not_parse_is_set_aside(finished, tmp_path):
   from jaxsoftmax_experiments.checkpoint import CheckpointWarning
+
   source, files = finished
   workdir = _copy(source, tmp_path / "badmeta")
   (workdir / "results.json").unlink()
@@ -253,15 +310,22 @@ def test_checkpoint_metadata_that_does_not_parse_is_set_aside(finished, tmp_path
 # --- configs that cannot work are refused before anything is written -------------------------
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.schedule=cosine", "--config.warmup_steps=20"],
-     "config.warmup_steps: a cosine schedule needs its warmup below the steps of every phase, "
-     "but config.initial_steps is 20"),
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--config.schedule=cosine", "--config.warmup_steps=20"],
+      "config.warmup_steps: a cosine schedule needs its warmup below the steps of every phase, "
+      "but config.initial_steps is 20",
+    ),
     (["--config.hidden=(100000000000,)"], "config.hidden: the runs need about"),
     (["--config.batch_size=100000000"], "config.batch_size: the runs need about"),
-    (["--config.dataset=digits", "--config.model=cnn", "--config.kernel_size=9"],
-     "config.kernel_size: the kernel (9) is larger than the input (8, 8)"),
-])
+    (
+      ["--config.dataset=digits", "--config.model=cnn", "--config.kernel_size=9"],
+      "config.kernel_size: the kernel (9) is larger than the input (8, 8)",
+    ),
+  ],
+)
 def test_configs_that_cannot_work_are_refused(tmp_path, capsys, args, message):
   workdir = tmp_path / "out"
   start = time.monotonic()
@@ -271,8 +335,10 @@ def test_configs_that_cannot_work_are_refused(tmp_path, capsys, args, message):
 
 
 def test_a_run_that_fails_after_claiming_the_workdir_does_not_block_the_corrected_one(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   from jaxsoftmax_experiments import loop
+
   workdir = tmp_path / "failed"
   monkeypatch.setattr(loop, "make_plan", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
   with pytest.raises(RuntimeError, match="bug"):

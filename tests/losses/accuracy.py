@@ -28,15 +28,16 @@ TINY32 = float(np.finfo(np.float32).tiny)
 
 # The logit gap of the target set over the best class outside it, per regime.
 REGIMES = {
-    "p(S) -> 1": lambda rng, n: rng.uniform(10.0, 80.0, n),
-    "middle": lambda rng, n: rng.uniform(-5.0, 5.0, n),
-    "p(S) -> 0": lambda rng, n: -np.exp(rng.uniform(np.log(10.0), np.log(1e4), n)),
+  "p(S) -> 1": lambda rng, n: rng.uniform(10.0, 80.0, n),
+  "middle": lambda rng, n: rng.uniform(-5.0, 5.0, n),
+  "p(S) -> 0": lambda rng, n: -np.exp(rng.uniform(np.log(10.0), np.log(1e4), n)),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One loss: how to call it on a batch and on one example of the reference."""
+
   name: str
   ours: Callable  # (logits [N, K] float32, aux [N, ...]) -> [N] or [N, K]
   ref: Callable  # (z [K] float64, aux row) -> (loss, grad)
@@ -44,47 +45,68 @@ class Case:
 
 
 CASES = (
-    Case("nll", losses.nll, reference.nll, "label"),
-    Case("complement_nll", losses.complement_nll, reference.complement_nll, "label"),
-    Case("negated_nll", losses.negated_nll, reference.negated_nll, "label"),
-    Case("set_nll", losses.set_nll, reference.set_nll, "mask"),
-    Case("complement_set_nll", losses.complement_set_nll, reference.complement_set_nll, "mask"),
-    Case("soft_cross_entropy", losses.soft_cross_entropy, reference.soft_cross_entropy, "soft"),
-    Case("multilabel_softmax_cross_entropy", losses.multilabel_softmax_cross_entropy,
-         reference.multilabel_softmax_cross_entropy, "mask"),
-    Case("scl_exp", losses.scl_exp, reference.scl_exp, "label"),
-    Case("pairwise_comparison", losses.pairwise_comparison, reference.pairwise_comparison, "label"),
-    Case("forward_nll (uniform T)",
-         lambda z, y: losses.forward_nll(z, y, (1.0 - jnp.eye(z.shape[-1])) / (z.shape[-1] - 1)),
-         reference.forward_uniform, "label"),
-    Case("mcl_mae", losses.mcl_mae, reference.mcl_mae, "mask"),
-    Case("mcl_exp", losses.mcl_exp, reference.mcl_exp, "mask"),
+  Case("nll", losses.nll, reference.nll, "label"),
+  Case("complement_nll", losses.complement_nll, reference.complement_nll, "label"),
+  Case("negated_nll", losses.negated_nll, reference.negated_nll, "label"),
+  Case("set_nll", losses.set_nll, reference.set_nll, "mask"),
+  Case("complement_set_nll", losses.complement_set_nll, reference.complement_set_nll, "mask"),
+  Case("soft_cross_entropy", losses.soft_cross_entropy, reference.soft_cross_entropy, "soft"),
+  Case(
+    "multilabel_softmax_cross_entropy",
+    losses.multilabel_softmax_cross_entropy,
+    reference.multilabel_softmax_cross_entropy,
+    "mask",
+  ),
+  Case("scl_exp", losses.scl_exp, reference.scl_exp, "label"),
+  Case("pairwise_comparison", losses.pairwise_comparison, reference.pairwise_comparison, "label"),
+  Case(
+    "forward_nll (uniform T)",
+    lambda z, y: losses.forward_nll(z, y, (1.0 - jnp.eye(z.shape[-1])) / (z.shape[-1] - 1)),
+    reference.forward_uniform,
+    "label",
+  ),
+  Case("mcl_mae", losses.mcl_mae, reference.mcl_mae, "mask"),
+  Case("mcl_exp", losses.mcl_exp, reference.mcl_exp, "mask"),
 )
 
 
 def _fused(fn, chunk=7):
   """A fused loss on ``h = z``, ``w = I`` (``h @ w`` is then exactly ``z``), streamed in
   chunks of 7 columns (no K here is a multiple of 7)."""
+
   def call(z, aux):
     eye = jnp.eye(z.shape[-1], dtype=z.dtype)
     if aux.dtype == jnp.bool_:  # a set: its padded list of ids
       aux = jnp.where(aux, jnp.arange(z.shape[-1]), -1)
     return fn(z, eye, aux, vocab_chunk=chunk)
+
   return call
 
 
 CASES += (
-    Case("fused_nll", _fused(losses.fused_nll), reference.nll, "label"),
-    Case("fused_complement_nll", _fused(losses.fused_complement_nll), reference.complement_nll,
-         "label"),
-    Case("fused_set_nll", _fused(losses.fused_set_nll), reference.set_nll, "mask"),
-    Case("fused_complement_set_nll", _fused(losses.fused_complement_set_nll),
-         reference.complement_set_nll, "mask"),
+  Case("fused_nll", _fused(losses.fused_nll), reference.nll, "label"),
+  Case(
+    "fused_complement_nll", _fused(losses.fused_complement_nll), reference.complement_nll, "label"
+  ),
+  Case("fused_set_nll", _fused(losses.fused_set_nll), reference.set_nll, "mask"),
+  Case(
+    "fused_complement_set_nll",
+    _fused(losses.fused_complement_set_nll),
+    reference.complement_set_nll,
+    "mask",
+  ),
 )
 # Losses on a negative example: small when the labelled class (or set) is unlikely.
-NEGATIVE = ("complement_nll", "complement_set_nll", "scl_exp", "pairwise_comparison",
-            "forward_nll (uniform T)", "mcl_exp", "fused_complement_nll",
-            "fused_complement_set_nll")
+NEGATIVE = (
+  "complement_nll",
+  "complement_set_nll",
+  "scl_exp",
+  "pairwise_comparison",
+  "forward_nll (uniform T)",
+  "mcl_exp",
+  "fused_complement_nll",
+  "fused_complement_set_nll",
+)
 
 
 def draw(rng, case: Case, regime: str, n: int, k: int):
@@ -157,9 +179,9 @@ def _far_and_middle(rng, n):
 # (cluster gap, within-cluster gap) of the label over the best other entry; the
 # regimes are named by p_l = p(y = label) for both losses.
 HIERARCHICAL_REGIMES = {
-    "p_l -> 1": lambda rng, n: (REGIMES["p(S) -> 1"](rng, n), REGIMES["p(S) -> 1"](rng, n)),
-    "middle": lambda rng, n: (REGIMES["middle"](rng, n), REGIMES["middle"](rng, n)),
-    "p_l -> 0": _far_and_middle,
+  "p_l -> 1": lambda rng, n: (REGIMES["p(S) -> 1"](rng, n), REGIMES["p(S) -> 1"](rng, n)),
+  "middle": lambda rng, n: (REGIMES["middle"](rng, n), REGIMES["middle"](rng, n)),
+  "p_l -> 0": _far_and_middle,
 }
 
 
@@ -175,8 +197,9 @@ def measure_hierarchical(regime: str, n: int, k: int, complement: bool, seed: in
   w = rng.normal(0.0, 3.0, (n, tree.num_clusters, tree.max_size))
   labels = rng.integers(0, k, n)
   cluster, slot = tree.cluster_of[labels], tree.slot_of[labels]
-  rows_w = np.where(np.arange(tree.max_size) < tree.sizes[cluster][:, None],
-                    w[np.arange(n), cluster], -np.inf)
+  rows_w = np.where(
+    np.arange(tree.max_size) < tree.sizes[cluster][:, None], w[np.arange(n), cluster], -np.inf
+  )
   gap_u, gap_w = HIERARCHICAL_REGIMES[regime](rng, n)
   for values, index, gap in ((u, cluster, gap_u), (rows_w, slot, gap_w)):
     others = values.copy()
@@ -185,11 +208,14 @@ def measure_hierarchical(regime: str, n: int, k: int, complement: bool, seed: in
     values[np.arange(n), index] = np.where(np.isfinite(best), best + gap, 0.0)
   u, rows_w = u.astype(np.float32), rows_w.astype(np.float32)
   fn = losses.hierarchical_complement_nll if complement else losses.hierarchical_nll
-  ours = np.asarray(jax.jit(fn, static_argnums=3)(u, rows_w, labels.astype(np.int32), tree), np.float64)
+  ours = np.asarray(
+    jax.jit(fn, static_argnums=3)(u, rows_w, labels.astype(np.int32), tree), np.float64
+  )
   rows = []
   for i in range(n):
-    loss, grad = reference.hierarchical(u[i].astype(np.float64), rows_w[i].astype(np.float64),
-                                        cluster[i], slot[i], complement)
+    loss, grad = reference.hierarchical(
+      u[i].astype(np.float64), rows_w[i].astype(np.float64), cluster[i], slot[i], complement
+    )
     _add_row(rows, ours[i], loss, grad, np.concatenate([u[i], rows_w[i]]))
   return np.array(rows).reshape(-1, 3)
 
@@ -203,8 +229,13 @@ def measure_tree(regime: str, n: int, k: int, complement: bool, seed: int = 0):
   labels = rng.integers(0, k, n)
   depth, branches = tree.depth[labels], tree.path_branches[labels]
   z = rng.normal(0.0, 3.0, (n, tree.max_depth, 2))
-  gaps = np.stack([REGIMES["middle" if regime == "middle" else "p(S) -> 1"](rng, n)
-                   for _ in range(tree.max_depth)], axis=1)
+  gaps = np.stack(
+    [
+      REGIMES["middle" if regime == "middle" else "p(S) -> 1"](rng, n)
+      for _ in range(tree.max_depth)
+    ],
+    axis=1,
+  )
   if regime == "p_l -> 0":
     gaps = np.stack([REGIMES["middle"](rng, n) for _ in range(tree.max_depth)], axis=1)
     far = rng.integers(0, depth)
@@ -219,8 +250,8 @@ def measure_tree(regime: str, n: int, k: int, complement: bool, seed: int = 0):
   ours = np.asarray(jax.jit(fn, static_argnums=2)(z, labels.astype(np.int32), tree), np.float64)
   rows = []
   for i in range(n):
-    path = z[i, :depth[i]].astype(np.float64)
-    loss, grad = reference.tree_path(path, branches[i, :depth[i]], complement)
+    path = z[i, : depth[i]].astype(np.float64)
+    loss, grad = reference.tree_path(path, branches[i, : depth[i]], complement)
     _add_row(rows, ours[i], loss, grad, path.ravel())
   return np.array(rows).reshape(-1, 3)
 
@@ -233,37 +264,47 @@ def main(argv=None):
   parser.add_argument("--cases", type=int, default=40, help="examples per loss, regime and K")
   parser.add_argument("--classes", type=int, nargs="+", default=[2, 16, 64])
   args = parser.parse_args(argv)
-  print(f"float32 relative error against mpmath (40 digits), {args.cases} examples "
-        f"per loss, regime and K in {args.classes}; ulps of eps = {EPS32:.3g}")
+  print(
+    f"float32 relative error against mpmath (40 digits), {args.cases} examples "
+    f"per loss, regime and K in {args.classes}; ulps of eps = {EPS32:.3g}"
+  )
   print()
   print("| loss | regime | examples | worst ulps / (1 + cond) | worst ulps | median cond |")
   print("|---|---|---:|---:|---:|---:|")
   worst = 0.0
   for case in CASES:
     for regime in REGIMES:
-      rows = np.concatenate(
-          [measure(case, regime, args.cases, k, seed=k) for k in args.classes])
+      rows = np.concatenate([measure(case, regime, args.cases, k, seed=k) for k in args.classes])
       worst = max(worst, rows[:, 0].max())
-      print(f"| {case.name} | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
-            f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
+      print(
+        f"| {case.name} | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
+        f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
+      )
   rows = measure_sigmoid(args.cases * len(args.classes))
   worst = max(worst, rows[:, 0].max())
-  print(f"| sigmoid_binary_cross_entropy | z in [-90, 90] | {len(rows)} "
-        f"| {rows[:, 0].max():.2f} | {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
-  trees = (("hierarchical", "balanced tree", HIERARCHICAL_REGIMES, measure_hierarchical),
-           ("tree", "binary tree", TREE_REGIMES, measure_tree))
+  print(
+    f"| sigmoid_binary_cross_entropy | z in [-90, 90] | {len(rows)} "
+    f"| {rows[:, 0].max():.2f} | {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
+  )
+  trees = (
+    ("hierarchical", "balanced tree", HIERARCHICAL_REGIMES, measure_hierarchical),
+    ("tree", "binary tree", TREE_REGIMES, measure_tree),
+  )
   for prefix, shape, regimes, measure_fn in trees:
     for complement in (False, True):
       name = f"{prefix}_complement_nll" if complement else f"{prefix}_nll"
       for regime in regimes:
-        rows = np.concatenate([measure_fn(regime, args.cases, k, complement, seed=k)
-                               for k in args.classes])
+        rows = np.concatenate(
+          [measure_fn(regime, args.cases, k, complement, seed=k) for k in args.classes]
+        )
         if not len(rows):  # every loss below float32's tiny (a few cases, far gaps)
           print(f"| {name} ({shape}) | {regime} | 0 | | | |")
           continue
         worst = max(worst, rows[:, 0].max())
-        print(f"| {name} ({shape}) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
-              f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |")
+        print(
+          f"| {name} ({shape}) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
+          f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
+        )
   print()
   print(f"worst case over all losses: {worst:.2f} ulps per unit of (1 + condition number)")
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax import losses
+from tests.losses import accuracy as accuracy_losses
 
 
 def _assert_accurate(case, regime, cases_per_k, ks=(2, 16, 64), bound=4.0):
@@ -51,25 +51,36 @@ def _forward_uniform(z, y, **kwargs):
 
 
 # The losses of one integer label per example, and of a boolean set.
-LABEL_LOSSES = ("nll", "complement_nll", "negated_nll", "scl_exp", "pairwise_comparison",
-                "forward_nll")
-SET_LOSSES = ("set_nll", "complement_set_nll", "multilabel_softmax_cross_entropy", "mcl_mae",
-              "mcl_exp")
+LABEL_LOSSES = (
+  "nll",
+  "complement_nll",
+  "negated_nll",
+  "scl_exp",
+  "pairwise_comparison",
+  "forward_nll",
+)
+SET_LOSSES = (
+  "set_nll",
+  "complement_set_nll",
+  "multilabel_softmax_cross_entropy",
+  "mcl_mae",
+  "mcl_exp",
+)
 
 LOSSES = {
-    "nll": (losses.nll, _labels),
-    "complement_nll": (losses.complement_nll, _labels),
-    "negated_nll": (losses.negated_nll, _labels),
-    "set_nll": (losses.set_nll, _mask),
-    "complement_set_nll": (losses.complement_set_nll, _mask),
-    "soft_cross_entropy": (losses.soft_cross_entropy, _soft),
-    "multilabel_softmax_cross_entropy": (losses.multilabel_softmax_cross_entropy, _mask),
-    "sigmoid_binary_cross_entropy": (losses.sigmoid_binary_cross_entropy, _binary),
-    "scl_exp": (losses.scl_exp, _labels),
-    "pairwise_comparison": (losses.pairwise_comparison, _labels),
-    "forward_nll": (_forward_uniform, _labels),
-    "mcl_mae": (losses.mcl_mae, _mask),
-    "mcl_exp": (losses.mcl_exp, _mask),
+  "nll": (losses.nll, _labels),
+  "complement_nll": (losses.complement_nll, _labels),
+  "negated_nll": (losses.negated_nll, _labels),
+  "set_nll": (losses.set_nll, _mask),
+  "complement_set_nll": (losses.complement_set_nll, _mask),
+  "soft_cross_entropy": (losses.soft_cross_entropy, _soft),
+  "multilabel_softmax_cross_entropy": (losses.multilabel_softmax_cross_entropy, _mask),
+  "sigmoid_binary_cross_entropy": (losses.sigmoid_binary_cross_entropy, _binary),
+  "scl_exp": (losses.scl_exp, _labels),
+  "pairwise_comparison": (losses.pairwise_comparison, _labels),
+  "forward_nll": (_forward_uniform, _labels),
+  "mcl_mae": (losses.mcl_mae, _mask),
+  "mcl_exp": (losses.mcl_exp, _mask),
 }
 
 

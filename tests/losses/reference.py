@@ -57,8 +57,8 @@ def soft_cross_entropy(z, q):
   zs = [mp.mpf(float(v)) for v in z]
   qs = [mp.mpf(float(v)) for v in q]
   neg_log_p = [
-      mp.log1p(mp.fsum(mp.exp(zi - zk) for i, zi in enumerate(zs) if i != k))
-      for k, zk in enumerate(zs)
+    mp.log1p(mp.fsum(mp.exp(zi - zk) for i, zi in enumerate(zs) if i != k))
+    for k, zk in enumerate(zs)
   ]
   loss = mp.fsum(qk * n for qk, n in zip(qs, neg_log_p) if qk != 0)
   total_q = mp.fsum(qs)
@@ -146,7 +146,7 @@ def hierarchical(u, row, cluster, slot, complement):
     grad_row = [-not_q if j == slot else x / t2 for j, x in enumerate(e2)]
     return loss, grad_u + grad_row
   rest = not_c + p_c * not_q
-  scale = p_c * q / rest   # d(-log(1 - p_l)) = dp_l / (1 - p_l), dp_l = p_l dlog p_l
+  scale = p_c * q / rest  # d(-log(1 - p_l)) = dp_l / (1 - p_l), dp_l = p_l dlog p_l
   grad_u = [scale * not_c if k == cluster else -scale * x / t1 for k, x in enumerate(e1)]
   grad_row = [scale * not_q if j == slot else -scale * x / t2 for j, x in enumerate(e2)]
   # -log(rest) = log(1 + p_l / rest): no 1 - tiny rounding when p_l is far below 1e-40.

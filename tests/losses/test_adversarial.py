@@ -22,13 +22,14 @@ def _fused_problem(n=4):
 @pytest.mark.parametrize("name", ["fused_nll", "fused_complement_nll"])
 def test_an_out_of_range_id_under_jit_gives_a_nan_gradient_as_the_flat_loss_does(name):
   h, w = _fused_problem()
-  labels = jnp.array([3, V + 5, 1, 0], jnp.int32)      # token 1's id is out of range
+  labels = jnp.array([3, V + 5, 1, 0], jnp.int32)  # token 1's id is out of range
   fused = getattr(losses, name)
   flat = getattr(losses, name.removeprefix("fused_"))
   # The labels are traced (arguments of the jitted call): eagerly they raise instead.
   value = jax.jit(lambda h, w, y: fused(h, w, y, vocab_chunk=16))(h, w, labels)
-  grad_h, grad_w = jax.jit(jax.grad(lambda h, w, y: fused(h, w, y, vocab_chunk=16).sum(),
-                                    (0, 1)))(h, w, labels)
+  grad_h, grad_w = jax.jit(jax.grad(lambda h, w, y: fused(h, w, y, vocab_chunk=16).sum(), (0, 1)))(
+    h, w, labels
+  )
   flat_grad = jax.jit(jax.grad(lambda z, y: flat(z, y).sum()))(h @ w, labels)
   assert np.isnan(value[1]) and np.isfinite(np.asarray(value)[[0, 2, 3]]).all()
   # The flat loss: a NaN logit-gradient row for the bad token (and so NaN through h @ w).
@@ -53,12 +54,17 @@ def test_soft_cap_infinite_is_refused_not_nan_for_every_token():
 UNIFORM = (1.0 - np.eye(3, dtype=np.float32)) / 2
 
 
-@pytest.mark.parametrize("transition, message", [
+@pytest.mark.parametrize(
+  "transition, message",
+  [
     (UNIFORM * 2, r"transition row 0 sums to 2"),
-    (UNIFORM + np.array([[0, -0.6, 0.6], [0, 0, 0], [0, 0, 0]], np.float32),
-     r"transition\[0, 1\] = -0.1"),
+    (
+      UNIFORM + np.array([[0, -0.6, 0.6], [0, 0, 0], [0, 0, 0]], np.float32),
+      r"transition\[0, 1\] = -0.1",
+    ),
     (np.where(np.eye(3, k=1) > 0, np.nan, UNIFORM), r"transition\[0, 1\] = nan"),
-])
+  ],
+)
 def test_a_transition_matrix_that_is_not_one_is_refused_naming_the_entry(transition, message):
   # Before: rows summing to 2 and a negative entry returned values that are not the
   # formula's, and a NaN in the shown label's column a finite loss.
@@ -70,10 +76,10 @@ def test_a_transition_matrix_that_is_not_one_is_refused_naming_the_entry(transit
 def test_under_jit_a_bad_transition_matrix_gives_nan_for_the_examples_it_affects():
   z, y = jnp.array([[0.5, 0.0, -1.0], [0.0, 1.0, 0.0]]), jnp.array([1, 2])
   nan_in_column_1 = jnp.asarray(UNIFORM).at[0, 1].set(jnp.nan)
-  f = jax.jit(losses.forward_nll)        # T traced: checked inside the program
+  f = jax.jit(losses.forward_nll)  # T traced: checked inside the program
   got = f(z, y, nan_in_column_1)
   grad = jax.jit(jax.grad(lambda z, t: losses.forward_nll(z, y, t).sum()))(z, nan_in_column_1)
-  assert np.isnan(got[0]) and np.isfinite(got[1])           # only label 1's column is bad
+  assert np.isnan(got[0]) and np.isfinite(got[1])  # only label 1's column is bad
   assert np.isnan(grad[0]).all() and np.isfinite(grad[1]).all()
   assert np.isnan(f(z, y, jnp.asarray(UNIFORM * 2))).all()  # rows off 1: every example
 

@@ -19,8 +19,9 @@ def test_label_out_of_range_names_value_and_position():
     losses.complement_nll(jnp.zeros((2, 4)), np.array([-1, 0]))
 
 
-@pytest.mark.parametrize("fn", [losses.nll, losses.complement_nll, losses.negated_nll],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+  "fn", [losses.nll, losses.complement_nll, losses.negated_nll], ids=lambda f: f.__name__
+)
 def test_under_jit_a_bad_label_gives_nan_for_that_example_only(fn):
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.normal(0, 1, (4, 5)), jnp.float32)
@@ -53,17 +54,25 @@ def test_wide_labels_never_wrap_into_range():
 
 def test_uint8_labels_with_more_classes_than_uint8_holds():
   z = jnp.zeros((2, 300))
-  np.testing.assert_allclose(losses.nll(z, jnp.array([255, 0], jnp.uint8)), np.log(300.0), rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.nll(z, jnp.array([255, 0], jnp.uint8)), np.log(300.0), rtol=1e-6
+  )
 
 
 def test_shape_mismatch_names_both_shapes():
   with pytest.raises(ValueError, match=r"labels shape \(3,\) does not match logits shape \(2, 5\)"):
     losses.nll(jnp.zeros((2, 5)), jnp.zeros(3, jnp.int32))
-  with pytest.raises(ValueError, match=r"members shape \(2, 4\) does not match logits shape \(2, 5\)"):
+  with pytest.raises(
+    ValueError, match=r"members shape \(2, 4\) does not match logits shape \(2, 5\)"
+  ):
     losses.set_nll(jnp.zeros((2, 5)), jnp.zeros((2, 4), bool))
-  with pytest.raises(ValueError, match=r"targets shape \(5,\) does not match logits shape \(2, 5\)"):
+  with pytest.raises(
+    ValueError, match=r"targets shape \(5,\) does not match logits shape \(2, 5\)"
+  ):
     losses.soft_cross_entropy(jnp.zeros((2, 5)), jnp.zeros(5))
-  with pytest.raises(ValueError, match=r"where shape \(3,\) does not broadcast to logits shape \(2, 5\)"):
+  with pytest.raises(
+    ValueError, match=r"where shape \(3,\) does not broadcast to logits shape \(2, 5\)"
+  ):
     losses.nll(jnp.zeros((2, 5)), jnp.zeros(2, jnp.int32), where=jnp.ones(3, bool))
 
 
@@ -137,4 +146,3 @@ def test_a_side_of_only_minus_inf_logits_gets_zero_gradient(loss_case):
   assert np.all(np.isfinite(grad)) and np.all(grad[:, 1:] == 0.0)
   grad2 = jax.grad(lambda z: jax.grad(lambda z: fn(z, aux).sum())(z).sum())(z)
   assert np.all(np.isfinite(grad2))
-

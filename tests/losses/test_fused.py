@@ -11,10 +11,10 @@ from jaxsoftmax import losses
 from tests.losses import accuracy as accuracy_losses
 
 FUSED = {  # fused loss -> (unfused loss, takes a set)
-    "fused_nll": (losses.nll, False),
-    "fused_complement_nll": (losses.complement_nll, False),
-    "fused_set_nll": (losses.set_nll, True),
-    "fused_complement_set_nll": (losses.complement_set_nll, True),
+  "fused_nll": (losses.nll, False),
+  "fused_complement_nll": (losses.complement_nll, False),
+  "fused_set_nll": (losses.set_nll, True),
+  "fused_complement_set_nll": (losses.complement_set_nll, True),
 }
 N, D, V = 37, 16, 101  # V prime: no chunk size below divides it
 
@@ -26,15 +26,18 @@ def _problem(seed=0, scale=2.0, n=N, d=D, v=V, m=4):
   bias = jnp.asarray(rng.normal(size=v), jnp.float32)
   labels = jnp.asarray(rng.integers(0, v, n), jnp.int32)
   ids = rng.integers(0, v, (n, m))
-  ids[:, -1] = ids[:, 0]                      # a duplicate id counts once
-  ids[rng.random((n, m)) < 0.3] = -1          # padding
-  ids[:, 0] = rng.integers(0, v, n)           # never empty
+  ids[:, -1] = ids[:, 0]  # a duplicate id counts once
+  ids[rng.random((n, m)) < 0.3] = -1  # padding
+  ids[:, 0] = rng.integers(0, v, n)  # never empty
   return h, w, bias, labels, jnp.asarray(ids, jnp.int32)
 
 
 def _mask(ids, v):
-  return jnp.zeros((*ids.shape[:-1], v), bool).at[
-      jnp.arange(ids.shape[0])[:, None], jnp.where(ids < 0, v, ids)].set(True, mode="drop")
+  return (
+    jnp.zeros((*ids.shape[:-1], v), bool)
+    .at[jnp.arange(ids.shape[0])[:, None], jnp.where(ids < 0, v, ids)]
+    .set(True, mode="drop")
+  )
 
 
 def _pair(name, h, w, bias, labels, ids, **kw):
@@ -51,8 +54,7 @@ def _pair(name, h, w, bias, labels, ids, **kw):
 @pytest.mark.parametrize("chunk, token_chunk", [(7, 10), (4096, None)])
 def test_equals_the_unfused_loss_on_the_logits_with_gradients(name, chunk, token_chunk):
   h, w, bias, labels, ids = _problem()
-  fused, unfused = _pair(name, h, w, bias, labels, ids, vocab_chunk=chunk,
-                         token_chunk=token_chunk)
+  fused, unfused = _pair(name, h, w, bias, labels, ids, vocab_chunk=chunk, token_chunk=token_chunk)
   # Expected: the library's unfused loss of h @ w + bias (exact, tests/losses/test_partition.py).
   np.testing.assert_allclose(jax.jit(fused)(h, w, bias), unfused(h, w, bias), rtol=2e-5)
   got = jax.jit(jax.grad(lambda *a: fused(*a).sum(), (0, 1, 2)))(h, w, bias)
@@ -87,11 +89,10 @@ def test_complement_stays_finite_where_the_per_token_log_probability_rounds_to_z
   h = jnp.array([[1.0]])
   w = jnp.array([[0.0, 69.07755279]])  # logits [0, 69.08]: the label leads by log(1e30)
   nll = losses.fused_nll(h, w, jnp.array([1]))[0]
-  assert float(nll) < 1e-29 and float(nll) > 0          # exp(-69.08) = 1e-30, not 0
+  assert float(nll) < 1e-29 and float(nll) > 0  # exp(-69.08) = 1e-30, not 0
   with np.errstate(divide="ignore"):
     assert np.isinf(-np.log1p(-np.exp(-np.float32(nll))))  # what the per-token route gives
-  np.testing.assert_allclose(losses.fused_complement_nll(h, w, jnp.array([1])), 69.07755,
-                             rtol=1e-6)
+  np.testing.assert_allclose(losses.fused_complement_nll(h, w, jnp.array([1])), 69.07755, rtol=1e-6)
 
 
 def test_padded_columns_never_enter_a_logsumexp():
@@ -100,8 +101,11 @@ def test_padded_columns_never_enter_a_logsumexp():
   h = jnp.ones((1, 1))
   w = jnp.array([[0.0, 30.0, 30.0, 30.0, 0.0]])
   for chunk in (1, 2, 3, 4, 5):
-    np.testing.assert_allclose(losses.fused_nll(h, w, jnp.array([0]), vocab_chunk=chunk),
-                               losses.nll(h @ w, jnp.array([0])), rtol=1e-6)
+    np.testing.assert_allclose(
+      losses.fused_nll(h, w, jnp.array([0]), vocab_chunk=chunk),
+      losses.nll(h @ w, jnp.array([0])),
+      rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("scale", [5.0, 40.0, 160.0, 640.0])
@@ -116,24 +120,36 @@ def test_bfloat16_gradients_match_a_float32_reference(scale):
   # large there), half are drawn at random (mostly far below the top).
   top = jnp.argmax(h.astype(jnp.float32) @ w.astype(jnp.float32), axis=-1)
   labels = jnp.where(jnp.arange(64) % 2 == 0, top, rng.integers(0, 1000, 64)).astype(jnp.int32)
-  for fused, unfused in ((losses.fused_nll, losses.nll),
-                         (losses.fused_complement_nll, losses.complement_nll)):
-    got = jax.jit(jax.grad(lambda h, w: fused(h, w, labels, vocab_chunk=96,
-                                              token_chunk=24).sum(), (0, 1)))(h, w)
+  for fused, unfused in (
+    (losses.fused_nll, losses.nll),
+    (losses.fused_complement_nll, losses.complement_nll),
+  ):
+    got = jax.jit(
+      jax.grad(lambda h, w: fused(h, w, labels, vocab_chunk=96, token_chunk=24).sum(), (0, 1))
+    )(h, w)
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
     want = jax.jit(jax.grad(lambda h, w: unfused(h @ w, labels).sum(), (0, 1)))(
-        h.astype(jnp.float32), w.astype(jnp.float32))
+      h.astype(jnp.float32), w.astype(jnp.float32)
+    )
     for g, r in zip(got, want):
       err = jnp.abs(g.astype(jnp.float32) - r).max() / jnp.abs(r).max()
-      assert float(err) < 2 ** -7, (fused.__name__, scale, float(err))  # bfloat16 rounding
+      assert float(err) < 2**-7, (fused.__name__, scale, float(err))  # bfloat16 rounding
     value = jax.jit(lambda h, w: fused(h, w, labels, vocab_chunk=96))(h, w)
     assert value.dtype == jnp.float32
-    np.testing.assert_allclose(value, unfused(h.astype(jnp.float32) @ w.astype(jnp.float32),
-                                              labels), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+      value, unfused(h.astype(jnp.float32) @ w.astype(jnp.float32), labels), rtol=1e-4, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("name, order", [("fused_nll", 2), ("fused_complement_set_nll", 2),
-                                         ("fused_complement_nll", 1), ("fused_set_nll", 1)])
+@pytest.mark.parametrize(
+  "name, order",
+  [
+    ("fused_nll", 2),
+    ("fused_complement_set_nll", 2),
+    ("fused_complement_nll", 1),
+    ("fused_set_nll", 1),
+  ],
+)
 def test_check_grads_in_float64(name, order):
   # The four share one kernel (a label is a set of one, a complement swaps the sides):
   # second order on one label and one set loss.
@@ -157,8 +173,9 @@ def test_vmap_equals_a_loop_and_leading_axes_are_kept(name):
     np.testing.assert_allclose(batched[i], one(hb[i]), rtol=1e-6)
   # [2, N/... ] leading axes: the same per-token values, reshaped.
   h2, t2 = h[:36].reshape(4, 9, D), target[:36].reshape(4, 9, *target.shape[1:])
-  np.testing.assert_allclose(fn(h2, w, t2, bias=bias).reshape(-1),
-                             fn(h[:36], w, target[:36], bias=bias), rtol=1e-6)
+  np.testing.assert_allclose(
+    fn(h2, w, t2, bias=bias).reshape(-1), fn(h[:36], w, target[:36], bias=bias), rtol=1e-6
+  )
 
 
 def test_where_and_ignore_index_give_loss_and_gradient_zero():
@@ -181,15 +198,20 @@ def test_where_and_ignore_index_give_loss_and_gradient_zero():
 
 def test_z_loss_adds_the_squared_logsumexp_and_its_gradient():
   h, w, bias, labels, _ = _problem()
-  for fn, unfused in ((losses.fused_nll, losses.nll),
-                      (losses.fused_complement_nll, losses.complement_nll)):
+  for fn, unfused in (
+    (losses.fused_nll, losses.nll),
+    (losses.fused_complement_nll, losses.complement_nll),
+  ):
     fused = lambda h, w: fn(h, w, labels, bias=bias, z_loss=1e-2, vocab_chunk=16)
     # Expected: PaLM's z-loss, 1e-2 * logsumexp(z)^2, added to the unfused loss.
-    ref = lambda h, w: (unfused(h @ w + bias, labels)
-                        + 1e-2 * jnp.square(jax.nn.logsumexp(h @ w + bias, axis=-1)))
+    ref = lambda h, w: (
+      unfused(h @ w + bias, labels) + 1e-2 * jnp.square(jax.nn.logsumexp(h @ w + bias, axis=-1))
+    )
     np.testing.assert_allclose(jax.jit(fused)(h, w), ref(h, w), rtol=1e-5)
-    for g, r in zip(jax.jit(jax.grad(lambda *a: fused(*a).sum(), (0, 1)))(h, w),
-                    jax.grad(lambda *a: ref(*a).sum(), (0, 1))(h, w)):
+    for g, r in zip(
+      jax.jit(jax.grad(lambda *a: fused(*a).sum(), (0, 1)))(h, w),
+      jax.grad(lambda *a: ref(*a).sum(), (0, 1))(h, w),
+    ):
       np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
@@ -202,8 +224,10 @@ def test_soft_cap_is_the_unfused_loss_of_capped_logits(name):
   # Expected: Gemma 2's capping c * tanh(z / c) before the unfused loss.
   ref = lambda h, w, b: unfused(5.0 * jnp.tanh((h @ w + b) / 5.0), target)
   np.testing.assert_allclose(fused(h, w, bias), ref(h, w, bias), rtol=2e-5)
-  for g, r in zip(jax.grad(lambda *a: fused(*a).sum(), (0, 1, 2))(h, w, bias),
-                  jax.grad(lambda *a: ref(*a).sum(), (0, 1, 2))(h, w, bias)):
+  for g, r in zip(
+    jax.grad(lambda *a: fused(*a).sum(), (0, 1, 2))(h, w, bias),
+    jax.grad(lambda *a: ref(*a).sum(), (0, 1, 2))(h, w, bias),
+  ):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
 
 
@@ -221,8 +245,9 @@ def test_no_logits_sized_buffer_in_the_compiled_training_step():
   h = jax.ShapeDtypeStruct((n, d), jnp.float32)
   w = jax.ShapeDtypeStruct((d, v), jnp.float32)
   y = jax.ShapeDtypeStruct((n,), jnp.int32)
-  step = jax.jit(jax.grad(lambda h, w, y: losses.fused_complement_nll(
-      h, w, y, vocab_chunk=512).sum(), (0, 1)))
+  step = jax.jit(
+    jax.grad(lambda h, w, y: losses.fused_complement_nll(h, w, y, vocab_chunk=512).sum(), (0, 1))
+  )
   temp = step.lower(h, w, y).compile().memory_analysis().temp_size_in_bytes
   # Expected: a few [N, chunk] float32 buffers (2 MiB each) and the [D, V] gradient.
   assert temp < n * v * 4 / 4, temp
@@ -235,8 +260,11 @@ def test_blocks_of_tokens_keep_the_working_memory_independent_of_the_token_count
     h = jax.ShapeDtypeStruct((n, d), dtype)
     w = jax.ShapeDtypeStruct((d, v), dtype)
     y = jax.ShapeDtypeStruct((n,), jnp.int32)
-    step = jax.jit(jax.grad(lambda h, w, y: losses.fused_nll(
-        h, w, y, vocab_chunk=512, token_chunk=256).sum(), (0, 1)))
+    step = jax.jit(
+      jax.grad(
+        lambda h, w, y: losses.fused_nll(h, w, y, vocab_chunk=512, token_chunk=256).sum(), (0, 1)
+      )
+    )
     compiled = step.lower(h, w, y).compile()
     return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
 
@@ -250,7 +278,9 @@ def test_blocks_of_tokens_keep_the_working_memory_independent_of_the_token_count
   assert f"f32[{d},{v}]" not in text
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(
+  "bad, message",
+  [
     (dict(labels=np.array([0, 101])), r"labels\[1\] = 101 is outside \[0, 101\)"),
     (dict(w=np.zeros((3, 101), np.float32)), r"w must be \[D, V\] with D = h.shape\[-1\] = 16"),
     (dict(bias=np.zeros(100, np.float32)), r"bias must be a floating \[V\] = \[101\]"),
@@ -259,7 +289,8 @@ def test_blocks_of_tokens_keep_the_working_memory_independent_of_the_token_count
     (dict(token_chunk=2.5), r"token_chunk must be an int >= 1 or None"),
     (dict(soft_cap=-1.0), r"soft_cap must be a finite number > 0"),
     (dict(soft_cap=float("inf")), r"soft_cap must be a finite number > 0"),
-])
+  ],
+)
 def test_bad_input_is_a_clear_error(bad, message):
   h, w, bias, labels, _ = _problem(n=2)
   args = dict(labels=labels, w=w, bias=bias)

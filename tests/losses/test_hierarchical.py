@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from jaxsoftmax import losses
+from jaxsoftmax.losses import (
+  hierarchical_complement_nll,
+  hierarchical_log_softmax,
+  hierarchical_nll,
+)
+from jaxsoftmax.tree import ClassTree, balanced_tree
 from tests.losses import accuracy as accuracy_losses
 from tests.losses import reference
-from jaxsoftmax import losses
-from jaxsoftmax.losses import hierarchical_complement_nll, hierarchical_log_softmax, hierarchical_nll
-from jaxsoftmax.tree import ClassTree, balanced_tree
 
 EPS32 = np.finfo(np.float32).eps
 
@@ -19,10 +23,18 @@ EPS32 = np.finfo(np.float32).eps
 # --- trees -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k, clusters, largest", [
+@pytest.mark.parametrize(
+  "k, clusters, largest",
+  [
     # ceil(sqrt(K)) clusters, sizes K / C rounded: hand-computed.
-    (1, 1, 1), (2, 2, 1), (10, 4, 3), (1024, 32, 32), (1000, 32, 32), (262144, 512, 512),
-])
+    (1, 1, 1),
+    (2, 2, 1),
+    (10, 4, 3),
+    (1024, 32, 32),
+    (1000, 32, 32),
+    (262144, 512, 512),
+  ],
+)
 def test_balanced_tree_has_about_sqrt_k_clusters_of_near_equal_size(k, clusters, largest):
   tree = balanced_tree(k)
   assert (tree.num_classes, tree.num_clusters, tree.max_size) == (k, clusters, largest)
@@ -43,7 +55,9 @@ def test_tree_tables_are_consistent():
   assert tree != balanced_tree(20, 6)
 
 
-@pytest.mark.parametrize("args, kwargs, message", [
+@pytest.mark.parametrize(
+  "args, kwargs, message",
+  [
     (([0, 1, 1],), {"num_classes": 4}, r"cluster_of has shape \(3,\), but the model has 4 classes"),
     (([0, 1, 3],), {"num_clusters": 3}, r"cluster_of\[2\] = 3 is outside \[0, 3\)"),
     (([0, -1, 1],), {}, r"cluster_of\[1\] = -1 is outside"),
@@ -51,7 +65,8 @@ def test_tree_tables_are_consistent():
     (([0, 0],), {"num_clusters": 3}, r"cluster 1 is empty \(2 of 3"),
     (([0.0, 1.0],), {}, "integer cluster ids"),
     (([[0, 1]],), {}, r"1-D array .* got shape \(1, 2\)"),
-])
+  ],
+)
 def test_bad_tree_is_a_value_error_at_construction(args, kwargs, message):
   with pytest.raises(ValueError, match=message):
     ClassTree.from_clusters(*args, **kwargs)
@@ -71,8 +86,12 @@ def test_bad_balanced_tree():
 @pytest.mark.parametrize("regime", sorted(accuracy_losses.HIERARCHICAL_REGIMES))
 def test_float32_value_within_ulps_times_condition_number(regime, complement):
   """Expected values: mpmath at 40 digits (reference.hierarchical)."""
-  rows = np.concatenate([accuracy_losses.measure_hierarchical(regime, 12, k, complement, seed=k)
-                         for k in (2, 16, 64, 300)])
+  rows = np.concatenate(
+    [
+      accuracy_losses.measure_hierarchical(regime, 12, k, complement, seed=k)
+      for k in (2, 16, 64, 300)
+    ]
+  )
   # A complement loss about p_l underflows float32 for most far gaps (up to -1e4).
   assert len(rows) >= 0.3 * 12 * 4
   assert rows[:, 0].max() <= 4.0, rows[rows[:, 0].argmax()]
@@ -85,12 +104,14 @@ def _tail_example(cluster_gap, within_gap, k=16):
   u = rng.normal(0, 1, tree.num_clusters).astype(np.float32)
   w = rng.normal(0, 1, (tree.num_clusters, tree.max_size)).astype(np.float32)
   u[0] = u[1:].max() + cluster_gap
-  w[0, 0] = w[0, 1:tree.sizes[0]].max() + within_gap
+  w[0, 0] = w[0, 1 : tree.sizes[0]].max() + within_gap
   return tree, u, w
 
 
 @pytest.mark.parametrize("complement", [False, True], ids=["nll", "complement"])
-@pytest.mark.parametrize("gaps", [(30.0, 30.0), (60.0, 5.0), (0.0, 0.0), (-30.0, 2.0), (3.0, -60.0)])
+@pytest.mark.parametrize(
+  "gaps", [(30.0, 30.0), (60.0, 5.0), (0.0, 0.0), (-30.0, 2.0), (3.0, -60.0)]
+)
 def test_gradient_matches_mpmath_in_both_tails(gaps, complement):
   """Expected gradient: mpmath at 40 digits; no component vanishes or overflows."""
   tree, u, w = _tail_example(*gaps)
@@ -112,7 +133,8 @@ def test_complement_confidently_wrong_keeps_an_order_one_gradient():
   tree, u, w = _tail_example(60.0, 60.0)
   naive = -jnp.log1p(-jnp.exp(-hierarchical_nll(u, w, 0, tree)))
   loss, (g_u, g_w) = jax.value_and_grad(
-      lambda u, w: hierarchical_complement_nll(u, w, 0, tree), argnums=(0, 1))(u, w)
+    lambda u, w: hierarchical_complement_nll(u, w, 0, tree), argnums=(0, 1)
+  )(u, w)
   assert naive == jnp.inf
   assert 55.0 < loss < 65.0
   assert np.isfinite(g_u).all() and np.isfinite(g_w).all()
@@ -140,9 +162,16 @@ def _flat_logits(u, w, tree):
   return u[..., c] + w[..., c, s] - lse[..., c]
 
 
-@pytest.mark.parametrize("cluster_of", [
-    balanced_tree(10).cluster_of, np.array([2, 0, 1, 0, 2, 2, 1]), np.zeros(5, int), np.arange(6),
-], ids=["balanced", "unordered", "one-cluster", "singletons"])
+@pytest.mark.parametrize(
+  "cluster_of",
+  [
+    balanced_tree(10).cluster_of,
+    np.array([2, 0, 1, 0, 2, 2, 1]),
+    np.zeros(5, int),
+    np.arange(6),
+  ],
+  ids=["balanced", "unordered", "one-cluster", "singletons"],
+)
 def test_equal_to_the_flat_losses_of_the_implied_distribution(cluster_of):
   tree = ClassTree.from_clusters(cluster_of)
   u, w, y = _draw(tree, 8, seed=1, scale=3.0, dtype=np.float64)
@@ -154,12 +183,17 @@ def test_equal_to_the_flat_losses_of_the_implied_distribution(cluster_of):
     def both(u, w, y):
       """Values and gradients of ours and of the flat losses on z(u, w)."""
       flat_z = lambda u, w: _flat_logits_jnp(u, w, tree)
-      out = {"log_softmax": (hierarchical_log_softmax(u, w, tree), jax.nn.log_softmax(flat_z(u, w)))}
-      for name, ours, flat in (("nll", hierarchical_nll, losses.nll),
-                               ("complement", hierarchical_complement_nll, losses.complement_nll)):
+      out = {
+        "log_softmax": (hierarchical_log_softmax(u, w, tree), jax.nn.log_softmax(flat_z(u, w)))
+      }
+      for name, ours, flat in (
+        ("nll", hierarchical_nll, losses.nll),
+        ("complement", hierarchical_complement_nll, losses.complement_nll),
+      ):
         out[name] = jax.value_and_grad(lambda u, w: ours(u, w, y, tree).sum(), argnums=(0, 1))(u, w)
-        out[name + " flat"] = jax.value_and_grad(lambda u, w: flat(flat_z(u, w), y).sum(),
-                                                 argnums=(0, 1))(u, w)
+        out[name + " flat"] = jax.value_and_grad(
+          lambda u, w: flat(flat_z(u, w), y).sum(), argnums=(0, 1)
+        )(u, w)
         out[name + " values"] = (ours(u, w, y, tree), flat(flat_z(u, w), y))
       return out
 
@@ -223,8 +257,9 @@ def test_edge_cases_follow_the_flat_conventions():
   u, w = jnp.zeros((1, 1)), jnp.zeros((1, 1, 1))
   # One class: p = 1, nll 0, complement +inf, both with a zero gradient.
   assert hierarchical_nll(u, w, [0], one)[0] == 0.0
-  loss, grads = jax.value_and_grad(lambda u, w: hierarchical_complement_nll(u, w, [0], one).sum(),
-                                   argnums=(0, 1))(u, w)
+  loss, grads = jax.value_and_grad(
+    lambda u, w: hierarchical_complement_nll(u, w, [0], one).sum(), argnums=(0, 1)
+  )(u, w)
   assert loss == jnp.inf and all(np.all(g == 0) for g in grads)
   # The label's cluster at -inf: nll +inf with zero gradient, complement 0.
   tree = balanced_tree(4)
@@ -235,7 +270,8 @@ def test_edge_cases_follow_the_flat_conventions():
   assert hierarchical_complement_nll(u, w, [0], tree)[0] == 0.0
   # Under jit an out-of-range label gives NaN for its example only.
   out = jax.jit(lambda y: hierarchical_nll(jnp.zeros((2, 2)), jnp.zeros((2, 2, 2)), y, tree))(
-      jnp.array([1, 7]))
+    jnp.array([1, 7])
+  )
   assert np.isfinite(out[0]) and np.isnan(out[1])
 
 
@@ -244,15 +280,21 @@ def test_bad_input_is_named():
   u, w = jnp.zeros((2, 4)), jnp.zeros((2, 4, 3))
   with pytest.raises(ValueError, match=r"labels\[1\] = 10 is outside \[0, 10\)"):
     hierarchical_nll(u, w, jnp.array([0, 10]), tree)
-  with pytest.raises(ValueError, match="cluster_logits has 5 entries on its last axis, but the tree has 4"):
+  with pytest.raises(
+    ValueError, match="cluster_logits has 5 entries on its last axis, but the tree has 4"
+  ):
     hierarchical_nll(jnp.zeros((2, 5)), w, jnp.array([0, 1]), tree)
-  with pytest.raises(ValueError, match=r"within_logits has shape \(2, 4\); .* \(2, 4, 3\) or .* \(2, 3\)"):
+  with pytest.raises(
+    ValueError, match=r"within_logits has shape \(2, 4\); .* \(2, 4, 3\) or .* \(2, 3\)"
+  ):
     hierarchical_complement_nll(u, jnp.zeros((2, 4)), jnp.array([0, 1]), tree)
   with pytest.raises(TypeError, match="tree must be a jaxsoftmax.tree.ClassTree, got ndarray"):
     hierarchical_nll(u, w, jnp.array([0, 1]), np.arange(10) // 3)
   with pytest.raises(TypeError, match="cluster_logits must be a real floating array"):
     hierarchical_nll(jnp.zeros((2, 4), int), w, jnp.array([0, 1]), tree)
-  with pytest.raises(ValueError, match=r"do not fit the tree: they need last axes \(4,\) and \(4, 3\)"):
+  with pytest.raises(
+    ValueError, match=r"do not fit the tree: they need last axes \(4,\) and \(4, 3\)"
+  ):
     hierarchical_log_softmax(u, jnp.zeros((2, 4, 4)), tree)
 
 
@@ -265,8 +307,10 @@ def _training_flops(k, hierarchical, dim=32, batch=8):
   y = jax.ShapeDtypeStruct((batch,), jnp.int32)
   if hierarchical:
     tree = balanced_tree(k)
-    params = (jax.ShapeDtypeStruct((dim, tree.num_clusters), jnp.float32),
-              jax.ShapeDtypeStruct((tree.num_clusters, dim, tree.max_size), jnp.float32))
+    params = (
+      jax.ShapeDtypeStruct((dim, tree.num_clusters), jnp.float32),
+      jax.ShapeDtypeStruct((tree.num_clusters, dim, tree.max_size), jnp.float32),
+    )
 
     def loss(params, x, y):
       cluster_w, kernel = params
@@ -277,6 +321,7 @@ def _training_flops(k, hierarchical, dim=32, batch=8):
 
     def loss(params, x, y):
       return losses.nll(x @ params, y).sum()
+
   compiled = jax.jit(jax.value_and_grad(loss)).lower(params, x, y).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis

@@ -7,9 +7,9 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
+from jaxsoftmax.losses import complement_nll, negated_nll, nll
 from tests.losses import accuracy as accuracy_losses
 from tests.losses import reference
-from jaxsoftmax.losses import complement_nll, negated_nll, nll
 
 EPS32 = np.finfo(np.float32).eps
 LABEL_CASES = [c for c in accuracy_losses.CASES if c.aux == "label"]
@@ -21,12 +21,15 @@ def test_float32_value_within_ulps_times_condition_number(case, regime, assert_a
   assert_accurate(case, regime, 10)
 
 
-@pytest.mark.parametrize("gap, expected", [
+@pytest.mark.parametrize(
+  "gap, expected",
+  [
     # mpmath, 30 digits: log1p(2 exp(-gap)) at the float32-rounded gap.
     (17.8, 3.720390623e-8),
     (20.0, 4.122307236e-9),
     (50.0, 3.857499696e-22),
-])
+  ],
+)
 def test_nll_tiny_loss_where_literal_difference_is_zero(gap, expected):
   z = jnp.array([gap, 0.0, 0.0], jnp.float32)
   literal = jax.nn.logsumexp(z) - z[0]
@@ -35,7 +38,9 @@ def test_nll_tiny_loss_where_literal_difference_is_zero(gap, expected):
   # The condition number here is about the gap: allow 4 ulps per unit of it.
   np.testing.assert_allclose(ours, expected, rtol=4 * np.finfo(np.float32).eps * (1 + gap))
   # The project's reference agrees with the closed form above.
-  np.testing.assert_allclose(float(reference.nll(np.asarray(z, np.float64), 0)[0]), expected, rtol=1e-9)
+  np.testing.assert_allclose(
+    float(reference.nll(np.asarray(z, np.float64), 0)[0]), expected, rtol=1e-9
+  )
 
 
 def _softmax_minus_onehot(z, y):
@@ -49,10 +54,14 @@ def _softmax_minus_restricted(z, l):
   return jax.nn.softmax(z) - jax.nn.softmax(jnp.where(others, z, -jnp.inf))
 
 
-@pytest.mark.parametrize("fn, closed_form, rtol, seed", [
+@pytest.mark.parametrize(
+  "fn, closed_form, rtol, seed",
+  [
     (nll, _softmax_minus_onehot, 1e-13, 0),
     (complement_nll, _softmax_minus_restricted, 1e-12, 1),
-], ids=["nll", "complement_nll"])
+  ],
+  ids=["nll", "complement_nll"],
+)
 def test_gradient_matches_closed_form_in_float64(fn, closed_form, rtol, seed):
   with jax.enable_x64(True):
     rng = np.random.default_rng(seed)
@@ -89,7 +98,9 @@ def test_matches_optax_where_optax_is_accurate():
   rng = np.random.default_rng(3)
   z = jnp.asarray(rng.normal(0, 2, (64, 10)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, 64))
-  np.testing.assert_allclose(nll(z, y), optax.softmax_cross_entropy_with_integer_labels(z, y), rtol=2e-6)
+  np.testing.assert_allclose(
+    nll(z, y), optax.softmax_cross_entropy_with_integer_labels(z, y), rtol=2e-6
+  )
   np.testing.assert_allclose(negated_nll(z, y), -nll(z, y), rtol=0)
   # p + (1 - p) = 1: complement and nll are two views of one probability.
   np.testing.assert_allclose(jnp.exp(-nll(z, y)) + jnp.exp(-complement_nll(z, y)), 1.0, rtol=1e-6)
@@ -143,18 +154,21 @@ def test_label_smoothing_matches_mpmath_value_and_closed_form_gradient(gap, eps)
   keep = np.arange(6) != 5
   for where in (None, keep):
     admissible = np.ones(6, bool) if where is None else keep
-    loss, grad = jax.vmap(jax.value_and_grad(lambda z, y: nll(z, y, where=where, label_smoothing=eps)))(
-        jnp.asarray(z), jnp.asarray(y))
+    loss, grad = jax.vmap(
+      jax.value_and_grad(lambda z, y: nll(z, y, where=where, label_smoothing=eps))
+    )(jnp.asarray(z), jnp.asarray(y))
     for i in range(3):
       ref_loss, ref_grad = _smoothed_reference(z[i].astype(np.float64), y[i], eps, admissible)
       cond = 1 + abs(gap)
       np.testing.assert_allclose(float(loss[i]), float(ref_loss), rtol=4 * EPS32 * cond)
       # Closed form: softmax(z) - ((1 - eps) onehot(y) + eps / K'), zero on excluded classes.
-      np.testing.assert_allclose(np.asarray(grad[i], np.float64), np.array(ref_grad, float),
-                                 rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(
+        np.asarray(grad[i], np.float64), np.array(ref_grad, float), rtol=1e-5, atol=1e-7
+      )
   # eps = 0 is exactly the plain nll.
-  np.testing.assert_array_equal(nll(jnp.asarray(z), jnp.asarray(y), label_smoothing=0.0),
-                                nll(jnp.asarray(z), jnp.asarray(y)))
+  np.testing.assert_array_equal(
+    nll(jnp.asarray(z), jnp.asarray(y), label_smoothing=0.0), nll(jnp.asarray(z), jnp.asarray(y))
+  )
 
 
 def test_label_smoothing_matches_optax_smooth_labels_and_finite_differences():
@@ -162,12 +176,17 @@ def test_label_smoothing_matches_optax_smooth_labels_and_finite_differences():
   z = jnp.asarray(rng.normal(0, 2, (8, 5)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 5, 8))
   targets = optax.smooth_labels(jax.nn.one_hot(y, 5), 0.1)  # optax: (1 - eps) onehot + eps / K
-  np.testing.assert_allclose(nll(z, y, label_smoothing=0.1), optax.softmax_cross_entropy(z, targets),
-                             rtol=2e-6)
+  np.testing.assert_allclose(
+    nll(z, y, label_smoothing=0.1), optax.softmax_cross_entropy(z, targets), rtol=2e-6
+  )
   with jax.enable_x64(True):
     z64 = jnp.asarray(rng.normal(0, 1, (3, 5)))
-    check_grads(jax.jit(lambda z: nll(z, jnp.array([0, 2, 4]), label_smoothing=0.3)), (z64,),
-                order=2, modes=["rev"])
+    check_grads(
+      jax.jit(lambda z: nll(z, jnp.array([0, 2, 4]), label_smoothing=0.3)),
+      (z64,),
+      order=2,
+      modes=["rev"],
+    )
 
 
 def test_label_smoothing_keeps_padding_and_bad_labels_apart():

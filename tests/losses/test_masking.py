@@ -31,8 +31,16 @@ def test_issue_reproduction_padding_label_under_jit_gives_zero_gradient():
   np.testing.assert_allclose(loss, 0.4076059, rtol=1e-6)  # -log softmax([2, 1, 0])[0]
   np.testing.assert_array_equal(grad[1], 0.0)
   # optax's gradient for the same masked mean: the reference.
-  ref = jax.grad(lambda z: jnp.sum(jnp.where(
-      y >= 0, optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(y, 0)), 0.0)) / 1)(z)
+  ref = jax.grad(
+    lambda z: (
+      jnp.sum(
+        jnp.where(
+          y >= 0, optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(y, 0)), 0.0
+        )
+      )
+      / 1
+    )
+  )(z)
   np.testing.assert_allclose(grad, ref, rtol=1e-6)
 
 
@@ -69,7 +77,8 @@ def test_zero_cotangent_gives_zero_gradient_whatever_the_row_holds(loss_case, ho
   own = jax.grad(lambda z: fn(z, aux[mask]).sum())(z[mask])
   np.testing.assert_allclose(grad[mask], own, rtol=1e-6)
   per_example = jax.jit(jax.vmap(jax.grad(lambda z, a, m: jnp.where(m, fn(z, a).sum(), 0.0))))(
-      z, aux, mask)
+    z, aux, mask
+  )
   np.testing.assert_array_equal(per_example[~mask], 0.0)
   # Second derivatives of a masked row are zero too where its logits are finite (a NaN
   # logit's own derivative is NaN, and 0 * NaN cannot be avoided inside the rule).
@@ -92,6 +101,7 @@ def test_padded_batch_through_an_optax_step_equals_the_unpadded_step():
   def step(params, opt_state, x, y):
     def loss(params):
       return _padded_nll_mean(nnx.merge(graphdef, params)(x), y)
+
     grads = jax.grad(loss)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -106,6 +116,7 @@ def test_padded_batch_through_an_optax_step_equals_the_unpadded_step():
 
   def unpadded(params):
     return losses.nll(nnx.merge(graphdef, params)(x[keep]), y[keep]).mean()
+
   grads = jax.grad(unpadded)(params)
   updates, _ = optimizer.update(grads, optimizer.init(params), params)
   chex.assert_trees_all_close(p1, optax.apply_updates(params, updates), rtol=1e-5, atol=1e-7)
@@ -114,8 +125,10 @@ def test_padded_batch_through_an_optax_step_equals_the_unpadded_step():
 def test_a_row_that_where_excludes_entirely_has_loss_zero_and_zero_gradient_as_in_optax(loss_case):
   name, fn, make_aux = loss_case
   if name == "sigmoid_binary_cross_entropy":
-    pytest.skip("elementwise, with no optax counterpart of where: an excluded entry is a "
-                "class of probability 0 (test_checks)")
+    pytest.skip(
+      "elementwise, with no optax counterpart of where: an excluded entry is a "
+      "class of probability 0 (test_checks)"
+    )
   rng = np.random.default_rng(2)
   z = jnp.asarray(rng.normal(0, 2, (3, 5)), jnp.float32)
   aux = jnp.asarray(make_aux(rng, (3, 5)))
@@ -126,8 +139,13 @@ def test_a_row_that_where_excludes_entirely_has_loss_zero_and_zero_gradient_as_i
   np.testing.assert_array_equal(grad[1], 0.0)
   np.testing.assert_allclose(per_example[np.array([0, 2])], fn(z[::2], aux[::2]), rtol=1e-6)
   if name == "nll":  # optax's value for the same mask
-    np.testing.assert_allclose(per_example, optax.softmax_cross_entropy_with_integer_labels(
-        z, aux, where=jnp.broadcast_to(where, z.shape)), rtol=1e-6)
+    np.testing.assert_allclose(
+      per_example,
+      optax.softmax_cross_entropy_with_integer_labels(
+        z, aux, where=jnp.broadcast_to(where, z.shape)
+      ),
+      rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("fn", LABEL_LOSSES, ids=_ids)
@@ -148,14 +166,16 @@ def test_ignore_index_gives_loss_zero_and_zero_gradient_eagerly_and_under_jit(fn
   out = jax.jit(lambda z, y: fn(z, y, ignore_index=-100))(z[:3], jnp.array([0, 7, -100]))
   assert np.isfinite(out[0]) and np.isnan(out[1]) and out[2] == 0.0
   # A padding value no label of the dtype can hold ignores nothing.
-  np.testing.assert_array_equal(fn(z[:2], jnp.array([0, 1], jnp.uint8), ignore_index=-100),
-                                fn(z[:2], jnp.array([0, 1])))
+  np.testing.assert_array_equal(
+    fn(z[:2], jnp.array([0, 1], jnp.uint8), ignore_index=-100), fn(z[:2], jnp.array([0, 1]))
+  )
   with pytest.raises(TypeError, match="ignore_index must be an int"):
     fn(z, y, ignore_index=-100.0)
 
 
 def test_hierarchical_losses_take_ignore_index_and_a_zero_cotangent():
   from jaxsoftmax.tree import balanced_tree
+
   tree = balanced_tree(9)
   rng = np.random.default_rng(4)
   u = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
@@ -209,6 +229,7 @@ def test_issue_reproductions_nan_outside_the_label_is_not_swallowed(fn):
 
 def test_hierarchical_nan_in_another_cluster_poisons_the_example():
   from jaxsoftmax.tree import balanced_tree
+
   tree = balanced_tree(9)
   u = jnp.zeros((2, 3))
   w = jnp.zeros((2, 3, 3)).at[0, 2, 1].set(jnp.nan)  # label 0 lives in cluster 0
@@ -231,8 +252,10 @@ def test_wide_numpy_labels_are_checked_before_any_cast(fn, dtype):
     fn(jnp.zeros((2, 3)), np.array([2**32 + 1, 1], dtype))
   with pytest.raises(ValueError, match=r"= 2147483648 is outside"):
     fn(jnp.zeros((1, 3)), np.array([2**31], dtype))
-  np.testing.assert_array_equal(fn(jnp.arange(6.0).reshape(2, 3), np.array([2, 1], dtype)),
-                                fn(jnp.arange(6.0).reshape(2, 3), jnp.array([2, 1])))
+  np.testing.assert_array_equal(
+    fn(jnp.arange(6.0).reshape(2, 3), np.array([2, 1], dtype)),
+    fn(jnp.arange(6.0).reshape(2, 3), jnp.array([2, 1])),
+  )
 
 
 # --- axis ---------------------------------------------------------------------------
@@ -250,7 +273,9 @@ def test_axis_selects_the_class_axis(loss_case):
   where = jnp.asarray(rng.random((4, 5)) < 0.8).at[:, 0].set(True)
   if aux.dtype.kind in "iu":
     aux, aux_t = jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32)
-  np.testing.assert_allclose(fn(z.T, aux_t, axis=0, where=where.T), fn(z, aux, where=where), rtol=1e-6)
+  np.testing.assert_allclose(
+    fn(z.T, aux_t, axis=0, where=where.T), fn(z, aux, where=where), rtol=1e-6
+  )
   g0 = jax.grad(lambda z: fn(z, aux_t, axis=0).sum())(z.T)
   np.testing.assert_allclose(g0.T, jax.grad(lambda z: fn(z, aux).sum())(z), rtol=1e-6)
   z3 = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)  # classes in the middle

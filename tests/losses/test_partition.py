@@ -18,8 +18,13 @@ def _residual_bytes(fn, *args):
 # transition column (K floats) and the shift values; the soft-target losses keep the top
 # class, the top logit, u and two sums of the targets (so that the backward pass neither
 # gathers nor sweeps the logits twice).
-EXTRA_VALUES = {"scl_exp": 5, "mcl_mae": 5, "mcl_exp": 5, "soft_cross_entropy": 5,
-                "multilabel_softmax_cross_entropy": 5}
+EXTRA_VALUES = {
+  "scl_exp": 5,
+  "mcl_mae": 5,
+  "mcl_exp": 5,
+  "soft_cross_entropy": 5,
+  "multilabel_softmax_cross_entropy": 5,
+}
 
 
 def test_residuals_are_inputs_plus_four_values_per_example(loss_case):
@@ -39,10 +44,13 @@ def test_residuals_are_inputs_plus_four_values_per_example(loss_case):
 def test_kernel_complement_swaps_the_set():
   z = jnp.array([[0.3, -1.0, 2.0, 0.5]])
   members = jnp.array([[True, False, True, False]])
-  np.testing.assert_array_equal(_partition_nll(z, members, True), _partition_nll(z, ~members, False))
+  np.testing.assert_array_equal(
+    _partition_nll(z, members, True), _partition_nll(z, ~members, False)
+  )
   labels = jnp.array([2])
-  np.testing.assert_array_equal(_partition_nll(z, labels, False),
-                                _partition_nll(z, jnp.arange(4) == labels[:, None], False))
+  np.testing.assert_array_equal(
+    _partition_nll(z, labels, False), _partition_nll(z, jnp.arange(4) == labels[:, None], False)
+  )
 
 
 def test_value_by_jax_nn_logsumexp_equals_the_forward_rule(loss_case):
@@ -62,6 +70,7 @@ def test_value_by_jax_nn_logsumexp_equals_the_forward_rule(loss_case):
 
 def test_the_value_calls_jax_nn_logsumexp():
   from jaxsoftmax.losses._partition import _forward
+
   z, y = jnp.zeros((2, 5)), jnp.array([0, 1])
   primal = str(jax.make_jaxpr(lambda z: _partition_nll.fun(z, y, True))(z))
   forward_rule = str(jax.make_jaxpr(lambda z: _forward(z, y, True))(z))

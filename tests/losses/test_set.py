@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax.losses import complement_nll, complement_set_nll, nll, set_nll
+from tests.losses import accuracy as accuracy_losses
 
 SET_CASES = [c for c in accuracy_losses.CASES if c.name in ("set_nll", "complement_set_nll")]
 
@@ -26,8 +26,11 @@ def test_singletons_equal_the_label_losses():
   np.testing.assert_array_equal(set_nll(z, onehot), nll(z, y))
   np.testing.assert_allclose(complement_set_nll(z, onehot), complement_nll(z, y), rtol=1e-7)
   np.testing.assert_allclose(
-      jax.grad(lambda z: complement_set_nll(z, onehot).sum())(z),
-      jax.grad(lambda z: complement_nll(z, y).sum())(z), rtol=1e-6, atol=1e-12)
+    jax.grad(lambda z: complement_set_nll(z, onehot).sum())(z),
+    jax.grad(lambda z: complement_nll(z, y).sum())(z),
+    rtol=1e-6,
+    atol=1e-12,
+  )
 
 
 def test_gradient_is_softmax_minus_restricted_softmax_float64():
@@ -37,7 +40,9 @@ def test_gradient_is_softmax_minus_restricted_softmax_float64():
     z = jnp.asarray(rng.normal(0, 4, (8, 6)))
     s = jnp.asarray(rng.random((8, 6)) < 0.5).at[:, 0].set(True)
     expected = jax.nn.softmax(z) - jax.nn.softmax(jnp.where(s, z, -jnp.inf))
-    np.testing.assert_allclose(jax.grad(lambda z: set_nll(z, s).sum())(z), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+      jax.grad(lambda z: set_nll(z, s).sum())(z), expected, rtol=1e-12, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("fn", [set_nll, complement_set_nll], ids=lambda f: f.__name__)

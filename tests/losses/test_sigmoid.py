@@ -6,8 +6,8 @@ import numpy as np
 import optax
 from jax.test_util import check_grads
 
-from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax.losses import sigmoid_binary_cross_entropy
+from tests.losses import accuracy as accuracy_losses
 
 
 def test_float32_value_within_ulps_times_condition_number():
@@ -36,8 +36,12 @@ def test_gradients_exact_in_both_tails_and_in_targets():
   np.testing.assert_allclose(gz, expected, rtol=1e-6)
   np.testing.assert_array_equal(gt, -z)
   with jax.enable_x64(True):
-    check_grads(jax.jit(sigmoid_binary_cross_entropy), (z.astype(jnp.float64), t.astype(jnp.float64)),
-                order=2, modes=["rev"])
+    check_grads(
+      jax.jit(sigmoid_binary_cross_entropy),
+      (z.astype(jnp.float64), t.astype(jnp.float64)),
+      order=2,
+      modes=["rev"],
+    )
 
 
 def test_boolean_targets_and_where():
@@ -46,5 +50,7 @@ def test_boolean_targets_and_where():
   keep = jnp.array([True, True, False])
   loss, grad = jax.value_and_grad(lambda z: sigmoid_binary_cross_entropy(z, t, where=keep).sum())(z)
   # Reference: optax on the kept entries; the excluded one (target 0) costs 0.
-  np.testing.assert_allclose(loss, optax.sigmoid_binary_cross_entropy(z[:, :2], t[:, :2].astype(float)).sum(), rtol=1e-6)
+  np.testing.assert_allclose(
+    loss, optax.sigmoid_binary_cross_entropy(z[:, :2], t[:, :2].astype(float)).sum(), rtol=1e-6
+  )
   assert grad[0, 2] == 0.0

@@ -7,11 +7,14 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
-from tests.losses import accuracy as accuracy_losses
 from jaxsoftmax.losses import multilabel_softmax_cross_entropy, nll, soft_cross_entropy
+from tests.losses import accuracy as accuracy_losses
 
-SOFT_CASES = [c for c in accuracy_losses.CASES
-              if c.name in ("soft_cross_entropy", "multilabel_softmax_cross_entropy")]
+SOFT_CASES = [
+  c
+  for c in accuracy_losses.CASES
+  if c.name in ("soft_cross_entropy", "multilabel_softmax_cross_entropy")
+]
 
 
 @pytest.mark.parametrize("regime", sorted(accuracy_losses.REGIMES))
@@ -39,10 +42,16 @@ def test_gradients_in_both_arguments_float64():
     z = jnp.asarray(rng.normal(0, 4, (5, 7)))
     q = jnp.asarray(rng.random((5, 7))).at[:, 2].set(0.0)  # a zero target too
     gz, gq = jax.grad(lambda z, q: soft_cross_entropy(z, q).sum(), argnums=(0, 1))(z, q)
-    np.testing.assert_allclose(gz, q.sum(-1, keepdims=True) * jax.nn.softmax(z) - q, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+      gz, q.sum(-1, keepdims=True) * jax.nn.softmax(z) - q, rtol=1e-12, atol=1e-14
+    )
     np.testing.assert_allclose(gq, -jax.nn.log_softmax(z), rtol=1e-13)
-    check_grads(jax.jit(soft_cross_entropy), (z + jnp.array([20.0, 0, 0, 0, 0, 0, 0]), q), order=2,
-                modes=["rev"])
+    check_grads(
+      jax.jit(soft_cross_entropy),
+      (z + jnp.array([20.0, 0, 0, 0, 0, 0, 0]), q),
+      order=2,
+      modes=["rev"],
+    )
 
 
 def test_multilabel_gradient_is_softmax_minus_y_over_size_float64():
@@ -51,8 +60,12 @@ def test_multilabel_gradient_is_softmax_minus_y_over_size_float64():
     z = jnp.asarray(rng.normal(0, 3, (6, 8)))
     y = jnp.asarray(rng.random((6, 8)) < 0.4).at[:, 3].set(True)
     grad = jax.grad(lambda z: multilabel_softmax_cross_entropy(z, y).sum())(z)
-    np.testing.assert_allclose(grad, jax.nn.softmax(z) - y / y.sum(-1, keepdims=True), rtol=1e-12, atol=1e-14)
-    check_grads(jax.jit(lambda z: multilabel_softmax_cross_entropy(z, y)), (z,), order=2, modes=["rev"])
+    np.testing.assert_allclose(
+      grad, jax.nn.softmax(z) - y / y.sum(-1, keepdims=True), rtol=1e-12, atol=1e-14
+    )
+    check_grads(
+      jax.jit(lambda z: multilabel_softmax_cross_entropy(z, y)), (z,), order=2, modes=["rev"]
+    )
 
 
 def test_excluded_classes_cost_nothing_unless_targeted():

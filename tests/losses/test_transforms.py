@@ -61,6 +61,7 @@ def test_checkpoint_and_scan(loss_case):
   def scanned(z):  # sum over three chunks of two examples, in a scan
     def body(carry, chunk):
       return carry + fn(*chunk).sum(), None
+
     chunks = (z.reshape(3, 2, *z.shape[1:]), aux.reshape(3, 2, *aux.shape[1:]))
     return jax.lax.scan(body, jnp.float32(0.0), chunks)[0]
 

@@ -12,10 +12,15 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxsoftmax import losses
-from tests.losses import accuracy as accuracy_losses
-from jaxsoftmax.losses import tree_complement_nll, tree_complement_set_nll, tree_log_softmax
-from jaxsoftmax.losses import tree_nll, tree_set_nll
+from jaxsoftmax.losses import (
+  tree_complement_nll,
+  tree_complement_set_nll,
+  tree_log_softmax,
+  tree_nll,
+  tree_set_nll,
+)
 from jaxsoftmax.tree import ClassTree, Tree
+from tests.losses import accuracy as accuracy_losses
 
 mp.mp.dps = 40
 EPS32 = float(np.finfo(np.float32).eps)
@@ -35,13 +40,14 @@ def _walk(tree, k):
 def _check_paths(tree):
   for k in range(tree.num_classes):
     assert _walk(tree, k) == k
-  assert np.all(tree.path_nodes[:, 0] == 0)        # every path starts at the root
+  assert np.all(tree.path_nodes[:, 0] == 0)  # every path starts at the root
   assert (tree.children >= 0).sum() == tree.num_classes + tree.num_nodes - 1  # each once
   assert np.all(tree.arity == (tree.children >= 0).sum(1))
 
 
-@pytest.mark.parametrize("k, b", [(1, 2), (2, 2), (5, 2), (8, 2), (10, 4), (1000, 2), (1000, 3),
-                                  (4096, 8)])
+@pytest.mark.parametrize(
+  "k, b", [(1, 2), (2, 2), (5, 2), (8, 2), (10, 4), (1000, 2), (1000, 3), (4096, 8)]
+)
 def test_balanced_tree_depths_are_floor_or_ceil_of_log_b_k(k, b):
   tree = Tree.balanced(k, b)
   _check_paths(tree)
@@ -59,7 +65,9 @@ def test_balanced_binary_tree_of_five_by_hand():
   assert tree.children.tolist() == [[6, 7], [8, 2], [3, 4], [0, 1]]
 
 
-@pytest.mark.parametrize("freq, b, depths", [
+@pytest.mark.parametrize(
+  "freq, b, depths",
+  [
     # Cormen et al., "Introduction to Algorithms" (3rd ed.), fig. 16.4: codeword lengths.
     ([45, 13, 12, 16, 9, 5], 2, [1, 3, 3, 3, 4, 4]),
     # By hand: five equal weights, ternary: merge {0, 1, 2}, then {3, 4, that node}.
@@ -69,7 +77,8 @@ def test_balanced_binary_tree_of_five_by_hand():
     ([8, 4, 2, 1], 3, [1, 1, 2, 2]),
     ([1.0], 2, [1]),
     ([0.0, 0.0, 5.0], 2, [2, 2, 1]),
-])
+  ],
+)
 def test_huffman_code_lengths_on_hand_made_tables(freq, b, depths):
   tree = Tree.huffman(freq, b)
   _check_paths(tree)
@@ -103,11 +112,14 @@ def test_from_parents_renumbers_internal_nodes_breadth_first():
   assert tree.depth.tolist() == [2, 2, 3, 3, 2, 2]
   assert tree.children[0].tolist() == [6 + 1, 6 + 2, -1]  # root -> animal, plant
   assert tree == Tree.from_parents(np.array(parents), 6) and hash(tree) == hash(
-      Tree.from_parents(parents, 6))
+    Tree.from_parents(parents, 6)
+  )
   assert tree != Tree.balanced(6, 3)
 
 
-@pytest.mark.parametrize("parents, k, message", [
+@pytest.mark.parametrize(
+  "parents, k, message",
+  [
     ([2, 2, -1, -1], 2, r"one root \(parent -1\); parents has 2"),
     ([2, 2, 3, 2], 2, r"one root \(parent -1\); parents has 0"),
     ([1, 2, -1], 2, r"parents\[0\] = 1 is not an internal node"),
@@ -118,7 +130,8 @@ def test_from_parents_renumbers_internal_nodes_breadth_first():
     ([-1, 1], 1, "node 0 is a class and cannot be the root"),
     ([0.0, -1.0], 1, "1-D integer array"),
     ([-1], 1, "at least one internal node"),
-])
+  ],
+)
 def test_bad_parents_are_a_value_error_naming_the_problem(parents, k, message):
   with pytest.raises(ValueError, match=message):
     Tree.from_parents(parents, k)
@@ -142,12 +155,12 @@ def test_bad_builders_are_named():
 # --- the flat distribution a tree implies -----------------------------------------------
 
 TREES = {
-    "binary": Tree.balanced(7, 2),
-    "ternary": Tree.balanced(10, 3),
-    "huffman": Tree.huffman([30, 1, 2, 9, 4, 4, 1, 12]),
-    "taxonomy": Tree.from_parents([7, 7, 6, 6, 8, 8, 7, 9, 9, -1], 6),
-    "two-level": Tree.from_class_tree(ClassTree.from_clusters([2, 0, 1, 0, 2, 2, 1])),
-    "chain": Tree.from_parents([3, 4, 5, 4, 5, -1], 3),
+  "binary": Tree.balanced(7, 2),
+  "ternary": Tree.balanced(10, 3),
+  "huffman": Tree.huffman([30, 1, 2, 9, 4, 4, 1, 12]),
+  "taxonomy": Tree.from_parents([7, 7, 6, 6, 8, 8, 7, 9, 9, -1], 6),
+  "two-level": Tree.from_class_tree(ClassTree.from_clusters([2, 0, 1, 0, 2, 2, 1])),
+  "chain": Tree.from_parents([3, 4, 5, 4, 5, -1], 3),
 }
 
 
@@ -156,8 +169,9 @@ def _log_probs64(table, tree):
   table = np.asarray(table, np.float64)
   valid = np.arange(tree.branching) < tree.arity[:, None]
   z = np.where(valid, table, -np.inf)
-  log_q = z - (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
-               + z.max(-1, keepdims=True))
+  log_q = z - (
+    np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) + z.max(-1, keepdims=True)
+  )
   out = np.zeros(table.shape[:-2] + (tree.num_classes,))
   for k in range(tree.num_classes):
     for t in range(tree.depth[k]):
@@ -186,18 +200,22 @@ def test_equal_to_the_flat_losses_of_the_implied_distribution(name):
   tree = TREES[name]
   table, y = _draw(tree, 8, seed=1, scale=3.0)
   members = _members(np.random.default_rng(2), 8, tree.num_classes)
-  members[1] = [members[1, 0], members[1, 0], -1]          # a repeated member counts once
+  members[1] = [members[1, 0], members[1, 0], -1]  # a repeated member counts once
   mask = _mask(members, tree.num_classes)
   if mask.all(-1).any():
     pytest.skip("a full set")  # not drawn by these seeds
   with jax.enable_x64(True):
     table = jnp.asarray(table)
-    np.testing.assert_allclose(tree_log_softmax(table, tree), _log_probs64(table, tree),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+      tree_log_softmax(table, tree), _log_probs64(table, tree), rtol=1e-12, atol=1e-12
+    )
     flat_z = lambda t: tree_log_softmax(t, tree)
-    cases = [(tree_nll, losses.nll, y, y), (tree_complement_nll, losses.complement_nll, y, y),
-             (tree_set_nll, losses.set_nll, members, mask),
-             (tree_complement_set_nll, losses.complement_set_nll, members, mask)]
+    cases = [
+      (tree_nll, losses.nll, y, y),
+      (tree_complement_nll, losses.complement_nll, y, y),
+      (tree_set_nll, losses.set_nll, members, mask),
+      (tree_complement_set_nll, losses.complement_set_nll, members, mask),
+    ]
 
     @jax.jit
     def both(table):
@@ -206,8 +224,14 @@ def test_equal_to_the_flat_losses_of_the_implied_distribution(name):
       for ours, flat, target, flat_target in cases:
         mine = lambda t: ours(t, target, tree)
         theirs = lambda t: flat(flat_z(t), flat_target)
-        out.append((mine(table), theirs(table), jax.grad(lambda t: mine(t).sum())(table),
-                    jax.grad(lambda t: theirs(t).sum())(table)))
+        out.append(
+          (
+            mine(table),
+            theirs(table),
+            jax.grad(lambda t: mine(t).sum())(table),
+            jax.grad(lambda t: theirs(t).sum())(table),
+          )
+        )
       return out
 
     for (ours, *_), (v_ours, v_flat, g_ours, g_flat) in zip(cases, both(table)):
@@ -219,16 +243,18 @@ def test_equal_to_the_flat_losses_of_the_implied_distribution(name):
 def test_one_member_sets_equal_the_label_losses():
   tree = TREES["huffman"]
   table, y = _draw(tree, 6, seed=3, dtype=np.float32)
-  np.testing.assert_allclose(tree_set_nll(table, y[:, None], tree), tree_nll(table, y, tree),
-                             rtol=4e-6)
-  np.testing.assert_allclose(tree_complement_set_nll(table, y[:, None], tree),
-                             tree_complement_nll(table, y, tree), rtol=4e-6)
+  np.testing.assert_allclose(
+    tree_set_nll(table, y[:, None], tree), tree_nll(table, y, tree), rtol=4e-6
+  )
+  np.testing.assert_allclose(
+    tree_complement_set_nll(table, y[:, None], tree), tree_complement_nll(table, y, tree), rtol=4e-6
+  )
 
 
 def test_path_input_equals_the_table_in_value_and_gradient():
   tree = TREES["taxonomy"]
   table, y = _draw(tree, 5, seed=4, dtype=np.float32)
-  paths = table[np.arange(5)[:, None], np.maximum(tree.path_nodes[y], 0)]     # [5, L, B]
+  paths = table[np.arange(5)[:, None], np.maximum(tree.path_nodes[y], 0)]  # [5, L, B]
   for fn in (tree_nll, tree_complement_nll):
     np.testing.assert_array_equal(fn(table, y, tree), fn(paths, y, tree))
     g_table = jax.grad(lambda t: fn(t, y, tree).sum())(table)
@@ -244,8 +270,7 @@ def test_path_input_equals_the_table_in_value_and_gradient():
   members = np.array([[0, 2, -1], [4, 5, 1], [3, -1, -1], [1, 0, 2], [5, 5, 4]])
   member_paths = table[np.arange(5)[:, None, None], np.maximum(tree.path_nodes[members], 0)]
   for fn in (tree_set_nll, tree_complement_set_nll):
-    np.testing.assert_allclose(fn(table, members, tree), fn(member_paths, members, tree),
-                               rtol=1e-6)
+    np.testing.assert_allclose(fn(table, members, tree), fn(member_paths, members, tree), rtol=1e-6)
 
 
 # --- both tails, against mpmath ----------------------------------------------------------
@@ -259,7 +284,9 @@ def _mp_losses(table, tree, members):
     prob = mp.mpf(1)
     for t in range(tree.depth[k]):
       node, branch = tree.path_nodes[k, t], tree.path_branches[k, t]
-      z = [v if isinstance(v, mp.mpf) else mp.mpf(float(v)) for v in table[node, :tree.arity[node]]]
+      z = [
+        v if isinstance(v, mp.mpf) else mp.mpf(float(v)) for v in table[node, : tree.arity[node]]
+      ]
       top = max(z)
       e = [mp.exp(v - top) for v in z]
       prob *= e[branch] / mp.fsum(e)
@@ -275,10 +302,12 @@ def _mp_grad(table, tree, members, complement):
   for node, j in itertools.product(range(tree.num_nodes), range(tree.branching)):
     if j >= tree.arity[node]:
       continue
+
     def f(x, node=node, j=j):
       t = np.array(table, dtype=object)
       t[node, j] = x
       return _mp_losses(t, tree, members)[int(complement)]
+
     out[node, j] = float(mp.diff(f, mp.mpf(float(table[node, j]))))
   return out
 
@@ -289,7 +318,7 @@ def _tail_table(tree, label, gap, seed=0):
   table = rng.normal(0, 1, (tree.num_nodes, tree.branching)).astype(np.float32)
   for t in range(tree.depth[label]):
     node, branch = tree.path_nodes[label, t], tree.path_branches[label, t]
-    others = np.delete(table[node, :tree.arity[node]], branch)
+    others = np.delete(table[node, : tree.arity[node]], branch)
     table[node, branch] = others.max() + gap
   return table
 
@@ -299,8 +328,9 @@ def _tail_table(tree, label, gap, seed=0):
 def test_float32_value_within_ulps_times_condition_number(regime, complement):
   """Expected values: mpmath at 40 digits (reference.tree_path), binary trees of
   2, 16, 64 and 300 classes, every level of the label's path shifted by the regime."""
-  rows = np.concatenate([accuracy_losses.measure_tree(regime, 12, k, complement, seed=k)
-                         for k in (2, 16, 64, 300)])
+  rows = np.concatenate(
+    [accuracy_losses.measure_tree(regime, 12, k, complement, seed=k) for k in (2, 16, 64, 300)]
+  )
   # A complement loss about a tiny p_l underflows float32 for most far gaps (to -1e4).
   assert len(rows) >= 0.3 * 12 * 4
   assert rows[:, 0].max() <= 4.0, rows[rows[:, 0].argmax()]
@@ -311,7 +341,7 @@ def test_float32_value_within_ulps_times_condition_number(regime, complement):
 def test_label_losses_match_mpmath_in_both_tails(gap, complement):
   # p(label) from 1 - 1e-17 (gap 40 at three levels) to 1e-52 (gap -40).
   tree = Tree.huffman([1, 2, 3, 5, 8, 13, 21, 34])
-  label = 0   # the deepest class: seven levels
+  label = 0  # the deepest class: seven levels
   table = _tail_table(tree, label, gap)
   fn = tree_complement_nll if complement else tree_nll
   loss, grad = jax.value_and_grad(lambda t: fn(t, label, tree))(table)
@@ -324,8 +354,10 @@ def test_label_losses_match_mpmath_in_both_tails(gap, complement):
   assert np.isfinite(grad).all()
   # Components below float32's smallest normal number (1e-50 at gap -40) may flush to 0.
   tiny = np.finfo(np.float32).tiny
-  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=max(1e-6 * np.abs(ref_grad).max(), tiny))
-  assert np.all((grad != 0) | (np.abs(ref_grad) < tiny))   # no gradient vanishes that should not
+  np.testing.assert_allclose(
+    grad, ref_grad, rtol=1e-4, atol=max(1e-6 * np.abs(ref_grad).max(), tiny)
+  )
+  assert np.all((grad != 0) | (np.abs(ref_grad) < tiny))  # no gradient vanishes that should not
   if complement and gap == 40.0:
     # The naive form is inf where the exact loss is about 40.
     assert -jnp.log1p(-jnp.exp(-tree_nll(table, label, tree))) == jnp.inf
@@ -335,7 +367,7 @@ def test_label_losses_match_mpmath_in_both_tails(gap, complement):
 @pytest.mark.parametrize("complement", [False, True], ids=["set", "complement_set"])
 def test_set_losses_match_mpmath_in_both_tails(gap, complement):
   tree = Tree.balanced(9, 3)
-  members = [0, 1, 2]   # the root's first subtree, exactly
+  members = [0, 1, 2]  # the root's first subtree, exactly
   rng = np.random.default_rng(1)
   table = rng.normal(0, 1, (tree.num_nodes, tree.branching)).astype(np.float32)
   node, branch = tree.path_nodes[0, 0], tree.path_branches[0, 0]
@@ -350,8 +382,8 @@ def test_set_losses_match_mpmath_in_both_tails(gap, complement):
 
 
 def test_complement_confidently_wrong_keeps_an_order_one_gradient():
-  tree = Tree.balanced(1024, 2)        # ten levels
-  table = _tail_table(tree, 0, 30.0)   # 1 - p(0) ~ 1e-13
+  tree = Tree.balanced(1024, 2)  # ten levels
+  table = _tail_table(tree, 0, 30.0)  # 1 - p(0) ~ 1e-13
   loss, grad = jax.value_and_grad(lambda t: tree_complement_nll(t, 0, tree))(table)
   assert 25.0 < loss < 35.0
   # The weights p (1 - q_t) / (1 - p) over the path's levels sum to 1 (they are the
@@ -370,8 +402,12 @@ def test_reverse_mode_gradients_in_float64():
   members = np.array([[0, 2, -1], [4, 5, 1], [3, 3, -1], [1, 0, 2]])
   with jax.enable_x64(True):
     table = jnp.asarray(table)
-    for fn, target in ((tree_nll, y), (tree_complement_nll, y), (tree_set_nll, members),
-                       (tree_complement_set_nll, members)):
+    for fn, target in (
+      (tree_nll, y),
+      (tree_complement_nll, y),
+      (tree_set_nll, members),
+      (tree_complement_set_nll, members),
+    ):
       check_grads(jax.jit(lambda t: fn(t, target, tree)), (table,), order=1, modes=("rev",))
 
 
@@ -385,8 +421,9 @@ def test_composes_with_jit_and_vmap():
   members = _members(np.random.default_rng(7), 6, tree.num_classes)
   for fn in (tree_set_nll, tree_complement_set_nll):
     eager = fn(table, members, tree)
-    np.testing.assert_allclose(jax.vmap(lambda a, b: fn(a, b, tree))(table, members), eager,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      jax.vmap(lambda a, b: fn(a, b, tree))(table, members), eager, rtol=1e-6
+    )
 
 
 def _value_and_grad(fn, tree, **kwargs):
@@ -400,7 +437,7 @@ def test_edge_cases_follow_the_flat_conventions():
   loss, grad = _value_and_grad(tree_complement_nll, one)(table, jnp.array([0]))
   assert loss == jnp.inf and np.all(grad == 0)
   tree = Tree.balanced(4, 2)
-  table = jnp.zeros((1, 3, 2)).at[0, 0, 0].set(-jnp.inf)   # classes 0, 1 unreachable
+  table = jnp.zeros((1, 3, 2)).at[0, 0, 0].set(-jnp.inf)  # classes 0, 1 unreachable
   loss, grad = _value_and_grad(tree_nll, tree)(table, jnp.array([0]))
   assert loss == jnp.inf and np.all(grad == 0)
   assert tree_complement_nll(table, jnp.array([0]), tree)[0] == 0.0
@@ -425,12 +462,15 @@ def test_edge_cases_follow_the_flat_conventions():
 
 
 def test_bad_input_is_named():
-  tree = Tree.balanced(10, 3)   # N = 5 nodes (10 -> 4, 3, 3; 4 -> 2, 1, 1), B = 3, L = 3
+  tree = Tree.balanced(10, 3)  # N = 5 nodes (10 -> 4, 3, 3; 4 -> 2, 1, 1), B = 3, L = 3
   table = jnp.zeros((2, 5, 3))
   with pytest.raises(ValueError, match=r"labels\[1\] = 10 is outside \[0, 10\)"):
     tree_nll(table, jnp.array([0, 10]), tree)
-  with pytest.raises(ValueError, match=r"node table \[..., N=5, B=3\] or the path logits "
-                                       r"\[..., L, B\] with L=3, B=3"):
+  with pytest.raises(
+    ValueError,
+    match=r"node table \[..., N=5, B=3\] or the path logits "
+    r"\[..., L, B\] with L=3, B=3",
+  ):
     tree_nll(jnp.zeros((2, 6, 3)), jnp.array([0, 1]), tree)
   with pytest.raises(TypeError, match="tree must be a jaxsoftmax.tree.Tree, got ClassTree"):
     tree_nll(table, jnp.array([0, 1]), ClassTree.from_clusters([0, 1]))
