@@ -363,7 +363,14 @@ def kinds_of(key: str) -> list[str]:
 
 def defaults(kind: str = "classifier") -> ml_collections.ConfigDict:
   """Every key of a ``kind``'s config at its default (classifier: the feedback experiment
-  on digits)."""
+  on digits).
+
+  Example:
+    >>> c = defaults("lm")
+    >>> c.kind, c.experiment, c.head, c.vocab_chunk
+    ('lm', 'repetition', 'fused', 512)
+    >>> c.head = "tree"  # then validate(c) checks it against every other key
+  """
   if kind not in TABLE:
     raise ConfigError(f"config.kind: must be one of {', '.join(KINDS)}, got {kind!r}.")
   return ml_collections.ConfigDict({key: spec[0] for key, spec in TABLE[kind].items()})

@@ -170,7 +170,7 @@ class Regime:
     batch_objective: None for the mean of the per-example losses; else a function of
       the per-example losses, the batch and the setup that gives the batch's objective
       (a risk estimator defined per batch, as the unbiased risk estimators are).
-    summary: one line for ``--help`` and the README.
+    summary: one line for ``--help`` and the documentation.
     scores: for the label-set entries, how predictions are read (``softmax`` or
       ``sigmoid``); None for the others.
   """

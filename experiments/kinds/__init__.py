@@ -37,7 +37,12 @@ NAMES = ("classifier", "lm", "multilabel")
 
 
 def get(name: str):
-  """The module of kind ``name``."""
+  """The module of kind ``name``.
+
+  Example:
+    >>> get("multilabel").__name__
+    'jaxsoftmax_experiments.kinds.multilabel'
+  """
   if name not in NAMES:
     raise ValueError(f"unknown kind {name!r}; the kinds are {', '.join(NAMES)}.")
   return importlib.import_module(f"jaxsoftmax_experiments.kinds.{name}")

@@ -1,0 +1,116 @@
+"""The habits of a published library, each checked here: the linter and the formatter pass
+on the tree, the type checker on ``jaxsoftmax/``, and the built wheel and sdist install
+into a fresh virtual environment and import (the configs, the notebook and ``py.typed``
+inside, no test or benchmark code)."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*command, cwd=ROOT, **kwargs):
+  done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
+  assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-3000:])
+  return done.stdout
+
+
+def test_ruff_lints_and_formats_the_tree_clean():
+  _run(sys.executable, "-m", "ruff", "check", ".")
+  _run(sys.executable, "-m", "ruff", "format", "--check", ".")
+
+
+def test_mypy_accepts_the_library():
+  out = _run(sys.executable, "-m", "mypy", "--no-incremental")  # files: pyproject.toml
+  assert "Success: no issues found" in out, out
+
+
+def test_one_version_string():
+  import tomllib
+
+  import jaxsoftmax
+
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert "version" not in project and "version" in project["dynamic"]
+  assert (ROOT / "CHANGELOG.md").read_text().count(f"## {jaxsoftmax.__version__}") == 1
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  out = tmp_path_factory.mktemp("dist")
+  # The sdist, then the wheel built from it (build's default: what the sdist lacks, the
+  # wheel lacks too, and no stale build/ folder of a checkout leaks in); --no-isolation:
+  # the build backend the test extra installed, nothing downloaded.
+  _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out))
+  (wheel,) = out.glob("*.whl")
+  (sdist,) = out.glob("*.tar.gz")
+  return wheel, sdist
+
+
+def test_the_wheel_holds_the_packages_and_their_data_and_no_tests_or_benchmarks(built):
+  wheel, _ = built
+  names = zipfile.ZipFile(wheel).namelist()
+  tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+  assert tops == {"jaxsoftmax", "jaxsoftmax_experiments"}, tops
+  assert "jaxsoftmax/py.typed" in names
+  assert "jaxsoftmax_experiments/configs/feedback_digits.py" in names
+  assert "jaxsoftmax_experiments/notebooks/losses.ipynb" in names
+  assert not [n for n in names if "/benchmarks/" in n or "/tests/" in n or "test_" in n]
+
+
+def _fresh_venv(path: Path) -> Path:
+  """A new virtual environment that finds the dependencies (jax, flax, ...) of the one
+  running the tests through a .pth line after its own site-packages: whatever it imports
+  of jaxsoftmax comes from what was installed into it."""
+  _run(sys.executable, "-m", "venv", "--without-pip", str(path))
+  python = path / "bin" / "python"
+  site = _run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  Path(site.strip(), "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  return python
+
+
+CHECK = """
+import importlib.resources, pathlib, sys, jaxsoftmax, jaxsoftmax_experiments
+from jaxsoftmax_experiments import run
+prefix = pathlib.Path(sys.prefix).resolve()
+for module in (jaxsoftmax, jaxsoftmax_experiments):
+  assert prefix in pathlib.Path(module.__file__).resolve().parents, module.__file__
+assert pathlib.Path(run.resolve_config_arg("feedback_digits")).is_file()
+assert importlib.resources.files("jaxsoftmax").joinpath("py.typed").is_file()
+print(jaxsoftmax.__version__)
+"""
+
+
+@pytest.mark.parametrize("which", ["wheel", "sdist"])
+def test_the_wheel_and_the_sdist_install_into_a_fresh_venv_and_import(built, which, tmp_path):
+  import jaxsoftmax
+
+  python = _fresh_venv(tmp_path / "venv")
+  artifact = built[0] if which == "wheel" else built[1]
+  # Offline, with this environment's pip aimed at the fresh one (--python; with --prefix
+  # it would first uninstall this environment's jaxsoftmax). The sdist is built with the
+  # setuptools the fresh environment sees through the .pth line.
+  _run(
+    sys.executable,
+    "-m",
+    "pip",
+    "--python",
+    str(python),
+    "install",
+    "--quiet",
+    "--no-deps",
+    "--no-index",
+    "--no-build-isolation",
+    str(artifact),
+    cwd=tmp_path,
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = _run(str(python), "-c", CHECK, cwd=tmp_path, env=env)
+  assert out.strip().splitlines()[-1] == jaxsoftmax.__version__
+  assert (tmp_path / "venv" / "bin" / "jaxsoftmax-run").is_file()
