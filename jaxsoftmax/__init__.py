@@ -1,62 +1,8 @@
 """jaxsoftmax: exact softmax-family losses for training from positive and negative feedback."""
 
 from jaxsoftmax import losses
-from jaxsoftmax.losses import (
-  complement_nll,
-  complement_set_nll,
-  forward_nll,
-  fused_complement_nll,
-  fused_complement_set_nll,
-  fused_nll,
-  fused_set_nll,
-  hierarchical_complement_nll,
-  hierarchical_log_softmax,
-  hierarchical_nll,
-  mcl_exp,
-  mcl_mae,
-  multilabel_softmax_cross_entropy,
-  negated_nll,
-  nll,
-  pairwise_comparison,
-  scl_exp,
-  set_nll,
-  sigmoid_binary_cross_entropy,
-  soft_cross_entropy,
-  tree_complement_nll,
-  tree_complement_set_nll,
-  tree_log_softmax,
-  tree_nll,
-  tree_set_nll,
-)
+from jaxsoftmax.losses import *  # noqa: F403 - every loss, also at the top level
 
 __version__ = "0.1.0"
 
-__all__ = (
-  "losses",
-  "complement_nll",
-  "complement_set_nll",
-  "forward_nll",
-  "fused_complement_nll",
-  "fused_complement_set_nll",
-  "fused_nll",
-  "fused_set_nll",
-  "hierarchical_complement_nll",
-  "hierarchical_log_softmax",
-  "hierarchical_nll",
-  "mcl_exp",
-  "mcl_mae",
-  "multilabel_softmax_cross_entropy",
-  "negated_nll",
-  "nll",
-  "pairwise_comparison",
-  "scl_exp",
-  "set_nll",
-  "sigmoid_binary_cross_entropy",
-  "soft_cross_entropy",
-  "tree_complement_nll",
-  "tree_complement_set_nll",
-  "tree_log_softmax",
-  "tree_nll",
-  "tree_set_nll",
-  "__version__",
-)
+__all__ = ("losses", *losses.__all__, "__version__")

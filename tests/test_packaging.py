@@ -6,7 +6,6 @@ inside, no test or benchmark code)."""
 import os
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -71,7 +70,11 @@ def _fresh_venv(path: Path) -> Path:
   _run(sys.executable, "-m", "venv", "--without-pip", str(path))
   python = path / "bin" / "python"
   site = _run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  Path(site.strip(), "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  # Every site folder this interpreter reads, also those that reach it through .pth lines.
+  outer = [
+    p for p in sys.path if Path(p).is_dir() and Path(p).name in ("site-packages", "dist-packages")
+  ]
+  Path(site.strip(), "outer.pth").write_text("".join(f"{p}\n" for p in outer))
   return python
 
 
@@ -94,8 +97,9 @@ def test_the_wheel_and_the_sdist_install_into_a_fresh_venv_and_import(built, whi
   python = _fresh_venv(tmp_path / "venv")
   artifact = built[0] if which == "wheel" else built[1]
   # Offline, with this environment's pip aimed at the fresh one (--python; with --prefix
-  # it would first uninstall this environment's jaxsoftmax). The sdist is built with the
-  # setuptools the fresh environment sees through the .pth line.
+  # it would first uninstall this environment's jaxsoftmax), --ignore-installed (through
+  # the .pth line pip sees this environment's jaxsoftmax and would call it satisfied). The
+  # sdist is built with the setuptools the fresh environment sees through that line.
   _run(
     sys.executable,
     "-m",
@@ -107,6 +111,7 @@ def test_the_wheel_and_the_sdist_install_into_a_fresh_venv_and_import(built, whi
     "--no-deps",
     "--no-index",
     "--no-build-isolation",
+    "--ignore-installed",
     str(artifact),
     cwd=tmp_path,
   )
