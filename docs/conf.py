@@ -22,7 +22,6 @@ if "JAX_PLATFORMS" not in os.environ:
 
 import jaxsoftmax  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # _ext
 
 project = "jaxsoftmax"
@@ -44,7 +43,6 @@ root_doc = "index"
 # Markdown: heading anchors for links between guides; $...$ math.
 myst_heading_anchors = 4
 myst_enable_extensions = ["dollarmath", "colon_fence"]
-suppress_warnings = ["myst.header"]  # guides start at H1 and may skip a level in tables
 
 # The notebook runs at every build; an error in a cell fails it.
 nb_execution_mode = "force"
@@ -81,4 +79,3 @@ nitpick_ignore_regex = [
 html_theme = "sphinx_book_theme"
 html_title = f"jaxsoftmax {version}"
 html_theme_options = {"show_toc_level": 2, "use_download_button": False}
-html_static_path: list[str] = []

@@ -3,7 +3,6 @@
 validation checks), so the reference cannot drift from the code."""
 
 from docutils import nodes
-from docutils.parsers.rst import directives
 from sphinx.util.docutils import SphinxDirective
 
 
@@ -17,7 +16,6 @@ def _cell(text: str, literal: bool = False) -> nodes.entry:
 
 class ConfigKeys(SphinxDirective):
   required_arguments = 1  # the kind
-  option_spec = {"class": directives.class_option}
 
   def run(self):
     from jaxsoftmax_experiments import config

@@ -35,19 +35,19 @@ def small_text() -> Path:
   return path
 
 
+# The classifier's tiny run (feedback_digits shrunk), shared by the tests of the command line.
+TINY_CLASSIFIER = [
+  "--config.dataset=synthetic",
+  "--config.steps=20",
+  "--config.eval_every=10",
+  "--config.num_seeds=2",
+  "--config.initial_steps=20",
+  "--config.num_labeled=50",
+  "--config.hidden=(8,)",
+]
 # One tiny command per kind; each evaluates at steps 0, 10 and 20 and checkpoints at each.
 KINDS = {
-  "classifier": [
-    "--config=feedback_digits",
-    "--config.dataset=synthetic",
-    "--config.steps=20",
-    "--config.eval_every=10",
-    "--config.num_seeds=2",
-    "--config.initial_steps=20",
-    "--config.num_labeled=50",
-    "--config.hidden=(8,)",
-    "--config.checkpoint_every=10",
-  ],
+  "classifier": ["--config=feedback_digits", *TINY_CLASSIFIER, "--config.checkpoint_every=10"],
   "lm": [
     "--config=lm_unlearning",
     f"--config.dataset=text:{small_text()}",

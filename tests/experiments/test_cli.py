@@ -12,22 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kinds_common import TINY_CLASSIFIER
 
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import run
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-  "--config.dataset=synthetic",
-  "--config.steps=20",
-  "--config.eval_every=10",
-  "--config.num_seeds=2",
-  "--config.initial_steps=20",
-  "--config.num_labeled=50",
-  "--config.hidden=(8,)",
-  "--progress=false",
-  "--compilation_cache=",
-]
+TINY = [*TINY_CLASSIFIER, "--progress=false", "--compilation_cache="]
 
 
 def _files(workdir):

@@ -10,22 +10,14 @@ import os
 
 import numpy as np
 import pytest
+from kinds_common import TINY_CLASSIFIER
 
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import report, run
 
 CONFIG = "feedback_digits"
 SHORT = ["--config.steps=300", "--config.num_seeds=3", "--progress=false"]
-TINY = [
-  "--config.dataset=synthetic",
-  "--config.steps=20",
-  "--config.eval_every=10",
-  "--config.num_seeds=2",
-  "--config.initial_steps=20",
-  "--config.num_labeled=50",
-  "--config.hidden=(8,)",
-  "--progress=false",
-]
+TINY = [*TINY_CLASSIFIER, "--progress=false"]
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from kinds_common import TINY_CLASSIFIER
 
 from jaxsoftmax_experiments import loop, table
 
-TINY = [
-  "--config=feedback_digits",
-  "--config.dataset=synthetic",
-  "--config.steps=20",
-  "--config.eval_every=10",
-  "--config.num_seeds=2",
-  "--config.initial_steps=20",
-  "--config.num_labeled=50",
-  "--config.hidden=(8,)",
-  "--progress=false",
-]
+TINY = ["--config=feedback_digits", *TINY_CLASSIFIER, "--progress=false"]
 REGIMES = "--config.regimes=('positive_only', 'forward', 'mcl_log')"
 
 
