@@ -105,13 +105,12 @@ def as_labels(
         f"labels{index_str(where)} = {values[where]} is outside [0, {num_classes}) "
         f"({int(bad.sum())} of {values.size} labels are out of range)."
       )
-    if values.dtype.itemsize > 4:
-      # In range (or ignored) now, so int32 holds every value; ignored ones become 0 below.
-      ignored = None if ignore_index is None else values == ignore_index
-      values = np.where(ignored, 0, values) if ignored is not None else values
-      labels = jnp.asarray(values.astype(np.int32))
-      return labels, None if ignored is None else jnp.asarray(ignored)
-    labels = jnp.asarray(labels)
+    # In range (or ignored) now, so int32 holds every value; ignored ones become 0. Done on
+    # the host: eagerly, no operation is compiled for it.
+    ignored = None if ignore_index is None else values == ignore_index
+    values = np.where(ignored, 0, values) if ignored is not None else values
+    labels = jnp.asarray(values.astype(np.int32))
+    return labels, None if ignored is None else jnp.asarray(ignored)
   ignored = None
   if ignore_index is not None:
     info = jnp.iinfo(labels.dtype)
@@ -225,3 +224,13 @@ def zero_where_no_cotangent(g: jax.Array, grad: jax.Array) -> jax.Array:
   padded row of garbage logits), and ``0 * nan`` would poison every parameter.
   """
   return jnp.where(g == 0, jnp.zeros((), grad.dtype), g * grad)
+
+
+def compiled(kernel, static_argnums: tuple[int, ...] = ()):
+  """A ``custom_vjp`` kernel under ``jax.jit`` (its non-differentiable arguments static).
+
+  Called eagerly (from a notebook, or under an eager ``jax.grad``), the kernel then runs
+  as one compiled program for its value and one for its gradient, instead of dispatching
+  and compiling each of its operations alone; under an outer ``jit`` it is inlined.
+  """
+  return jax.jit(kernel, static_argnums=static_argnums)

@@ -56,6 +56,7 @@ def _of_probability_bwd(complement, kind, residuals, g):
 
 
 _of_probability.defvjp(_of_probability_fwd, _of_probability_bwd)
+_of_probability = _checks.compiled(_of_probability, (2, 3))
 
 
 def scl_exp(
@@ -202,6 +203,7 @@ def _forward_bwd(residuals, g):
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
+_forward = _checks.compiled(_forward, ())
 
 
 def forward_nll(
@@ -325,6 +327,7 @@ def _pairwise_bwd(residuals, g):
 
 
 _pairwise.defvjp(_pairwise_fwd, _pairwise_bwd)
+_pairwise = _checks.compiled(_pairwise, ())
 
 
 def pairwise_comparison(

@@ -512,6 +512,7 @@ def _summed_to(grad, x):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+_fused = _checks.compiled(_fused, (4, 5, 6, 7, 8, 9))
 
 
 DEFAULT_CHUNK = 2048

@@ -145,6 +145,7 @@ def _hierarchical_bwd(complement, residuals, g):
 
 
 _hierarchical.defvjp(_hierarchical_fwd, _hierarchical_bwd)
+_hierarchical = _checks.compiled(_hierarchical, (4,))
 
 
 def hierarchical_nll(
@@ -273,6 +274,12 @@ def hierarchical_log_softmax(
       f"cluster_logits {cluster_logits.shape} and within_logits {within_logits.shape} do "
       f"not fit the tree: they need last axes ({tree.num_clusters},) and {table}."
     )
+  return _log_softmax(cluster_logits, within_logits, tree)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _log_softmax(cluster_logits, within_logits, tree):
+  """:func:`hierarchical_log_softmax` past its checks, as one program."""
   valid = jnp.asarray(tree.members >= 0)
   log_cluster = jax.nn.log_softmax(cluster_logits, axis=-1)
   log_within = jax.nn.log_softmax(jnp.where(valid, within_logits, -jnp.inf), axis=-1, where=valid)

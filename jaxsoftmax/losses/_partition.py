@@ -226,3 +226,4 @@ def _partition_nll_bwd(complement, residuals, g):
 
 
 _partition_nll.defvjp(_partition_nll_fwd, _partition_nll_bwd)
+_partition_nll = _checks.compiled(_partition_nll, (2,))

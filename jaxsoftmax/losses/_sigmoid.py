@@ -42,6 +42,7 @@ def _sigmoid_cross_entropy_bwd(residuals, g):
 
 
 _sigmoid_cross_entropy.defvjp(_sigmoid_cross_entropy_fwd, _sigmoid_cross_entropy_bwd)
+_sigmoid_cross_entropy = _checks.compiled(_sigmoid_cross_entropy, ())
 
 
 def sigmoid_binary_cross_entropy(

@@ -118,6 +118,7 @@ def _soft_cross_entropy_bwd(residuals, g):
 
 
 _soft_cross_entropy.defvjp(_soft_cross_entropy_fwd, _soft_cross_entropy_bwd)
+_soft_cross_entropy = _checks.compiled(_soft_cross_entropy, ())
 
 
 def soft_cross_entropy(

@@ -163,6 +163,12 @@ _label_loss.defvjp(_label_loss_fwd, _label_loss_bwd)
 
 def _label(node_logits, labels, tree, ignore_index, complement):
   node_logits, is_table, labels, ignored = _inputs(node_logits, labels, tree, ignore_index)
+  return _label_body(node_logits, labels, ignored, tree, is_table, complement)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _label_body(node_logits, labels, ignored, tree, is_table, complement):
+  """The label losses past their checks, as one program (eagerly too)."""
   z, branch, _, _ = _path_logits(node_logits, is_table, labels, tree)
   return _checks.finish(_label_loss(z, branch, complement), None, ignored)
 
@@ -309,11 +315,12 @@ def _set(node_logits, members, tree, ignore_index, complement):
       f"members has {jnp.shape(members)[-1]} slots but the path logits "
       f"{node_logits.shape} have {node_logits.shape[-3]} paths."
     )
-  unused = ignore_index if ignore_index is not None else -1
+  if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
+    raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
+  unused = int(ignore_index) if ignore_index is not None else -1
   members = jnp.asarray(members)
   if not jnp.issubdtype(members.dtype, jnp.integer):
     raise TypeError(f"members must be integer class ids, got dtype {members.dtype}.")
-  slot_ok = members != unused
   if _checks.is_concrete(members):
     values = np.asarray(members)
     bad = (values != unused) & ((values < 0) | (values >= tree.num_classes))
@@ -323,6 +330,15 @@ def _set(node_logits, members, tree, ignore_index, complement):
         f"members{where} = {values[tuple(np.argwhere(bad)[0])]} is outside "
         f"[0, {tree.num_classes}) (unused slots are {unused})."
       )
+  return _set_body(
+    node_logits, members, tree, is_table, unused, ignore_index is not None, complement
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _set_body(node_logits, members, tree, is_table, unused, ignoring, complement):
+  """The set losses past their checks, as one program (eagerly too)."""
+  slot_ok = members != unused
   labels, _ = _checks.as_labels(
     jnp.where(slot_ok, members, 0),
     jax.ShapeDtypeStruct((*members.shape, tree.num_classes), node_logits.dtype),
@@ -344,7 +360,7 @@ def _set(node_logits, members, tree, ignore_index, complement):
   taken = branch[..., None, :, :, None] == jnp.arange(tree.branching)  # [..., 1, M', L, B]
   on_paths = jnp.any(shared[..., None] & taken, axis=-3)  # [..., M, L, B]
   loss = _set_loss(z, branch, on_paths, first, member_ok, complement)
-  ignored = jnp.all(~slot_ok, axis=-1) if ignore_index is not None else None
+  ignored = jnp.all(~slot_ok, axis=-1) if ignoring else None
   return _checks.finish(loss, None, ignored)
 
 
@@ -442,6 +458,13 @@ def tree_log_softmax(node_logits: ArrayLike, tree: Tree) -> jax.Array:
       f"node_logits has shape {node_logits.shape}; it must be the node table "
       f"[..., N={tree.num_nodes}, B={tree.branching}]."
     )
+  return _log_softmax(node_logits, tree)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _log_softmax(node_logits, tree):
+  """:func:`tree_log_softmax` past its checks, one program per tree (a level's sweep is
+  a handful of operations, and a deep tree has many levels)."""
   valid = jnp.arange(tree.branching) < jnp.asarray(tree.arity)[:, None]
   log_q = jax.nn.log_softmax(jnp.where(valid, node_logits, -jnp.inf), axis=-1, where=valid)
   # log P(reach node), top-down one level at a time: O(N B + K) per example, not O(K L).
