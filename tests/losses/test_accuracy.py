@@ -1,13 +1,25 @@
-"""The accuracy script prints one row per loss and regime and a worst case within bound."""
+"""The accuracy script prints one row per loss and regime and a worst case within bound,
+compiled as a user's program is: with XLA's defaults, not the suite's cheaper code
+generators (``SUITE_XLA_FLAGS`` in the root conftest.py)."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from tests.losses import accuracy as accuracy_losses
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def test_main_prints_every_loss_and_a_bounded_worst_case(capsys):
-  accuracy_losses.main(["--cases", "3", "--classes", "2", "8"])
-  out = capsys.readouterr().out
+
+def test_main_prints_every_loss_and_a_bounded_worst_case():
+  env = {**os.environ, "XLA_FLAGS": ""}
+  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    env.pop(name, None)  # the suite's cache holds programs built with the suite's flags
+  command = [sys.executable, "-m", "tests.losses.accuracy", "--cases", "3", "--classes", "2", "8"]
+  out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+  out = out.stdout
   rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
   assert len(rows) == (
     len(accuracy_losses.CASES) * len(accuracy_losses.REGIMES)
