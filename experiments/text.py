@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import re
 
 import numpy as np
@@ -95,6 +96,22 @@ def _split_corpus(texts: dict[str, str], min_count: int) -> Corpus:
   return Corpus(
     vocab, {p: {n: vocab.encode(texts[n]) for n in names} for p, names in parts.items()}
   )
+
+
+def digest(path: str) -> str:
+  """A hash of what :func:`user_corpus` reads at ``path``: the names and bytes of a
+  folder's ``.txt`` files, or a file's bytes ('' where there is nothing to read, so that
+  the corpus's own error is raised)."""
+  from pathlib import Path
+
+  root, h = Path(path), hashlib.sha256()
+  files = sorted(p for p in root.rglob("*.txt") if p.is_file()) if root.is_dir() else [root]
+  for p in files:
+    try:
+      h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    except OSError:
+      return ""
+  return h.hexdigest()
 
 
 def user_corpus(path: str, min_count: int = 3) -> Corpus:

@@ -614,17 +614,16 @@ class Loaded:
 
 
 def load(config) -> Loaded:
-  """The corpus of ``config.dataset``, checked against the config, and its windows (the
-  packaged corpus's are made once per settings in a process, so that a rerun finds its
-  plan and compiled programs again)."""
+  """The corpus of ``config.dataset``, checked against the config, and its windows, made
+  once per settings and text in a process (a user's text is known by its files' bytes),
+  so that a rerun finds its plan and compiled programs again."""
   s = Settings.of(config)
-  if s.dataset == "help_topics":
-    return _load_packaged(s)
-  return _load(s)
+  return _load_cached(s, None if s.dataset == "help_topics" else text.digest(s.dataset[5:]))
 
 
 @functools.lru_cache(maxsize=4)
-def _load_packaged(s: Settings) -> Loaded:
+def _load_cached(s: Settings, digest: str | None) -> Loaded:
+  del digest  # the cache's key: the same path with other contents is loaded again
   return _load(s)
 
 
