@@ -115,7 +115,7 @@ def runs(tmp_path_factory):
   out = {}
   for experiment in ("repetition", "unlearning"):
     workdir = tmp_path_factory.mktemp(experiment)
-    s = lm_config(experiment)
+    s = lm_config(experiment, **SMALL_TEXT)
     assert lm_execute(s, workdir) == 0
     out[experiment] = (s, workdir, json.loads((workdir / "results.json").read_text()))
   return out
