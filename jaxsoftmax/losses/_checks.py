@@ -107,6 +107,8 @@ def as_labels(
       )
     # In range (or ignored) now, so int32 holds every value; ignored ones become 0. Done on
     # the host: eagerly, no operation is compiled for it.
+    if ignore_index is None and isinstance(labels, jax.Array) and labels.dtype == jnp.int32:
+      return labels, None  # already valid int32 on its devices, with its sharding
     ignored = None if ignore_index is None else values == ignore_index
     values = np.where(ignored, 0, values) if ignored is not None else values
     labels = jnp.asarray(values.astype(np.int32))
