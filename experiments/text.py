@@ -105,8 +105,7 @@ def digest(path: str) -> str:
   from pathlib import Path
 
   root, h = Path(path), hashlib.sha256()
-  files = sorted(p for p in root.rglob("*.txt") if p.is_file()) if root.is_dir() else [root]
-  for p in files:
+  for p in _text_files(root) if root.is_dir() else [root]:
     try:
       h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
     except OSError:
@@ -129,8 +128,7 @@ def user_corpus(path: str, min_count: int = 3) -> Corpus:
 
   root = Path(path)
   if root.is_dir():
-    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
-    texts = {str(p.relative_to(root)): _read(p) for p in files}
+    texts = {str(p.relative_to(root)): _read(p) for p in _text_files(root)}
   elif root.is_file():
     paragraphs = [b.strip() for b in re.split(r"\n\s*\n", _read(root)) if b.strip()]
     texts = {f"{i:06d}": b for i, b in enumerate(paragraphs)}
@@ -144,6 +142,11 @@ def user_corpus(path: str, min_count: int = 3) -> Corpus:
       "and a test topic."
     )
   return _split_corpus(texts, min_count)
+
+
+def _text_files(folder) -> list:
+  """A folder's topics for :func:`user_corpus`: its ``.txt`` files, searched recursively."""
+  return sorted(p for p in folder.rglob("*.txt") if p.is_file())
 
 
 def _read(path) -> str:

@@ -90,8 +90,7 @@ def as_labels(
       f"labels shape {labels.shape} does not match logits shape {shown}: "
       f"labels must have the logits' shape without the class axis, {logits.shape[:-1]}."
     )
-  if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
-    raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
+  check_ignore_index(ignore_index)
   if num_classes is None:
     num_classes = logits.shape[-1]
   if is_concrete(labels):
@@ -128,6 +127,12 @@ def as_labels(
   if ignored is not None:
     labels = jnp.where(ignored, 0, labels)
   return labels, ignored
+
+
+def check_ignore_index(ignore_index) -> None:
+  """A padding label value is an int or None (a static value: it selects the examples)."""
+  if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
+    raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
 
 
 def as_class_mask(mask: ArrayLike, logits: jax.Array, *, name: str) -> jax.Array:

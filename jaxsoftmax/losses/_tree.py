@@ -315,8 +315,7 @@ def _set(node_logits, members, tree, ignore_index, complement):
       f"members has {jnp.shape(members)[-1]} slots but the path logits "
       f"{node_logits.shape} have {node_logits.shape[-3]} paths."
     )
-  if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
-    raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
+  _checks.check_ignore_index(ignore_index)  # before it is a static argument of _set_body
   unused = int(ignore_index) if ignore_index is not None else -1
   members = jnp.asarray(members)
   if not jnp.issubdtype(members.dtype, jnp.integer):
