@@ -10,19 +10,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from kinds_common import small_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
 KINDS_WORKER = r"""
-import json
+import json, sys
 import jax, numpy as np
 from jaxsoftmax_experiments import config as config_lib, kinds
 
 def tiny(kind):
   c = config_lib.defaults(kind)
   c.num_seeds, c.steps, c.eval_every, c.batch_size = 2, 10, 10, 8
-  if kind == "lm":  # one regime, a short start: the mesh is what is tested
+  if kind == "lm":  # one regime, a short start, 30 topics: the mesh is what is tested
     c.experiment, c.regimes = "unlearning", ("complement_likelihood",)
+    c.dataset, c.forget = "text:" + sys.argv[1], 2
     c.length, c.width, c.depth, c.heads, c.vocab_chunk, c.initial_steps = 8, 16, 1, 2, 256, 5
     c.learning_rate = 1e-2
   else:
@@ -58,7 +60,7 @@ def test_every_kind_splits_over_the_mesh_and_matches_one_device():
     JAX_PLATFORMS="cpu",
   )
   proc = subprocess.run(
-    [sys.executable, "-c", KINDS_WORKER],
+    [sys.executable, "-c", KINDS_WORKER, str(small_text())],
     cwd=ROOT,
     env=env,
     capture_output=True,
