@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -39,20 +41,42 @@ class Options:
 
 class Interrupt:
   """Ctrl-C: before the run has started, stop at once; after, finish the evaluation,
-  checkpoint and stop; a second Ctrl-C stops at once."""
+  checkpoint and stop; a second Ctrl-C stops at once.
+
+  Stopping at once raises KeyboardInterrupt in whatever Python code runs when the
+  signal arrives. Where that is a callback whose exceptions Python drops (JAX's garbage
+  collector callback, a ``__del__``), the interrupt would be lost and the run would go
+  on: :meth:`unraisable` (the process's ``sys.unraisablehook`` while it runs) keeps it
+  silent and sends the signal again from another thread, to be raised once the callback
+  has returned."""
 
   def __init__(self):
     self.started = False
     self.requested = False
+    self.dropped = False  # a KeyboardInterrupt that Python dropped, sent again
 
   def __call__(self, signum, frame):
-    if not self.started or self.requested:
+    if not self.started or self.requested or self.dropped:
+      self.dropped = False
       raise KeyboardInterrupt
     self.requested = True
     print(
       "\nInterrupted: saving a checkpoint at the next evaluation (Ctrl-C again to stop now).",
       file=sys.stderr,
     )
+
+  def unraisable(self, previous):
+    """A ``sys.unraisablehook`` that records a dropped KeyboardInterrupt and passes every
+    other exception on to ``previous``."""
+
+    def hook(info):
+      if isinstance(info.exc_value, KeyboardInterrupt):
+        self.dropped = True
+        threading.Timer(0.01, signal.raise_signal, (signal.SIGINT,)).start()
+      else:
+        previous(info)
+
+    return hook
 
 
 def error(message: str) -> int:

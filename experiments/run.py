@@ -173,6 +173,7 @@ def main(
     return 0
   interrupt = execute.Interrupt()
   previous = signal.signal(signal.SIGINT, interrupt)
+  previous_hook, sys.unraisablehook = sys.unraisablehook, interrupt.unraisable(sys.unraisablehook)
   try:
     return _main(argv, interrupt, program)
   except KeyboardInterrupt:
@@ -184,6 +185,7 @@ def main(
     return INTERRUPTED
   finally:
     signal.signal(signal.SIGINT, previous)
+    sys.unraisablehook = previous_hook
 
 
 def _last_override_wins(argv: list[str]) -> list[str]:
