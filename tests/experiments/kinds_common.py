@@ -19,14 +19,14 @@ QUIET = ["--progress=false", "--compilation_cache="]
 
 
 def small_text() -> Path:
-  """The first 30 of CPython's help topics as a user's text file (``dataset=text:PATH``):
+  """The first 20 of CPython's help topics as a user's text file (``dataset=text:PATH``):
   what these tests ask of the language model needs a corpus, not all of help_topics,
   whose evaluation windows would be most of each run's time. Written once per machine
   and user, atomically, so that parallel workers and subprocesses read the same file."""
   from pydoc_data.topics import topics
 
-  text = "\n\n".join(topics[name] for name in sorted(topics)[:30])
-  path = Path(tempfile.gettempdir()) / f"jaxsoftmax-tests-{os.getuid()}" / "help_topics_30.txt"
+  text = "\n\n".join(topics[name] for name in sorted(topics)[:20])
+  path = Path(tempfile.gettempdir()) / f"jaxsoftmax-tests-{os.getuid()}" / "help_topics_20.txt"
   if not path.exists() or path.read_text(encoding="utf-8") != text:
     path.parent.mkdir(exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}")

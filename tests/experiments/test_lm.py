@@ -33,7 +33,7 @@ TINY = dict(
   learning_rate=1e-2,
   checkpoint_every=10,
 )
-# A run whose checks do not depend on help_topics' own topics: 30 of them as a text file.
+# A run whose checks do not depend on help_topics' own topics: 20 of them as a text file.
 SMALL_TEXT = dict(dataset=f"text:{small_text()}", forget=2)
 FLAGS = [f"--config.{k}={v}" for k, v in TINY.items()] + [
   "--progress=false",

@@ -22,7 +22,7 @@ from jaxsoftmax_experiments import config as config_lib, kinds
 def tiny(kind):
   c = config_lib.defaults(kind)
   c.num_seeds, c.steps, c.eval_every, c.batch_size = 2, 10, 10, 8
-  if kind == "lm":  # one regime, a short start, 30 topics: the mesh is what is tested
+  if kind == "lm":  # one regime, a short start, 20 topics: the mesh is what is tested
     c.experiment, c.regimes = "unlearning", ("complement_likelihood",)
     c.dataset, c.forget = "text:" + sys.argv[1], 2
     c.length, c.width, c.depth, c.heads, c.vocab_chunk, c.initial_steps = 8, 16, 1, 2, 256, 5
