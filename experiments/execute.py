@@ -12,6 +12,7 @@ checkpoint is forgotten, so the corrected command is not refused. The kind
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -46,14 +47,29 @@ class Interrupt:
   Stopping at once raises KeyboardInterrupt in whatever Python code runs when the
   signal arrives. Where that is a callback whose exceptions Python drops (JAX's garbage
   collector callback, a ``__del__``), the interrupt would be lost and the run would go
-  on: :meth:`unraisable` (the process's ``sys.unraisablehook`` while it runs) keeps it
-  silent and sends the signal again from another thread, to be raised once the callback
-  has returned."""
+  on: while :meth:`installed`, the process's ``sys.unraisablehook`` keeps it silent and
+  sends the signal again from another thread, to be raised once the callback has
+  returned."""
 
   def __init__(self):
     self.started = False
     self.requested = False
     self.dropped = False  # a KeyboardInterrupt that Python dropped, sent again
+    self.active = False  # installed: a dropped interrupt is sent again only while it is
+
+  @contextlib.contextmanager
+  def installed(self):
+    """This object as the process's SIGINT handler, with its ``sys.unraisablehook``,
+    for the duration of a command; the previous ones afterwards."""
+    previous = signal.signal(signal.SIGINT, self)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable(sys.unraisablehook)
+    self.active = True
+    try:
+      yield self
+    finally:
+      self.active = False
+      signal.signal(signal.SIGINT, previous)
+      sys.unraisablehook = previous_hook
 
   def __call__(self, signum, frame):
     if not self.started or self.requested or self.dropped:
@@ -65,18 +81,22 @@ class Interrupt:
       file=sys.stderr,
     )
 
-  def unraisable(self, previous):
-    """A ``sys.unraisablehook`` that records a dropped KeyboardInterrupt and passes every
-    other exception on to ``previous``."""
+  def _unraisable(self, previous):
+    """A ``sys.unraisablehook`` that sends a dropped KeyboardInterrupt's signal again and
+    passes every other exception on to ``previous``."""
 
     def hook(info):
       if isinstance(info.exc_value, KeyboardInterrupt):
         self.dropped = True
-        threading.Timer(0.01, signal.raise_signal, (signal.SIGINT,)).start()
+        threading.Timer(0.01, self._send_again).start()
       else:
         previous(info)
 
     return hook
+
+  def _send_again(self) -> None:
+    if self.active:  # not once the command has returned: nothing would catch it
+      signal.raise_signal(signal.SIGINT)
 
 
 def error(message: str) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -172,20 +171,16 @@ def main(
     print(_usage(argv, program))
     return 0
   interrupt = execute.Interrupt()
-  previous = signal.signal(signal.SIGINT, interrupt)
-  previous_hook, sys.unraisablehook = sys.unraisablehook, interrupt.unraisable(sys.unraisablehook)
-  try:
-    return _main(argv, interrupt, program)
-  except KeyboardInterrupt:
-    print(
-      "\nInterrupted before the next checkpoint; rerun the same command to resume from the "
-      "last one (if any).",
-      file=sys.stderr,
-    )
-    return INTERRUPTED
-  finally:
-    signal.signal(signal.SIGINT, previous)
-    sys.unraisablehook = previous_hook
+  with interrupt.installed():
+    try:
+      return _main(argv, interrupt, program)
+    except KeyboardInterrupt:
+      print(
+        "\nInterrupted before the next checkpoint; rerun the same command to resume from "
+        "the last one (if any).",
+        file=sys.stderr,
+      )
+      return INTERRUPTED
 
 
 def _last_override_wins(argv: list[str]) -> list[str]:
