@@ -51,12 +51,15 @@ LONGEST_FIRST = (
 )
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_xdist_auto_num_workers(config):
-  """``-n auto``: one worker more than the machine has cores. A worker often waits (on a
-  subprocess it started, a signal, the documentation's notebook kernel), and the extra
-  one uses that time: on this project's 2-core machine two workers kept the cores 92 %
-  busy over the suite, three 96 % (CPU time over wall time, from ``time``)."""
-  return (os.cpu_count() or 1) + 1
+  """``-n auto``: one worker more than xdist's own count (the machine's cores), unless
+  ``PYTEST_XDIST_AUTO_NUM_WORKERS`` says how many. A worker often waits (on a subprocess
+  it started, a signal, the documentation's notebook kernel), and the extra one uses that
+  time: on this project's 2-core machine two workers kept the cores 92 % busy over the
+  suite, three 96 % (CPU time over wall time, from ``time``)."""
+  count = yield
+  return count if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") else count + 1
 
 
 def pytest_collection_modifyitems(config, items):
