@@ -118,7 +118,7 @@ def test_ctrl_c_while_compiling_prints_one_line_and_exits_130(tmp_path):
     stderr=subprocess.PIPE,
     text=True,
   )
-  deadline = time.monotonic() + 180  # a generous bound: both workers may be compiling
+  deadline = time.monotonic() + 180  # a generous bound: the other workers may be compiling
   while not (workdir / "config.json").exists():  # past flag parsing: loading, compiling
     if proc.poll() is not None or time.monotonic() > deadline:
       proc.kill()
