@@ -14,10 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*command, cwd=ROOT, **kwargs):
+def _run(*command, cwd=ROOT, both=False, **kwargs):
+  """The command's stdout (with ``both``, stdout and stderr), once it has succeeded."""
   done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
   assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-3000:])
-  return done.stdout
+  return done.stdout + done.stderr if both else done.stdout
 
 
 def test_ruff_lints_and_formats_the_tree_clean():
@@ -46,20 +47,34 @@ def built(tmp_path_factory):
   # The sdist, then the wheel built from it (build's default: what the sdist lacks, the
   # wheel lacks too, and no stale build/ folder of a checkout leaks in); --no-isolation:
   # the build backend the test extra installed, nothing downloaded.
-  _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out))
+  log = _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), both=True)
   (wheel,) = out.glob("*.whl")
   (sdist,) = out.glob("*.tar.gz")
-  return wheel, sdist
+  return wheel, sdist, log
+
+
+def test_the_build_warns_of_nothing(built):
+  # Before: every install printed two of setuptools' warnings, `project.license` as a TOML
+  # table is deprecated, and the notebooks folder "is absent from the `packages`
+  # configuration" (Python could import it as a namespace package), each a box of 30 lines.
+  *_, log = built
+  # build prints the backend's warnings as "WARNING ..." lines (pip as "...Warning: ...").
+  warnings = [l for l in log.splitlines() if "WARNING" in l or "Warning" in l]
+  assert not warnings, "\n".join(warnings)
 
 
 def test_the_wheel_holds_the_packages_and_their_data_and_no_tests_or_benchmarks(built):
-  wheel, _ = built
+  wheel, *_ = built
   names = zipfile.ZipFile(wheel).namelist()
   tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
   assert tops == {"jaxsoftmax", "jaxsoftmax_experiments"}, tops
   assert "jaxsoftmax/py.typed" in names
   assert "jaxsoftmax_experiments/configs/feedback_digits.py" in names
   assert "jaxsoftmax_experiments/notebooks/losses.ipynb" in names
+  # The license: its file, and its SPDX name in the metadata (pyproject.toml's license).
+  assert [n for n in names if n.endswith(".dist-info/licenses/LICENSE")], names
+  (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+  assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
   assert not [n for n in names if "/benchmarks/" in n or "/tests/" in n or "test_" in n]
 
 
