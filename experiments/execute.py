@@ -56,22 +56,27 @@ class Interrupt:
     self.requested = False
     self.dropped = False  # a KeyboardInterrupt that Python dropped, sent again
     self.active = False  # installed: a dropped interrupt is sent again only while it is
+    self._sending = threading.Lock()  # held while a dropped interrupt is sent again
 
   @contextlib.contextmanager
   def installed(self):
     """This object as the process's SIGINT handler, with its ``sys.unraisablehook``,
     for the duration of a command; the previous ones afterwards."""
+    self.active = True
     previous = signal.signal(signal.SIGINT, self)
     previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable(sys.unraisablehook)
-    self.active = True
     try:
       yield self
     finally:
-      self.active = False
-      signal.signal(signal.SIGINT, previous)
+      self.active = False  # from here on, a SIGINT this object handles is ignored
+      with self._sending:  # a signal being sent again is sent, to this object, not previous
+        pass
+      signal.signal(signal.SIGINT, previous)  # handles a pending SIGINT first, with this object
       sys.unraisablehook = previous_hook
 
   def __call__(self, signum, frame):
+    if not self.active:  # the command has returned: its interrupt, sent again late
+      return
     if not self.started or self.requested or self.dropped:
       self.dropped = False
       raise KeyboardInterrupt
@@ -95,8 +100,9 @@ class Interrupt:
     return hook
 
   def _send_again(self) -> None:
-    if self.active:  # not once the command has returned: nothing would catch it
-      signal.raise_signal(signal.SIGINT)
+    with self._sending:
+      if self.active:  # not once the command has returned: nothing would catch it
+        signal.raise_signal(signal.SIGINT)
 
 
 def error(message: str) -> int:

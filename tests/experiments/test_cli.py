@@ -166,6 +166,38 @@ def test_a_ctrl_c_that_python_drops_in_a_gc_callback_still_stops_the_run(
   assert "Interrupted" in err and not (workdir / "results.json").exists()
 
 
+def test_an_interrupt_sent_again_as_the_command_returns_reaches_no_one_after_it(monkeypatch):
+  # Before: the thread that sends a dropped Ctrl-C again checked that the command was still
+  # running and then sent it; a command that returned in between had put the previous
+  # SIGINT handler back, which got the signal: in a notebook or a test process, a
+  # KeyboardInterrupt raised wherever the program had got to. Here the sending is slowed
+  # down (0.3 s) to make that window wide.
+  import threading
+  import types
+
+  from jaxsoftmax_experiments import execute
+
+  sending, real = threading.Event(), signal.raise_signal
+
+  def slow_raise_signal(signum):
+    sending.set()
+    time.sleep(0.3)
+    real(signum)
+
+  monkeypatch.setattr(signal, "raise_signal", slow_raise_signal)
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    interrupt = execute.Interrupt()
+    with interrupt.installed():
+      sys.unraisablehook(types.SimpleNamespace(exc_value=KeyboardInterrupt()))  # dropped
+      assert sending.wait(10)  # the command returns while the signal is on its way
+    time.sleep(0.5)  # the signal, had it been sent after, would have been handled by now
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert received == []
+
+
 def test_progress_in_a_log_is_one_line_per_evaluation_counting_the_asked_steps(tmp_path):
   args = [a for a in TINY if a != "--progress=false"]
   out = subprocess.run(
