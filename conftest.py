@@ -111,7 +111,7 @@ def _compilation_cache(tmp_path_factory):
 
 
 def pytest_sessionfinish(session):
-  """In a worker, Python's last full garbage collection, and then none.
+  """In a worker, the last full garbage collection, made before the worker's report.
 
   pytest collects garbage once more as it closes (to report the exceptions that
   finalisers raise), and in an xdist worker that is after the worker has told the

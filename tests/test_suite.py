@@ -26,8 +26,7 @@ def test_a_worker_whose_last_garbage_collection_is_slow_ends_without_a_keyboardi
       spec = importlib.util.spec_from_file_location("project_conftest", path)
       project = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(project)
-      if hasattr(project, "pytest_sessionfinish"):
-        pytest_sessionfinish = project.pytest_sessionfinish
+      pytest_sessionfinish = project.pytest_sessionfinish
     """)
   )
   (tmp_path / "test_slow_garbage.py").write_text(
