@@ -158,46 +158,89 @@ def as_targets(targets: ArrayLike, logits: jax.Array) -> jax.Array:
   return targets.astype(compute_dtype(logits.dtype))
 
 
-def class_axis(axis: int, logits: jax.Array) -> int:
-  """Returns ``axis`` as a non-negative index into the logits' axes, or raises."""
-  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-    raise TypeError(f"axis must be an int (the class axis), got {axis!r}.")
-  if not -logits.ndim <= axis < logits.ndim:
-    raise ValueError(f"axis {axis} is out of range for logits of shape {logits.shape}.")
-  return int(axis) % logits.ndim
+def class_axis(axis: int | tuple[int, ...], logits: jax.Array) -> tuple[int, ...]:
+  """Returns the class axes as non-negative indices into the logits' axes, or raises.
+
+  ``axis`` is one axis or, as in optax, a tuple of axes whose entries together are the
+  classes (flattened in the order given; a label is a flat index into them).
+  """
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  if not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in axes):
+    raise TypeError(
+      f"axis must be an int or a non-empty tuple of ints (the class axes), got {axis!r}."
+    )
+  for a in axes:
+    if not -logits.ndim <= a < logits.ndim:
+      raise ValueError(f"axis {a} is out of range for logits of shape {logits.shape}.")
+  canonical = tuple(int(a) % logits.ndim for a in axes)
+  if len(set(canonical)) != len(canonical):
+    raise ValueError(f"axis {axis!r} names an axis twice.")
+  return canonical
 
 
-def move_to_last(x: jax.Array, axis: int) -> jax.Array:
-  """Moves the class axis ``axis`` of ``x`` to the end (a no-op for the last axis)."""
-  return x if axis == x.ndim - 1 else jnp.moveaxis(x, axis, -1)
+def move_to_last(x: jax.Array, axes: int | tuple[int, ...]) -> jax.Array:
+  """Moves the class axes of ``x`` to the end and flattens them into one (row-major in
+  the order given, as optax does); a no-op for the last axis alone."""
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  if axes == (x.ndim - 1,):
+    return x
+  batch = tuple(a for a in range(x.ndim) if a not in axes)
+  x = jnp.transpose(x, batch + axes)
+  return x.reshape(x.shape[: len(batch)] + (-1,))
 
 
 def boolean_mask_for(where: ArrayLike, shape: tuple[int, ...], target: str) -> jax.Array:
   """``where`` as a boolean array that broadcasts to ``shape``, or a TypeError or
   ValueError naming ``target`` (e.g. "logits shape (4, 10)")."""
-  where = jnp.asarray(where)
-  if where.dtype != jnp.bool_:
-    raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
-  try:
-    ok = jnp.broadcast_shapes(where.shape, shape) == tuple(shape)
-  except ValueError:
-    ok = False
-  if not ok:
+  where = _boolean(where)
+  if not _broadcasts(where.shape, shape):
     raise ValueError(f"where shape {where.shape} does not broadcast to {target}.")
   return where
 
 
-def as_where(where: ArrayLike | None, logits: jax.Array, axis: int) -> jax.Array | None:
-  """Checks ``where`` against the caller's logits and moves its class axis to the end.
+def _boolean(where: ArrayLike) -> jax.Array:
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+  return where
 
-  ``logits`` is in the caller's layout, ``axis`` its class axis. A mask whose class
-  axis has size 1 (one flag per example) stays that small.
+
+def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+  try:
+    return jnp.broadcast_shapes(shape, to) == tuple(to)
+  except ValueError:
+    return False
+
+
+def as_where(
+  where: ArrayLike | None, logits: jax.Array, axes: int | tuple[int, ...]
+) -> jax.Array | None:
+  """Checks ``where`` against the caller's logits by optax's rule and moves its class
+  axes to the end (flattened, like the logits').
+
+  ``logits`` is in the caller's layout, ``axes`` its class axes (from
+  :func:`class_axis`). A mask with as many dimensions as the logits is elementwise and
+  broadcasts to their shape (``[1, K]`` masks classes in every example). A mask with
+  fewer is per example (``[batch]`` in optax's words): it broadcasts to the logits'
+  shape without the class axes and is expanded there, so it stays one flag per example.
   """
   if where is None:
     return None
-  where = boolean_mask_for(where, logits.shape, f"logits shape {logits.shape}")
-  where = where.reshape((1,) * (logits.ndim - where.ndim) + where.shape)
-  return move_to_last(where, axis)
+  where = _boolean(where)
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
+  if where.ndim == logits.ndim and _broadcasts(where.shape, logits.shape):
+    return move_to_last(where, axes)
+  if where.ndim < logits.ndim and _broadcasts(where.shape, batch_shape):
+    where = where.reshape((1,) * (len(batch_shape) - where.ndim) + where.shape)
+    return jnp.expand_dims(where, sorted(axes)).reshape(batch_shape + (1,))
+  raise ValueError(
+    f"where shape {where.shape} does not broadcast to logits shape {logits.shape} by "
+    f"either of optax's readings: elementwise, a mask with the logits' {logits.ndim} "
+    f"dimensions that broadcasts to {logits.shape} (e.g. [1, K] for a mask over classes); "
+    f"or per example, a mask with fewer dimensions that broadcasts to the logits' shape "
+    f"without the class axis, {batch_shape}."
+  )
 
 
 def apply_where(logits: jax.Array, where: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:

@@ -64,7 +64,7 @@ def scl_exp(
   labels: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
   ignore_index: int | None = None,
 ) -> jax.Array:
   r"""SCL-EXP for a negative example "x is not ``label``": ``exp(p_l)``.
@@ -76,7 +76,7 @@ def scl_exp(
     logits: ``[..., K]`` floating logits, classes on ``axis``.
     labels: ``[...]`` integer labels known to be wrong, in ``[0, K)``.
     where: optional class mask, as for :func:`nll` (a row it excludes entirely gives 0).
-    axis: the class axis (default -1).
+    axis: the class axis (default -1), or a tuple of axes flattened into one.
     ignore_index: a padding label value: loss 0 and gradient 0.
 
   Returns:
@@ -96,7 +96,11 @@ def scl_exp(
 
 
 def mcl_mae(
-  logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None, axis: int = -1
+  logits: ArrayLike,
+  members: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int | tuple[int, ...] = -1,
 ) -> jax.Array:
   r"""MCL-MAE for a set S of wrong labels: ``1 - sum_{k not in S} p_k = P(S)``.
 
@@ -107,7 +111,7 @@ def mcl_mae(
     logits: ``[..., K]`` floating logits, classes on ``axis``.
     members: boolean mask of the wrong labels S, the logits' shape.
     where: optional class mask, as for :func:`set_nll`.
-    axis: the class axis (default -1).
+    axis: the class axis (default -1), or a tuple of axes flattened into one.
 
   Returns:
     ``[...]`` per-example losses.
@@ -125,7 +129,11 @@ def mcl_mae(
 
 
 def mcl_exp(
-  logits: ArrayLike, members: ArrayLike, *, where: ArrayLike | None = None, axis: int = -1
+  logits: ArrayLike,
+  members: ArrayLike,
+  *,
+  where: ArrayLike | None = None,
+  axis: int | tuple[int, ...] = -1,
 ) -> jax.Array:
   r"""MCL-EXP for a set S of wrong labels: ``exp(-sum_{k not in S} p_k)``.
 
@@ -135,7 +143,7 @@ def mcl_exp(
     logits: ``[..., K]`` floating logits, classes on ``axis``.
     members: boolean mask of the wrong labels S, the logits' shape.
     where: optional class mask, as for :func:`set_nll`.
-    axis: the class axis (default -1).
+    axis: the class axis (default -1), or a tuple of axes flattened into one.
 
   Returns:
     ``[...]`` per-example losses.
@@ -212,7 +220,7 @@ def forward_nll(
   transition: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
   ignore_index: int | None = None,
 ) -> jax.Array:
   r"""Forward correction for a shown wrong label: ``-log sum_k T[k, l] p_k``.
@@ -230,7 +238,7 @@ def forward_nll(
     labels: ``[...]`` integer wrong labels shown, in ``[0, K)``.
     transition: ``[K, K]`` transition matrix ``T``.
     where: optional class mask, as for :func:`nll`.
-    axis: the class axis (default -1).
+    axis: the class axis (default -1), or a tuple of axes flattened into one.
     ignore_index: a padding label value: loss 0 and gradient 0.
 
   Returns:
@@ -335,7 +343,7 @@ def pairwise_comparison(
   labels: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
   ignore_index: int | None = None,
 ) -> jax.Array:
   r"""Pairwise comparison (PC) loss of a wrong label: ``sum_{k != l} sigmoid(z_l - z_k)``.
@@ -348,7 +356,7 @@ def pairwise_comparison(
     logits: ``[..., K]`` floating logits, classes on ``axis``.
     labels: ``[...]`` integer labels known to be wrong, in ``[0, K)``.
     where: optional class mask, as for :func:`nll`.
-    axis: the class axis (default -1).
+    axis: the class axis (default -1), or a tuple of axes flattened into one.
     ignore_index: a padding label value: loss 0 and gradient 0.
 
   Returns:

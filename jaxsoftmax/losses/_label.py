@@ -66,7 +66,7 @@ def nll(
   labels: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
   ignore_index: int | None = None,
   label_smoothing: float = 0.0,
 ) -> jax.Array:
@@ -87,10 +87,13 @@ def nll(
     labels: ``[...]`` integer labels in ``[0, K)``, any integer dtype. Eagerly, a
       label out of range raises ``ValueError``; under ``jit`` that example's loss
       and gradient are NaN.
-    where: optional boolean mask broadcastable to the logits' shape; excluded classes
-      have probability 0 and get a zero gradient. An example that ``where`` excludes
+    where: optional boolean mask, read as in optax: with as many dimensions as the
+      logits it masks entries (``[1, K]`` masks classes in every example); with fewer
+      it masks examples (``[...]``, expanded at the class axis). Excluded classes have
+      probability 0 and get a zero gradient; an example that ``where`` excludes
       entirely has loss 0 and a zero gradient, as in optax.
-    axis: the class axis of ``logits`` (default -1), as in optax.
+    axis: the class axis of ``logits`` (default -1), or a tuple of axes whose
+      entries together are the classes (a label is a flat index into them), as in optax.
     ignore_index: a label value that marks padding (e.g. -100, as in PyTorch): those
       examples have loss 0 and a zero gradient, eagerly and under ``jit``.
     label_smoothing: ``eps`` in ``[0, 1)``: the loss becomes
@@ -132,7 +135,7 @@ def complement_nll(
   labels: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
   ignore_index: int | None = None,
 ) -> jax.Array:
   r"""Complement likelihood of a negative example, ``-log p(y != label | x)``.
@@ -154,10 +157,13 @@ def complement_nll(
     labels: ``[...]`` integer labels known to be wrong, in ``[0, K)``. Eagerly, a
       label out of range raises ``ValueError``; under ``jit`` that example's loss
       and gradient are NaN.
-    where: optional boolean mask broadcastable to the logits' shape; excluded classes
-      have probability 0 and get a zero gradient. An example that ``where`` excludes
+    where: optional boolean mask, read as in optax: with as many dimensions as the
+      logits it masks entries (``[1, K]`` masks classes in every example); with fewer
+      it masks examples (``[...]``, expanded at the class axis). Excluded classes have
+      probability 0 and get a zero gradient; an example that ``where`` excludes
       entirely has loss 0 and a zero gradient, as in optax.
-    axis: the class axis of ``logits`` (default -1), as in optax.
+    axis: the class axis of ``logits`` (default -1), or a tuple of axes whose
+      entries together are the classes (a label is a flat index into them), as in optax.
     ignore_index: a label value that marks padding (e.g. -100, as in PyTorch): those
       examples have loss 0 and a zero gradient, eagerly and under ``jit``.
 
@@ -186,7 +192,7 @@ def negated_nll(
   labels: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
   ignore_index: int | None = None,
 ) -> jax.Array:
   r"""The naive "negate the gradient" objective for a negative example: ``+log p(y = label | x)``.
@@ -205,10 +211,13 @@ def negated_nll(
       default).
     labels: ``[...]`` integer labels in ``[0, K)``; out-of-range labels as in
       :func:`nll`.
-    where: optional boolean mask broadcastable to the logits' shape; excluded classes
-      have probability 0 and get a zero gradient. An example that ``where`` excludes
+    where: optional boolean mask, read as in optax: with as many dimensions as the
+      logits it masks entries (``[1, K]`` masks classes in every example); with fewer
+      it masks examples (``[...]``, expanded at the class axis). Excluded classes have
+      probability 0 and get a zero gradient; an example that ``where`` excludes
       entirely has loss 0 and a zero gradient, as in optax.
-    axis: the class axis of ``logits`` (default -1), as in optax.
+    axis: the class axis of ``logits`` (default -1), or a tuple of axes whose
+      entries together are the classes (a label is a flat index into them), as in optax.
     ignore_index: a label value that marks padding (e.g. -100, as in PyTorch): those
       examples have loss 0 and a zero gradient, eagerly and under ``jit``.
 

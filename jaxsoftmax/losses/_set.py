@@ -30,7 +30,7 @@ def set_nll(
   members: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
 ) -> jax.Array:
   r"""Negative log-probability of a set of labels, ``-log sum_{k in S} p_k``.
 
@@ -47,10 +47,13 @@ def set_nll(
     logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
       default).
     members: boolean mask of the logits' shape, of the set S.
-    where: optional boolean mask broadcastable to the logits' shape; excluded classes
-      have probability 0 and get a zero gradient. An example that ``where`` excludes
+    where: optional boolean mask, read as in optax: with as many dimensions as the
+      logits it masks entries (``[1, K]`` masks classes in every example); with fewer
+      it masks examples (``[...]``, expanded at the class axis). Excluded classes have
+      probability 0 and get a zero gradient; an example that ``where`` excludes
       entirely has loss 0 and a zero gradient, as in optax.
-    axis: the class axis of ``logits`` and ``members`` (default -1), as in optax.
+    axis: the class axis of ``logits`` and ``members`` (default -1), or a tuple
+      of axes flattened into one, as in optax.
 
   Returns:
     ``[...]`` per-example losses. +inf only where S has probability exactly 0 (S
@@ -77,7 +80,7 @@ def complement_set_nll(
   members: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
 ) -> jax.Array:
   r"""Complement likelihood of several known-wrong labels, ``-log sum_{k not in S} p_k``.
 
@@ -93,10 +96,13 @@ def complement_set_nll(
     logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
       default).
     members: boolean mask of the logits' shape, of the wrong labels S.
-    where: optional boolean mask broadcastable to the logits' shape; excluded classes
-      have probability 0 and get a zero gradient. An example that ``where`` excludes
+    where: optional boolean mask, read as in optax: with as many dimensions as the
+      logits it masks entries (``[1, K]`` masks classes in every example); with fewer
+      it masks examples (``[...]``, expanded at the class axis). Excluded classes have
+      probability 0 and get a zero gradient; an example that ``where`` excludes
       entirely has loss 0 and a zero gradient, as in optax.
-    axis: the class axis of ``logits`` and ``members`` (default -1), as in optax.
+    axis: the class axis of ``logits`` and ``members`` (default -1), or a tuple
+      of axes flattened into one, as in optax.
 
   Returns:
     ``[...]`` per-example losses. +inf only where every admissible class is in S,

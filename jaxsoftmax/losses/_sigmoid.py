@@ -62,9 +62,10 @@ def sigmoid_binary_cross_entropy(
   Args:
     logits: ``[..., K]`` floating logits.
     targets: ``[..., K]`` targets in ``[0, 1]``: floating, or boolean/integer 0/1.
-    where: optional boolean mask broadcastable to ``[..., K]``; an excluded entry
-      has probability 0 (its logit is taken as -inf): loss 0 for target 0, zero
-      gradient.
+    where: optional boolean mask, read as optax reads one for the softmax losses:
+      with as many dimensions as the logits it masks entries; with fewer it masks
+      examples (``[...]``, expanded at the last axis). An excluded entry has
+      probability 0 (its logit is taken as -inf): loss 0 for target 0, zero gradient.
 
   Returns:
     ``[..., K]`` elementwise losses, no reduction (like optax). +inf only where

@@ -126,7 +126,7 @@ def soft_cross_entropy(
   targets: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
 ) -> jax.Array:
   r"""Cross-entropy against a target distribution, ``-sum_k q_k log p_k``.
 
@@ -145,11 +145,14 @@ def soft_cross_entropy(
     logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
       default).
     targets: ``[..., K]`` floating target weights, usually a distribution.
-    where: optional boolean mask broadcastable to the logits' shape; excluded classes
-      have probability 0 and get a zero gradient. An example that ``where`` excludes
+    where: optional boolean mask, read as in optax: with as many dimensions as the
+      logits it masks entries (``[1, K]`` masks classes in every example); with fewer
+      it masks examples (``[...]``, expanded at the class axis). Excluded classes have
+      probability 0 and get a zero gradient; an example that ``where`` excludes
       entirely has loss 0 and a zero gradient, as in optax.
-    axis: the class axis (default -1), as in optax. A zero target on an
-      excluded class costs 0.
+    axis: the class axis (default -1), or a tuple of axes flattened into one, as in
+      optax. A zero target on an excluded class costs 0; a non-zero one costs +inf
+      (optax drops it from the sum).
 
   Returns:
     ``[...]`` per-example losses. +inf where a class of probability exactly 0 has a
@@ -181,7 +184,7 @@ def multilabel_softmax_cross_entropy(
   label_mask: ArrayLike,
   *,
   where: ArrayLike | None = None,
-  axis: int = -1,
+  axis: int | tuple[int, ...] = -1,
 ) -> jax.Array:
   r"""Softmax cross-entropy against several correct labels, with targets ``Y / |Y|``.
 
@@ -195,10 +198,12 @@ def multilabel_softmax_cross_entropy(
     label_mask: ``[..., K]`` boolean mask of the correct labels Y. Every example
       needs at least one: eagerly, an empty row raises ``ValueError``; under
       ``jit`` its loss is NaN.
-    where: optional boolean mask broadcastable to the logits' shape; excluded classes
-      have probability 0 and get a zero gradient. An example that ``where`` excludes
+    where: optional boolean mask, read as in optax: with as many dimensions as the
+      logits it masks entries (``[1, K]`` masks classes in every example); with fewer
+      it masks examples (``[...]``, expanded at the class axis). Excluded classes have
+      probability 0 and get a zero gradient; an example that ``where`` excludes
       entirely has loss 0 and a zero gradient, as in optax.
-    axis: the class axis (default -1), as in optax.
+    axis: the class axis (default -1), or a tuple of axes flattened into one, as in optax.
 
   Returns:
     ``[...]`` per-example losses; +inf where a label in Y has probability 0.

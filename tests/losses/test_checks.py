@@ -107,7 +107,7 @@ def test_masked_and_minus_inf_logits_get_zero_gradient_never_nan(loss_case):
   else:
     aux = aux.at[:, 4:].set(0.0)
   z = jnp.asarray(rng.normal(0, 1, (3, 6)), jnp.float32).at[:, 5].set(-jnp.inf)
-  keep = jnp.arange(6) != 4  # class 4 excluded by where, class 5 by a -inf logit
+  keep = (jnp.arange(6) != 4)[None]  # class 4 excluded by where, class 5 by a -inf logit
   loss, grad = jax.value_and_grad(lambda z: fn(z, aux, where=keep).sum())(z)
   assert np.isfinite(loss)
   assert np.all(np.isfinite(grad)) and np.all(grad[:, 4:] == 0.0)

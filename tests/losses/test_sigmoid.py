@@ -47,7 +47,7 @@ def test_gradients_exact_in_both_tails_and_in_targets():
 def test_boolean_targets_and_where():
   z = jnp.array([[2.0, -1.0, 3.0]])
   t = jnp.array([[True, False, False]])
-  keep = jnp.array([True, True, False])
+  keep = jnp.array([[True, True, False]])  # elementwise: the logits' dimensions
   loss, grad = jax.value_and_grad(lambda z: sigmoid_binary_cross_entropy(z, t, where=keep).sum())(z)
   # Reference: optax on the kept entries; the excluded one (target 0) costs 0.
   np.testing.assert_allclose(
