@@ -46,7 +46,7 @@ def _of_probability_fwd(logits, members, complement, kind):
 
 
 def _of_probability_bwd(complement, kind, residuals, g):
-  _, _, a, b, _, _ = residuals
+  a, b = residuals[3:5]
   # dL/dz = f'(P) dP/dz = -P f'(P) d(-log P)/dz: the partition kernel's rule with the
   # cotangent scaled. A masked example's log-odds may be NaN (an invalid label); they are
   # replaced before any arithmetic, so that grad of grad stays finite for it too.

@@ -258,6 +258,51 @@ def measure_tree(regime: str, n: int, k: int, complement: bool, seed: int = 0):
 
 TREE_REGIMES = ("p_l -> 1", "middle", "p_l -> 0")
 
+# The losses whose second derivatives are measured, on the draws of the first-derivative
+# table: the label and set losses of the partition kernel.
+HESSIAN_CASES = tuple(
+  case
+  for case in CASES
+  if case.name in ("nll", "complement_nll", "negated_nll", "set_nll", "complement_set_nll")
+)
+
+
+def _hessian_reference(case, z, aux):
+  """The mpmath Hessian of one example (reference.set_nll_hessian on the loss's event)."""
+  in_set = np.arange(len(z)) == aux if case.aux == "label" else np.asarray(aux)
+  h = reference.set_nll_hessian(z, ~in_set if case.name in NEGATIVE else in_set)
+  return [[-x for x in row] for row in h] if case.name == "negated_nll" else h
+
+
+def measure_hessian(case: Case, regime: str, n: int, k: int, seed: int = 0, mode: str = "rev"):
+  """Rows (ulps / (1 + cond), ulps, cond) for every Hessian entry of one loss.
+
+  ``mode`` "rev" is ``jax.jacrev(jax.grad)`` (reverse over reverse), "fwd" is
+  ``jax.hessian`` (forward over reverse, the Hessian-vector products of ``jax.jvp``).
+  ``cond`` bounds the entry's relative condition number in the logits: each entry is a
+  product of probabilities ``exp(z_k - logsumexp z)``, whose relative sensitivity to a
+  relative change of the logits is at most ``2 max |z|`` per factor. Entries below
+  ``tiny / eps`` (1e-31) are left out: the rule forms them as products of factors
+  whose own products fall below float32's normal range, where XLA flushes to zero.
+  """
+  rng = np.random.default_rng(seed)
+  z, aux = draw(rng, case, regime, n, k)
+  single = lambda z, a: case.ours(z[None], a[None])[0]
+  second = jax.jacrev(jax.grad(single)) if mode == "rev" else jax.hessian(single)
+  ours = np.asarray(jax.jit(jax.vmap(second))(jnp.asarray(z), jnp.asarray(aux)), np.float64)
+  rows = []
+  for i in range(n):
+    ref = _hessian_reference(case, z[i].astype(np.float64), aux[i])
+    cond = 4.0 * float(np.abs(z[i]).max())
+    for a in range(k):
+      for b in range(k):
+        value = ref[a][b]
+        if abs(value) < TINY32 / EPS32:  # formed from factors whose products leave float32's range
+          continue
+        ulps = float(abs((ours[i, a, b] - value) / value)) / EPS32
+        rows.append((ulps / (1.0 + cond), ulps, cond))
+  return np.array(rows).reshape(-1, 3)
+
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -307,6 +352,29 @@ def main(argv=None):
         )
   print()
   print(f"worst case over all losses: {worst:.2f} ulps per unit of (1 + condition number)")
+  print()
+  print(
+    "Second derivatives: every Hessian entry against mpmath's, reverse over reverse "
+    "(jax.jacrev(jax.grad)) and forward over reverse (jax.hessian); cond = 4 max|z|, a "
+    "bound on an entry's relative condition number; entries of magnitude 1e-31 or more"
+  )
+  print()
+  print("| loss | regime | mode | entries | worst ulps / (1 + cond) | worst ulps | median cond |")
+  print("|---|---|---|---:|---:|---:|---:|")
+  worst_second = 0.0
+  for case in HESSIAN_CASES:
+    for regime in REGIMES:
+      for mode in ("rev", "fwd"):
+        rows = np.concatenate(
+          [measure_hessian(case, regime, args.cases, k, seed=k, mode=mode) for k in args.classes]
+        )
+        worst_second = max(worst_second, rows[:, 0].max())
+        print(
+          f"| {case.name} | {regime} | {mode} | {len(rows)} | {rows[:, 0].max():.2f} "
+          f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
+        )
+  print()
+  print(f"worst second derivative: {worst_second:.2f} ulps per unit of (1 + cond)")
 
 
 if __name__ == "__main__":

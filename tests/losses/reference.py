@@ -35,6 +35,35 @@ def set_nll(z, in_set):
   return loss, grad
 
 
+def set_nll_hessian(z, in_set):
+  """Hessian of -log P(S) in the logits: (diag p - p p^T) - (diag q - q q^T), with q the
+  softmax restricted to S; each entry from the closed form below, whose terms keep 40
+  digits (no 1 - p is formed: it is the mass of the other classes)."""
+  z, e, e_in, e_out = _masses(z, in_set)
+  total = e_in + e_out
+  k = len(z)
+  p = [x / total for x in e]
+  q = [x / e_in if s else mp.mpf(0) for x, s in zip(e, in_set)]
+  big_p, big_q = e_in / total, e_out / total  # P(S), P(not S)
+  h = [[mp.mpf(0)] * k for _ in range(k)]
+  for i in range(k):
+    for j in range(k):
+      si, sj = in_set[i], in_set[j]
+      if not si and not sj:  # p_i (delta - p_j): p_i (1 - p_i) on the diagonal
+        rest = mp.fsum(p[m] for m in range(k) if m != i)
+        h[i][j] = p[i] * rest if i == j else -p[i] * p[j]
+      elif si and sj:  # p_i (delta - p_j) - q_i (delta - q_j), with p = P q on S
+        if i == j:
+          # p_i (1 - p_i) - q_i (1 - q_i) with 1 - p_i = Q + P (1 - q_i) and 1 - P^2 = Q (1 + P)
+          rest_q = mp.fsum(q[m] for m in range(k) if m != i and in_set[m])
+          h[i][j] = q[i] * big_q * (big_p - rest_q * (1 + big_p))
+        else:
+          h[i][j] = q[i] * q[j] * big_q * (1 + big_p)
+      else:  # one in S, one outside: -p_i p_j
+        h[i][j] = -p[i] * p[j]
+  return h
+
+
 def nll(z, label):
   return set_nll(z, np.arange(len(z)) == label)
 
