@@ -60,18 +60,42 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# Compiling for a topology claims no chip, so the compile-only paths share libtpu with any
+# other process that has it loaded (libtpu otherwise takes a machine-wide lock as it loads
+# and a second process fails with "ABORTED: ... libtpu multi-process lockfile"). Set before
+# libtpu loads; a value the user set is kept.
+SHARED_LIBTPU = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
 def topology(name: str):
   """The topology description of ``name`` (e.g. ``v5e:2x2``), or a clear error."""
+  for key, value in SHARED_LIBTPU.items():
+    os.environ.setdefault(key, value)
   try:
     from jax.experimental import topologies
 
     return topologies.get_topology_desc(platform="tpu", topology_name=name)
-  except Exception as e:  # noqa: BLE001 -- libtpu missing, or an unknown topology
+  except Exception as e:  # noqa: BLE001 -- libtpu missing, locked, or an unknown topology
     raise SystemExit(
-      f"cannot compile for the TPU topology {name!r}: {type(e).__name__}: {e}\n"
-      'Install the TPU compiler with pip install ".[accelerator]" (libtpu) and '
-      "run with JAX_PLATFORMS=cpu."
+      f"cannot compile for the TPU topology {name!r}: {type(e).__name__}: {e}\n{_cause(e)}"
     ) from None
+
+
+def _cause(error: Exception) -> str:
+  """What to do about a failed topology compile, from its message."""
+  text = str(error)
+  if "lockfile" in text:
+    return (
+      "Another process on this machine has libtpu loaded and holds its lock, and "
+      f"ALLOW_MULTIPLE_LIBTPU_LOAD={os.environ.get('ALLOW_MULTIPLE_LIBTPU_LOAD')!r} here: "
+      "compiling for a topology needs no chip, so run with ALLOW_MULTIPLE_LIBTPU_LOAD=1 "
+      "(the default of this module), or end the other process."
+    )
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    return 'Install the TPU compiler with pip install ".[accelerator]" (libtpu).'
+  return "libtpu is installed; run with JAX_PLATFORMS=cpu, and check the topology's name."
 
 
 def chip_of(name: str) -> tuple[str, float, float]:
