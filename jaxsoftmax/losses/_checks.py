@@ -276,6 +276,21 @@ def zero_where_no_cotangent(g: jax.Array, grad: jax.Array) -> jax.Array:
   return jnp.where(g == 0, jnp.zeros((), grad.dtype), g * grad)
 
 
+@jax.custom_jvp
+def sigmoid(x: jax.Array) -> jax.Array:
+  """``jax.nn.sigmoid`` whose derivative is ``sigmoid(x) sigmoid(-x)``, exact in both
+  tails; ``jax.nn.sigmoid``'s is ``s (1 - s)``, exactly 0 once ``s`` rounds to 1
+  (``x > 17`` in float32), so a backward rule that uses it had inexact second
+  derivatives."""
+  return jax.nn.sigmoid(x)
+
+
+@sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return sigmoid(x), jax.nn.sigmoid(x) * jax.nn.sigmoid(-x) * dx
+
+
 def compiled(kernel, static_argnums: tuple[int, ...] = ()):
   """A ``custom_vjp`` kernel under ``jax.jit`` (its non-differentiable arguments static).
 

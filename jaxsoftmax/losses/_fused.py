@@ -408,7 +408,7 @@ def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resid
   dtype = _compute_dtype(h, w)
   g = jnp.where(live, g, 0.0).astype(dtype)
   lse = jnp.logaddexp(a, b)
-  s = jax.nn.sigmoid(jnp.where(live, (a - b) if complement else (b - a), 0.0))
+  s = _checks.sigmoid(jnp.where(live, (a - b) if complement else (b - a), 0.0))
   d_a = g * (s if complement else -s)  # d loss / d a; d loss / d b is its negative
   finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
   # dz_k = coef * exp(z_k - shift), with the side's logsumexp as the shift (so the

@@ -34,7 +34,7 @@ def _sigmoid_cross_entropy_bwd(residuals, g):
   logits, targets = residuals
   # sigmoid(z) - t written as (1 - t) sigmoid(z) - t sigmoid(-z): exact in both tails.
   # sigmoid is 0 or 1 at z = +-inf, so no product here is 0 * inf.
-  grad = (1 - targets) * jax.nn.sigmoid(logits) - targets * jax.nn.sigmoid(-logits)
+  grad = (1 - targets) * _checks.sigmoid(logits) - targets * _checks.sigmoid(-logits)
   impossible = ((targets != 0) & (logits == -jnp.inf)) | ((targets != 1) & (logits == jnp.inf))
   grad = jnp.where(impossible, 0.0, grad)
   # d/dt [t softplus(-z) + (1 - t) softplus(z)] = softplus(-z) - softplus(z) = -z.

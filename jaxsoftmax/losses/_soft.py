@@ -107,7 +107,7 @@ def _soft_cross_entropy_bwd(residuals, g):
   probs = jnp.exp(jnp.where(is_top, -jnp.inf, -neg_log_probs))
   total, rest = total[..., None], rest[..., None]
   # At the top class, Q p_j - q_j = (Q - q_j) - Q (1 - p_j) with 1 - p_j = sigmoid(u).
-  top_grad = rest - total * jax.nn.sigmoid(u)[..., None]
+  top_grad = rest - total * _checks.sigmoid(u)[..., None]
   grad = jnp.where(is_top, top_grad, total * probs - targets)
   grad = jnp.where(impossible[..., None], 0.0, grad)
   g = g[..., None]
