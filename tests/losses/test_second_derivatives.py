@@ -61,3 +61,12 @@ def test_hessian_vector_products_from_probable_to_improbable_labels(gap, label):
     scale = np.abs(_reference(np.asarray(z, np.float64), in_set)).max(axis=1) * np.abs(v).max()
     for hv in (jax.jvp(grad, (z,), (v,))[1], jax.vjp(grad, z)[1](v)[0]):
       np.testing.assert_array_less(np.abs(np.asarray(hv) - expected), 1e-5 * scale + 1e-37)
+
+
+@pytest.mark.parametrize("z", [30.0, 20.0, -30.0])
+def test_sigmoid_cross_entropys_second_derivative_in_the_tails(z):
+  # d^2/dz^2 of the sigmoid cross-entropy is sigmoid(z) sigmoid(-z) (closed form, float64);
+  # at z = 30 it was exactly 0 (jax.nn.sigmoid's derivative s (1 - s) with s rounded to 1).
+  f = lambda z: losses.sigmoid_binary_cross_entropy(z[None], jnp.array([1.0]))[0]
+  expected = 1.0 / (1.0 + np.exp(-z)) / (1.0 + np.exp(z))
+  np.testing.assert_allclose(jax.grad(jax.grad(f))(jnp.float32(z)), expected, rtol=1e-6)
