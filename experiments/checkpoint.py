@@ -29,12 +29,36 @@ MAX_TO_KEEP = 3
 _LEAF = "{:05d}"
 
 
+def is_ours(step_folder: Path) -> bool:
+  """Whether a step folder has the layout this module's checkpoints have: Orbax's record
+  of the step and the two items :meth:`Checkpointer.save` writes (``arrays`` and
+  ``meta``), or is an Orbax temporary folder. A damaged one of ours still has them; a
+  folder that merely has a step's name (a user's, in a linked ``checkpoints``) does not."""
+  if ".orbax-checkpoint-tmp" in step_folder.name:
+    return True
+  return (
+    (step_folder / "_CHECKPOINT_METADATA").is_file()
+    and (step_folder / "meta").is_dir()
+    and (step_folder / "arrays").is_dir()
+  )
+
+
 class CheckpointWarning(UserWarning):
   """A checkpoint could not be restored and was moved aside."""
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that must not be used or written; the message says why."""
+
+  # Whether starting afresh (--overwrite) would resolve it: not for a folder that is not
+  # this project's, which --overwrite leaves where it is too.
+  overwrite_helps = True
+
+
+class ForeignFolderError(CheckpointError):
+  """A folder in the checkpoints folder that this project did not write."""
+
+  overwrite_helps = False
 
 
 def _is_key(x) -> bool:
@@ -168,6 +192,13 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int, error: Exception) -> None:
+    folder = self.directory / str(step)
+    if folder.is_symlink() or not is_ours(folder):
+      raise ForeignFolderError(
+        f"{folder} is not a checkpoint this project wrote (no Orbax record with arrays "
+        "and meta), so it was left as it is: move it out of the checkpoints folder "
+        "and rerun."
+      ) from error
     damaged = self.directory.with_name(self.directory.name + "-damaged")
     if damaged.is_symlink():
       raise CheckpointError(
@@ -179,7 +210,7 @@ class Checkpointer:
     destination = damaged / str(step)
     if destination.exists():
       shutil.rmtree(destination)
-    shutil.move(str(self.directory / str(step)), destination)
+    shutil.move(str(folder), destination)
     self.manager.reload()
     warnings.warn(
       f"checkpoint {step} in {self.directory} could not be restored "

@@ -340,6 +340,8 @@ def _run(
       print(f"Wrote {', '.join(workdir_lib.OUTPUTS)} to {workdir.path}/")
     return 0
   except CheckpointError as e:
+    if not e.overwrite_helps:
+      return error(str(e))
     return error(f"{e} Pass --overwrite to start afresh, or choose another --workdir.")
   except OSError as e:  # a full disk, a folder that became unwritable
     last = saved[-1] if saved else resumed_from

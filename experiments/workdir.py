@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxsoftmax_experiments import report
+from jaxsoftmax_experiments.checkpoint import is_ours
 
 CONFIG, METRICS, RESULTS, TIMING, SUMMARY, CURVES = (
   "config.json",
@@ -92,19 +93,6 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
   except OSError:
     return None
-
-
-def _ours(step_folder: Path) -> bool:
-  """Whether a checkpoint folder has the layout this project's checkpoints have: Orbax's
-  record of the step and the two items :mod:`checkpoint` writes (``arrays`` and ``meta``),
-  or is an Orbax temporary folder. A damaged one of ours still has them."""
-  if ".orbax-checkpoint-tmp" in step_folder.name:
-    return True
-  return (
-    (step_folder / "_CHECKPOINT_METADATA").is_file()
-    and (step_folder / "meta").is_dir()
-    and (step_folder / "arrays").is_dir()
-  )
 
 
 class Workdir:
@@ -197,7 +185,7 @@ class Workdir:
               _STEP.search(entry.name)
               and entry.is_dir()
               and not entry.is_symlink()
-              and _ours(entry)
+              and is_ours(entry)
             ):
               shutil.rmtree(entry)
       elif folder.is_dir():
@@ -259,12 +247,20 @@ class Workdir:
     report.write_atomic(self.path / CONFIG, report.to_json(resolved))
 
   def forget_start(self) -> None:
-    """Removes what a run that failed before its first checkpoint wrote (config.json and
-    the log), so that the corrected command is not refused as another config. A run with
-    a checkpoint is kept: it can be resumed. (An empty checkpoints folder is no run.)"""
+    """Removes what a run that failed before its first checkpoint wrote (config.json, the
+    log, an Orbax temporary folder of a save that did not finish, and the checkpoints
+    folder if that leaves it empty), so that the corrected command is not refused as
+    another config and meets a clean folder. A run with a finished checkpoint is kept:
+    it can be resumed. Nothing that this project did not write is touched."""
     checkpoints = self.path / CHECKPOINTS
-    if checkpoints.is_dir() and any(_STEP.search(p.name) for p in checkpoints.iterdir()):
+    entries = list(checkpoints.iterdir()) if checkpoints.is_dir() else []
+    if any(p.name.isdigit() and is_ours(p) for p in entries):
       return
+    for entry in entries:
+      if ".orbax-checkpoint-tmp" in entry.name and entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    if checkpoints.is_dir() and not checkpoints.is_symlink() and not any(checkpoints.iterdir()):
+      checkpoints.rmdir()
     for name in (CONFIG, METRICS):
       (self.path / name).unlink(missing_ok=True)
 

@@ -3,6 +3,7 @@ foreign file still there, the refused process), not only the exit status."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,61 @@ def test_a_symlinked_checkpoints_folder_is_used_but_never_removed_through(tmp_pa
     disk / "someone_elses.txt"
   ).read_text() == "keep me"
   assert json.loads((workdir / "results.json").read_text())["config"]["seed"] == 3
+
+
+def test_folders_named_like_steps_behind_a_linked_checkpoints_are_never_moved(
+  finished, tmp_path, capsys
+):
+  # The issue's trap: a finished run, then checkpoints/ replaced by a link to a folder that
+  # holds thesis.tex and 20/ 40/ 60/ 600/ with a data.bin each; then --overwrite with
+  # another seed. Before: exit 0, the four folders taken for damaged checkpoints, moved
+  # into checkpoints-damaged/ (four CheckpointWarnings), and deleted by the next
+  # --overwrite. Now the run refuses, naming the folder, and moves nothing.
+  source, _ = finished
+  workdir = _copy(source, tmp_path / "trap_run")
+  shutil.rmtree(workdir / "checkpoints")
+  trap = tmp_path / "elsewhere" / "trap"
+  trap.mkdir(parents=True)
+  (trap / "thesis.tex").write_text("\\documentclass{article}")
+  for name in ("20", "40", "60", "600"):
+    (trap / name).mkdir()
+    (trap / name / "data.bin").write_bytes(name.encode() * 100)
+  (workdir / "checkpoints").symlink_to(trap)
+  before = sorted(str(p.relative_to(trap)) for p in trap.rglob("*"))
+  for _ in range(2):
+    code = run.main([*TINY, "--config.seed=1", "--overwrite", f"--workdir={workdir}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{workdir / 'checkpoints' / '600'} is not a checkpoint this project wrote" in err
+    assert "Traceback" not in err and "--overwrite" not in err
+  assert sorted(str(p.relative_to(trap)) for p in trap.rglob("*")) == before
+  assert (trap / "600" / "data.bin").read_bytes() == b"600" * 100
+  assert not (workdir / "checkpoints-damaged").exists()
+
+
+def test_a_run_whose_first_save_fails_leaves_a_clean_folder(tmp_path, capsys, monkeypatch):
+  # Before: a first save that failed (a 300 KiB disk) said "no checkpoint was taken" but
+  # left config.json, metrics.jsonl and Orbax's checkpoints/N.orbax-checkpoint-tmp/, since
+  # the clean-up counted the temporary folder as a checkpoint.
+  import errno
+
+  from jaxsoftmax_experiments import checkpoint as checkpoint_lib
+
+  workdir = tmp_path / "first_save"
+  real = checkpoint_lib.Checkpointer.save
+
+  def save(self, step, tree, meta):
+    temporary = self.directory / f"{step}.orbax-checkpoint-tmp-1234"
+    (temporary / "arrays").mkdir(parents=True)  # what Orbax leaves when a write fails
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", save)
+  assert run.main([*TINY, f"--workdir={workdir}"]) == 1
+  err = capsys.readouterr().err
+  assert "No space left on device" in err
+  assert sorted(p.name for p in workdir.iterdir() if not p.name.startswith(".")) == []
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", real)
+  assert run.main([*TINY, "--config.seed=4", f"--workdir={workdir}"]) == 0
 
 
 def test_a_damaged_checkpoint_is_never_moved_into_a_symlinked_folder(finished, tmp_path, capsys):
