@@ -16,7 +16,13 @@ carry out is an error too, never silent.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
 import shutil
+import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +47,70 @@ def is_ours(step_folder: Path) -> bool:
     and (step_folder / "meta").is_dir()
     and (step_folder / "arrays").is_dir()
   )
+
+
+def _write_error(step: int, directory: Path, error: Exception) -> OSError:
+  """An OSError for a checkpoint that could not be written: ENOSPC for a full disk (Orbax
+  and TensorStore report one as RESOURCE_EXHAUSTED with the OS's words inside)."""
+  if isinstance(error, OSError) and error.errno is not None:
+    return error
+  text = str(error)
+  if "No space left on device" in text or "os_error_code='28'" in text:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+  first = text.splitlines()[0][:300] if text else type(error).__name__
+  return OSError(errno.EIO, f"checkpoint {step} could not be written ({first})", str(directory))
+
+
+class _Held:
+  """What a library printed to the standard error stream while held; replayed on exit
+  unless dropped."""
+
+  def __init__(self, file):
+    self.file, self.dropped = file, False
+
+  def drop(self) -> None:
+    self.dropped = True
+
+
+@contextlib.contextmanager
+def _held_stderr():
+  """Holds back everything written to the standard error stream while the block runs
+  (Python's ``sys.stderr``, the ``absl`` log's, and C++ threads' writes to file descriptor
+  2); replays it afterwards unless :meth:`_Held.drop` was called. Where no temporary file
+  can be made (a full /tmp), the output goes through as it is."""
+  sys.stderr.flush()
+  try:
+    file = tempfile.TemporaryFile()
+  except OSError:
+    yield _Held(None)
+    return
+  held, python = _Held(file), io.StringIO()
+  saved = os.dup(2)
+  os.dup2(file.fileno(), 2)
+  try:
+    with contextlib.redirect_stderr(python):
+      yield held
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    if not held.dropped:
+      file.seek(0)
+      replay = file.read()
+      if replay:
+        sys.stderr.flush()
+        os.write(2, replay)
+      sys.stderr.write(python.getvalue())
+    file.close()
+
+
+def silence_stderr() -> None:
+  """Sends what is still written to the standard error stream to /dev/null, for a process
+  that has printed its last message (Orbax's writer threads report a failed save again
+  as the interpreter shuts down)."""
+  sys.stderr.flush()
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.close(devnull)
 
 
 class CheckpointWarning(UserWarning):
@@ -120,15 +190,21 @@ class Checkpointer:
     """Saves ``tree`` (a pytree of arrays) and ``meta`` (JSON) as checkpoint ``step``.
 
     Raises :class:`CheckpointError` if Orbax did not write it (it skips a step at or
-    below its newest one).
+    below its newest one), and an :class:`OSError` (``ENOSPC`` for a full disk) if the
+    writing failed: Orbax's own reports of it (log lines and tracebacks from its writer
+    threads, hundreds of lines for one full disk) are held back, so the caller's one
+    message is what the user sees; after a save that succeeds they are printed as usual.
     """
-    saved = self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(_to_leaves(tree)), meta=ocp.args.JsonSave(meta)
-      ),
+    args = ocp.args.Composite(
+      arrays=ocp.args.StandardSave(_to_leaves(tree)), meta=ocp.args.JsonSave(meta)
     )
-    self.manager.wait_until_finished()
+    with _held_stderr() as held:
+      try:
+        saved = self.manager.save(step, args=args)
+        self.manager.wait_until_finished()
+      except Exception as e:  # noqa: BLE001 -- Orbax reports a failed write in many types
+        held.drop()
+        raise _write_error(step, self.directory, e) from None
     if not saved or step not in self.manager.all_steps():
       raise CheckpointError(
         f"checkpoint {step} was not written to {self.directory} (it holds steps {self.steps()})."

@@ -248,7 +248,14 @@ def _write_failed(workdir, e: OSError, step: int, last: int | None) -> int:
       workdir.forget_start()
     except OSError:
       pass
+  global WRITE_FAILED
+  WRITE_FAILED = True
   return 1
+
+
+# Set when a command ended on a failed write: the console scripts then silence what
+# Orbax's writer threads still print as the interpreter shuts down.
+WRITE_FAILED = False
 
 
 def _run(

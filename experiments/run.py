@@ -286,9 +286,17 @@ def _main(argv: list[str], interrupt: execute.Interrupt, program: str) -> int:
   return execute.execute(config, fv.workdir, options, interrupt)
 
 
+def _exit(code: int) -> None:
+  if execute.WRITE_FAILED:  # the one message is out; Orbax's threads may report it again
+    from jaxsoftmax_experiments.checkpoint import silence_stderr
+
+    silence_stderr()
+  sys.exit(code)
+
+
 def cli() -> None:
   """The ``jaxsoftmax-run`` console script."""
-  sys.exit(main())
+  _exit(main())
 
 
 if __name__ == "__main__":
@@ -297,10 +305,10 @@ if __name__ == "__main__":
 
 def lm_cli() -> None:
   """``jaxsoftmax-lm``: ``jaxsoftmax-run`` with ``--config=lm_repetition`` unless given."""
-  sys.exit(main(program="jaxsoftmax-lm", default_config="lm_repetition"))
+  _exit(main(program="jaxsoftmax-lm", default_config="lm_repetition"))
 
 
 def multilabel_cli() -> None:
   """``jaxsoftmax-multilabel``: ``jaxsoftmax-run`` with ``--config=multilabel_canvases``
   unless given."""
-  sys.exit(main(program="jaxsoftmax-multilabel", default_config="multilabel_canvases"))
+  _exit(main(program="jaxsoftmax-multilabel", default_config="multilabel_canvases"))

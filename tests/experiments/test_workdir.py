@@ -351,6 +351,70 @@ def test_a_full_disk_mid_run_is_a_message_and_keeps_the_last_good_checkpoint(
   assert json.loads((workdir / "timing.json").read_text())["resumed_from_step"] == 20
 
 
+FULL_DISK_RUN = [
+  "--config=feedback_digits",
+  "--config.steps=60",
+  "--config.eval_every=30",
+  "--config.num_seeds=2",
+  "--config.initial_steps=30",
+]
+
+
+@pytest.mark.parametrize("size", ["40k", "300k"])
+def test_a_full_disk_through_the_command_is_one_line(tmp_path, size):
+  # The reproduction on a real full disk (a tmpfs; needs root, else skipped: the
+  # next test patches the write instead). Before: about 800 lines of Orbax's tracebacks
+  # (RESOURCE_EXHAUSTED, "Event loop is closed", "sys.meta_path is None") and exit 1.
+  mount = tmp_path / "mnt"
+  mount.mkdir()
+  made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)])
+  if made.returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (not root)")
+  try:
+    out = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "jaxsoftmax_experiments.run",
+        *FULL_DISK_RUN,
+        f"--workdir={mount}/run",
+      ],
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 1
+    lines = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith("step ")]
+    assert lines == [
+      f"error: writing to {mount}/run failed at step 60 (No space left on device); no "
+      "checkpoint was taken. Rerun the same command once the problem is fixed."
+    ], out.stderr[-3000:]
+    # The failed start is forgotten: nothing but the lock is left for the rerun to meet.
+    assert sorted(p.name for p in (mount / "run").iterdir()) == [".lock"]
+  finally:
+    subprocess.run(["umount", str(mount)])
+
+
+def test_a_checkpoint_write_that_fails_inside_orbax_is_an_oserror(tmp_path, capsys, monkeypatch):
+  # Orbax reports a full disk as a ValueError (RESOURCE_EXHAUSTED ... No space left on
+  # device), which the run did not take for a write failure: it ended in a traceback.
+  import orbax.checkpoint as ocp
+
+  def save(self, step, *args, **kwargs):
+    print("E orbax writer thread: Traceback ... Event loop is closed", file=sys.stderr)
+    raise ValueError(
+      "RESOURCE_EXHAUSTED: Error writing local file: Failed to write 207 bytes to file 25: "
+      "No space left on device [os_error_code='28']"
+    )
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  workdir = tmp_path / "patched"
+  assert run.main([*TINY, f"--workdir={workdir}"]) == 1
+  err = capsys.readouterr().err
+  assert "No space left on device" in err and "Traceback" not in err, err
+  assert not (workdir / "config.json").exists()
+
+
 def test_checkpoint_metadata_that_does_not_parse_is_set_aside(finished, tmp_path):
   from jaxsoftmax_experiments.checkpoint import CheckpointWarning
 
