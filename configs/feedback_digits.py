@@ -14,8 +14,12 @@ counts (``--config.tree=balanced``, ``--config.branching=3`` for others).
 
 from jaxsoftmax_experiments import config
 
+# The output heads of ``feedback_digits:HEAD``; the first is the default.
+VARIANTS = ("softmax", "hierarchical", "tree")
 
-def get_config(head="softmax"):
+
+def get_config(head=VARIANTS[0]):
+  config.check_variant("feedback_digits", "head", head, VARIANTS)
   c = config.defaults()
   c.head = head
   c.dataset = "digits"

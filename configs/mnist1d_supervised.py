@@ -10,8 +10,12 @@ learning rate 1e-2, batch 100, 6000 steps. Pick the model with the config argume
 
 from jaxsoftmax_experiments import config
 
+# The models of ``mnist1d_supervised:MODEL``; the first is the default.
+VARIANTS = ("mlp", "cnn")
 
-def get_config(model="mlp"):
+
+def get_config(model=VARIANTS[0]):
+  config.check_variant("mnist1d_supervised", "model", model, VARIANTS)
   c = config.defaults()
   c.dataset = "mnist1d"
   c.protocol = "supervised"

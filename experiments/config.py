@@ -361,6 +361,12 @@ def kinds_of(key: str) -> list[str]:
   return [kind for kind, keys in KIND_KEYS.items() if key in keys]
 
 
+def check_variant(name: str, arg: str, value, variants) -> None:
+  """Refuses a packaged config's variant (``NAME:VALUE``) that it does not have."""
+  if value not in variants:
+    raise ValueError(f"{name}:{value}: {arg} must be one of {', '.join(variants)}, got {value!r}.")
+
+
 def defaults(kind: str = "classifier") -> ml_collections.ConfigDict:
   """Every key of a ``kind``'s config at its default (classifier: the feedback experiment
   on digits).

@@ -215,9 +215,11 @@ def execute(config, workdir_path, options: Options, interrupt: Interrupt | None 
     workdir.remove_temporary_files()
     if options.overwrite:
       try:
-        workdir.clear()
+        deleted = workdir.clear()
       except OSError as e:
         return error(f"--overwrite could not delete the earlier run in {workdir.path}: {e}")
+      if deleted:
+        print(f"--overwrite deleted the earlier run in {workdir.path}: {', '.join(deleted)}.")
     else:
       problem = workdir.config_problem(resolved)
       if problem:

@@ -48,7 +48,9 @@ _FLAGS = """\
   --help                 this text"""
 
 
-def _usage(argv: Sequence[str] = (), program: str = "jaxsoftmax-run") -> str:
+def _usage(
+  argv: Sequence[str] = (), program: str = "jaxsoftmax-run", default_config: str | None = None
+) -> str:
   """``--help``: the flags, the packaged configs and their variants, and the config keys
   (of the named config's kind only, when ``--config`` names one)."""
   from jaxsoftmax_experiments import config as config_lib
@@ -60,9 +62,14 @@ def _usage(argv: Sequence[str] = (), program: str = "jaxsoftmax-run") -> str:
     loaded = _load_quietly(named)
     if loaded is not None:
       kinds = (config_lib.kind_of(loaded),)
+  alias = (
+    f"{program} is jaxsoftmax-run with --config={default_config} unless --config is given.\n\n"
+    if default_config
+    else ""
+  )
   return (
     f"usage: {program} --config=NAME|PATH --workdir=DIR [--config.KEY=VALUE ...]\n\n"
-    f"Trains every regime x seed of an experiment config (a classifier, a language model "
+    f"{alias}Trains every regime x seed of an experiment config (a classifier, a language model "
     f"or a multi-label study) and writes config.json, metrics.jsonl, results.json, "
     f"timing.json, summary.md and curves.png to --workdir.\n\n"
     f"flags:\n{_FLAGS}\n\npackaged configs (--config=NAME):\n{_config_list(configs)}\n\n"
@@ -72,32 +79,38 @@ def _usage(argv: Sequence[str] = (), program: str = "jaxsoftmax-run") -> str:
 
 
 def _config_list(configs) -> str:
-  """Each packaged config with its kind, its variants (NAME:ARG) and its first line."""
+  """Each packaged config with its variants (NAME:VALUE, from its module's ``VARIANTS``)
+  and the first sentence of its docstring."""
   import ast
 
   out = []
   for name in configs.names():
     source = open(configs.path(name), encoding="utf-8").read()
     tree = ast.parse(source)
-    doc = (ast.get_docstring(tree) or "").strip().splitlines()
-    get = next(
-      (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_config"), None
-    )
     variants = ""
-    if get is not None and get.args.args:
-      arg = get.args.args[0].arg
-      default = get.args.defaults[0].value if get.args.defaults else None
-      choices = sorted(
-        {c.value for c in ast.walk(get) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
-        & _VARIANTS.get(name, set())
-      )
-      variants = f" (variants {name}:{arg}, {arg} one of {', '.join(choices)}; default {default})"
-    out.append(f"  {name}{variants}: {doc[0] if doc else ''}")
+    for node in tree.body:
+      if isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "VARIANTS" for t in node.targets
+      ):
+        values = ast.literal_eval(node.value)
+        get = next(
+          n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_config"
+        )
+        arg = get.args.args[0].arg
+        variants = (
+          f" (variants {name}:{arg}, {arg} one of {', '.join(values)}; default {values[0]})"
+        )
+    out.append(f"  {name}{variants}: {_first_sentence(ast.get_docstring(tree) or '')}")
   return "\n".join(out)
 
 
-# The values a packaged config's argument takes (its get_config says what each does).
-_VARIANTS = {"feedback_digits": {"softmax", "hierarchical"}, "mnist1d_supervised": {"mlp", "cnn"}}
+def _first_sentence(doc: str) -> str:
+  """The first sentence of a docstring's first paragraph, its lines joined."""
+  import re
+
+  paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+  end = re.search(r"\.\s+(?=[A-Z])", paragraph)  # not "et al. 2019"
+  return paragraph if end is None else paragraph[: end.start() + 1]
 
 
 def _load_quietly(arg: str):
@@ -168,7 +181,7 @@ def main(
   if default_config and not any(a.startswith("--config=") for a in argv):
     argv.insert(0, f"--config={default_config}")
   if any(a in ("--help", "-h", "--helpfull", "-help") for a in argv):
-    print(_usage(argv, program))
+    print(_usage(argv, program, default_config))
     return 0
   interrupt = execute.Interrupt()
   with interrupt.installed():
@@ -206,10 +219,7 @@ def parse(argv: list[str], program: str = "jaxsoftmax-run"):
     if arg.startswith("--config."):
       key = arg[len("--config.") :].split("=")[0].split(".")[0]
       if key not in config_lib.ALL_KEYS:
-        return _error(
-          f"config.{key}: unknown key; the keys are {', '.join(config_lib.ALL_KEYS)} "
-          "(--help describes each)."
-        )
+        return _error(_unknown_key(key, argv))
     elif arg.startswith("--config="):
       value = arg[len("--config=") :]
       argv[i] = "--config=" + resolve_config_arg(value)
@@ -251,7 +261,7 @@ def parse(argv: list[str], program: str = "jaxsoftmax-run"):
         f"--config.{key}: the config has no such key; a config file starts from "
         "jaxsoftmax_experiments.config.defaults(KIND), which holds every key."
       )
-    return _error(f"{e} (--help lists the flags and config keys).")
+    return _error(f"{_config_file_error(e)} (--help lists the flags and config keys).")
   except Exception as e:  # the config file itself: a syntax error, or get_config raising  # noqa: BLE001
     return _error(f"cannot load --config: {type(e).__name__}: {e}")
   if not fv["config"].present and fv["config"].value is None:
@@ -265,6 +275,43 @@ def parse(argv: list[str], program: str = "jaxsoftmax-run"):
   except Exception as e:  # a missing config file, or one that raises  # noqa: BLE001
     return _error(f"cannot load --config: {type(e).__name__}: {e}")
   return fv, config
+
+
+def _unknown_key(key: str, argv: list[str]) -> str:
+  """The refusal of ``--config.KEY``: the named config's own keys, and the nearest."""
+  import difflib
+
+  from jaxsoftmax_experiments import config as config_lib
+
+  named = next((a[len("--config=") :] for a in argv if a.startswith("--config=")), None)
+  loaded = _load_quietly(named) if named else None
+  kind = config_lib.kind_of(loaded) if loaded is not None else None
+  keys = config_lib.KIND_KEYS[kind] if kind else config_lib.ALL_KEYS
+  near = difflib.get_close_matches(key, keys, n=1)
+  hint = f" Did you mean --config.{near[0]}?" if near else ""
+  whose = f"the {kind} config's keys" if kind else "the keys"
+  return (
+    f"--config.{key}: unknown key.{hint} {whose[0].upper()}{whose[1:]} are "
+    f"{', '.join(keys)} (--help describes each)."
+  )
+
+
+def _config_file_error(error: Exception) -> str:
+  """ml_collections' error for a config file that raised holds the whole traceback: the
+  flag and the exception's last line are what the user needs; absl's boolean parser
+  gives a raw (message, value) tuple, said as a sentence."""
+  import re
+
+  text = str(error)
+  pair = re.fullmatch(r"(flag [^:]+): \('([^']+)', '([^']*)'\)", text)
+  if pair:  # absl's bool parser raises a (message, value) tuple
+    boolean = " (true or false)" if "boolean" in pair.group(2) else ""
+    return f"{pair.group(1)}: {pair.group(2).lower()}{boolean}"
+  if "Error whilst parsing config file" in text and "Traceback" in text:
+    head = text.split("Error whilst parsing config file")[0].strip().rstrip(":")
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return f"{head}: {last}"
+  return text
 
 
 def _main(argv: list[str], interrupt: execute.Interrupt, program: str) -> int:

@@ -166,16 +166,19 @@ class Workdir:
       found.append(CHECKPOINTS)
     return found
 
-  def clear(self) -> None:
+  def clear(self) -> list[str]:
     """Deletes a run's outputs and checkpoints from the folder, nothing else.
 
     Through a symbolic link it deletes only checkpoint folders (step numbers), never
-    the link or what else the folder it points to holds. Any failure raises.
+    the link or what else the folder it points to holds. Any failure raises. Returns
+    what it deleted, as paths relative to the folder.
     """
+    deleted = []
     for name in (RECORD, *OUTPUTS):
       path = self.path / name
       if path.is_symlink() or path.is_file():
         path.unlink()
+        deleted.append(name)
     for name in (CHECKPOINTS, DAMAGED):
       folder = self.path / name
       if folder.is_symlink():
@@ -188,8 +191,11 @@ class Workdir:
               and is_ours(entry)
             ):
               shutil.rmtree(entry)
+              deleted.append(f"{name}/{entry.name}")
       elif folder.is_dir():
         shutil.rmtree(folder)
+        deleted.append(f"{name}/")
+    return deleted
 
   def config_problem(self, resolved: dict) -> str | None:
     """Why the run here cannot be resumed with the config ``resolved``; None if it can."""
@@ -219,9 +225,15 @@ class Workdir:
     changes = ", ".join(
       f"{k} ({earlier.get(k, 'unset')!r} -> {resolved.get(k, 'unset')!r})" for k in differ
     )
-    more = (
-      " A finished or started run cannot be continued with more steps." if "steps" in differ else ""
-    )
+    more = ""
+    if "steps" in differ:
+      before, after = earlier.get("steps"), resolved.get("steps")
+      fewer = isinstance(before, int) and isinstance(after, int) and after < before
+      more = (
+        f" A run is not cut short: its checkpoints and curves are of a {before}-step run."
+        if fewer
+        else " A finished or started run cannot be continued with more steps."
+      )
     return (
       f"--workdir {self.path} holds a run of a different config; differing keys: {changes}."
       f"{more} Rerun with the same config to resume it, choose another folder, or pass "

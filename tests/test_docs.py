@@ -56,6 +56,7 @@ class _Page(html.parser.HTMLParser):
   def __init__(self):
     super().__init__()
     self.ids, self.links, self.images, self.text, self._skip = set(), [], [], [], 0
+    self.scripts = []
 
   def handle_starttag(self, tag, attrs):
     attrs = dict(attrs)
@@ -67,6 +68,8 @@ class _Page(html.parser.HTMLParser):
       self.images.append(attrs.get("src", ""))
     if tag in ("script", "style"):
       self._skip += 1
+    if tag == "script" and attrs.get("src"):
+      self.scripts.append(attrs["src"])
 
   def handle_endtag(self, tag):
     if tag in ("script", "style"):
@@ -151,3 +154,15 @@ def test_the_pages_render_the_guides_the_reference_and_the_notebook(site):
   assert "first gap where log(1 - softmax) is not finite" in notebook.text
   assert "complement_likelihood" in notebook.text
   assert "Traceback" not in notebook.text
+
+
+def test_the_site_loads_nothing_from_the_network(site):
+  # Before: every page with math loaded MathJax from a CDN, so math stayed raw TeX offline.
+  out, pages = site
+  remote = {(name, src) for name, page in pages.items() for src in page.scripts}
+  remote = {(name, src) for name, src in remote if urlsplit(src).scheme or src.startswith("//")}
+  assert not remote, sorted(remote)[:5]
+  losses = pages["guides/losses.html"]
+  mathjax = [src for src in losses.scripts if "mathjax" in src.lower()]
+  assert mathjax, losses.scripts
+  assert all(((out / "guides" / src.split("?")[0]).resolve()).is_file() for src in mathjax)

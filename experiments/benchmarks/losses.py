@@ -28,7 +28,7 @@ import optax
 from experiments.benchmarks import timer
 from jaxsoftmax import losses
 
-SHAPES = ((8192, 16), (65536, 1000), (1024, 32768), (64, 262144))
+SHAPES = ((8192, 16), (8192, 128), (8192, 1000), (65536, 1000), (1024, 32768), (64, 262144))
 PAD = -100
 
 
@@ -44,6 +44,7 @@ FUNCTIONS = {
   ("plain", "optax CE"): lambda z, y, w: optax.softmax_cross_entropy_with_integer_labels(z, y),
   ("plain", "nll"): lambda z, y, w: losses.nll(z, y),
   ("plain", "complement_nll"): lambda z, y, w: losses.complement_nll(z, y),
+  ("plain", "negated_nll"): lambda z, y, w: losses.negated_nll(z, y),
   ("where", "optax CE"): lambda z, y, w: optax.softmax_cross_entropy_with_integer_labels(
     z, y, where=w
   ),

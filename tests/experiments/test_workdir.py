@@ -239,6 +239,22 @@ def test_a_run_whose_first_save_fails_leaves_a_clean_folder(tmp_path, capsys, mo
   assert run.main([*TINY, "--config.seed=4", f"--workdir={workdir}"]) == 0
 
 
+def test_fewer_steps_and_overwrite_say_what_they_mean(finished, tmp_path, capsys):
+  # Before: asking for fewer steps was refused as "cannot be continued with more steps",
+  # and --overwrite deleted the earlier run without a word.
+  source, _ = finished
+  workdir = _copy(source, tmp_path / "fewer")
+  steps = next(a for a in TINY if a.startswith("--config.steps="))
+  fewer = [a for a in TINY if a != steps] + ["--config.steps=20"]
+  assert run.main([*fewer, f"--workdir={workdir}"]) == 2
+  err = capsys.readouterr().err
+  assert "A run is not cut short" in err and "more steps" not in err
+  assert run.main([*fewer, "--overwrite", f"--workdir={workdir}"]) == 0
+  out = capsys.readouterr().out
+  assert f"--overwrite deleted the earlier run in {workdir}: " in out
+  assert "results.json" in out and "checkpoints/" in out
+
+
 def test_a_damaged_checkpoint_is_never_moved_into_a_symlinked_folder(finished, tmp_path, capsys):
   source, _ = finished
   workdir = _copy(source, tmp_path / "damaged_link")
