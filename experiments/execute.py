@@ -151,10 +151,26 @@ class Progress:
       print(f"step {step}/{self.total}: mean {what} {text}", file=sys.stderr, flush=True)
     else:
       self.bar.update(step - self.bar.n)
-      self.bar.set_postfix({r.split("_")[0]: f"{a:.3f}" for r, a in values.items()})
+      short = short_names(list(values))
+      self.bar.set_postfix({short[r]: f"{a:.3f}" for r, a in values.items()})
 
   def close(self) -> None:
     self.bar.close()
+
+
+def short_names(names: list[str]) -> dict[str, str]:
+  """Each regime's name cut to its fewest leading words (``_``-separated) that no other
+  name shares: ``softmax_y_over_size`` and ``softmax_plus_complement`` are ``softmax_y``
+  and ``softmax_plus``, not one ``softmax``."""
+  short = {}
+  for name in names:
+    words = name.split("_")
+    for n in range(1, len(words) + 1):
+      prefix = "_".join(words[:n])
+      if not any(o != name and (o == prefix or o.startswith(prefix + "_")) for o in names):
+        break
+    short[name] = prefix
+  return short
 
 
 def prepare(config, distributed: bool = False):

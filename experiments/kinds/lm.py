@@ -507,7 +507,8 @@ def summarise(s: Settings, records: list[dict], info: dict, wall: float) -> tupl
     results["regimes"][regime] = entry
   cols = METRICS[s.experiment]
   lines = [
-    f"# {s.experiment} on CPython's help topics",
+    f"# {s.experiment} on "
+    + ("CPython's help topics" if s.dataset == "help_topics" else f"the text {s.dataset[5:]}"),
     "",
     f"TransformerLM (width {s.width}, depth {s.depth}, {s.heads} heads, context "
     f"{s.length}), vocabulary {info['vocab_size']}, {s.num_seeds} seeds, {s.steps} steps, "

@@ -386,3 +386,25 @@ def test_bad_values_are_one_sentence(tmp_path, capsys, args, message):
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err and "('" not in err, err
   assert len(err.strip().splitlines()) == 1
+
+
+def test_the_progress_bar_tells_every_regime_apart():
+  # Before: regimes were named by their first word: softmax_y_over_size and
+  # softmax_plus_complement both showed as "softmax", the mcl_* and ure_* alike.
+  from jaxsoftmax_experiments.execute import short_names
+
+  names = [
+    "softmax_y_over_size",
+    "softmax_plus_complement",
+    "sigmoid",
+    "clipped_softmax",
+    "mcl_log",
+    "mcl_exp",
+    "ure_ga",
+    "ure_nn",
+    "positive_only",
+  ]
+  short = short_names(names)
+  assert len(set(short.values())) == len(names)
+  assert short["softmax_y_over_size"] == "softmax_y" and short["positive_only"] == "positive"
+  assert short["mcl_log"] == "mcl_log" and short["sigmoid"] == "sigmoid"

@@ -132,7 +132,10 @@ def test_a_short_run_of_every_repetition_regime(runs):
     assert all(p < p0 for p, p0 in zip(r["validation_perplexity"], start)), (r, start)
     assert all(0 <= x <= 1 for x in r["seq_rep_4"])
     assert r["worse_than_uniform_at_step"] == [None, None]
-  assert "| worse than uniform |" in (workdir / "summary.md").read_text()
+  summary = (workdir / "summary.md").read_text()
+  assert "| worse than uniform |" in summary
+  # A user's text is named as such (before: "repetition on CPython's help topics").
+  assert summary.splitlines()[0] == f"# repetition on the text {s.dataset[5:]}"
 
 
 def test_a_short_run_of_every_unlearning_regime(runs):
