@@ -7,6 +7,8 @@ as int32 with every invalid label replaced by -1.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +148,52 @@ def as_class_mask(mask: ArrayLike, logits: jax.Array, *, name: str) -> jax.Array
   if mask.shape != logits.shape:
     raise ValueError(f"{name} shape {mask.shape} does not match logits shape {logits.shape}.")
   return mask
+
+
+def as_members(
+  members: ArrayLike, logits: jax.Array, axes: tuple[int, ...], *, name: str = "members"
+) -> tuple[jax.Array, jax.Array | None]:
+  """A set given either way, as ``(mask, bad)``: the boolean mask over the classes with
+  the class axes last (flattened), and, for ids, which examples hold an id out of range.
+
+  ``members`` is a boolean mask of the logits' shape, or integer class ids ``[..., M]``
+  (the logits' shape without the class axes, plus one axis of ids; -1 pads), the form
+  the fused and tree set losses take. Eagerly an id outside ``[-1, K)`` raises; under a
+  transformation it makes that example's loss and gradient NaN (``bad``).
+  """
+  if not isinstance(members, jax.Array):
+    members = np.asarray(members)
+  if members.dtype == jnp.bool_:
+    return move_to_last(as_class_mask(members, logits, name=name), axes), None
+  if not jnp.issubdtype(members.dtype, jnp.integer):
+    raise TypeError(
+      f"{name} must be a boolean mask over the classes or integer class ids (-1 pads), "
+      f"got dtype {members.dtype}."
+    )
+  batch_shape = tuple(n for a, n in enumerate(logits.shape) if a not in axes)
+  if members.ndim != len(batch_shape) + 1 or members.shape[:-1] != batch_shape:
+    raise ValueError(
+      f"{name} shape {members.shape}: class ids must have the logits' shape without the "
+      f"class axis, {batch_shape}, plus one axis of ids (or give a boolean mask of the "
+      f"logits' shape {logits.shape})."
+    )
+  num_classes = math.prod(logits.shape[a] for a in axes)
+  bad = None
+  if is_concrete(members):
+    values = np.asarray(members)
+    wrong = (values < -1) | (values >= num_classes)
+    if wrong.any():
+      at = tuple(int(i) for i in np.argwhere(wrong)[0])
+      raise ValueError(
+        f"{name}{index_str(at)} = {values[at]} is outside [0, {num_classes}) (and is not "
+        "the padding -1)."
+      )
+    ids = jnp.asarray(values.astype(np.int32))
+  else:
+    bad = jnp.any((members < -1) | (members >= num_classes), axis=-1)
+    ids = jnp.asarray(members).astype(jnp.int32)
+  mask = jnp.any(ids[..., None] == jnp.arange(num_classes, dtype=jnp.int32), axis=-2)
+  return mask, bad
 
 
 def as_targets(targets: ArrayLike, logits: jax.Array) -> jax.Array:

@@ -575,6 +575,12 @@ def _check_members(members, batch_shape, vocab):
   gives NaN under a transformation (returned as the ``bad`` token mask)."""
   if not isinstance(members, jax.Array):  # (a tracer is a jax.Array)
     members = np.asarray(members)
+  if members.dtype == jnp.bool_:
+    raise TypeError(
+      "negatives must be integer token ids [..., M] (-1 pads), got a boolean mask; for a "
+      "mask over the vocabulary pass jnp.where(mask, jnp.arange(V), -1) (M = V), or the "
+      "ids themselves."
+    )
   if not jnp.issubdtype(members.dtype, jnp.integer):
     raise TypeError(
       f"negatives must be integers (token ids, -1 for padding), got dtype {members.dtype}."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
@@ -14,9 +15,11 @@ def set_inputs(logits, members, where, axis, keep_dtype=False):
   (16-bit logits left as they are with ``keep_dtype``, for the partition kernel)."""
   logits = _checks.as_logits(logits, keep_dtype=keep_dtype)
   axis = _checks.class_axis(axis, logits)
-  members = _checks.move_to_last(_checks.as_class_mask(members, logits, name="members"), axis)
+  members, bad = _checks.as_members(members, logits, axis)
   where = _checks.as_where(where, logits, axis)
   logits, kept = _checks.apply_where(_checks.move_to_last(logits, axis), where)
+  if bad is not None:  # an id out of range (under a transformation): NaN for that example
+    logits = jnp.where(bad[..., None], jnp.nan, logits).astype(logits.dtype)
   return logits, members, kept
 
 
@@ -46,7 +49,8 @@ def set_nll(
   Args:
     logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
       default).
-    members: boolean mask of the logits' shape, of the set S.
+    members: the set S: a boolean mask of the logits' shape, or integer class ids
+      ``[..., M]`` (-1 pads), as the fused and tree set losses take them.
     where: optional boolean mask, read as in optax: with as many dimensions as the
       logits it masks entries (``[1, K]`` masks classes in every example); with fewer
       it masks examples (``[...]``, expanded at the class axis). Excluded classes have
@@ -95,7 +99,8 @@ def complement_set_nll(
   Args:
     logits: ``[..., K]`` floating logits, classes on ``axis`` (the last by
       default).
-    members: boolean mask of the logits' shape, of the wrong labels S.
+    members: the wrong labels S: a boolean mask of the logits' shape, or integer
+      class ids ``[..., M]`` (-1 pads), as the fused and tree set losses take them.
     where: optional boolean mask, read as in optax: with as many dimensions as the
       logits it masks entries (``[1, K]`` masks classes in every example); with fewer
       it masks examples (``[...]``, expanded at the class axis). Excluded classes have

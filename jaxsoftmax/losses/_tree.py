@@ -319,6 +319,11 @@ def _set(node_logits, members, tree, ignore_index, complement):
   unused = int(ignore_index) if ignore_index is not None else -1
   members = jnp.asarray(members)
   if not jnp.issubdtype(members.dtype, jnp.integer):
+    if members.dtype == jnp.bool_:
+      raise TypeError(
+        "members must be integer class ids [..., M] (-1 pads), got a boolean mask; for a "
+        "mask over the K classes pass jnp.where(mask, jnp.arange(K), -1) (M = K)."
+      )
     raise TypeError(f"members must be integer class ids, got dtype {members.dtype}.")
   if _checks.is_concrete(members):
     values = np.asarray(members)

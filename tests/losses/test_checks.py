@@ -81,8 +81,9 @@ def test_type_errors():
     losses.nll(jnp.zeros((2, 3), jnp.int32), jnp.zeros(2, jnp.int32))
   with pytest.raises(TypeError, match="labels must be integers, got dtype float32"):
     losses.nll(jnp.zeros((2, 3)), jnp.zeros(2))
-  with pytest.raises(TypeError, match="members must be a boolean mask"):
-    losses.set_nll(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.int32))
+  # Integer members are class ids (the fused and tree set losses' form); floats are neither.
+  with pytest.raises(TypeError, match="members must be a boolean mask over the classes or integer"):
+    losses.set_nll(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.float32))
   with pytest.raises(TypeError, match="where must be a boolean mask"):
     losses.nll(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), where=jnp.ones(3))
 

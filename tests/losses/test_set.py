@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from jaxsoftmax import losses
 from jaxsoftmax.losses import complement_nll, complement_set_nll, nll, set_nll
 from tests.losses import accuracy as accuracy_losses
 
@@ -71,3 +72,39 @@ def test_empty_set_is_infinite_with_zero_gradient_and_full_set_is_zero():
   assert set_nll(z, every) == 0.0 and complement_set_nll(z, none) == 0.0
   for fn, s in ((set_nll, none), (complement_set_nll, every), (set_nll, every)):
     np.testing.assert_array_equal(jax.grad(lambda z: fn(z, s))(z), 0.0)
+
+
+@pytest.mark.parametrize(
+  "fn",
+  [losses.set_nll, losses.complement_set_nll, losses.mcl_mae, losses.mcl_exp],
+  ids=lambda f: f.__name__,
+)
+def test_class_ids_give_what_the_mask_gives(fn):
+  # Before: ids (the fused and tree set losses' form) were refused with a suggestion of
+  # members.astype(bool), which is wrong for ids.
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  ids = jnp.array([[0, 3, -1], [5, -1, -1], [1, 1, 2], [4, 0, 5]])
+  mask = jnp.zeros((4, 6), bool).at[jnp.arange(4)[:, None], jnp.maximum(ids, 0)].max(ids >= 0)
+  np.testing.assert_array_equal(fn(z, ids), fn(z, mask))
+  np.testing.assert_array_equal(
+    jax.grad(lambda z: fn(z, ids).sum())(z), jax.grad(lambda z: fn(z, mask).sum())(z)
+  )
+  np.testing.assert_array_equal(fn(z.T, ids, axis=0), fn(z, mask))
+  with pytest.raises(ValueError, match=r"members\[1, 0\] = 6 is outside \[0, 6\)"):
+    fn(z, ids.at[1, 0].set(6))
+  out = jax.jit(fn)(z, ids.at[1, 0].set(6))
+  assert np.isnan(out[1]) and np.all(np.isfinite(np.asarray(out)[[0, 2, 3]]))
+  with pytest.raises(ValueError, match=r"class ids must have the logits' shape without"):
+    fn(z, ids[:3])
+
+
+def test_the_fused_and_tree_set_losses_name_the_conversion_of_a_mask():
+  from jaxsoftmax.tree import Tree
+
+  mask = jnp.array([[True, False, True]])
+  with pytest.raises(TypeError, match=r"jnp.where\(mask, jnp.arange\(V\), -1\)"):
+    losses.fused_set_nll(jnp.ones((1, 2)), jnp.ones((2, 3)), mask)
+  tree = Tree.balanced(3, 2)
+  with pytest.raises(TypeError, match=r"jnp.where\(mask, jnp.arange\(K\), -1\)"):
+    losses.tree_set_nll(jnp.zeros((1, tree.num_nodes, 2)), mask, tree)
