@@ -224,20 +224,26 @@ class TreeHead:
     return models.tree_path_logits(*out, self.tree, classes)
 
   def nll(self, out, labels):
-    return losses.tree_nll(self._paths(out, labels), labels, self.tree)
+    return losses.tree_nll(self._paths(out, labels), labels, self.tree, layout="paths")
 
   def complement_nll(self, out, labels, wrong=None):
     if wrong is None:
-      return losses.tree_complement_nll(self._paths(out, labels), labels, self.tree)
+      return losses.tree_complement_nll(
+        self._paths(out, labels), labels, self.tree, layout="paths"
+      )
     ids = _ids(labels, wrong)
-    return losses.tree_complement_set_nll(self._paths(out, ids), ids, self.tree, ignore_index=-1)
+    return losses.tree_complement_set_nll(
+      self._paths(out, ids), ids, self.tree, ignore_index=-1, layout="paths"
+    )
 
   def set_nll(self, out, labels, wrong=None):
     """``-log P(labels and wrong)``; an empty set gives 0 (its loss is masked out)."""
     if wrong is None:
       return self.nll(out, labels)
     ids = _ids(labels, wrong)
-    return losses.tree_set_nll(self._paths(out, ids), ids, self.tree, ignore_index=-1)
+    return losses.tree_set_nll(
+      self._paths(out, ids), ids, self.tree, ignore_index=-1, layout="paths"
+    )
 
   def flat_loss(self, name, out, labels, **kwargs):
     raise ValueError(f"{name} needs the logits, which the tree head never forms.")
@@ -258,7 +264,7 @@ class TreeHead:
     valid = jnp.arange(self.tree.branching) < jnp.asarray(self.tree.arity)[:, None]
     return (
       losses.tree_log_softmax(table, self.tree),
-      losses.tree_nll(table, y, self.tree),
+      losses.tree_nll(table, y, self.tree, layout="table"),
       jnp.max(jnp.where(valid, jnp.abs(table), 0.0)),
     )
 
@@ -288,6 +294,11 @@ def make_head(
   ``huffman`` tree of ``branching`` children per node (Huffman from ``frequencies``,
   the class counts of the training data)."""
   if name == "tree":
+    if num_classes < 2:
+      raise ValueError(
+        f"the tree head needs at least 2 classes, got {num_classes}: with one class its "
+        "probability is 1 whatever the model does, so there is nothing to train."
+      )
     if tree == "huffman":
       if frequencies is None or len(frequencies) != num_classes:
         raise ValueError(f"a Huffman tree needs the frequencies of the {num_classes} classes.")

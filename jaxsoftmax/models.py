@@ -253,7 +253,8 @@ class TreeSoftmax(nnx.Module):
     >>> x, y = jnp.ones((4, 16)), jnp.array([0, 5, 50, 99])
     >>> head.path_logits(x, y).shape      # 7 levels of a binary tree over 100 classes
     (4, 7, 2)
-    >>> bool(jnp.allclose(tree_nll(head.path_logits(x, y), y, head.tree),
+    >>> paths = head.path_logits(x, y)
+    >>> bool(jnp.allclose(tree_nll(paths, y, head.tree, layout="paths"),
     ...                   -head.log_probs(x)[jnp.arange(4), y], rtol=1e-5))
     True
   """

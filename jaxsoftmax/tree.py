@@ -139,6 +139,17 @@ class ClassTree:
     )
 
 
+def _count(name: str, value, minimum: int) -> int:
+  """``value`` as an int of at least ``minimum``: a float (3.7, 2.5), a string ('3') or a
+  bool is refused by name, never truncated."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an integer, got {value!r}.")
+  if value < minimum:
+    what = "positive" if minimum == 1 else f"at least {minimum}"
+    raise ValueError(f"{name} must be {what}, got {value}.")
+  return int(value)
+
+
 def balanced_tree(num_classes: int, num_clusters: int | None = None) -> ClassTree:
   """Consecutive classes in ``num_clusters`` clusters whose sizes differ by at most 1.
 
@@ -363,7 +374,8 @@ class Tree:
     """Consecutive classes split into ``branching`` near-equal groups, recursively.
 
     Every class's depth is ``floor`` or ``ceil`` of ``log_branching(K)``; a node's
-    subtrees differ in size by at most 1.
+    subtrees differ in size by at most 1. A branching above K is K (one node over every
+    class); a count that is not an integer is refused, never truncated.
 
     Example:
       >>> Tree.balanced(8, branching=2).depth.tolist()
@@ -372,12 +384,10 @@ class Tree:
       >>> tree.arity.tolist(), tree.depth.tolist()
       ([4, 3, 3, 2, 2], [2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
     """
-    k = int(num_classes)
-    if k < 1:
-      raise ValueError(f"num_classes must be positive, got {k}.")
-    if int(branching) < 2:
-      raise ValueError(f"branching must be at least 2, got {branching}.")
-    b = int(branching)
+    k = _count("num_classes", num_classes, 1)
+    # No node has more than K children: a larger branching is K (one level, the flat
+    # softmax), not a table of 10**9 columns.
+    b = min(_count("branching", branching, 2), max(k, 2))
     if k == 1:
       return cls(1, np.zeros((1, 1), np.int64))
     # Breadth-first over ranges [lo, hi) of classes: a range of one class is a leaf.
@@ -427,9 +437,8 @@ class Tree:
     if not np.isfinite(freq).all() or (freq < 0).any():
       i = int(np.argmax(~np.isfinite(freq) | (freq < 0)))
       raise ValueError(f"frequencies[{i}] = {freq[i]}: frequencies must be finite and >= 0.")
-    if int(branching) < 2:
-      raise ValueError(f"branching must be at least 2, got {branching}.")
-    k, b = freq.size, int(branching)
+    k = freq.size
+    b = min(_count("branching", branching, 2), max(k, 2))  # at most K children, as balanced
     if k == 1:
       return cls(1, np.zeros((1, 1), np.int64))
     # Placeholders (id None) so that every merge takes b nodes: (K - 1) % (b - 1) == 0.

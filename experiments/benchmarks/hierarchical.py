@@ -66,7 +66,7 @@ def _tree(tree, dim, fn):
 
   def loss(params, h, y):
     head = nnx.merge(graphdef, params)
-    return jnp.mean(fn(head.path_logits(h, y), y, head.tree))
+    return jnp.mean(fn(head.path_logits(h, y), y, head.tree, layout="paths"))
 
   return loss, params
 

@@ -51,22 +51,40 @@ def _check_tree(tree):
     raise TypeError(f"tree must be a jaxsoftmax.tree.Tree, got {type(tree).__name__}.")
 
 
-def _layout(node_logits, tree, extra_axes):
-  """``(batch shape, is_table)``: the node logits are the full table ``[..., N, B]`` or
-  path logits ``[..., (M,) L, B]`` (``extra_axes`` = 1 for a set's member axis). When
-  ``N == L`` the two coincide (the nodes are numbered breadth-first, so every path is
-  a prefix of ``0, 1, ..., L-1``) and the table is read."""
+LAYOUTS = ("table", "paths")
+
+
+def _layout(node_logits, tree, extra_axes, layout=None):
+  """``(batch shape, is_table)``: the node logits are the full table ``[..., N, B]``
+  (``layout="table"``) or path logits ``[..., (M,) L, B]`` (``layout="paths"``;
+  ``extra_axes`` = 1 for a set's member axis). Without ``layout`` the shape decides where
+  only one reading fits it; where both do (a tree whose node count equals its depth: a
+  chain, Huffman of [5, 3, 2], two classes) the call is refused, naming ``layout``."""
+  if layout is not None and layout not in LAYOUTS:
+    raise ValueError(f"layout must be 'table' or 'paths' (or None), got {layout!r}.")
   n, width, depth = tree.num_nodes, tree.branching, tree.max_depth
   shape = node_logits.shape
-  if node_logits.ndim >= 2 and shape[-1] == width and shape[-2] == n:
-    return shape[:-2], True
-  if node_logits.ndim >= 2 + extra_axes and shape[-1] == width and shape[-2] == depth:
-    return shape[: -2 - extra_axes], False
+  table = node_logits.ndim >= 2 and shape[-1] == width and shape[-2] == n
+  paths = node_logits.ndim >= 2 + extra_axes and shape[-1] == width and shape[-2] == depth
   path = "[..., M, L, B]" if extra_axes else "[..., L, B]"
-  raise ValueError(
-    f"node_logits has shape {shape}; for this tree it must be the node table "
-    f"[..., N={n}, B={width}] or the path logits {path} with L={depth}, B={width}."
-  )
+  if layout is None and table and paths:
+    raise ValueError(
+      f"node_logits has shape {shape}, which is both this tree's node table "
+      f"[..., N={n}, B={width}] and its path logits {path} (L={depth}): say which with "
+      "layout='table' or layout='paths'."
+    )
+  if table and layout in (None, "table"):
+    return shape[:-2], True
+  if paths and layout in (None, "paths"):
+    return shape[: -2 - extra_axes], False
+  wanted = {
+    None: (
+      f"the node table [..., N={n}, B={width}] or the path logits {path} with L={depth}, B={width}"
+    ),
+    "table": f"the node table [..., N={n}, B={width}] (layout='table')",
+    "paths": f"the path logits {path} with L={depth}, B={width} (layout='paths')",
+  }[layout]
+  raise ValueError(f"node_logits has shape {shape}; for this tree it must be {wanted}.")
 
 
 def _path_logits(node_logits, is_table, labels, tree):
@@ -80,22 +98,24 @@ def _path_logits(node_logits, is_table, labels, tree):
   if is_table:
     z = jnp.take_along_axis(node_logits, jnp.maximum(nodes, 0)[..., None], axis=-2)  # [..., L, B]
     poisoned = jnp.any(jnp.isnan(node_logits), axis=(-2, -1))[..., None, None]
-    z = jnp.where(poisoned, jnp.nan, z)
+    z = z + jnp.where(poisoned, jnp.nan, 0.0).astype(z.dtype)
   else:
     z = node_logits
   arity = jnp.asarray(tree.arity)[jnp.maximum(nodes, 0)]
   column = jnp.arange(tree.branching)
   certain = jnp.where(column == 0, 0.0, -jnp.inf).astype(z.dtype)
   z = jnp.where(level_ok[..., None], jnp.where(column < arity[..., None], z, -jnp.inf), certain)
-  z = jnp.where((labels < 0)[..., None, None], jnp.nan, z)
+  # NaN is added, not selected: a select would pass no gradient, and a NaN loss would get
+  # an exactly zero gradient row, which apply_if_finite-style guards cannot see.
+  z = z + jnp.where((labels < 0)[..., None, None], jnp.nan, 0.0).astype(z.dtype)
   return z, jnp.where(level_ok, branch, 0), nodes, level_ok
 
 
-def _inputs(node_logits, labels, tree, ignore_index):
+def _inputs(node_logits, labels, tree, ignore_index, layout=None):
   """Checked node logits, their layout, int32 labels (-1 invalid) and the ignored mask."""
   _check_tree(tree)
   node_logits = _checks.as_logits(node_logits, name="node_logits")
-  batch, is_table = _layout(node_logits, tree, 0)
+  batch, is_table = _layout(node_logits, tree, 0, layout)
   labels, ignored = _checks.as_labels(
     labels,
     jax.ShapeDtypeStruct((*batch, tree.num_classes), node_logits.dtype),
@@ -161,8 +181,8 @@ def _label_loss_bwd(complement, residuals, g):
 _label_loss.defvjp(_label_loss_fwd, _label_loss_bwd)
 
 
-def _label(node_logits, labels, tree, ignore_index, complement):
-  node_logits, is_table, labels, ignored = _inputs(node_logits, labels, tree, ignore_index)
+def _label(node_logits, labels, tree, ignore_index, complement, layout=None):
+  node_logits, is_table, labels, ignored = _inputs(node_logits, labels, tree, ignore_index, layout)
   return _label_body(node_logits, labels, ignored, tree, is_table, complement)
 
 
@@ -174,7 +194,12 @@ def _label_body(node_logits, labels, ignored, tree, is_table, complement):
 
 
 def tree_nll(
-  node_logits: ArrayLike, labels: ArrayLike, tree: Tree, *, ignore_index: int | None = None
+  node_logits: ArrayLike,
+  labels: ArrayLike,
+  tree: Tree,
+  *,
+  ignore_index: int | None = None,
+  layout: str | None = None,
 ) -> jax.Array:
   r"""Negative log-likelihood of the label through a tree, ``-sum_t log q_t`` on its path.
 
@@ -188,6 +213,9 @@ def tree_nll(
     tree: the :class:`~jaxsoftmax.tree.Tree` (static).
     ignore_index: a label value that marks padding (e.g. -100): those examples have
       loss 0 and a zero gradient, eagerly and under ``jit``.
+    layout: ``"table"`` or ``"paths"``: which of the two ``node_logits`` holds. Without
+      it the shape decides, and a shape that fits both (a tree whose node count equals
+      its depth) raises ``ValueError``.
 
   Returns:
     ``[...]`` per-example losses, no reduction: a sum of non-negative per-node losses,
@@ -207,11 +235,16 @@ def tree_nll(
   model", AISTATS 2005; T. Mikolov et al., "Distributed representations of words and
   phrases and their compositionality", NeurIPS 2013 (the Huffman tree).
   """
-  return _label(node_logits, labels, tree, ignore_index, False)
+  return _label(node_logits, labels, tree, ignore_index, False, layout)
 
 
 def tree_complement_nll(
-  node_logits: ArrayLike, labels: ArrayLike, tree: Tree, *, ignore_index: int | None = None
+  node_logits: ArrayLike,
+  labels: ArrayLike,
+  tree: Tree,
+  *,
+  ignore_index: int | None = None,
+  layout: str | None = None,
 ) -> jax.Array:
   r"""Complement likelihood of a negative example through a tree, ``-log(1 - p(l))``.
 
@@ -228,6 +261,7 @@ def tree_complement_nll(
     labels: ``[...]`` integer classes in ``[0, K)`` (the classes the examples are not).
     tree: the :class:`~jaxsoftmax.tree.Tree` (static).
     ignore_index: a label value that marks padding: loss 0, zero gradient.
+    layout: ``"table"`` or ``"paths"``, as for :func:`tree_nll`.
 
   Returns:
     ``[...]`` per-example losses, >= 0; +inf with a zero gradient only where ``p_l`` is
@@ -241,7 +275,7 @@ def tree_complement_nll(
     >>> print(tree_complement_nll(z, jnp.array([0]), tree))
     [24.9933]
   """
-  return _label(node_logits, labels, tree, ignore_index, True)
+  return _label(node_logits, labels, tree, ignore_index, True, layout)
 
 
 # --- a set of classes: -log P(S) and -log P(not S) -------------------------------------
@@ -265,7 +299,10 @@ def _set_logs(z, branch, on_paths, first, member_ok):
   inside, outside = _split_logsumexp(z, on_paths)[:2]  # children on / off the paths
   leave = -jax.nn.softplus(inside - outside)  # log P(off the paths | node)
   log_out = _safe_logsumexp(
-    jnp.where(first, reach + leave, -jnp.inf).reshape(*first.shape[:-2], -1), axis=-1
+    jnp.where(first, reach + leave, -jnp.inf).reshape(
+      *first.shape[:-2], math.prod(first.shape[-2:])
+    ),
+    axis=-1,
   )
   # An empty set: P(not S) = 1 (no member's path to leave).
   return log_in, jnp.where(jnp.any(member_ok, axis=-1), log_out, 0.0)
@@ -301,10 +338,10 @@ def _set_loss_bwd(complement, residuals, g):
 _set_loss.defvjp(_set_loss_fwd, _set_loss_bwd)
 
 
-def _set(node_logits, members, tree, ignore_index, complement):
+def _set(node_logits, members, tree, ignore_index, complement, layout=None):
   _check_tree(tree)
   node_logits = _checks.as_logits(node_logits, name="node_logits")
-  batch, is_table = _layout(node_logits, tree, 1)
+  batch, is_table = _layout(node_logits, tree, 1, layout)
   if jnp.ndim(members) != len(batch) + 1:
     raise ValueError(
       f"members has shape {jnp.shape(members)}; with node_logits {node_logits.shape} it must "
@@ -317,7 +354,8 @@ def _set(node_logits, members, tree, ignore_index, complement):
     )
   _checks.check_ignore_index(ignore_index)  # before it is a static argument of _set_body
   unused = int(ignore_index) if ignore_index is not None else -1
-  members = jnp.asarray(members)
+  if not isinstance(members, jax.Array):  # checked before JAX casts it: 2**40 wraps to 0
+    members = np.asarray(members)
   if not jnp.issubdtype(members.dtype, jnp.integer):
     if members.dtype == jnp.bool_:
       raise TypeError(
@@ -334,6 +372,7 @@ def _set(node_logits, members, tree, ignore_index, complement):
         f"members{where} = {values[tuple(np.argwhere(bad)[0])]} is outside "
         f"[0, {tree.num_classes}) (unused slots are {unused})."
       )
+    members = jnp.asarray(values.astype(np.int32))
   return _set_body(
     node_logits, members, tree, is_table, unused, ignore_index is not None, complement
   )
@@ -369,7 +408,12 @@ def _set_body(node_logits, members, tree, is_table, unused, ignoring, complement
 
 
 def tree_set_nll(
-  node_logits: ArrayLike, members: ArrayLike, tree: Tree, *, ignore_index: int | None = None
+  node_logits: ArrayLike,
+  members: ArrayLike,
+  tree: Tree,
+  *,
+  ignore_index: int | None = None,
+  layout: str | None = None,
 ) -> jax.Array:
   r"""``-log P(y in S)`` through a tree, for a set ``S`` of classes given by member ids.
 
@@ -390,6 +434,7 @@ def tree_set_nll(
     tree: the :class:`~jaxsoftmax.tree.Tree` (static).
     ignore_index: the id of an unused slot, -1 by default; an example whose slots are
       all unused has loss 0 and a zero gradient when it is given.
+    layout: ``"table"`` or ``"paths"``, as for :func:`tree_nll`.
 
   Returns:
     ``[...]`` per-example losses; +inf with a zero gradient for an empty set (without
@@ -403,11 +448,16 @@ def tree_set_nll(
     >>> print(tree_set_nll(z, jnp.array([[0, 3, -1]]), tree))  # -log(1/2)
     [0.6931]
   """
-  return _set(node_logits, members, tree, ignore_index, False)
+  return _set(node_logits, members, tree, ignore_index, False, layout)
 
 
 def tree_complement_set_nll(
-  node_logits: ArrayLike, members: ArrayLike, tree: Tree, *, ignore_index: int | None = None
+  node_logits: ArrayLike,
+  members: ArrayLike,
+  tree: Tree,
+  *,
+  ignore_index: int | None = None,
+  layout: str | None = None,
 ) -> jax.Array:
   r"""``-log P(y not in S)`` through a tree: the complement likelihood of a set of
   negative classes (for example the previous tokens of unlikelihood training).
@@ -421,6 +471,7 @@ def tree_complement_set_nll(
     members: ``[..., M]`` integer class ids; -1 (or ``ignore_index``) marks an unused slot.
     tree: the :class:`~jaxsoftmax.tree.Tree` (static).
     ignore_index: the id of an unused slot, -1 by default.
+    layout: ``"table"`` or ``"paths"``, as for :func:`tree_nll`.
 
   Returns:
     ``[...]`` per-example losses; 0 for an empty set, +inf with a zero gradient where
@@ -434,7 +485,7 @@ def tree_complement_set_nll(
     >>> print(tree_complement_set_nll(z, jnp.array([[0, 1, 2]]), tree))  # -log(1/4)
     [1.3863]
   """
-  return _set(node_logits, members, tree, ignore_index, True)
+  return _set(node_logits, members, tree, ignore_index, True, layout)
 
 
 def tree_log_softmax(node_logits: ArrayLike, tree: Tree) -> jax.Array:

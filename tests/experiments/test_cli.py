@@ -408,3 +408,31 @@ def test_the_progress_bar_tells_every_regime_apart():
   assert len(set(short.values())) == len(names)
   assert short["softmax_y_over_size"] == "softmax_y" and short["positive_only"] == "positive"
   assert short["mcl_log"] == "mcl_log" and short["sigmoid"] == "sigmoid"
+
+
+@pytest.mark.parametrize(
+  "tree_args",
+  [[], ["--config.tree=balanced", "--config.branching=3"]],
+  ids=["huffman", "balanced_3"],
+)
+def test_a_tree_whose_node_count_equals_its_depth_trains(tmp_path, tree_args):
+  # The issue's runs: three classes, the tree head and two negatives per input ended in
+  # "ValueError: members has shape (128, 2); with node_logits (128, 2, 2, 2) it must be
+  # (128, 2, 'M')": the head's path logits were read as the node table.
+  flag = _npz(tmp_path / "three.npz")
+  workdir = tmp_path / "three"
+  args = [a for a in TINY if not a.startswith("--config.dataset")]
+  command = [
+    "--config=feedback_digits",
+    f"--workdir={workdir}",
+    flag,
+    *args,
+    "--config.num_labeled=20",
+    "--config.head=tree",
+    "--config.protocol=uniform",
+    "--config.num_negatives=2",
+    *tree_args,
+  ]
+  assert run.main(command) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results["regimes"]) >= {"complement_likelihood"}

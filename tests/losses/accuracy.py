@@ -247,7 +247,8 @@ def measure_tree(regime: str, n: int, k: int, complement: bool, seed: int = 0):
   z[rows_n, levels, safe] = other + gaps
   z = z.astype(np.float32)
   fn = losses.tree_complement_nll if complement else losses.tree_nll
-  ours = np.asarray(jax.jit(fn, static_argnums=2)(z, labels.astype(np.int32), tree), np.float64)
+  paths = jax.jit(lambda z, y: fn(z, y, tree, layout="paths"))
+  ours = np.asarray(paths(z, labels.astype(np.int32)), np.float64)
   rows = []
   for i in range(n):
     path = z[i, : depth[i]].astype(np.float64)

@@ -222,7 +222,7 @@ def test_equal_to_the_flat_losses_of_the_implied_distribution(name):
       """Per-example values and gradients of ours and of the flat losses on z(table)."""
       out = []
       for ours, flat, target, flat_target in cases:
-        mine = lambda t: ours(t, target, tree)
+        mine = lambda t: ours(t, target, tree, layout="table")
         theirs = lambda t: flat(flat_z(t), flat_target)
         out.append(
           (
@@ -344,7 +344,7 @@ def test_label_losses_match_mpmath_in_both_tails(gap, complement):
   label = 0  # the deepest class: seven levels
   table = _tail_table(tree, label, gap)
   fn = tree_complement_nll if complement else tree_nll
-  loss, grad = jax.value_and_grad(lambda t: fn(t, label, tree))(table)
+  loss, grad = jax.value_and_grad(lambda t: fn(t, label, tree, layout="table"))(table)
   refs = _mp_losses(table, tree, [label])
   ref, ref_grad = refs[int(complement)], _mp_grad(table, tree, [label], complement)
   # 4 ulps per unit of (1 + condition number); the complement about a tiny p is exp(-L),
@@ -360,7 +360,7 @@ def test_label_losses_match_mpmath_in_both_tails(gap, complement):
   assert np.all((grad != 0) | (np.abs(ref_grad) < tiny))  # no gradient vanishes that should not
   if complement and gap == 40.0:
     # The naive form is inf where the exact loss is about 40.
-    assert -jnp.log1p(-jnp.exp(-tree_nll(table, label, tree))) == jnp.inf
+    assert -jnp.log1p(-jnp.exp(-tree_nll(table, label, tree, layout="table"))) == jnp.inf
 
 
 @pytest.mark.parametrize("gap", [30.0, 0.0, -30.0])
@@ -433,8 +433,8 @@ def _value_and_grad(fn, tree, **kwargs):
 def test_edge_cases_follow_the_flat_conventions():
   one = Tree.balanced(1)
   table = jnp.zeros((1, 1, 1))
-  assert tree_nll(table, jnp.array([0]), one)[0] == 0.0
-  loss, grad = _value_and_grad(tree_complement_nll, one)(table, jnp.array([0]))
+  assert tree_nll(table, jnp.array([0]), one, layout="table")[0] == 0.0
+  loss, grad = _value_and_grad(tree_complement_nll, one, layout="table")(table, jnp.array([0]))
   assert loss == jnp.inf and np.all(grad == 0)
   tree = Tree.balanced(4, 2)
   table = jnp.zeros((1, 3, 2)).at[0, 0, 0].set(-jnp.inf)  # classes 0, 1 unreachable
@@ -482,3 +482,98 @@ def test_bad_input_is_named():
     tree_set_nll(table, jnp.array([[0, 12], [1, 2]]), tree)
   with pytest.raises(ValueError, match=r"node table \[..., N=5, B=3\]"):
     tree_log_softmax(jnp.zeros((4, 3)), tree)
+
+
+# --- the issue's edges: layouts said, ids checked, NaN seen, sizes refused ---------------
+
+# Trees whose node count equals their depth: the node table and the path logits have the
+# same shape, and reading one for the other gave wrong numbers or a members-shape error.
+COINCIDING = {
+  "chain": Tree.from_parents([3, 4, 4, -1, 3], num_classes=3),
+  "huffman_5_3_2": Tree.huffman([5, 3, 2]),
+  "two_classes": Tree.balanced(2, 2),
+  "three_classes_branching_3": Tree.balanced(3, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(COINCIDING))
+def test_a_layout_both_readings_fit_is_refused_until_said(name):
+  tree = COINCIDING[name]
+  assert tree.num_nodes == tree.max_depth
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(4, tree.num_nodes, tree.branching)), jnp.float32)
+  labels = jnp.arange(4) % tree.num_classes
+  with pytest.raises(ValueError, match="say which with layout='table' or layout='paths'"):
+    tree_nll(table, labels, tree)
+  expected = -tree_log_softmax(table, tree)[jnp.arange(4), labels]
+  np.testing.assert_allclose(tree_nll(table, labels, tree, layout="table"), expected, rtol=1e-6)
+  # The path logits of each label: the table's rows on its path (the tree head's form).
+  paths = table[jnp.arange(4)[:, None], jnp.maximum(jnp.asarray(tree.path_nodes)[labels], 0)]
+  np.testing.assert_allclose(tree_nll(paths, labels, tree, layout="paths"), expected, rtol=1e-6)
+  # The set losses: a table [B, N, B'] with members [B, M], and paths [B, M, L, B'].
+  members = jnp.stack([labels, (labels + 1) % tree.num_classes], axis=1)
+  by_table = tree_set_nll(table, members, tree, layout="table")
+  member_paths = table[
+    jnp.arange(4)[:, None, None], jnp.maximum(jnp.asarray(tree.path_nodes)[members], 0)
+  ]
+  by_paths = tree_set_nll(member_paths, members, tree, layout="paths")
+  np.testing.assert_allclose(by_table, by_paths, rtol=1e-6)
+  with pytest.raises(ValueError, match="layout must be 'table' or 'paths'"):
+    tree_nll(table, labels, tree, layout="nodes")
+
+
+def test_member_ids_that_would_wrap_are_refused_eagerly():
+  # Before: an int64 id of 2**40 was cast to int32 (0) first and gave a finite loss.
+  tree = Tree.balanced(4, 2)
+  z = jnp.zeros((1, 3, 2))
+  for fn in (tree_set_nll, tree_complement_set_nll):
+    with pytest.raises(ValueError, match=r"members\[0, 0\] = 1099511627776 is outside"):
+      fn(z, np.array([[2**40, 1]], np.int64), tree)
+
+
+@pytest.mark.parametrize(
+  "fn, aux",
+  [
+    (tree_nll, [0]),
+    (tree_complement_nll, [0]),
+    (tree_set_nll, [[0, 2]]),
+    (tree_complement_set_nll, [[0, 2]]),
+  ],
+  ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_a_nan_on_the_path_gives_a_nan_gradient_row(fn, aux):
+  # Before: a NaN loss with an exactly zero gradient row, which guards such as
+  # optax.apply_if_finite read as a clean step.
+  tree = Tree.balanced(4, 2)
+  z = jnp.zeros((2, 3, 2)).at[0, 0, 0].set(jnp.nan)  # the root: on every path of example 0
+  aux = jnp.asarray(aux * 2)
+  loss, grad = jax.value_and_grad(lambda t: fn(t, aux, tree).sum())(z)
+  assert np.isnan(loss) and np.isnan(grad[0]).any() and np.isfinite(grad[1]).all()
+  out_of_range = jnp.full_like(aux[:1], 7)
+  grad = jax.grad(lambda t: jax.jit(lambda t, y: fn(t, y, tree))(t, out_of_range).sum())(z[1:])
+  assert np.isnan(grad).any()
+
+
+def test_sizes_are_capped_or_refused_not_truncated():
+  # Before: Tree.balanced(10, 10**9) and huffman(..., 10**9) died of MemoryError, and
+  # 3.7, '3' and 2.5 were truncated silently; an empty batch raised ZeroDivisionError.
+  wide = Tree.balanced(10, 10**9)
+  assert wide.branching == 10 and wide.num_nodes == 1
+  assert Tree.huffman([3, 1, 2], 10**9).branching == 3
+  for bad in (3.7, "3", 2.5, True):
+    with pytest.raises(TypeError, match="must be an integer"):
+      Tree.balanced(10, bad)
+    with pytest.raises(TypeError, match="must be an integer"):
+      Tree.balanced(bad, 2)
+  with pytest.raises(TypeError, match="branching must be an integer"):
+    Tree.huffman([1, 2], 2.5)
+  tree = Tree.balanced(4, 2)
+  for fn in (tree_set_nll, tree_complement_set_nll):
+    assert fn(jnp.zeros((0, 3, 2)), np.zeros((0, 2), np.int32), tree).shape == (0,)
+
+
+def test_the_tree_head_refuses_one_class_by_name():
+  from jaxsoftmax_experiments.heads import make_head
+
+  with pytest.raises(ValueError, match="the tree head needs at least 2 classes, got 1"):
+    make_head("tree", 1)
