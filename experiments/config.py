@@ -631,6 +631,11 @@ def validate_lm(
       f"config.prompt: must be shorter than config.length ({values['length']}), "
       f"got {values['prompt']}."
     )
+  if values["experiment"] == "repetition" and values["generate"] < 4:
+    raise ConfigError(
+      "config.generate: seq-rep-4 counts the 4-grams of each continuation, so it needs at "
+      f"least 4 generated tokens, got {values['generate']}."
+    )
   if corpus_sizes is not None:
     if values["experiment"] == "unlearning" and values["forget"] >= corpus_sizes["train_topics"]:
       raise ConfigError(

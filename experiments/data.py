@@ -99,6 +99,8 @@ def check_inputs(path: str, key: str, x: np.ndarray) -> None:
     raise DataError(
       f"{path}: {key} must be [n, d] vectors or [n, h, w] images, got shape {x.shape}."
     )
+  if x.shape[0] == 0:
+    raise DataError(f"{path}: {key} holds no examples (shape {x.shape}); every split needs one.")
   if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
     bad = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
     raise DataError(f"{path}: {key}{list(bad)} = {x[bad]} is not finite.")

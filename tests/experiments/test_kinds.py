@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
       "lm",
       [
         "--config.prompt=4",
-        "--config.generate=2",
+        "--config.generate=4",
         "--config.length=8",
         "--config.experiment=repetition",
         "--config.regimes=('positive_only',)",
@@ -107,6 +107,10 @@ def _multilabel_npz(path, **arrays):
     ({"x_test": np.full((20, 4), np.inf, np.float32)}, "x_test[0, 0] = inf is not finite"),
     ({"y_train": np.zeros((60, 0), bool)}, "y_train: a label mask needs at least one class"),
     ({"y_test": np.zeros((20, 3), bool)}, "y_test has no positive label"),
+    (  # before: "cannot reshape array of size 0" in a traceback
+      {"x_train": np.zeros((0, 4), np.float32), "y_train": np.zeros((0, 3), bool)},
+      "x_train holds no examples (shape (0, 4)); every split needs one.",
+    ),
   ],
 )
 def test_a_bad_multilabel_npz_is_named_before_anything_trains(arrays, message, tmp_path, capsys):

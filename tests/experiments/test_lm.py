@@ -175,6 +175,11 @@ def test_bad_flags_are_refused(capsys, tmp_path):
   workdir = tmp_path / "x"
   assert run.main(["--config=lm_repetition", f"--workdir={workdir}", "--config.prompt=40"]) == 2
   assert "config.prompt: must be shorter than config.length" in capsys.readouterr().err
+  # Before: --config.prompt=4 --config.generate=2 reported seq-rep-4 = 0.0 for every
+  # regime, though a 2-token continuation has no 4-gram.
+  args = ["--config=lm_repetition", f"--workdir={workdir}", "--config.generate=2"]
+  assert run.main([*args, "--config.prompt=4"]) == 2
+  assert "config.generate: seq-rep-4 counts the 4-grams" in capsys.readouterr().err
   assert (
     run.main(["--config=lm_repetition", f"--workdir={workdir}", "--config.experiment=poetry"]) == 2
   )
