@@ -57,6 +57,7 @@ class Interrupt:
     self.dropped = False  # a KeyboardInterrupt that Python dropped, sent again
     self.active = False  # installed: a dropped interrupt is sent again only while it is
     self._sending = threading.Lock()  # held while a dropped interrupt is sent again
+    self.next_stop = None  # the step of the next evaluation, where a first Ctrl-C stops
 
   @contextlib.contextmanager
   def installed(self):
@@ -81,8 +82,11 @@ class Interrupt:
       self.dropped = False
       raise KeyboardInterrupt
     self.requested = True
+    at = f", step {self.next_stop}" if self.next_stop is not None else ""
     print(
-      "\nInterrupted: saving a checkpoint at the next evaluation (Ctrl-C again to stop now).",
+      f"\nInterrupted: the run stops at the next evaluation{at} (the steps between two "
+      "evaluations run as one compiled program) and saves a checkpoint there; Ctrl-C again "
+      "to stop now and resume from the last checkpoint.",
       file=sys.stderr,
     )
 
@@ -343,6 +347,7 @@ def _run(
               next_save = (step // every + 1) * every
           if interrupt.requested and step < total:
             break
+          interrupt.next_stop = min(total, (step // config.eval_every + 1) * config.eval_every)
           interrupt.started = True  # from now on, Ctrl-C stops at the next evaluation
     finally:
       bar.close()

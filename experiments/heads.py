@@ -228,9 +228,7 @@ class TreeHead:
 
   def complement_nll(self, out, labels, wrong=None):
     if wrong is None:
-      return losses.tree_complement_nll(
-        self._paths(out, labels), labels, self.tree, layout="paths"
-      )
+      return losses.tree_complement_nll(self._paths(out, labels), labels, self.tree, layout="paths")
     ids = _ids(labels, wrong)
     return losses.tree_complement_set_nll(
       self._paths(out, ids), ids, self.tree, ignore_index=-1, layout="paths"

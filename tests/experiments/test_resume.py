@@ -86,6 +86,9 @@ def test_sigint_then_sigkill_then_rerun_gives_the_uninterrupted_results(referenc
   assert proc.returncode == run.INTERRUPTED, err
   stopped = int(re.search(r"Stopped at step (\d+) of 500", err).group(1))
   assert "Resume with the same command" in err and str(workdir) in err
+  # The first message says where the run will stop (before: "at the next evaluation",
+  # while the runs guide promised it would finish the current one).
+  assert f"the run stops at the next evaluation, step {stopped}" in err
   assert _checkpoint_steps(workdir)[-1] == stopped
   assert not (workdir / "results.json").exists()
   # Resumed, then killed outright once it has saved a newer checkpoint.
