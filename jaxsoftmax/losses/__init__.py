@@ -26,6 +26,14 @@ from jaxsoftmax.losses._hierarchical import (
   hierarchical_nll,
 )
 from jaxsoftmax.losses._label import complement_nll, negated_nll, nll
+from jaxsoftmax.losses._sequence import (
+  fused_sequence_complement_nll,
+  fused_sequence_complement_set_nll,
+  fused_sequence_nll,
+  sequence_complement_nll,
+  sequence_complement_set_nll,
+  sequence_nll,
+)
 from jaxsoftmax.losses._set import complement_set_nll, set_nll
 from jaxsoftmax.losses._sigmoid import sigmoid_binary_cross_entropy
 from jaxsoftmax.losses._soft import multilabel_softmax_cross_entropy, soft_cross_entropy
@@ -44,6 +52,9 @@ __all__ = (
   "fused_complement_nll",
   "fused_complement_set_nll",
   "fused_nll",
+  "fused_sequence_complement_nll",
+  "fused_sequence_complement_set_nll",
+  "fused_sequence_nll",
   "fused_set_nll",
   "hierarchical_complement_nll",
   "hierarchical_log_softmax",
@@ -55,6 +66,9 @@ __all__ = (
   "nll",
   "pairwise_comparison",
   "scl_exp",
+  "sequence_complement_nll",
+  "sequence_complement_set_nll",
+  "sequence_nll",
   "set_nll",
   "sigmoid_binary_cross_entropy",
   "soft_cross_entropy",
