@@ -7,9 +7,9 @@ Build it from the repository's root (warnings are errors):
 Sphinx with autodoc and napoleon (the docstrings are Google style) and MyST-NB (the
 guides are Markdown; the notebook is executed at build time), as JAX, Flax and Optax
 build theirs. Nothing is downloaded, at build time or when a page is read: MathJax is
-copied into the site (sphinx-mathjax-offline), there are no intersphinx inventories, so references to other
-projects' objects are plain text (``nitpick_ignore_regex``), while every reference to
-jaxsoftmax's own objects must resolve (``nitpicky``).
+copied into the site (sphinx-mathjax-offline), there are no intersphinx inventories, so
+references to other projects' objects are plain text (``nitpick_ignore_regex``), while
+every reference to jaxsoftmax's own objects must resolve (``nitpicky``).
 """
 
 import os

@@ -32,12 +32,19 @@ static training setup.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import jax.numpy as jnp
 import numpy as np
 
-from jaxsoftmax import losses, models
-from jaxsoftmax.tree import ClassTree, Tree, balanced_tree
+from jaxsoftmax_experiments import _deferred
+
+if TYPE_CHECKING:
+  from jaxsoftmax.tree import ClassTree, Tree
+
+jnp = _deferred.module("jax.numpy")
+losses = _deferred.module("jaxsoftmax.losses")
+models = _deferred.module("jaxsoftmax.models")
+tree_lib = _deferred.module("jaxsoftmax.tree")
 
 
 def id_mask(ids, num_classes: int):
@@ -300,14 +307,14 @@ def make_head(
     if tree == "huffman":
       if frequencies is None or len(frequencies) != num_classes:
         raise ValueError(f"a Huffman tree needs the frequencies of the {num_classes} classes.")
-      return TreeHead(Tree.huffman(frequencies, branching))
+      return TreeHead(tree_lib.Tree.huffman(frequencies, branching))
     if tree == "balanced":
-      return TreeHead(Tree.balanced(num_classes, branching))
+      return TreeHead(tree_lib.Tree.balanced(num_classes, branching))
     raise ValueError(f"unknown tree {tree!r}; choose one of {', '.join(TREES)}.")
   if name == "softmax":
     return SoftmaxHead(num_classes)
   if name == "hierarchical":
-    return HierarchicalHead(balanced_tree(num_classes, num_clusters or None))
+    return HierarchicalHead(tree_lib.balanced_tree(num_classes, num_clusters or None))
   if name == "fused":
     return FusedHead(num_classes, vocab_chunk)
   raise ValueError(f"unknown head {name!r}; choose one of {', '.join(NAMES)}.")

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
+from jaxsoftmax_experiments import _deferred
+
+jax = _deferred.module("jax")
+jnp = _deferred.module("jax.numpy")
 
 EMPTY, POSITIVE, NEGATIVE = 0, 1, 2
 

@@ -17,14 +17,15 @@ import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
-
-from jaxsoftmax import losses
+from jaxsoftmax_experiments import _deferred
 from jaxsoftmax_experiments.protocols import NEGATIVE, POSITIVE
 
+jax = _deferred.module("jax")
+jnp = _deferred.module("jax.numpy")
+losses = _deferred.module("jaxsoftmax.losses")
+
 # (head, head output, batch of examples, setup) -> per-example loss, [batch]
-ExampleLoss = Callable[..., jax.Array]
+ExampleLoss = Callable[..., "jax.Array"]
 
 # What a regime may need; config validation checks each.
 FLAT_LOGITS = "flat_logits"  # a softmax head (the loss is on all K logits)

@@ -162,7 +162,7 @@ def test_the_site_loads_nothing_from_the_network(site):
   remote = {(name, src) for name, page in pages.items() for src in page.scripts}
   remote = {(name, src) for name, src in remote if urlsplit(src).scheme or src.startswith("//")}
   assert not remote, sorted(remote)[:5]
-  losses = pages["guides/losses.html"]
+  losses = pages["api/losses.html"]
   mathjax = [src for src in losses.scripts if "mathjax" in src.lower()]
   assert mathjax, losses.scripts
-  assert all(((out / "guides" / src.split("?")[0]).resolve()).is_file() for src in mathjax)
+  assert all(((out / "api" / src.split("?")[0]).resolve()).is_file() for src in mathjax)

@@ -436,3 +436,27 @@ def test_a_tree_whose_node_count_equals_its_depth_trains(tmp_path, tree_args):
   assert run.main(command) == 0
   results = json.loads((workdir / "results.json").read_text())
   assert set(results["regimes"]) >= {"complement_likelihood"}
+
+
+@pytest.mark.parametrize(
+  "args",
+  [
+    ["--help"],
+    ["--config=lm_repetition", "--help"],
+    ["--config=feedback_digits", "--config.step=3", "--workdir=unused"],
+    ["--config=feedback_digits:sigmoid", "--workdir=unused"],
+  ],
+)
+def test_help_and_up_front_refusals_answer_before_jax_loads(args):
+  # Before: every call, --help and a typo included, imported JAX first (6-17 s for --help
+  # on a loaded machine).
+  code = (
+    "import sys\n"
+    "from jaxsoftmax_experiments import run\n"
+    f"status = run.main({args!r})\n"
+    "print(status, 'jax' in sys.modules)\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  status, loaded = out.stdout.split()[-2:]
+  assert loaded == "False", out.stdout[-500:]
+  assert int(status) == (0 if "--help" in args else 2)

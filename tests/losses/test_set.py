@@ -107,4 +107,4 @@ def test_the_fused_and_tree_set_losses_name_the_conversion_of_a_mask():
     losses.fused_set_nll(jnp.ones((1, 2)), jnp.ones((2, 3)), mask)
   tree = Tree.balanced(3, 2)
   with pytest.raises(TypeError, match=r"jnp.where\(mask, jnp.arange\(K\), -1\)"):
-    losses.tree_set_nll(jnp.zeros((1, tree.num_nodes, 2)), mask, tree)
+    losses.tree_set_nll(jnp.zeros((1, tree.num_nodes, 2)), mask, tree, layout="table")
