@@ -81,3 +81,6 @@ nitpick_ignore_regex = [
 html_theme = "sphinx_book_theme"
 html_title = f"jaxsoftmax {version}"
 html_theme_options = {"show_toc_level": 2, "use_download_button": False}
+# The theme's default sidebar repeats the header's search button as a search field: one
+# search on every page is enough.
+html_sidebars = {"**": ["navbar-logo.html", "icon-links.html", "sbt-sidebar-nav.html"]}

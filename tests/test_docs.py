@@ -156,6 +156,15 @@ def test_the_pages_render_the_guides_the_reference_and_the_notebook(site):
   assert "Traceback" not in notebook.text
 
 
+def test_every_page_has_one_search(site):
+  # Before: the header's search button and the sidebar's search field, on every page.
+  out, pages = site
+  for name in ("index.html", "guides/losses.html", "api/losses.html"):
+    html = (out / name).read_text(encoding="utf-8")
+    assert html.count("search-button-field") == 0, name
+    assert html.count('class="btn btn-sm pst-navbar-icon search-button') == 1, name
+
+
 def test_the_site_loads_nothing_from_the_network(site):
   # Before: every page with math loaded MathJax from a CDN, so math stayed raw TeX offline.
   out, pages = site

@@ -198,6 +198,10 @@ LOSSES: dict[str, Callable] = {
   "set_nll": lambda z, y: losses.set_nll(z, _set_members(y, z.shape[-1])),
   "complement_set_nll": lambda z, y: losses.complement_set_nll(z, _set_members(y, z.shape[-1])),
   "soft_cross_entropy": lambda z, y: losses.soft_cross_entropy(z, _one_hot(y, z)),
+  # The logits as answers of 8 tokens: -log(1 - P(answer)) per answer.
+  "sequence_complement_nll": lambda z, y: losses.sequence_complement_nll(
+    z.reshape(-1, 8, z.shape[-1]), y.reshape(-1, 8)
+  ),
 }
 # Each loss's peer: optax on integer labels, or on a dense target array for the loss that
 # takes one (it reads K targets per example, and optax's dense form does too).
