@@ -187,7 +187,14 @@ def main(argv=None) -> int:
     script = Path(sys.executable).parent / spec.command[0]
     program = str(script) if script.exists() else spec.command[0]
     done = subprocess.run(
-      [program, *spec.command[1:], f"--workdir={workdir}", "--progress=false"],
+      # As the pages' commands: no compilation cache, so the times are a first run's.
+      [
+        program,
+        *spec.command[1:],
+        f"--workdir={workdir}",
+        "--progress=false",
+        "--compilation_cache=",
+      ],
       cwd=ROOT,
       capture_output=True,
       text=True,
