@@ -259,6 +259,43 @@ def measure_tree(regime: str, n: int, k: int, complement: bool, seed: int = 0):
 
 TREE_REGIMES = ("p_l -> 1", "middle", "p_l -> 0")
 
+# The sequence losses: answers of T tokens whose probability P is near 1, moderate or
+# near 0 (the total -log P drawn per regime, split over the tokens).
+SEQUENCE_REGIMES = {
+  "P -> 1": lambda rng, n: np.exp(rng.uniform(np.log(1e-7), np.log(1e-2), n)),
+  "middle": lambda rng, n: rng.uniform(0.1, 5.0, n),
+  "P -> 0": lambda rng, n: rng.uniform(10.0, 80.0, n),
+}
+SEQUENCE_CASES = (
+  ("sequence_nll", losses.sequence_nll, False),
+  ("sequence_complement_nll", losses.sequence_complement_nll, True),
+)
+
+
+def measure_sequence(regime: str, n: int, k: int, complement: bool, seed: int = 0, t: int = 4):
+  """Rows (ulps / (1 + cond), ulps, cond) for a sequence loss on ``n`` answers of ``t``
+  tokens over ``k`` classes, each answer's -log P drawn from the regime and split evenly
+  over its tokens (each token's logit set so that its -log p is that share)."""
+  rng = np.random.default_rng(seed)
+  z = rng.normal(0.0, 3.0, (n, t, k))
+  tokens = rng.integers(0, k, (n, t))
+  shares = SEQUENCE_REGIMES[regime](rng, n)[:, None] / t
+  rows_n, steps = np.arange(n)[:, None], np.arange(t)[None, :]
+  others = z.copy()
+  others[rows_n, steps, tokens] = -np.inf
+  top = others.max(-1)
+  lse = top + np.log(np.exp(others - top[..., None]).sum(-1))
+  z[rows_n, steps, tokens] = lse - np.log(np.expm1(shares))  # -log p_token = share
+  z = z.astype(np.float32)
+  fn = losses.sequence_complement_nll if complement else losses.sequence_nll
+  ours = np.asarray(jax.jit(fn)(jnp.asarray(z), jnp.asarray(tokens)), np.float64)
+  rows = []
+  for i in range(n):
+    loss, grad = reference.sequence(z[i].astype(np.float64), tokens[i], complement)
+    _add_row(rows, ours[i], loss, grad, z[i].ravel())
+  return np.array(rows).reshape(-1, 3)
+
+
 # The losses whose second derivatives are measured, on the draws of the first-derivative
 # table: the label and set losses of the partition kernel.
 HESSIAN_CASES = tuple(
@@ -351,6 +388,16 @@ def main(argv=None):
           f"| {name} ({shape}) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
           f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
         )
+  for name, _, complement in SEQUENCE_CASES:
+    for regime in SEQUENCE_REGIMES:
+      rows = np.concatenate(
+        [measure_sequence(regime, args.cases, k, complement, seed=k) for k in args.classes]
+      )
+      worst = max(worst, rows[:, 0].max())
+      print(
+        f"| {name} (answers of 4 tokens) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
+        f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
+      )
   print()
   print(f"worst case over all losses: {worst:.2f} ulps per unit of (1 + condition number)")
   print()

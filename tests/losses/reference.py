@@ -68,6 +68,20 @@ def nll(z, label):
   return set_nll(z, np.arange(len(z)) == label)
 
 
+def sequence(z, tokens, complement):
+  """-log P(answer) (or -log(1 - P)) of an answer ``tokens [T]`` under logits ``z [T, K]``,
+  and the gradient ``[T, K]``: the tokens' nll gradients, times ``-1/expm1(L)`` for the
+  complement."""
+  losses_grads = [nll(row, a) for row, a in zip(z, tokens)]
+  big_l = mp.fsum(loss for loss, _ in losses_grads)
+  grad = [list(g) for _, g in losses_grads]
+  if not complement:
+    return big_l, [x for row in grad for x in row]
+  loss = -mp.log1p(-mp.exp(-big_l))
+  slope = -1 / mp.expm1(big_l)
+  return loss, [slope * x for row in grad for x in row]
+
+
 def complement_nll(z, label):
   return set_nll(z, np.arange(len(z)) != label)
 

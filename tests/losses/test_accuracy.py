@@ -27,6 +27,7 @@ def test_main_prints_every_loss_and_a_bounded_worst_case():
     + 1
     + 2 * len(accuracy_losses.HIERARCHICAL_REGIMES)
     + 2 * len(accuracy_losses.TREE_REGIMES)
+    + len(accuracy_losses.SEQUENCE_CASES) * len(accuracy_losses.SEQUENCE_REGIMES)
   )
   worst = float(re.search(r"worst case over all losses: ([0-9.]+)", out).group(1))
   assert 0.0 < worst <= 4.0
