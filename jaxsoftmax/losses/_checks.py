@@ -181,19 +181,23 @@ def as_members(
   bad = None
   if is_concrete(members):
     values = np.asarray(members)
-    wrong = (values < -1) | (values >= num_classes)
-    if wrong.any():
-      at = tuple(int(i) for i in np.argwhere(wrong)[0])
-      raise ValueError(
-        f"{name}{index_str(at)} = {values[at]} is outside [0, {num_classes}) (and is not "
-        "the padding -1)."
-      )
+    check_ids(values, num_classes, name)
     ids = jnp.asarray(values.astype(np.int32))
   else:
     bad = jnp.any((members < -1) | (members >= num_classes), axis=-1)
     ids = jnp.asarray(members).astype(jnp.int32)
   mask = jnp.any(ids[..., None] == jnp.arange(num_classes, dtype=jnp.int32), axis=-2)
   return mask, bad
+
+
+def check_ids(values: np.ndarray, limit: int, name: str) -> None:
+  """Raises a ValueError naming the first id outside ``[-1, limit)`` (-1 pads)."""
+  wrong = (values < -1) | (values >= limit)
+  if wrong.any():
+    at = tuple(int(i) for i in np.argwhere(wrong)[0])
+    raise ValueError(
+      f"{name}{index_str(at)} = {values[at]} is outside [0, {limit}) (and is not the padding -1)."
+    )
 
 
 def as_targets(targets: ArrayLike, logits: jax.Array) -> jax.Array:

@@ -592,13 +592,7 @@ def _check_members(members, batch_shape, vocab):
     )
   if vocab is not None and _checks.is_concrete(members):
     values = np.asarray(members)
-    bad = (values < -1) | (values >= vocab)
-    if bad.any():
-      at = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(
-        f"negatives{_checks.index_str(at)} = {values[at]} is outside [0, {vocab}) "
-        f"(and is not the padding -1)."
-      )
+    _checks.check_ids(values, vocab, "negatives")
     return jnp.asarray(values.astype(np.int32)), None
   members = jnp.asarray(members)
   bad = (members < -1) | ((members >= vocab) if vocab is not None else False)

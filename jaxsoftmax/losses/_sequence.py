@@ -255,7 +255,11 @@ def sequence_complement_set_nll(
     )
   tokens = jnp.asarray(tokens) if isinstance(tokens, jax.Array) else np.asarray(tokens)
   mask = _token_mask(tokens, where, ignore_index)
-  per_answer = _token_losses(logits, tokens, mask)
+  return _complement_of_answers(_token_losses(logits, tokens, mask), tokens, mask)
+
+
+def _complement_of_answers(per_answer, tokens, mask):
+  """``-log(1 - sum_j P(a_j))`` over the distinct answers, 0 where there is none."""
   kept = _distinct(jnp.asarray(tokens), mask)
   loss = _complement_of_nll(_set_nll_sum(per_answer, kept))
   return jnp.where(jnp.any(kept, axis=-1), loss, 0.0)
@@ -308,6 +312,4 @@ def fused_sequence_complement_set_nll(
     raise ValueError(f"tokens has shape {tokens_np.shape}: the set loss needs [..., J, T].")
   mask = _token_mask(tokens_np, where, ignore_index)
   per_answer = fused_sequence_nll(h, w, tokens, where=mask, ignore_index=ignore_index, **fused)
-  kept = _distinct(jnp.asarray(tokens_np), mask)
-  loss = _complement_of_nll(_set_nll_sum(per_answer, kept))
-  return jnp.where(jnp.any(kept, axis=-1), loss, 0.0)
+  return _complement_of_answers(per_answer, tokens_np, mask)
