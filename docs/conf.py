@@ -80,7 +80,12 @@ nitpick_ignore_regex = [
 
 html_theme = "sphinx_book_theme"
 html_title = f"jaxsoftmax {version}"
-html_theme_options = {"show_toc_level": 2, "use_download_button": False}
-# The theme's default sidebar repeats the header's search button as a search field: one
-# search on every page is enough.
+# The theme shows a search field in the sidebar and in the persistent header beside the
+# article header's search button: one search on every page is enough (the button, and
+# Ctrl+K).
+html_theme_options = {
+  "show_toc_level": 2,
+  "use_download_button": False,
+  "navbar_persistent": [],
+}
 html_sidebars = {"**": ["navbar-logo.html", "icon-links.html", "sbt-sidebar-nav.html"]}

@@ -306,10 +306,12 @@ HESSIAN_CASES = tuple(
 
 
 def _hessian_reference(case, z, aux):
-  """The mpmath Hessian of one example (reference.set_nll_hessian on the loss's event)."""
+  """The mpmath Hessian of one example (reference.set_nll_hessian on the loss's event)
+  and each entry's scale (the magnitudes of the terms it is the difference of)."""
   in_set = np.arange(len(z)) == aux if case.aux == "label" else np.asarray(aux)
-  h = reference.set_nll_hessian(z, ~in_set if case.name in NEGATIVE else in_set)
-  return [[-x for x in row] for row in h] if case.name == "negated_nll" else h
+  event = ~in_set if case.name in NEGATIVE else in_set
+  h, scale = reference.set_nll_hessian(z, event, with_scale=True)
+  return ([[-x for x in row] for row in h] if case.name == "negated_nll" else h), scale
 
 
 def measure_hessian(case: Case, regime: str, n: int, k: int, seed: int = 0, mode: str = "rev"):
@@ -319,7 +321,9 @@ def measure_hessian(case: Case, regime: str, n: int, k: int, seed: int = 0, mode
   ``jax.hessian`` (forward over reverse, the Hessian-vector products of ``jax.jvp``).
   ``cond`` bounds the entry's relative condition number in the logits: each entry is a
   product of probabilities ``exp(z_k - logsumexp z)``, whose relative sensitivity to a
-  relative change of the logits is at most ``2 max |z|`` per factor. Entries below
+  relative change of the logits is at most ``2 max |z|`` per factor, and an entry that is
+  a difference of two such terms (the diagonal inside S) is amplified by how much they
+  cancel: ``cond = (1 + 4 max|z|) * (|term 1| + |term 2|) / |entry| - 1``. Entries below
   ``tiny / eps`` (1e-31) are left out: the rule forms them as products of factors
   whose own products fall below float32's normal range, where XLA flushes to zero.
   """
@@ -330,13 +334,15 @@ def measure_hessian(case: Case, regime: str, n: int, k: int, seed: int = 0, mode
   ours = np.asarray(jax.jit(jax.vmap(second))(jnp.asarray(z), jnp.asarray(aux)), np.float64)
   rows = []
   for i in range(n):
-    ref = _hessian_reference(case, z[i].astype(np.float64), aux[i])
-    cond = 4.0 * float(np.abs(z[i]).max())
+    ref, scale = _hessian_reference(case, z[i].astype(np.float64), aux[i])
+    spread = 4.0 * float(np.abs(z[i]).max())
     for a in range(k):
       for b in range(k):
         value = ref[a][b]
         if abs(value) < TINY32 / EPS32:  # formed from factors whose products leave float32's range
           continue
+        # An entry that is a difference of two terms is as ill-conditioned as they cancel.
+        cond = float(scale[a][b] / abs(value)) * (1.0 + spread) - 1.0
         ulps = float(abs((ours[i, a, b] - value) / value)) / EPS32
         rows.append((ulps / (1.0 + cond), ulps, cond))
   return np.array(rows).reshape(-1, 3)
@@ -403,8 +409,9 @@ def main(argv=None):
   print()
   print(
     "Second derivatives: every Hessian entry against mpmath's, reverse over reverse "
-    "(jax.jacrev(jax.grad)) and forward over reverse (jax.hessian); cond = 4 max|z|, a "
-    "bound on an entry's relative condition number; entries of magnitude 1e-31 or more"
+    "(jax.jacrev(jax.grad)) and forward over reverse (jax.hessian); cond = (1 + 4 max|z|) "
+    "x the cancellation of the entry's two terms, minus 1, a bound on its relative "
+    "condition number; entries of magnitude 1e-31 or more"
   )
   print()
   print("| loss | regime | mode | entries | worst ulps / (1 + cond) | worst ulps | median cond |")

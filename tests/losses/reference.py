@@ -35,10 +35,15 @@ def set_nll(z, in_set):
   return loss, grad
 
 
-def set_nll_hessian(z, in_set):
+def set_nll_hessian(z, in_set, with_scale=False):
   """Hessian of -log P(S) in the logits: (diag p - p p^T) - (diag q - q q^T), with q the
   softmax restricted to S; each entry from the closed form below, whose terms keep 40
-  digits (no 1 - p is formed: it is the mass of the other classes)."""
+  digits (no 1 - p is formed: it is the mass of the other classes).
+
+  ``with_scale``: also the sum of the magnitudes of the two terms whose difference an
+  entry is (its own magnitude where nothing cancels): the diagonal inside S is
+  ``q_i Q (P - r (1 + P))``, a true difference, ill-conditioned where the two nearly
+  cancel."""
   z, e, e_in, e_out = _masses(z, in_set)
   total = e_in + e_out
   k = len(z)
@@ -46,6 +51,7 @@ def set_nll_hessian(z, in_set):
   q = [x / e_in if s else mp.mpf(0) for x, s in zip(e, in_set)]
   big_p, big_q = e_in / total, e_out / total  # P(S), P(not S)
   h = [[mp.mpf(0)] * k for _ in range(k)]
+  scale = [[None] * k for _ in range(k)]
   for i in range(k):
     for j in range(k):
       si, sj = in_set[i], in_set[j]
@@ -57,10 +63,16 @@ def set_nll_hessian(z, in_set):
           # p_i (1 - p_i) - q_i (1 - q_i) with 1 - p_i = Q + P (1 - q_i) and 1 - P^2 = Q (1 + P)
           rest_q = mp.fsum(q[m] for m in range(k) if m != i and in_set[m])
           h[i][j] = q[i] * big_q * (big_p - rest_q * (1 + big_p))
+          scale[i][j] = q[i] * big_q * (big_p + rest_q * (1 + big_p))
         else:
           h[i][j] = q[i] * q[j] * big_q * (1 + big_p)
       else:  # one in S, one outside: -p_i p_j
         h[i][j] = -p[i] * p[j]
+  if with_scale:
+    return h, [
+      [abs(h[i][j]) if sc is None else sc for j, sc in enumerate(row)]
+      for i, row in enumerate(scale)
+    ]
   return h
 
 
