@@ -32,9 +32,9 @@ def test_main_prints_every_loss_and_a_bounded_worst_case():
   worst = float(re.search(r"worst case over all losses: ([0-9.]+)", out).group(1))
   assert 0.0 < worst <= 4.0
   # Every Hessian entry (reverse over reverse and forward over reverse) against mpmath: at
-  # most 4 ulps per unit of (1 + cond), as the first derivatives (0.62 in the full run). Before the partition kernel's exact second-order
-  # rule, nll's entries at p(S) -> 1 were 5.7e6 ulps off (an exact 0 for ~2e-9, logits
-  # [20, 0, 0], label 1) reverse over reverse.
+  # most 4 ulps per unit of (1 + cond), as the first derivatives (0.62 in the full run).
+  # Before the partition kernel's exact second-order rule, nll's entries at p(S) -> 1 were
+  # 5.7e6 ulps off (an exact 0 for ~2e-9, logits [20, 0, 0], label 1) reverse over reverse.
   rows = [line for line in second.splitlines() if line.startswith("| ") and "---" not in line][1:]
   assert len(rows) == len(accuracy_losses.HESSIAN_CASES) * len(accuracy_losses.REGIMES) * 2
   worst = float(re.search(r"worst second derivative: ([0-9.]+)", out).group(1))
