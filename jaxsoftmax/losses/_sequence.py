@@ -91,7 +91,13 @@ def _token_mask(tokens, where, ignore_index):
   return mask
 
 
-def _check_sequence(logits, tokens, what="logits"):
+def _as_tokens(tokens: ArrayLike) -> jax.Array | np.ndarray:
+  """Token ids as they are checked: a JAX array (or tracer) kept, anything else as NumPy, so
+  that an id JAX would wrap when it casts is seen first."""
+  return tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+
+
+def _check_sequence(logits, tokens, what="logits") -> jax.Array:
   logits = _checks.as_logits(logits, name=what, keep_dtype=True)
   if logits.ndim < 2:
     raise ValueError(
@@ -142,7 +148,7 @@ def sequence_nll(
     [0.7985]
   """
   logits = _check_sequence(logits, tokens)
-  tokens = jnp.asarray(tokens) if isinstance(tokens, jax.Array) else np.asarray(tokens)
+  tokens = _as_tokens(tokens)
   mask = _token_mask(tokens, where, ignore_index)
   return _token_losses(logits, tokens, mask)
 
@@ -247,15 +253,15 @@ def sequence_complement_set_nll(
     >>> print(sequence_complement_set_nll(z, jnp.array([[[0], [3]]])))  # -log(1/2)
     [0.6931]
   """
-  logits = _check_sequence(logits, tokens)
-  if logits.ndim < 3:
+  z = _check_sequence(logits, tokens)
+  if z.ndim < 3:
     raise ValueError(
-      f"logits has shape {logits.shape}: the set loss needs [..., J, T, V] (an answer axis, "
+      f"logits has shape {z.shape}: the set loss needs [..., J, T, V] (an answer axis, "
       "a time axis and a class axis)."
     )
-  tokens = jnp.asarray(tokens) if isinstance(tokens, jax.Array) else np.asarray(tokens)
+  tokens = _as_tokens(tokens)
   mask = _token_mask(tokens, where, ignore_index)
-  return _complement_of_answers(_token_losses(logits, tokens, mask), tokens, mask)
+  return _complement_of_answers(_token_losses(z, tokens, mask), tokens, mask)
 
 
 def _complement_of_answers(per_answer, tokens, mask):
@@ -307,7 +313,7 @@ def fused_sequence_complement_set_nll(
 ) -> jax.Array:
   """:func:`sequence_complement_set_nll` of ``h @ w + bias`` without forming the logits:
   ``h [..., J, T, D]``, ``tokens [..., J, T]`` (keywords as for :func:`fused_nll`)."""
-  tokens_np = jnp.asarray(tokens) if isinstance(tokens, jax.Array) else np.asarray(tokens)
+  tokens_np = _as_tokens(tokens)
   if tokens_np.ndim < 2:
     raise ValueError(f"tokens has shape {tokens_np.shape}: the set loss needs [..., J, T].")
   mask = _token_mask(tokens_np, where, ignore_index)
