@@ -253,8 +253,9 @@ def test_the_hierarchical_head_trains_unlearning_and_refuses_sets_by_name(tmp_pa
 
 def test_continuations_shorter_than_the_context_are_generated():
   # Before: prompt 4 + generate 2 < length 8 ended in a JAX traceback at the first
-  # evaluation (a window of 8 sliced from 6 tokens).
-  s = language.Settings.of(lm_config(prompt=4, generate=2, length=8))
+  # evaluation (a window of 8 sliced from 6 tokens). Here prompt 4 + generate 4 < length 12
+  # (a continuation shorter than 4 tokens is refused now: seq-rep-4 has no 4-gram in it).
+  s = language.Settings.of(lm_config(prompt=4, generate=4, length=12))
   data, _ = language.make_data(s)
   plan = language.make_plan(s, data)
   params = jax.vmap(lambda k: nnx.state(language.build(s, data.vocab_size, k), nnx.Param))(
@@ -262,12 +263,12 @@ def test_continuations_shorter_than_the_context_are_generated():
   )
   prompts = jnp.asarray(data.validation[:3, :4])
   seqs = np.asarray(language._continue(plan, params, prompts))
-  assert seqs.shape == (2, 3, 6)
+  assert seqs.shape == (2, 3, 8)
   np.testing.assert_array_equal(seqs[:, :, :4], np.broadcast_to(prompts, (2, 3, 4)))
-  # The padding is never read: the same continuations as with a longer budget's first two.
-  longer = language.make_plan(dataclasses.replace(s, generate=8), data)
+  # The padding is never read: the same continuations as with a longer budget's first four.
+  longer = language.make_plan(dataclasses.replace(s, generate=12), data)
   np.testing.assert_array_equal(
-    seqs, np.asarray(language._continue(longer, params, prompts))[:, :, :6]
+    seqs, np.asarray(language._continue(longer, params, prompts))[:, :, :8]
   )
 
 
