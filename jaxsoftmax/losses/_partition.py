@@ -36,9 +36,9 @@ side's shift and +inf flag, ``a``, ``b`` and the two sums): the backward pass re
 exponentials from the logits inside its own fusion, so the forward pass writes no array
 the size of the logits in any dtype (for 16-bit logits a float32 one would be twice their
 bytes: on the TPU compiler 1.00x optax's bytes in bfloat16, against 1.75x with the
-exponentials kept; on XLA:CPU, float32 ``value_and_grad`` at [1024, 32768] took 0.85x
-optax's time this way). A side holding a +inf logit takes the limit of its restricted
-softmax (uniform over its +inf logits), so the gradient is the limit rather than inf / inf.
+exponentials kept; on XLA:CPU float32 ``value_and_grad`` is at optax's time, as it was
+with them). A side holding a +inf logit takes the limit of its restricted softmax
+(uniform over its +inf logits), so the gradient is the limit rather than inf / inf.
 
 The gradient is itself a function with a custom derivative (:func:`_gradient`): its
 Hessian-vector product is formed with no ``1 - p`` and no difference of nearly equal
