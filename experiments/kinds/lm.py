@@ -633,6 +633,11 @@ def _load(s: Settings) -> Loaded:
   sizes = {p: sum(len(t) for t in corpus.tokens[p].values()) for p in corpus.tokens}
   sizes["train_topics"] = len(corpus.tokens["train"])
   config_lib.validate_lm(dataclasses.asdict(s), sizes)
+  if s.head == "tree" and len(corpus.vocabulary.words) < 2:
+    raise config_lib.ConfigError(
+      f"config.head: the tree head needs at least 2 classes; the vocabulary of "
+      f"{s.dataset} is <unk> alone (no token occurs 3 times in its training topics)."
+    )
   data, info = make_data(s, corpus)
   if s.experiment == "unlearning" and (len(data.forget) == 0 or len(data.train) == 0):
     empty = "forget" if len(data.forget) == 0 else "retain"

@@ -236,3 +236,36 @@ def test_distributed_without_a_cluster_is_one_message(tmp_path):
   )
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "--distributed" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def _lm_tree(path, workdir):
+  return [
+    "--config=lm_unlearning",
+    f"--config.dataset=text:{path}",
+    "--config.head=tree",
+    "--config.steps=20",
+    "--config.eval_every=10",
+    "--config.num_seeds=2",
+    "--config.initial_steps=20",
+    "--config.forget=2",
+    f"--workdir={workdir}",
+    *QUIET,
+  ]
+
+
+def test_the_language_models_tree_head_on_a_vocabulary_of_three_and_of_unk_alone(tmp_path, capsys):
+  # A vocabulary of 3 (<unk>, a, b): a Huffman tree whose node count equals its depth,
+  # whose path logits were read as the node table. <unk> alone: a one-class tree, refused.
+  rng = np.random.default_rng(0)
+  three = tmp_path / "ab.txt"
+  three.write_text("\n\n".join(" ".join(rng.choice(["a", "b"], 60)) for _ in range(20)))
+  assert run.main(_lm_tree(three, tmp_path / "three")) == 0
+  assert "vocabulary 3" in (tmp_path / "three" / "summary.md").read_text()
+  letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+  words = ["".join(rng.choice(letters, 10)) for _ in range(800)]  # each word once
+  alone = tmp_path / "unk.txt"
+  alone.write_text("\n\n".join(" ".join(words[i * 40 : (i + 1) * 40]) for i in range(20)))
+  assert run.main(_lm_tree(alone, tmp_path / "alone")) == 2
+  err = capsys.readouterr().err
+  assert "config.head: the tree head needs at least 2 classes" in err and "Traceback" not in err
+  assert not (tmp_path / "alone").exists()
