@@ -269,16 +269,17 @@ def _side_top(v, restricted, side):
 def _gradient_jvp(complement, primals, tangents):
   """The exact Hessian-vector product of ``-log P(S)``, times ``g``.
 
-  With ``P = P(S)``, ``Q = P(not S)`` (each a sigmoid of ``a - b``, never ``1 - p``), the
-  restricted softmaxes ``u`` outside S and ``w`` inside, and each side's tangent
-  centred at its top class (:func:`_centred`: ``v_k - u.v = v'_k - c_out``), with
-  ``D = v_(top out) - v_(top in)``:
+  With ``P = P(S)``, ``Q = P(not S)`` (each a sigmoid of ``a - b``, never ``1 - p``) and
+  the restricted softmaxes ``u`` outside S and ``w`` inside:
 
-      (H v)_k = Q u_k (v'_k - Q c_out + P (D - c_in))                 k not in S
-      (H v)_k = -Q w_k (v'_k - (1 + P) c_in + P (D + c_out))          k in S
+      (H v)_k = Q u_k (v_k - Q u.v - P w.v)              k not in S
+      (H v)_k = -Q w_k (v_k - (1 + P) w.v + P u.v)       k in S
 
-  (the bracket outside S is ``v_k - u.v + P (u.v - w.v)`` with ``1 - P`` written as
-  ``Q``). The tangent of ``g`` adds ``dg`` times the gradient.
+  Each side's mean is its top class's ``v_t`` plus ``c = sum_{k != t} r_k (v_k - v_t)``
+  (:func:`_side_top`), so no ``1 - r_t`` is formed; at a side's own top the ``v_t`` terms
+  cancel by construction (``1 - Q = P``) and are left out, which keeps the rule exact
+  transposed (reverse over reverse) as well as forward. The tangent of ``g`` adds ``dg``
+  times the gradient.
   """
   logits, shifts, members, a, b, sum_in, sum_out, g = primals
   dz, dg = tangents[0], tangents[-1]
