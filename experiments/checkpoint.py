@@ -62,11 +62,11 @@ def _write_error(step: int, directory: Path, error: Exception) -> OSError:
 
 
 class _Held:
-  """What a library printed to the standard error stream while held; replayed on exit
-  unless dropped."""
+  """Whether what a library printed to the standard error stream while held is replayed
+  (the default) or dropped."""
 
-  def __init__(self, file):
-    self.file, self.dropped = file, False
+  def __init__(self):
+    self.dropped = False
 
   def drop(self) -> None:
     self.dropped = True
@@ -82,9 +82,9 @@ def _held_stderr():
   try:
     file = tempfile.TemporaryFile()
   except OSError:
-    yield _Held(None)
+    yield _Held()
     return
-  held, python = _Held(file), io.StringIO()
+  held, python = _Held(), io.StringIO()
   saved = os.dup(2)
   os.dup2(file.fileno(), 2)
   try:

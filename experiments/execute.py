@@ -200,6 +200,8 @@ def prepare(config, distributed: bool = False):
 def execute(config, workdir_path, options: Options, interrupt: Interrupt | None = None) -> int:
   """Runs (or resumes, or recognises as finished) ``config`` in ``workdir_path``; returns
   the exit status: 0 done, 2 refused (a message names why), 1 a write failed, 130 stopped."""
+  global WRITE_FAILED
+  WRITE_FAILED = False  # this command's own, not an earlier in-process call's
   from jaxsoftmax_experiments.workdir import Workdir, WorkdirError
 
   interrupt = interrupt or Interrupt()

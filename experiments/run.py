@@ -106,8 +106,6 @@ def _config_list(configs) -> str:
 
 def _first_sentence(doc: str) -> str:
   """The first sentence of a docstring's first paragraph, its lines joined."""
-  import re
-
   paragraph = " ".join(doc.strip().split("\n\n")[0].split())
   end = re.search(r"\.\s+(?=[A-Z])", paragraph)  # not "et al. 2019"
   return paragraph if end is None else paragraph[: end.start() + 1]
@@ -300,8 +298,6 @@ def _config_file_error(error: Exception) -> str:
   """ml_collections' error for a config file that raised holds the whole traceback: the
   flag and the exception's last line are what the user needs; absl's boolean parser
   gives a raw (message, value) tuple, said as a sentence."""
-  import re
-
   text = str(error)
   pair = re.fullmatch(r"(flag [^:]+): \('([^']+)', '([^']*)'\)", text)
   if pair:  # absl's bool parser raises a (message, value) tuple

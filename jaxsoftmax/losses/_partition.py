@@ -283,7 +283,11 @@ def _gradient_jvp(complement, primals, tangents):
   """
   logits, shifts, members, a, b, sum_in, sum_out, g = primals
   dz, dg = tangents[0], tangents[-1]
-  grad = _gradient(complement, *primals)
+  # The gradient per unit of cotangent, once: the primal output is g times it (0 where
+  # g is 0, whatever it holds there), bit for bit what _gradient computes.
+  ones = jnp.ones_like(g)
+  per_unit = _gradient(complement, logits, shifts, members, a, b, sum_in, sum_out, ones)
+  grad = _checks.zero_where_no_cotangent(g[..., None], per_unit)
   in_set, restricted = _sides(complement, logits, shifts, members, sum_in, sum_out)
   dtype = restricted.dtype
   v = jnp.asarray(dz, dtype)
@@ -300,8 +304,6 @@ def _gradient_jvp(complement, primals, tangents):
   inside = inside - (1 + p) * in_c + p * out_c
   hv = q * restricted * jnp.where(in_set, -inside, outside)
   tangent = _finish_gradient(hv, a, g)  # g * H v
-  ones = jnp.ones_like(g)
-  per_unit = _gradient(complement, logits, shifts, members, a, b, sum_in, sum_out, ones)
   tangent = tangent + jnp.where(
     (g == 0)[..., None], 0.0, jnp.asarray(dg, dtype)[..., None] * per_unit
   )

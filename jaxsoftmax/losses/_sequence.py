@@ -97,7 +97,7 @@ def _as_tokens(tokens: ArrayLike) -> jax.Array | np.ndarray:
   return tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
 
 
-def _check_sequence(logits, tokens, what="logits") -> jax.Array:
+def _check_sequence(logits, what="logits") -> jax.Array:
   logits = _checks.as_logits(logits, name=what, keep_dtype=True)
   if logits.ndim < 2:
     raise ValueError(
@@ -147,7 +147,7 @@ def sequence_nll(
     >>> print(sequence_nll(z, jnp.array([[0, 0]])))
     [0.7985]
   """
-  logits = _check_sequence(logits, tokens)
+  logits = _check_sequence(logits)
   tokens = _as_tokens(tokens)
   mask = _token_mask(tokens, where, ignore_index)
   return _token_losses(logits, tokens, mask)
@@ -253,7 +253,7 @@ def sequence_complement_set_nll(
     >>> print(sequence_complement_set_nll(z, jnp.array([[[0], [3]]])))  # -log(1/2)
     [0.6931]
   """
-  z = _check_sequence(logits, tokens)
+  z = _check_sequence(logits)
   if z.ndim < 3:
     raise ValueError(
       f"logits has shape {z.shape}: the set loss needs [..., J, T, V] (an answer axis, "

@@ -348,6 +348,20 @@ def measure_hessian(case: Case, regime: str, n: int, k: int, seed: int = 0, mode
   return np.array(rows).reshape(-1, 3)
 
 
+def _report(cells, rows) -> float:
+  """Prints one table row (its label cells, then the rows' count, worst ratio, worst ulps
+  and median condition); returns its worst ratio (0 for no rows)."""
+  label = " | ".join(cells)
+  if not len(rows):  # every value below float32's tiny (a few cases, far gaps)
+    print(f"| {label} | 0 | | | |")
+    return 0.0
+  print(
+    f"| {label} | {len(rows)} | {rows[:, 0].max():.2f} "
+    f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
+  )
+  return float(rows[:, 0].max())
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", type=int, default=40, help="examples per loss, regime and K")
@@ -364,17 +378,9 @@ def main(argv=None):
   for case in CASES:
     for regime in REGIMES:
       rows = np.concatenate([measure(case, regime, args.cases, k, seed=k) for k in args.classes])
-      worst = max(worst, rows[:, 0].max())
-      print(
-        f"| {case.name} | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
-        f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
-      )
+      worst = max(worst, _report((case.name, regime), rows))
   rows = measure_sigmoid(args.cases * len(args.classes))
-  worst = max(worst, rows[:, 0].max())
-  print(
-    f"| sigmoid_binary_cross_entropy | z in [-90, 90] | {len(rows)} "
-    f"| {rows[:, 0].max():.2f} | {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
-  )
+  worst = max(worst, _report(("sigmoid_binary_cross_entropy", "z in [-90, 90]"), rows))
   trees = (
     ("hierarchical", "balanced tree", HIERARCHICAL_REGIMES, measure_hierarchical),
     ("tree", "binary tree", TREE_REGIMES, measure_tree),
@@ -386,24 +392,13 @@ def main(argv=None):
         rows = np.concatenate(
           [measure_fn(regime, args.cases, k, complement, seed=k) for k in args.classes]
         )
-        if not len(rows):  # every loss below float32's tiny (a few cases, far gaps)
-          print(f"| {name} ({shape}) | {regime} | 0 | | | |")
-          continue
-        worst = max(worst, rows[:, 0].max())
-        print(
-          f"| {name} ({shape}) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
-          f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
-        )
+        worst = max(worst, _report((f"{name} ({shape})", regime), rows))
   for name, _, complement in SEQUENCE_CASES:
     for regime in SEQUENCE_REGIMES:
       rows = np.concatenate(
         [measure_sequence(regime, args.cases, k, complement, seed=k) for k in args.classes]
       )
-      worst = max(worst, rows[:, 0].max())
-      print(
-        f"| {name} (answers of 4 tokens) | {regime} | {len(rows)} | {rows[:, 0].max():.2f} "
-        f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
-      )
+      worst = max(worst, _report((f"{name} (answers of 4 tokens)", regime), rows))
   print()
   print(f"worst case over all losses: {worst:.2f} ulps per unit of (1 + condition number)")
   print()
@@ -423,11 +418,7 @@ def main(argv=None):
         rows = np.concatenate(
           [measure_hessian(case, regime, args.cases, k, seed=k, mode=mode) for k in args.classes]
         )
-        worst_second = max(worst_second, rows[:, 0].max())
-        print(
-          f"| {case.name} | {regime} | {mode} | {len(rows)} | {rows[:, 0].max():.2f} "
-          f"| {rows[:, 1].max():.1f} | {np.median(rows[:, 2]):.3g} |"
-        )
+        worst_second = max(worst_second, _report((case.name, regime, mode), rows))
   print()
   print(f"worst second derivative: {worst_second:.2f} ulps per unit of (1 + cond)")
 
