@@ -55,6 +55,7 @@ class Interrupt:
     self.started = False
     self.requested = False
     self.dropped = False  # a KeyboardInterrupt that Python dropped, sent again
+    self.stop_now = False  # one was dropped: stop at the next check, even if the resent one is lost
     self.active = False  # installed: a dropped interrupt is sent again only while it is
     self._sending = threading.Lock()  # held while a dropped interrupt is sent again
     self.next_stop = None  # the step of the next evaluation, where a first Ctrl-C stops
@@ -96,12 +97,18 @@ class Interrupt:
 
     def hook(info):
       if isinstance(info.exc_value, KeyboardInterrupt):
-        self.dropped = True
+        self.dropped = self.stop_now = True
         threading.Timer(0.01, self._send_again).start()
       else:
         previous(info)
 
     return hook
+
+  def check(self) -> None:
+    """Raises KeyboardInterrupt where a dropped one is pending: the signal sent again can
+    itself land where it is lost (a library's broad ``except``), so the loop asks too."""
+    if self.stop_now:
+      raise KeyboardInterrupt
 
   def _send_again(self) -> None:
     with self._sending:
@@ -324,7 +331,9 @@ def _run(
     evaluations = 0
     try:
       with open(workdir / workdir_lib.METRICS, "a") if primary else open(os.devnull, "w") as log:
+        interrupt.check()
         for state in kind.run(plan, state):
+          interrupt.check()
           host = kind.host(plan, state)
           step = kind.step(host)
           if step != resumed_from:  # a restored state's evaluation is in the log already
