@@ -40,6 +40,20 @@ SCHEDULES = ("constant", "cosine")
 LM_EXPERIMENTS = {
   "repetition": ("positive_only", "complement_likelihood", "negated_gradient"),
   "unlearning": ("negated_gradient", "complement_likelihood", "npo"),
+  "feedback": (
+    "labeled_only",
+    "positive_only",
+    "negated_gradient",
+    "complement_likelihood",
+    "complement_set_likelihood",
+    "token_unlikelihood",
+    "npo",
+    "nsr",
+    "w_reinforce",
+    "nft",
+    "pmpo",
+    "simnpo",
+  ),
 }
 LITERATURE_NAMES = {
   "repetition": {
@@ -53,7 +67,20 @@ LITERATURE_NAMES = {
     "complement_likelihood": "complement",
     "npo": "NPO",
   },
+  "feedback": {
+    "positive_only": "RFT",
+    "complement_likelihood": "-log(1 - P(a))",
+    "complement_set_likelihood": "-log(1 - P(S))",
+    "npo": "NPO",
+    "nsr": "NSR",
+    "w_reinforce": "W-REINFORCE",
+    "nft": "NFT",
+    "pmpo": "PMPO",
+    "simnpo": "SimNPO",
+  },
 }
+# The feedback experiment's arithmetic task, and where a user's task comes from.
+LM_TASKS = ("addition",)
 LM_HEADS = ("fused", "softmax", "hierarchical", "tree")
 MULTILABEL_DATASETS = ("canvases", "generated")
 MULTILABEL_OBJECTIVES = regimes_lib.LABEL_SET_NAMES
@@ -221,8 +248,9 @@ _LM = {
   ),
   "experiment": (
     "repetition",
-    "repetition (unlikelihood against repeats, from a random start) "
-    "or unlearning (forget topics from a trained start)",
+    "repetition (unlikelihood against repeats, from a random start), "
+    "unlearning (forget topics from a trained start) or feedback (the model's own "
+    "answers to a task, judged, trained on)",
     lambda v: v in LM_EXPERIMENTS,
     "one of " + ", ".join(LM_EXPERIMENTS),
   ),
@@ -232,7 +260,9 @@ _LM = {
     "needs the experiment and head meet. Default repetition: "
     + ", ".join(LM_EXPERIMENTS["repetition"])
     + "; unlearning: "
-    + ", ".join(LM_EXPERIMENTS["unlearning"]),
+    + ", ".join(LM_EXPERIMENTS["unlearning"])
+    + "; feedback: "
+    + ", ".join(LM_EXPERIMENTS["feedback"]),
     _names(regimes_lib.REGIMES),
     "a non-empty tuple of distinct names from " + ", ".join(regimes_lib.NAMES),
   ),
@@ -292,12 +322,94 @@ _LM = {
   ),
   "initial_steps": (
     800,
-    "unlearning: mle steps on every training topic that make the start",
+    "unlearning: mle steps on every training topic that make the start; feedback: "
+    "steps on the labeled problems that make it",
     _positive_int,
     "an int >= 1",
   ),
   "forget": (4, "unlearning: training topics to forget", _positive_int, "an int >= 1"),
   "npo_beta": _like("npo_beta", 0.1),
+  "task": (
+    "addition",
+    "feedback: the task, addition (of two config.digits-digit numbers, the answer's "
+    "digits reversed) or py:PATH (a Python file that defines VOCABULARY, draw(seed) and "
+    "optionally judge(prompt, answer, reference))",
+    lambda v: v in LM_TASKS or (isinstance(v, str) and v.startswith("py:") and len(v) > 3),
+    "addition, or py:PATH",
+  ),
+  "digits": (2, "feedback, addition: digits of each number", _positive_int, "an int >= 1"),
+  "num_labeled": _like("num_labeled", 500, "feedback: problems given with their answers"),
+  "num_unlabeled": (
+    1000,
+    "feedback: prompts whose sampled answers are judged, each round",
+    _positive_int,
+    "an int >= 1",
+  ),
+  "num_validation": (
+    300,
+    "feedback: prompts that choose the start model",
+    _positive_int,
+    "an int >= 1",
+  ),
+  "num_test": (300, "feedback: prompts of every evaluation", _positive_int, "an int >= 1"),
+  "samples": (
+    4,
+    "feedback: answers sampled per unlabeled prompt and round",
+    _positive_int,
+    "an int >= 1",
+  ),
+  "temperature": (
+    1.0,
+    "feedback: the sampling temperature",
+    lambda v: _is_number(v) and v > 0,
+    "a finite number > 0",
+  ),
+  "feedback_rounds": _like(
+    "feedback_rounds", 2, "feedback: rounds of sample, judge and train (config.steps each)"
+  ),
+  "eval_samples": (
+    8,
+    "feedback: answers sampled per test prompt at each evaluation, for pass@k",
+    _positive_int,
+    "an int >= 1",
+  ),
+  "select_every": (
+    250,
+    "feedback: steps between the start model's validations (the best one is the start)",
+    _positive_int,
+    "an int >= 1",
+  ),
+  "wreinforce_lambda": (
+    0.1,
+    "w_reinforce: the weight of the positive term",
+    lambda v: _is_number(v) and v >= 0,
+    "a finite number >= 0",
+  ),
+  "pmpo_alpha": (
+    0.5,
+    "pmpo: the weight of the accepted answers (1 - alpha: the rejected)",
+    lambda v: _is_number(v) and 0 <= v <= 1,
+    "a number in [0, 1]",
+  ),
+  "pmpo_beta": (
+    0.1,
+    "pmpo: the weight of KL(pi_ref || pi)",
+    lambda v: _is_number(v) and v >= 0,
+    "a finite number >= 0",
+  ),
+  "nft_epsilon": (
+    0.1,
+    "nft: the floor of the implicit negative policy's ratio",
+    lambda v: _is_number(v) and 0 < v <= 1,
+    "a number in (0, 1]",
+  ),
+  "simnpo_beta": (
+    2.5,
+    "simnpo: the inverse temperature beta",
+    lambda v: _is_number(v) and v > 0,
+    "a finite number > 0",
+  ),
+  "simnpo_gamma": (0.0, "simnpo: the margin gamma", _is_number, "a finite number"),
   "collapse": (
     3.0,
     "unlearning: retain perplexity above this times the start's is a collapse",
@@ -609,8 +721,10 @@ def validate_lm(
       why = "needs a protocol's transition matrix, which text has not"
     elif regimes_lib.FLAT_LOGITS in rule.needs and head != "softmax":
       why = f"needs the logits, which the {head} head never forms (use head 'softmax')"
-    elif regimes_lib.REFERENCE in rule.needs and experiment != "unlearning":
-      why = "needs a reference model, which only unlearning trains"
+    elif regimes_lib.JUDGED in rule.needs and experiment != "feedback":
+      why = "trains on judged answers, which only the feedback experiment samples"
+    elif regimes_lib.REFERENCE in rule.needs and experiment == "repetition":
+      why = "needs a reference model, which repetition has not (unlearning and feedback have)"
     elif regimes_lib.ONE_WRONG_LABEL in rule.needs and experiment == "repetition":
       why = "takes one wrong token, and repetition's negatives are sets (the earlier tokens)"
     elif head == "hierarchical" and experiment == "repetition" and rule.negative is not None:
@@ -620,6 +734,11 @@ def validate_lm(
       )
     if why:
       raise ConfigError(f"config.regimes: {name!r} {why}.")
+  if experiment == "feedback" and head not in ("softmax", "fused"):
+    raise ConfigError(
+      f"config.head: the feedback experiment's sequence losses take the softmax or the "
+      f"fused head, got {head!r}."
+    )
   _check_tree_keys(values)
   if values["width"] % values["heads"]:
     raise ConfigError(
@@ -695,11 +814,34 @@ def lm_estimate_bytes(values: dict, vocab_size: int) -> int:
 # fingerprint) only with that head: a run of another head records what it recorded before
 # the keys existed, so its folder still resumes and its results stay byte for byte.
 HEAD_KEYS = {"tree": ("tree", "branching")}
+# Likewise, the keys that only the language model's feedback experiment reads.
+FEEDBACK_KEYS = (
+  "task",
+  "digits",
+  "num_labeled",
+  "num_unlabeled",
+  "num_validation",
+  "num_test",
+  "samples",
+  "temperature",
+  "feedback_rounds",
+  "eval_samples",
+  "select_every",
+  "wreinforce_lambda",
+  "pmpo_alpha",
+  "pmpo_beta",
+  "nft_epsilon",
+  "simnpo_beta",
+  "simnpo_gamma",
+)
 
 
 def recorded(values: dict) -> dict:
-  """The config as a run records it: ``values`` without the keys of a head it does not use."""
+  """The config as a run records it: ``values`` without the keys of a head or a language
+  model experiment it does not use."""
   unused = {k for head, keys in HEAD_KEYS.items() if values.get("head") != head for k in keys}
+  if values.get("kind") == "lm" and values.get("experiment") != "feedback":
+    unused |= set(FEEDBACK_KEYS)
   return {k: v for k, v in values.items() if k not in unused}
 
 

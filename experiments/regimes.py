@@ -33,6 +33,8 @@ TRANSITION = "transition_matrix"  # the protocol's T: uniform or biased wrong la
 ONE_WRONG_LABEL = "one_wrong_label"  # no sets: num_negatives = 1
 REFERENCE = "reference_model"  # a frozen model trained on the labeled inputs alone
 LABEL_SETS = "label_sets"  # several true labels per example (the multilabel kind)
+JUDGED = "judged_answers"  # answers a language model sampled and a judge marked (lm feedback)
+ANSWER_SETS = "answer_sets"  # the negative is every wrong answer of one prompt, as one set
 CLIP = 1e-7  # Keras's epsilon: probabilities clipped to [1e-7, 1 - 1e-7]
 
 
@@ -75,6 +77,57 @@ def _npo(head, out, batch, setup):
   nll = head.nll(out, batch.label)
   log_p = -jnp.sum(nll.reshape(*batch.reference.shape, -1), axis=-1)
   return (2.0 / beta) * jax.nn.softplus(beta * (log_p - batch.reference))
+
+
+def _token_unlikelihood(head, out, batch, setup=None):
+  """``sum_t -log(1 - p(a_t | prompt, a_<t))`` over a wrong answer's tokens: token-level
+  unlikelihood (Welleck et al. 2019) on the answer."""
+  return head.token_complement_nll(out, batch.label)
+
+
+def _complement_set(head, out, batch, setup=None):
+  """``-log(1 - sum_j P(a_j))`` over a prompt's distinct wrong answers (``batch.label``
+  ``[B, J, T]``, a right answer's slot all -1)."""
+  return head.complement_set_nll(out, batch.label)
+
+
+def _weighted_nll(head, out, batch, setup):
+  return setup.wreinforce_lambda * head.nll(out, batch.label)
+
+
+def _nft(head, out, batch, setup):
+  """Negative-aware fine-tuning (Chen et al. 2025, arXiv 2505.18116) on a wrong answer:
+  ``sum_t -log max((1 - r R_t) / (1 - r), eps)`` with ``R_t = p(a_t) / p_old(a_t)`` the
+  token's likelihood ratio to the model that sampled it and ``r`` the share of that
+  prompt's samples judged right (``batch.rate``)."""
+  keep = batch.label >= 0
+  log_ratio = -head.token_nll(out, batch.label) - batch.reference_tokens
+  r = batch.rate[..., None]
+  implicit = (1.0 - r * jnp.exp(jnp.minimum(log_ratio, 30.0))) / (1.0 - r)
+  per_token = -jnp.log(jnp.maximum(implicit, setup.nft_epsilon))
+  return jnp.sum(jnp.where(keep, per_token, 0.0), axis=-1)
+
+
+def _pmpo_positive(head, out, batch, setup):
+  """PMPO (Abdolmaleki et al. 2024, arXiv 2410.04166) on an accepted answer: ``alpha`` times
+  its NLL, plus ``beta`` times the sample estimate of KL(pi_ref || pi) (the NLL of the
+  sample, less a constant)."""
+  return (setup.pmpo_alpha + setup.pmpo_beta) * head.nll(out, batch.label)
+
+
+def _pmpo_negative(head, out, batch, setup):
+  """PMPO on a rejected answer: ``-(1 - alpha)`` times its NLL, plus the KL estimate's
+  ``beta`` times its NLL."""
+  return (setup.pmpo_beta - (1.0 - setup.pmpo_alpha)) * head.nll(out, batch.label)
+
+
+def _simnpo(head, out, batch, setup):
+  """SimNPO (Fan et al. 2024, arXiv 2410.07163): ``(2/beta) softplus(beta log pi(y) / |y| +
+  gamma)``, NPO without a reference, normalised by the answer's length ``|y|``."""
+  beta = setup.simnpo_beta
+  length = jnp.maximum(jnp.sum(batch.label >= 0, axis=-1), 1)
+  log_p = -head.nll(out, batch.label)
+  return (2.0 / beta) * jax.nn.softplus(beta * log_p / length + setup.simnpo_gamma)
 
 
 def _mcl(name):
@@ -174,6 +227,9 @@ class Regime:
     summary: one line for ``--help`` and the documentation.
     scores: for the label-set entries, how predictions are read (``softmax`` or
       ``sigmoid``); None for the others.
+    positives: on judged answers, which examples the positive loss sees: ``all`` (the
+      labeled ones and the answers judged right), ``labeled`` (the labeled ones alone)
+      or ``none`` (no positive term).
   """
 
   name: str
@@ -183,6 +239,7 @@ class Regime:
   batch_objective: Callable | None = None
   summary: str = ""
   scores: str | None = None
+  positives: str = "all"
 
 
 #: Every regime and objective by name, the one table the kinds train from.
@@ -272,6 +329,72 @@ REGIMES: dict[str, Regime] = {
       summary="nll on the positives plus exp(-(1 - P(S))) on sets S (Feng et al. 2020)",
     ),
     Regime(
+      "labeled_only",
+      _nll,
+      None,
+      needs=(JUDGED,),
+      positives="labeled",
+      summary="nll on the labeled answers alone: the control, trained as long as the others",
+    ),
+    Regime(
+      "complement_set_likelihood",
+      _nll,
+      _complement_set,
+      needs=(JUDGED, ANSWER_SETS),
+      summary="nll on the positives plus -log(1 - sum_j P(a_j)) over each prompt's distinct "
+      "wrong answers",
+    ),
+    Regime(
+      "token_unlikelihood",
+      _nll,
+      _token_unlikelihood,
+      needs=(JUDGED,),
+      summary="nll on the positives plus sum_t -log(1 - p(a_t)) over a wrong answer's tokens "
+      "(Welleck et al. 2019)",
+    ),
+    Regime(
+      "nsr",
+      _nll,
+      _negated,
+      needs=(JUDGED,),
+      positives="none",
+      summary="+log P(a) on the wrong answers alone: negative sample reinforcement "
+      "(Zhu et al. 2025, arXiv 2506.01347)",
+    ),
+    Regime(
+      "w_reinforce",
+      _weighted_nll,
+      _negated,
+      needs=(JUDGED,),
+      summary="lambda x nll on the positives plus +log P(a) on the wrong answers: "
+      "W-REINFORCE (Zhu et al. 2025, arXiv 2506.01347)",
+    ),
+    Regime(
+      "nft",
+      _nll,
+      _nft,
+      needs=(JUDGED,),
+      summary="nll on the positives plus sum_t -log max((1 - r R_t)/(1 - r), eps) on the wrong "
+      "answers, R_t the token's ratio to the sampling model and r its prompt's right share: "
+      "negative-aware fine-tuning (Chen et al. 2025, arXiv 2505.18116)",
+    ),
+    Regime(
+      "pmpo",
+      _pmpo_positive,
+      _pmpo_negative,
+      needs=(JUDGED,),
+      summary="alpha x nll on the accepted answers, -(1 - alpha) x nll on the rejected, plus "
+      "beta x the samples' KL(pi_ref || pi) estimate (Abdolmaleki et al. 2024, arXiv 2410.04166)",
+    ),
+    Regime(
+      "simnpo",
+      _nll,
+      _simnpo,
+      needs=(JUDGED,),
+      summary="nll on the positives plus (2/beta) softplus(beta log P(a) / |a| + gamma) on the "
+      "wrong answers (Fan et al. 2024, arXiv 2410.07163)",
+    ),
+    Regime(
       "softmax_y_over_size",
       _on_sets(_softmax_targets),
       None,
@@ -306,6 +429,8 @@ REGIMES: dict[str, Regime] = {
   )
 }
 #: The regimes of one true label per example (the classifier's and the LM's).
-NAMES = tuple(n for n, r in REGIMES.items() if LABEL_SETS not in r.needs)
+NAMES = tuple(n for n, r in REGIMES.items() if not {LABEL_SETS, JUDGED} & set(r.needs))
+#: The regimes only judged answers serve (the language model's feedback experiment).
+JUDGED_NAMES = tuple(n for n, r in REGIMES.items() if JUDGED in r.needs)
 #: The objectives of several true labels per example (the multi-label kind's).
 LABEL_SET_NAMES = tuple(n for n, r in REGIMES.items() if LABEL_SETS in r.needs)

@@ -109,6 +109,24 @@ class Settings:
   collapse: float = 3.0
   logit_bound: float = 1e3
   seed: int = 0
+  # the feedback experiment's (jaxsoftmax_experiments.judged)
+  task: str = "addition"
+  digits: int = 2
+  num_labeled: int = 500
+  num_unlabeled: int = 1000
+  num_validation: int = 300
+  num_test: int = 300
+  samples: int = 4
+  temperature: float = 1.0
+  feedback_rounds: int = 2
+  eval_samples: int = 8
+  select_every: int = 250
+  wreinforce_lambda: float = 0.1
+  pmpo_alpha: float = 0.5
+  pmpo_beta: float = 0.1
+  nft_epsilon: float = 0.1
+  simnpo_beta: float = 2.5
+  simnpo_gamma: float = 0.0
 
   @classmethod
   def of(cls, config) -> "Settings":
@@ -456,6 +474,10 @@ def training_windows(plan: Plan):
 
 def run(plan: Plan, state: training.State | None = None) -> Iterator[training.State]:
   """Yields the state after every evaluation, the first at step 0."""
+  if _judged(plan):
+    from jaxsoftmax_experiments import judged
+
+    return judged.run(plan, state)  # type: ignore[arg-type]
   s = plan.settings
   if state is None:
     state = _start(plan, jax.random.key(s.seed))
@@ -602,7 +624,11 @@ def _plot(s: Settings, records, path):
 
 # --- the framework's kind interface ----------------------------------------------------
 
-PROGRESS = {"repetition": "validation perplexity", "unlearning": "forget NLL"}
+PROGRESS = {
+  "repetition": "validation perplexity",
+  "unlearning": "forget NLL",
+  "feedback": "test exact match",
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity
@@ -617,8 +643,11 @@ class Loaded:
 def load(config) -> Loaded:
   """The corpus of ``config.dataset``, checked against the config, and its windows, made
   once per settings and text in a process (a user's text is known by its files' bytes),
-  so that a rerun finds its plan and compiled programs again."""
+  so that a rerun finds its plan and compiled programs again; for the feedback
+  experiment, the task's problems (a user's task file is known by its bytes)."""
   s = Settings.of(config)
+  if s.experiment == "feedback":
+    return _load_cached(s, None if s.task == "addition" else text.digest(s.task[3:]))
   return _load_cached(s, None if s.dataset == "help_topics" else text.digest(s.dataset[5:]))
 
 
@@ -629,6 +658,8 @@ def _load_cached(s: Settings, digest: str | None) -> Loaded:
 
 
 def _load(s: Settings) -> Loaded:
+  if s.experiment == "feedback":
+    return _load_feedback(s)
   corpus = text.corpus() if s.dataset == "help_topics" else text.user_corpus(s.dataset[5:])
   sizes = {p: sum(len(t) for t in corpus.tokens[p].values()) for p in corpus.tokens}
   sizes["train_topics"] = len(corpus.tokens["train"])
@@ -648,11 +679,36 @@ def _load(s: Settings) -> Loaded:
   return Loaded(s, data, info)
 
 
+class Judged(NamedTuple):
+  """The feedback experiment's data: its task and the problems it drew."""
+
+  task: Any
+  problems: Any
+
+
+def _load_feedback(s: Settings) -> Loaded:
+  from jaxsoftmax_experiments import judged
+
+  config_lib.validate_lm(dataclasses.asdict(s))
+  task = judged.task_of(s.task, s.digits)
+  sizes = {
+    "labeled": s.num_labeled,
+    "unlabeled": s.num_unlabeled,
+    "validation": s.num_validation,
+    "test": s.num_test,
+  }
+  problems = judged.draw_problems(task, sizes, s.seed)
+  info = {"task": task.name, "vocab_size": problems.vocab_size, **sizes}
+  return Loaded(s, Judged(task, problems), info)  # type: ignore[arg-type]
+
+
 def check(config, loaded: Loaded, memory_bytes) -> None:
-  config_lib.validate_lm(config.to_dict(), None, memory_bytes, loaded.data.vocab_size)
+  config_lib.validate_lm(config.to_dict(), None, memory_bytes, loaded.info["vocab_size"])
 
 
 def total_steps(config) -> int:
+  if config.experiment == "feedback":
+    return config.steps * config.feedback_rounds
   return config.steps
 
 
@@ -662,14 +718,27 @@ def plan(config, loaded: Loaded, devices) -> Plan:
 
 
 @functools.lru_cache(maxsize=4)
-def _plan_of(s: Settings, loaded: Loaded, devices) -> Plan:
+def _plan_of(s: Settings, loaded: Loaded, devices):
   """One plan per settings, data and devices, so that a rerun in the same process reuses
   its compiled programs (they are keyed by the plan)."""
+  if s.experiment == "feedback":
+    from jaxsoftmax_experiments import judged
+
+    task, problems = loaded.data
+    return judged.make_plan(s, task, problems, loaded.info, devices)
   return make_plan(s, loaded.data, loaded.info, devices)
+
+
+def _judged(plan_) -> bool:
+  return plan_.settings.experiment == "feedback"
 
 
 def template(plan_: Plan) -> training.State:
   """The checkpoint's abstract state: shapes, dtypes and the mesh's shardings."""
+  if _judged(plan_):
+    from jaxsoftmax_experiments import judged
+
+    return training.template(plan_.mesh, lambda: judged.abstract_start(plan_))  # type: ignore[arg-type]
   return training.template(plan_.mesh, lambda: _start(plan_, jax.random.key(plan_.settings.seed)))
 
 
@@ -682,6 +751,10 @@ def step(state: training.State) -> int:
 
 
 def records(plan_: Plan, state: training.State, earlier: list[dict]) -> list[dict]:
+  if _judged(plan_):
+    from jaxsoftmax_experiments import judged
+
+    return judged.records(plan_, state)  # type: ignore[arg-type]
   s = plan_.settings
   start = None
   if s.experiment == "unlearning":
@@ -693,7 +766,9 @@ def records(plan_: Plan, state: training.State, earlier: list[dict]) -> list[dic
 
 
 def progress(plan_: Plan, new: list[dict]) -> tuple[str, dict[str, float]]:
-  key = "validation_perplexity" if plan_.settings.experiment == "repetition" else "forget_nll"
+  key = {"repetition": "validation_perplexity", "feedback": "exact_match"}.get(
+    plan_.settings.experiment, "forget_nll"
+  )
   out = {}
   for r in new:
     out.setdefault(r["regime"], []).append(np.nan if r.get(key) is None else r[key])
@@ -708,8 +783,15 @@ def outputs(
   wall: float,
   resumed_from,
 ):
-  del state, wall, resumed_from  # the files do not depend on them: a resumed run's are the same
+  del wall, resumed_from  # the files do not depend on them: a resumed run's are the same
   s = plan_.settings
+  if _judged(plan_):
+    from jaxsoftmax_experiments import judged
+
+    results, summary = judged.summarise(plan_, state, records_)  # type: ignore[arg-type]
+    results["num_devices"] = plan_.mesh.size
+    results["config"] = resolved
+    return results, summary, lambda path: judged.plot(plan_, records_, path)  # type: ignore[arg-type]
   results, summary = summarise(s, records_, plan_.info, 0.0)
   results.pop("wall_seconds")
   results["num_devices"] = plan_.mesh.size
@@ -719,6 +801,8 @@ def outputs(
 
 
 def arrays(loaded: Loaded):
+  if isinstance(loaded.data, Judged):
+    return tuple(x for split in loaded.data.problems[:4] for x in split)
   d = loaded.data
   return (d.train, d.validation, d.test, d.forget)
 

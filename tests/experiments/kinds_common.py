@@ -66,6 +66,28 @@ KINDS = {
     "--config.learning_rate=1e-2",
     "--config.regimes=('complement_likelihood', 'npo')",
   ],
+  # The language model's feedback experiment: 2 rounds of 10 steps.
+  "lm_feedback": [
+    "--config=lm_feedback",
+    "--config.num_seeds=2",
+    "--config.num_labeled=60",
+    "--config.num_unlabeled=24",
+    "--config.num_validation=16",
+    "--config.num_test=16",
+    "--config.samples=3",
+    "--config.eval_samples=4",
+    "--config.initial_steps=40",
+    "--config.select_every=20",
+    "--config.steps=10",
+    "--config.eval_every=10",
+    "--config.checkpoint_every=10",
+    "--config.batch_size=8",
+    "--config.width=16",
+    "--config.depth=1",
+    "--config.heads=2",
+    "--config.learning_rate=1e-2",
+    "--config.regimes=('labeled_only', 'complement_likelihood', 'nft')",
+  ],
   "multilabel": [
     "--config=multilabel_generated",
     "--config.steps=20",
@@ -76,6 +98,10 @@ KINDS = {
     "--config.regimes=('sigmoid', 'clipped_softmax')",
   ],
 }
+
+
+# The kind of each entry of KINDS that is a config of another kind.
+KIND_OF = {"lm_feedback": "lm"}
 
 
 def _files(workdir):
@@ -198,7 +224,7 @@ def test_a_start_that_fails_is_forgotten_for_every_kind(finished, tmp_path, monk
 
   kind, args, _, _ = finished
   workdir = tmp_path / "failed"
-  module = kinds.get(kind)
+  module = kinds.get(KIND_OF.get(kind, kind))
   monkeypatch.setattr(module, "plan", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
   with pytest.raises(RuntimeError, match="bug"):
     run.main(_again(args, workdir))
@@ -216,7 +242,7 @@ def test_every_kind_keeps_its_runs_in_the_one_run_state(finished):
   parsed = run.parse(_again(args, workdir))
   assert not isinstance(parsed, int)
   _, config = parsed
-  module = kinds.get(kind)
+  module = kinds.get(KIND_OF.get(kind, kind))
   template = module.template(module.plan(config, module.load(config), None))
   assert template.runs and all(isinstance(g, training.RunState) for g in template.runs)
   assert template.step.shape == () and template.runs[0].alive.shape == (2,)  # 2 seeds
@@ -226,6 +252,7 @@ def test_every_kind_keeps_its_runs_in_the_one_run_state(finished):
 VALUES = {
   "classifier": ("regimes", "test_accuracy"),
   "lm": ("regimes", "forget_nll"),
+  "lm_feedback": ("regimes", "answer_nll"),
   "multilabel": ("objectives", "mAP"),
 }
 

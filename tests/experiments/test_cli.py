@@ -377,7 +377,7 @@ def test_help_names_every_variant_and_whole_sentences(capsys):
   configs = out.split("packaged configs (--config=NAME):\n")[1].split("\n\n")[0].splitlines()
   assert "head one of softmax, hierarchical, tree; default softmax" in out
   assert "model one of mlp, cnn; default mlp" in out
-  assert len(configs) == 6 and all(line.rstrip().endswith(".") for line in configs), configs
+  assert len(configs) == 7 and all(line.rstrip().endswith(".") for line in configs), configs
   assert "Token unlikelihood against repetition (Welleck et al. 2019), from a random start." in out
 
 

@@ -147,10 +147,26 @@ def test_the_tree_keys_are_recorded_only_with_the_tree_head():
   # its folder still resumes (same config check, same checkpoint fingerprint).
   for kind in ("classifier", "lm"):
     values = config.defaults(kind).to_dict()
+    # The language model's repetition and unlearning do not record the feedback keys either.
+    other = set(config.FEEDBACK_KEYS) if kind == "lm" else set()
     assert not {"tree", "branching"} & set(config.recorded(values)), kind
-    assert set(config.recorded(values)) == set(values) - {"tree", "branching"}
+    assert set(config.recorded(values)) == set(values) - {"tree", "branching"} - other
     values["head"] = "tree"
-    assert config.recorded(values) == values
+    assert config.recorded(values) == {k: v for k, v in values.items() if k not in other}
+
+
+def test_the_feedback_keys_are_recorded_only_by_the_feedback_experiment():
+  # As the tree keys: the language model's earlier experiments record what they recorded
+  # before these keys existed (their folders resume, their results stay byte for byte).
+  values = config.defaults("lm").to_dict()
+  for experiment in ("repetition", "unlearning"):
+    values["experiment"] = experiment
+    assert not set(config.FEEDBACK_KEYS) & set(config.recorded(values)), experiment
+  values["experiment"] = "feedback"
+  assert set(config.FEEDBACK_KEYS) <= set(config.recorded(values))
+  # The classifier's keys of the same names (num_labeled, feedback_rounds) stay recorded.
+  classifier = config.defaults("classifier").to_dict()
+  assert {"num_labeled", "feedback_rounds"} <= set(config.recorded(classifier))
 
 
 def test_num_clusters_needs_the_hierarchical_head_and_at_most_k_clusters():

@@ -20,9 +20,16 @@ import jax, numpy as np
 from jaxsoftmax_experiments import config as config_lib, kinds
 
 def tiny(kind):
-  c = config_lib.defaults(kind)
+  c = config_lib.defaults("lm" if kind == "lm_feedback" else kind)
   c.num_seeds, c.steps, c.eval_every, c.batch_size = 2, 10, 10, 8
-  if kind == "lm":  # one regime, a short start, 20 topics: the mesh is what is tested
+  if kind == "lm_feedback":  # the language model's judged answers, one round
+    c = config_lib.defaults("lm")
+    c.num_seeds, c.steps, c.eval_every, c.batch_size = 2, 10, 10, 8
+    c.experiment, c.regimes, c.head = "feedback", ("labeled_only", "nft"), "softmax"
+    c.num_labeled, c.num_unlabeled, c.num_validation, c.num_test = 60, 24, 16, 16
+    c.samples, c.eval_samples, c.initial_steps, c.select_every = 3, 4, 40, 20
+    c.feedback_rounds, c.width, c.depth, c.heads, c.learning_rate = 1, 16, 1, 2, 1e-2
+  elif kind == "lm":  # one regime, a short start, 20 topics: the mesh is what is tested
     c.experiment, c.regimes = "unlearning", ("complement_likelihood",)
     c.dataset, c.forget = "text:" + sys.argv[1], 2
     c.length, c.width, c.depth, c.heads, c.vocab_chunk, c.initial_steps = 8, 16, 1, 2, 256, 5
@@ -32,9 +39,9 @@ def tiny(kind):
   return c
 
 out = {}
-for name in ("lm", "multilabel"):
+for name in ("lm", "multilabel", "lm_feedback"):
   c = tiny(name)
-  kind = kinds.get(name)
+  kind = kinds.get("lm" if name == "lm_feedback" else name)
   data = kind.load(c)
   for label, devices in (("one", jax.devices()[:1]), ("eight", None)):
     plan = kind.plan(c, data, devices)
@@ -43,12 +50,12 @@ for name in ("lm", "multilabel"):
       records += kind.records(plan, kind.host(plan, state), records)
     leaf = jax.tree.leaves(state.runs[0])[0]
     results, _, _ = kind.outputs(plan, state, records, c.to_dict(), 0.0, None)
-    key = "forget_nll" if name == "lm" else "mAP"
+    key = {"lm": "forget_nll", "lm_feedback": "answer_nll"}.get(name, "mAP")
     out[f"{name}_{label}"] = {
         "num_devices": results["num_devices"],
         "devices_holding_params": len(leaf.sharding.device_set),
-        "values": {r: v[key]
-                   for r, v in results["regimes" if name == "lm" else "objectives"].items()}}
+        "values": {r: v[key] for r, v in
+                   results["objectives" if name == "multilabel" else "regimes"].items()}}
 print("RESULT " + json.dumps(out))
 """
 
@@ -69,7 +76,7 @@ def test_every_kind_splits_over_the_mesh_and_matches_one_device():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
-  for name in ("lm", "multilabel"):
+  for name in ("lm", "multilabel", "lm_feedback"):
     one, eight = out[f"{name}_one"], out[f"{name}_eight"]
     # 2 seeds x batch 8 on 8 devices: a 2 x 4 mesh; every device holds a seed's parameters.
     assert (one["num_devices"], eight["num_devices"]) == (1, 8), name
