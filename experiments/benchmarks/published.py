@@ -38,6 +38,22 @@ class Published:
   # (a figure the command writes, the committed copy that must equal it byte for byte)
   image: tuple[str, str] | None = None
   prepare: str | None = None  # Python code that writes the command's input first
+  table: int = 0  # which table of the output file (0: the first), beside its text
+  run: str | None = None  # the NAME whose run folder holds this one's output (the same command)
+
+
+def output_table(lines: list[str], index: int) -> list[str]:
+  """The output's lines less the rows of every table but the ``index``-th (a table is a
+  run of lines that start with ``|``): its text stays, for rows it gives in prose."""
+  out, table, inside = [], -1, False
+  for line in lines:
+    row = line.startswith("|")
+    if row and not inside:
+      table += 1
+    inside = row
+    if not row or table == index:
+      out.append(line)
+  return out
 
 
 PUBLISHED = {
@@ -69,6 +85,14 @@ PUBLISHED = {
   ),
   "lm_repetition": Published(("jaxsoftmax-run", "--config=lm_repetition"), "summary.md"),
   "lm_unlearning": Published(("jaxsoftmax-run", "--config=lm_unlearning"), "summary.md"),
+  "lm_feedback": Published(
+    ("jaxsoftmax-run", "--config=lm_feedback"),
+    "summary.md",
+    image=("curves.png", "docs/images/lm_feedback_curves.png"),
+  ),
+  "lm_feedback_rounds": Published(
+    ("jaxsoftmax-run", "--config=lm_feedback"), "summary.md", table=1
+  ),
   "mnist1d_mlp": Published(
     ("jaxsoftmax-run", "--config=mnist1d_supervised:mlp"), "summary.md", ("MLP", "positive_only")
   ),
@@ -178,7 +202,7 @@ def main(argv=None) -> int:
   failed = False
   for name in args.only:
     spec = PUBLISHED[name]
-    workdir = Path(args.workdir) / name
+    workdir = Path(args.workdir) / (spec.run or name)
     if spec.prepare is not None:
       (ROOT / "runs").mkdir(exist_ok=True)
       subprocess.run([sys.executable, "-c", spec.prepare], cwd=ROOT, check=True)
@@ -204,7 +228,9 @@ def main(argv=None) -> int:
       print(f"{name}: the command failed ({done.returncode}): {done.stderr[-500:]}")
       failed = True
       continue
-    output = (workdir / spec.output).read_text(encoding="utf-8").splitlines()
+    output = output_table(
+      (workdir / spec.output).read_text(encoding="utf-8").splitlines(), spec.table
+    )
     for page, rows in tables.get(name, []):
       problems = compare(rows, output, spec.row)
       where = page.relative_to(ROOT)
