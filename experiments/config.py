@@ -734,11 +734,6 @@ def validate_lm(
       )
     if why:
       raise ConfigError(f"config.regimes: {name!r} {why}.")
-  if experiment == "feedback" and head not in ("softmax", "fused"):
-    raise ConfigError(
-      f"config.head: the feedback experiment's sequence losses take the softmax or the "
-      f"fused head, got {head!r}."
-    )
   _check_tree_keys(values)
   if values["width"] % values["heads"]:
     raise ConfigError(

@@ -50,6 +50,8 @@ from jaxsoftmax_experiments import heads as heads_lib
 from jaxsoftmax_experiments import parallel, training
 from jaxsoftmax_experiments.regimes import ANSWER_SETS, REGIMES
 
+HEADS = ("softmax", "fused")  # the heads whose losses :class:`SequenceHead` applies to answers
+
 # --- tasks -------------------------------------------------------------------------------
 
 
@@ -853,7 +855,7 @@ def plot(plan: Plan, records_: list[dict], path) -> None:
   s = plan.settings
   last = max(r["step"] for r in records_)
   steps = sorted({r["step"] for r in records_})
-  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
   k_values = ks(s.eval_samples)
   for i, regime in enumerate(s.regimes):
     colour = f"C{i % 10}"
@@ -870,10 +872,12 @@ def plot(plan: Plan, records_: list[dict], path) -> None:
   for end in range(s.steps, last, s.steps):
     left.axvline(end, color="0.8", lw=0.8)
   left.set(xlabel="step (rounds at the grey lines)", ylabel="test exact match (greedy)")
-  right.set(xlabel="k", ylabel=f"pass@k at step {last}", xscale="log", xticks=k_values)
-  right.set_xticklabels([str(k) for k in k_values])
-  left.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
+  right.set(xlabel="k", ylabel=f"pass@k at step {last}", xscale="log")
+  right.minorticks_off()
+  right.set_xticks(k_values, [str(k) for k in k_values])
+  handles, labels = left.get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.12, 1, 1))
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)

@@ -1,9 +1,14 @@
 """Negative feedback for a language model: token unlikelihood against repetition, and
-unlearning by gradient ascent, the complement likelihood or NPO, on real text.
+unlearning by gradient ascent, the complement likelihood or NPO, on real text; and the
+model's own answers to a task, judged and learned from (``feedback``).
 
     jaxsoftmax-run --config=lm_repetition --workdir=runs/lm_repetition
     jaxsoftmax-run --config=lm_unlearning --workdir=runs/lm_unlearning
     jaxsoftmax-run --config=lm_unlearning --config.dataset=text:my_notes.txt --workdir=runs/mine
+    jaxsoftmax-run --config=lm_feedback --workdir=runs/lm_feedback
+
+The feedback experiment is :mod:`jaxsoftmax_experiments.judged`; this module hands its
+plan, runs, records and outputs to it.
 
 The kind ``lm`` of the framework (:mod:`jaxsoftmax_experiments.kinds`). The text is
 CPython's help topics (:mod:`jaxsoftmax_experiments.text`) or a user's (``text:PATH``),
@@ -690,6 +695,11 @@ def _load_feedback(s: Settings) -> Loaded:
   from jaxsoftmax_experiments import judged
 
   config_lib.validate_lm(dataclasses.asdict(s))
+  if s.head not in judged.HEADS:
+    raise config_lib.ConfigError(
+      f"config.head: the feedback experiment's sequence losses take the "
+      f"{' or the '.join(judged.HEADS)} head, got {s.head!r}."
+    )
   task = judged.task_of(s.task, s.digits)
   sizes = {
     "labeled": s.num_labeled,

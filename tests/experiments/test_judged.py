@@ -95,6 +95,13 @@ def test_the_judge_is_exact_match_or_the_tasks_own():
 # --- a user's task file -----------------------------------------------------------------------
 
 
+def test_the_language_model_guide_shows_the_example_task_file_the_tests_run():
+  guide = (
+    Path(__file__).resolve().parents[2] / "docs" / "guides" / "language_models.md"
+  ).read_text()
+  assert "```python\n" + judged.EXAMPLE_TASK + "```" in guide
+
+
 def test_the_documented_example_task_file_runs(tmp_path):
   path = tmp_path / "subtraction.py"
   path.write_text(judged.EXAMPLE_TASK)
@@ -292,10 +299,10 @@ def test_a_judged_regime_is_refused_where_there_are_no_judged_answers(capsys, tm
   args = ["--config=feedback_digits", "--config.regimes=('nsr',)", f"--workdir={tmp_path}"]
   assert run.main(args) == 2
   assert "config.regimes" in capsys.readouterr().err
-  c = config_lib.defaults("lm")
-  c.experiment, c.regimes, c.head = "feedback", ("nft",), "tree"
-  with pytest.raises(config_lib.ConfigError, match="config.head: the feedback experiment"):
-    config_lib.validate(c)
+  args = [*TINY, "--config.head=tree", f"--workdir={tmp_path / 'tree'}"]
+  assert run.main(args) == 2
+  err = capsys.readouterr().err
+  assert "config.head: the feedback experiment's sequence losses take the softmax or the " in err
 
 
 def test_a_shared_regime_is_one_entry_of_the_one_table():
@@ -407,6 +414,25 @@ def test_a_run_killed_in_round_2_resumes_to_the_same_files(finished, tmp_path):
   assert _files(workdir) == files
 
 
+def test_the_fused_head_runs_the_experiment_as_the_softmax_head(finished, tmp_path):
+  # The regimes of every head method through the fused losses (fused_sequence_*, the fused
+  # token losses): the start is the same model up to rounding, so its metrics agree.
+  _, files = finished
+  workdir = tmp_path / "fused"
+  names = "('labeled_only', 'complement_set_likelihood', 'token_unlikelihood', 'nft', 'npo')"
+  args = [*TINY, "--config.head=fused", "--config.vocab_chunk=5", f"--config.regimes={names}"]
+  assert run.main([*args, f"--workdir={workdir}"]) == 0
+  key = lambda r: (r["step"], r["regime"], r["seed"])
+  softmax = {key(r): r for r in map(json.loads, files["metrics.jsonl"].decode().splitlines())}
+  fused = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(fused) == 5 * 5 * 2
+  for r in fused:
+    if r["step"] == 0:
+      assert r["answer_nll"] == pytest.approx(softmax[key(r)]["answer_nll"], rel=1e-3)
+      assert r["exact_match"] == softmax[key(r)]["exact_match"]
+    assert r["answer_nll"] is not None and math.isfinite(r["answer_nll"])
+
+
 def test_a_users_task_runs_through_the_command(tmp_path):
   path = tmp_path / "subtraction.py"
   path.write_text(judged.EXAMPLE_TASK)
@@ -414,7 +440,6 @@ def test_a_users_task_runs_through_the_command(tmp_path):
   assert run.main([*args, f"--workdir={tmp_path / 'w'}"]) == 0
   summary = (tmp_path / "w" / "summary.md").read_text()
   assert f"# feedback on the task in {path}" in summary
-  # The task file is part of the run: changed, the run is refused as another config's.
   results = json.loads((tmp_path / "w" / "results.json").read_text())
   assert results["data"]["vocab_size"] == 15 and results["config"]["task"] == f"py:{path}"
   assert Path(results["config"]["task"][3:]).exists()
