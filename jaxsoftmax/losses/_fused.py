@@ -389,6 +389,12 @@ def _fused_fwd(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_
 
 
 def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
+  if axis_name is None:
+    return _local_backward(complement, chunk, token_chunk, soft_cap, z_loss, residuals, g)
+  return _streamed_backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g)
+
+
+def _streamed_backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
   return _per_platform(
     lambda residuals, g: _backward(
       complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g
@@ -396,6 +402,60 @@ def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resi
     residuals,
     g,
   )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _local_backward(complement, chunk, token_chunk, soft_cap, z_loss, residuals, g):
+  """The streamed backward pass (no logits formed), with a derivative rule of its own: its
+  derivatives (grad of grad, Hessian-vector products) are those of the same gradient
+  written on the logits, :func:`_dense_backward`, whose loss is the flat partition
+  kernel's with its exact second derivatives. Differentiating the gradient forms the
+  ``[N, V]`` logits; the gradient itself does not."""
+  return _streamed_backward(complement, chunk, token_chunk, soft_cap, z_loss, None, residuals, g)
+
+
+@_local_backward.defjvp
+def _local_backward_jvp(complement, chunk, token_chunk, soft_cap, z_loss, primals, tangents):
+  residuals, g = primals
+  out = _local_backward(complement, chunk, token_chunk, soft_cap, z_loss, residuals, g)
+  h, w, bias, members = residuals[:4]
+  dh, dw, dbias = tangents[0][:3]
+  dense = lambda h, w, bias, g: _dense_backward(complement, soft_cap, z_loss, members, h, w, bias, g)
+  if bias is None:
+    _, (th, tw, _) = jax.jvp(lambda h, w, g: dense(h, w, None, g), (h, w, g), (dh, dw, tangents[1]))
+    tbias = None
+  else:
+    _, (th, tw, tbias) = jax.jvp(dense, (h, w, bias, g), (dh, dw, dbias, tangents[1]))
+    tbias = tbias.astype(out[2].dtype)
+  return out, (th.astype(out[0].dtype), tw.astype(out[1].dtype), tbias, None)
+
+
+def _dense_backward(complement, soft_cap, z_loss, members, h, w, bias, g):
+  """The gradient of the per-token loss in ``h``, ``w`` and ``bias``, on the dense logits
+  and the flat partition kernel (for the derivatives of the streamed one)."""
+  from jaxsoftmax.losses._partition import _partition_nll
+
+  dtype = _compute_dtype(h, w)
+  vocab = w.shape[1]
+  rows = jnp.arange(members.shape[0])[:, None]
+  in_set = (
+    jnp.zeros((members.shape[0], vocab), bool)
+    .at[rows, jnp.where(members >= 0, members, vocab)]
+    .set(True, mode="drop")
+  )
+
+  def per_token(h, w, bias):
+    z, _ = _chunk_logits(
+      h.astype(dtype), w.astype(dtype), None if bias is None else bias.astype(dtype), soft_cap
+    )
+    loss = _partition_nll(z, in_set, complement)
+    if z_loss:
+      loss = loss + z_loss * jnp.square(jax.nn.logsumexp(z, axis=-1))
+    return loss
+
+  _, vjp = jax.vjp(per_token, h, w, bias)
+  dh, dw, dbias = vjp(g.astype(dtype))
+  return dh, dw, dbias
 
 
 def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):

@@ -297,11 +297,23 @@ def measure_sequence(regime: str, n: int, k: int, complement: bool, seed: int = 
 
 
 # The losses whose second derivatives are measured, on the draws of the first-derivative
-# table: the label and set losses of the partition kernel.
+# table: the label and set losses of the partition kernel, and the fused ones (whose
+# streamed gradient differentiates as the same gradient on the logits).
 HESSIAN_CASES = tuple(
   case
   for case in CASES
-  if case.name in ("nll", "complement_nll", "negated_nll", "set_nll", "complement_set_nll")
+  if case.name
+  in (
+    "nll",
+    "complement_nll",
+    "negated_nll",
+    "set_nll",
+    "complement_set_nll",
+    "fused_nll",
+    "fused_complement_nll",
+    "fused_set_nll",
+    "fused_complement_set_nll",
+  )
 )
 
 
