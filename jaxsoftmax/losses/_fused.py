@@ -391,7 +391,9 @@ def _fused_fwd(h, w, bias, members, complement, chunk, token_chunk, soft_cap, z_
 def _fused_bwd(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
   if axis_name is None:
     return _local_backward(complement, chunk, token_chunk, soft_cap, z_loss, residuals, g)
-  return _streamed_backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g)
+  return _streamed_backward(
+    complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g
+  )
 
 
 def _streamed_backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
@@ -420,7 +422,10 @@ def _local_backward_jvp(complement, chunk, token_chunk, soft_cap, z_loss, primal
   out = _local_backward(complement, chunk, token_chunk, soft_cap, z_loss, residuals, g)
   h, w, bias, members = residuals[:4]
   dh, dw, dbias = tangents[0][:3]
-  dense = lambda h, w, bias, g: _dense_backward(complement, soft_cap, z_loss, members, h, w, bias, g)
+
+  def dense(h, w, bias, g):
+    return _dense_backward(complement, soft_cap, z_loss, members, h, w, bias, g)
+
   if bias is None:
     _, (th, tw, _) = jax.jvp(lambda h, w, g: dense(h, w, None, g), (h, w, g), (dh, dw, tangents[1]))
     tbias = None
