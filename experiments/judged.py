@@ -630,7 +630,7 @@ def _fold(keys, salt: int):
 
 
 def abstract_start(plan: Plan) -> training.State:
-  """What :func:`start` returns, built without training (for the checkpoint's template)."""
+  """What ``start`` returns, built without training (for the checkpoint's template)."""
   s = plan.settings
   keys = jax.random.split(jax.random.key(s.seed), s.num_seeds)
   runs = tuple(jax.vmap(functools.partial(_init, plan))(keys) for _ in s.regimes)
