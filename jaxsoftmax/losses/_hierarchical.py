@@ -113,7 +113,7 @@ def _hierarchical_fwd(cluster_logits, row, cluster, slot, complement):
   a1, b1, e1, _, s1 = _split_logsumexp(cluster_logits, cluster)
   a2, b2, e2, _, s2 = _split_logsumexp(row, slot)
   loss, nll, log_u, log_v = _loss(a1, b1, a2, b2, complement)
-  return loss, (e1, s1, e2, s2, cluster, slot, nll, loss, log_u, log_v)
+  return loss, (cluster_logits, row, e1, s1, e2, s2, cluster, slot, nll, loss, log_u, log_v)
 
 
 def _direction(e, total, members):
@@ -123,6 +123,24 @@ def _direction(e, total, members):
 
 
 def _hierarchical_bwd(complement, residuals, g):
+  return (*_gradient(complement, residuals[0], residuals[1], residuals[2:], g), None, None)
+
+
+def _exact_value(cluster_logits, row, cluster, slot, complement):
+  """The loss as the partition kernel's ``-log p(c) - log p(l | c)`` (``-log(1 - exp(-L))``
+  of it for the complement): the same value, written with the kernels whose own
+  derivatives are exact, for the gradient's derivative rule."""
+  from jaxsoftmax.losses._partition import _partition_nll
+  from jaxsoftmax.losses._sequence import _complement_of_nll
+
+  nll = _partition_nll(cluster_logits, cluster, False) + _partition_nll(row, slot, False)
+  return _complement_of_nll(nll) if complement else nll
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _gradient(complement, cluster_logits, row, residuals, g):
+  """The gradient from the forward rule's exponentials; its own derivatives are those of
+  :func:`_exact_value`'s gradient."""
   e1, s1, e2, s2, cluster, slot, nll, loss, log_u, log_v = residuals
   if complement:
     # d(-log(1 - p_l)) = -(p_l / (1 - p_l)) dL, and dA = (1 - p(c)) * direction:
@@ -139,9 +157,23 @@ def _hierarchical_bwd(complement, residuals, g):
   return (
     _checks.zero_where_no_cotangent(g, w1[..., None] * _direction(e1, s1, cluster)),
     _checks.zero_where_no_cotangent(g, w2[..., None] * _direction(e2, s2, slot)),
-    None,
-    None,
   )
+
+
+@_gradient.defjvp
+def _gradient_jvp(complement, primals, tangents):
+  cluster_logits, row, residuals, g = primals
+  d_cluster, d_row, _, dg = tangents
+  cluster, slot = residuals[4], residuals[5]
+
+  def exact(cluster_logits, row, g):
+    value = lambda c, r: _exact_value(c, r, cluster, slot, complement)
+    _, vjp = jax.vjp(value, cluster_logits, row)
+    return tuple(_checks.zero_where_no_cotangent(g[..., None], d) for d in vjp(g))
+
+  out = _gradient(complement, cluster_logits, row, residuals, g)
+  _, tangent = jax.jvp(exact, (cluster_logits, row, g), (d_cluster, d_row, dg))
+  return out, tuple(t.astype(o.dtype) for t, o in zip(tangent, out))
 
 
 _hierarchical.defvjp(_hierarchical_fwd, _hierarchical_bwd)

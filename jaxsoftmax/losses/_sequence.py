@@ -57,8 +57,7 @@ def _slope_jvp(primals, tangents):
   return slope, curvature * d
 
 
-@jax.custom_vjp
-def _complement_of_nll(nll_sum: jax.Array) -> jax.Array:
+def _complement_value(nll_sum: jax.Array) -> jax.Array:
   """``-log(1 - exp(-L))`` per entry, exact at every magnitude of ``L >= 0``."""
   small = nll_sum <= _LOG2
   near = -jnp.log(-jnp.expm1(-jnp.where(small, nll_sum, _LOG2)))  # P >= 1/2
@@ -66,8 +65,16 @@ def _complement_of_nll(nll_sum: jax.Array) -> jax.Array:
   return jnp.where(small, near, far)
 
 
+@jax.custom_vjp
+def _complement_of_nll(nll_sum: jax.Array) -> jax.Array:
+  """:func:`_complement_value` with the gradient ``-1/expm1(L)``, exact at every ``L``."""
+  return _complement_value(nll_sum)
+
+
 def _complement_of_nll_fwd(nll_sum):
-  return _complement_of_nll(nll_sum), nll_sum
+  # The plain function, not the custom_vjp one: a forward rule that calls its own
+  # custom_vjp function cannot be differentiated forwards (jax.hessian of the loss).
+  return _complement_value(nll_sum), nll_sum
 
 
 def _complement_of_nll_bwd(nll_sum, g):

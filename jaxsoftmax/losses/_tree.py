@@ -154,7 +154,7 @@ def _label_loss(z, branch, complement):
 def _label_loss_fwd(z, branch, complement):
   a, b, e, _, total = _split_logsumexp(z, branch)
   loss, nll, log_leave = _path_loss(a, b, complement)
-  return loss, (e, total, branch, nll, loss, log_leave)
+  return loss, (z, e, total, branch, nll, loss, log_leave)
 
 
 def _direction(e, total, branch):
@@ -164,6 +164,24 @@ def _direction(e, total, branch):
 
 
 def _label_loss_bwd(complement, residuals, g):
+  return _label_gradient(complement, residuals[0], residuals[1:], g), None
+
+
+def _exact_label_value(z, branch, complement):
+  """The label loss as a sum over the path's nodes of the partition kernel's ``-log q_t``
+  (``-log(1 - exp(-L))`` of it for the complement): the same value, written with the
+  kernels whose own derivatives are exact, for the gradient's derivative rule."""
+  from jaxsoftmax.losses._partition import _partition_nll
+  from jaxsoftmax.losses._sequence import _complement_of_nll
+
+  nll = jnp.sum(_partition_nll(z, branch, False), axis=-1)
+  return _complement_of_nll(nll) if complement else nll
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _label_gradient(complement, z, residuals, g):
+  """The gradient from the forward rule's exponentials; its own derivatives (grad of grad,
+  Hessian-vector products) are those of :func:`_exact_label_value`'s gradient."""
   e, total, branch, nll, loss, log_leave = residuals
   if complement:
     # d(-log(1 - p)) = -(p / (1 - p)) dL, with dA_t = (1 - q_t) direction_t: weight
@@ -175,7 +193,21 @@ def _label_loss_bwd(complement, residuals, g):
     dead = nll == jnp.inf  # p is exactly 0
   weight = jnp.where((dead & ~jnp.isnan(nll))[..., None], 0.0, weight)
   grad = weight[..., None] * _direction(e, total, branch)
-  return _checks.zero_where_no_cotangent(g[..., None, None], grad), None
+  return _checks.zero_where_no_cotangent(g[..., None, None], grad)
+
+
+@_label_gradient.defjvp
+def _label_gradient_jvp(complement, primals, tangents):
+  z, residuals, g = primals
+  dz, _, dg = tangents
+  branch = residuals[2]
+
+  def exact(z, g):
+    _, vjp = jax.vjp(lambda z: _exact_label_value(z, branch, complement), z)
+    return _checks.zero_where_no_cotangent(g[..., None, None], vjp(g)[0])
+
+  out = _label_gradient(complement, z, residuals, g)
+  return out, jax.jvp(exact, (z, g), (dz, dg))[1].astype(out.dtype)
 
 
 _label_loss.defvjp(_label_loss_fwd, _label_loss_bwd)

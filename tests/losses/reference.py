@@ -228,3 +228,31 @@ def tree_path(z, branches, complement):
   rest = mp.fsum(not_q[t] * mp.fprod(q[:t]) for t in range(len(q)))
   scale = p / rest  # d(-log(1 - p)) = -(p / (1 - p)) d(-log p)
   return mp.log1p(scale), [-scale * g for g in nll_grad]
+
+
+def tree_path_hessian(z, branches, complement):
+  """The Hessian over the flattened path logits ``z`` (``[L, B]``) of ``-log p_l`` (block
+  diagonal: each node's :func:`set_nll_hessian` for its branch) or of ``-log(1 - p_l)``:
+  ``f''(L) g g^T + f'(L) H_L`` with ``f(L) = -log(1 - exp(-L))``, ``f' = -p / (1 - p)``,
+  ``f'' = p / (1 - p)^2``, ``g`` and ``H_L`` those of ``L = -log p_l``; ``1 - p_l`` as
+  :func:`tree_path` forms it (positive terms)."""
+  width = len(z[0])
+  size = len(branches) * width
+  h = [[mp.mpf(0)] * size for _ in range(size)]
+  for t, b in enumerate(branches):
+    block = set_nll_hessian(z[t], np.arange(width) == b)
+    for i in range(width):
+      for j in range(width):
+        h[t * width + i][t * width + j] = block[i][j]
+  if not complement:
+    return h
+  _, grad = tree_path(z, branches, False)
+  q, not_q = [], []
+  for t, b in enumerate(branches):
+    _, _, e_in, e_out = _masses(z[t], np.arange(width) == b)
+    q.append(e_in / (e_in + e_out))
+    not_q.append(e_out / (e_in + e_out))
+  p = mp.fprod(q)
+  rest = mp.fsum(not_q[t] * mp.fprod(q[:t]) for t in range(len(q)))  # 1 - p
+  first, second = -p / rest, p / rest**2
+  return [[second * grad[i] * grad[j] + first * h[i][j] for j in range(size)] for i in range(size)]

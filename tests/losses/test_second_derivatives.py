@@ -119,3 +119,79 @@ def test_the_fused_losses_hessians_in_h_w_and_bias_equal_the_flat_losses_on_thei
       got, want = second(ours)((h, w, bias)), second(dense)((h, w, bias))
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def _path_case(gap, rng):
+  """Path logits ``[3, 2]`` whose every level favours (gap > 0) or disfavours the label's
+  branch by ``|gap|``, and the branches."""
+  branches = np.array([1, 0, 1])
+  z = rng.normal(size=(3, 2))
+  z[np.arange(3), branches] = z[np.arange(3), 1 - branches] + gap
+  return z.astype(np.float32), branches
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+@pytest.mark.parametrize("complement", [False, True], ids=["nll", "complement"])
+@pytest.mark.parametrize("gap", [0.0, 5.0, 10.0, 20.0, 30.0, -5.0, -20.0])
+def test_the_tree_losses_hessians_match_mpmath_from_probable_to_improbable_labels(
+  gap, complement, mode
+):
+  # Before: the tree's backward rule was differentiated as written, and at gap 20 the
+  # Hessian of tree_nll was off by its whole size (relative error 1.0; 2e-4 at gap 5).
+  from jaxsoftmax.tree import Tree
+
+  tree = Tree.balanced(8, 2)
+  z, branches = _path_case(gap, np.random.default_rng(int(abs(gap)) + complement))
+  label = int(np.flatnonzero((tree.path_branches[:, :3] == branches).all(-1))[0])
+  fn = losses.tree_complement_nll if complement else losses.tree_nll
+  f = lambda z: fn(z, label, tree, layout="paths")
+  h = np.asarray((jax.jacrev(jax.grad(f)) if mode == "rev" else jax.hessian(f))(jnp.asarray(z)))
+  ref = reference.tree_path_hessian(z.astype(np.float64), branches, complement)
+  ref = np.array([[float(x) for x in row] for row in ref])
+  scale = np.abs(ref).max(axis=1, keepdims=True)
+  assert np.all(np.abs(h.reshape(6, 6) - ref) <= 1e-5 * scale + 1e-37), (h.reshape(6, 6), ref)
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+@pytest.mark.parametrize("complement", [False, True], ids=["nll", "complement"])
+@pytest.mark.parametrize("gap", [0.0, 10.0, 20.0, 30.0, -20.0])
+def test_the_two_level_losses_hessians_match_mpmath(gap, complement, mode):
+  # The two-level tree is a path of two nodes: the cluster, then the class in it.
+  from jaxsoftmax.tree import balanced_tree
+
+  tree = balanced_tree(4, 2)  # 2 clusters of 2
+  z, branches = _path_case(gap, np.random.default_rng(int(abs(gap)) + 7 * complement))
+  z, branches = z[:2], branches[:2]
+  label = int(branches[0] * 2 + branches[1])
+  assert (tree.cluster_of[label], tree.slot_of[label]) == tuple(branches)
+  fn = losses.hierarchical_complement_nll if complement else losses.hierarchical_nll
+  f = lambda z: fn(z[0], z[1], label, tree)
+  h = np.asarray((jax.jacrev(jax.grad(f)) if mode == "rev" else jax.hessian(f))(jnp.asarray(z)))
+  ref = reference.tree_path_hessian(z.astype(np.float64), branches, complement)
+  ref = np.array([[float(x) for x in row] for row in ref])
+  scale = np.abs(ref).max(axis=1, keepdims=True)
+  assert np.all(np.abs(h.reshape(4, 4) - ref) <= 1e-5 * scale + 1e-37), (h.reshape(4, 4), ref)
+
+
+@pytest.mark.parametrize("length", [1e-6, 1e-3, 0.5, 1.0, 10.0, 50.0])
+def test_the_sequence_complements_second_derivative_in_l_both_ways(length):
+  # d^2/dL^2 of -log(1 - exp(-L)) is exp(L) / expm1(L)^2. Before: jax.hessian (forward
+  # over reverse) of sequence_complement_nll raised "can't apply forward-mode autodiff
+  # (jvp) to a custom_vjp function" (its forward rule called the custom_vjp function).
+  from jaxsoftmax.losses._sequence import _complement_of_nll
+
+  x = jnp.float32(length)
+  want = float(mpmath_second(length))
+  for second in (jax.hessian, lambda f: jax.jacrev(jax.grad(f))):
+    assert float(second(_complement_of_nll)(x)) == pytest.approx(want, rel=2e-6)
+  z = jnp.zeros((2, 3, 4))
+  tokens = jnp.array([[1, 2, 3], [0, 1, 2]])
+  f = lambda z: losses.sequence_complement_nll(z, tokens).sum()
+  np.testing.assert_allclose(jax.hessian(f)(z), jax.jacrev(jax.grad(f))(z), rtol=1e-6, atol=1e-9)
+
+
+def mpmath_second(length):
+  import mpmath as mp
+
+  x = mp.mpf(float(np.float32(length)))
+  return mp.exp(x) / mp.expm1(x) ** 2
