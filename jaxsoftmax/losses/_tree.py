@@ -356,15 +356,73 @@ def _set_loss_fwd(z, branch, on_paths, first, member_ok, complement):
 
 
 def _set_loss_bwd(complement, residuals, g):
-  # The derivative of the log-domain forward, recomputed from the path logits (every
-  # factor a softmax weight, sigmoid or exponential of an exact log), with the kernels'
-  # rules: zero where the loss is +inf (P exactly 0), zero where the cotangent is.
+  return (_set_gradient(complement, residuals, g), None, None, None, None)
+
+
+def _exact_logsumexp(x):
+  """``logsumexp(x)`` over the last axis as ``x_j + nll(x, j)`` at the largest entry ``j``:
+  the value of :func:`_safe_logsumexp` (``-inf`` for an empty row), whose derivatives
+  are the partition kernel's (the second, ``diag(p) - p p^T``, with no ``1 - p`` formed)."""
+  from jaxsoftmax.losses._partition import _partition_nll
+
+  empty = jnp.all(x == -jnp.inf, axis=-1)
+  safe = jnp.where(empty[..., None], 0.0, x)
+  top = jnp.argmax(safe, axis=-1)
+  value = jnp.take_along_axis(safe, top[..., None], axis=-1)[..., 0] + _partition_nll(
+    safe, top.astype(jnp.int32), False
+  )
+  return jnp.where(empty, -jnp.inf, value)
+
+
+def _exact_set_value(z, branch, on_paths, first, member_ok, complement):
+  """:func:`_set_value` written with the partition kernel at every node, in the two
+  logsumexps and in the last ``softplus`` (as ``-log softmax`` of ``(log P(S), log P(not
+  S))``): the same value, whose own derivatives are exact, for the gradient's rule."""
+  from jaxsoftmax.losses._partition import _partition_nll
+
+  steps = _partition_nll(z, jnp.maximum(branch, 0).astype(jnp.int32), False)  # -log q_t
+  log_in = _exact_logsumexp(jnp.where(member_ok, -jnp.sum(steps, -1), -jnp.inf))
+  reach = -jnp.concatenate([jnp.zeros_like(steps[..., :1]), jnp.cumsum(steps[..., :-1], -1)], -1)
+  leave = -_partition_nll(z, on_paths, True)  # log P(off the paths | node)
+  log_out = _exact_logsumexp(
+    jnp.where(first, reach + leave, -jnp.inf).reshape(
+      *first.shape[:-2], math.prod(first.shape[-2:])
+    )
+  )
+  log_out = jnp.where(jnp.any(member_ok, axis=-1), log_out, 0.0)
+  both = jnp.stack([log_in, log_out], axis=-1)
+  return _partition_nll(both, jnp.full(log_in.shape, int(complement), jnp.int32), False)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _set_gradient(complement, residuals, g):
+  """The derivative of the log-domain forward, recomputed from the path logits (every
+  factor a softmax weight, sigmoid or exponential of an exact log), with the kernels'
+  rules: zero where the loss is +inf (P exactly 0), zero where the cotangent is. Its own
+  derivatives are those of :func:`_exact_set_value`'s gradient."""
   z, branch, on_paths, first, member_ok, loss = residuals
   _, vjp = jax.vjp(lambda z: _set_value(z, branch, on_paths, first, member_ok, complement), z)
   (grad,) = vjp(jnp.ones_like(loss))
   dead = (loss == jnp.inf)[..., None, None, None]
   grad = jnp.where(dead, 0.0, grad)
-  return (_checks.zero_where_no_cotangent(g[..., None, None, None], grad), None, None, None, None)
+  return _checks.zero_where_no_cotangent(g[..., None, None, None], grad)
+
+
+@_set_gradient.defjvp
+def _set_gradient_jvp(complement, primals, tangents):
+  residuals, g = primals
+  z, branch, on_paths, first, member_ok, loss = residuals
+  dz, dg = tangents[0][0], tangents[1]
+  dead = (loss == jnp.inf)[..., None, None, None]
+
+  def exact(z, g):
+    value = lambda z: _exact_set_value(z, branch, on_paths, first, member_ok, complement)
+    _, vjp = jax.vjp(value, z)
+    grad = jnp.where(dead, 0.0, vjp(jnp.ones_like(loss))[0])
+    return _checks.zero_where_no_cotangent(g[..., None, None, None], grad)
+
+  out = _set_gradient(complement, residuals, g)
+  return out, jax.jvp(exact, (z, g), (dz, dg))[1].astype(out.dtype)
 
 
 _set_loss.defvjp(_set_loss_fwd, _set_loss_bwd)

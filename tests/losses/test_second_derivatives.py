@@ -195,3 +195,27 @@ def mpmath_second(length):
 
   x = mp.mpf(float(np.float32(length)))
   return mp.exp(x) / mp.expm1(x) ** 2
+
+
+@pytest.mark.parametrize("complement", [False, True], ids=["set", "complement_set"])
+@pytest.mark.parametrize("gap", [0.0, 10.0, 20.0, 30.0, -20.0])
+def test_the_tree_set_losses_hessians_match_mpmath_for_one_member(gap, complement):
+  # A set of one class is its label: the same Hessian, on the node table. Before: the set
+  # rule was differentiated as written (softplus'' as s (1 - s)), and at gap -20 a row of
+  # tree_set_nll's Hessian was off by twice its size.
+  from jaxsoftmax.tree import Tree
+
+  tree = Tree.balanced(8, 2)
+  z, branches = _path_case(gap, np.random.default_rng(3))
+  label = int(np.flatnonzero((tree.path_branches[:, :3] == branches).all(-1))[0])
+  nodes = np.asarray(tree.path_nodes[label][:3])
+  table = np.zeros((len(tree.arity), 2), np.float32)
+  table[nodes] = z
+  fn = losses.tree_complement_set_nll if complement else losses.tree_set_nll
+  f = lambda t: fn(t, jnp.array([label]), tree)
+  ref = reference.tree_path_hessian(z.astype(np.float64), branches, complement)
+  ref = np.array([[float(x) for x in row] for row in ref])
+  scale = np.abs(ref).max(axis=1, keepdims=True)
+  for second in (jax.hessian, lambda f: jax.jacrev(jax.grad(f))):
+    h = np.asarray(second(f)(jnp.asarray(table)))[nodes][:, :, nodes].reshape(6, 6)
+    assert np.all(np.abs(h - ref) <= 1e-5 * scale + 1e-37), (h, ref)
