@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (
       "lm",
       ["--config.experiment=repetition", "--config.regimes=('npo',)", "--config.prompt=4"],
-      "'npo' needs a reference model, which only unlearning trains",
+      "'npo' needs a reference model, which repetition has not (unlearning and feedback have)",
     ),
     ("multilabel", ["--config.hidden=(0,)"], "config.hidden: must be a tuple of positive ints"),
     ("lm", ["--config.regimes=('sigmoid',)"], "'sigmoid' needs several true labels per example"),
