@@ -26,8 +26,8 @@ def tiny(kind):
     c = config_lib.defaults("lm")
     c.num_seeds, c.steps, c.eval_every, c.batch_size = 2, 10, 10, 8
     c.experiment, c.regimes, c.head = "feedback", ("labeled_only", "nft"), "softmax"
-    c.num_labeled, c.num_unlabeled, c.num_validation, c.num_test = 60, 24, 16, 16
-    c.samples, c.eval_samples, c.initial_steps, c.select_every = 3, 4, 40, 20
+    c.num_labeled, c.num_unlabeled, c.num_validation, c.num_test = 40, 16, 8, 8
+    c.samples, c.eval_samples, c.initial_steps, c.select_every = 2, 2, 20, 20
     c.feedback_rounds, c.width, c.depth, c.heads, c.learning_rate = 1, 16, 1, 2, 1e-2
   elif kind == "lm":  # one regime, a short start, 20 topics: the mesh is what is tested
     c.experiment, c.regimes = "unlearning", ("complement_likelihood",)
