@@ -286,27 +286,25 @@ class SequenceHead:
   def complement_set_nll(self, out, labels):
     return self._loss("sequence_complement_set_nll", out, labels)
 
-  def token_nll(self, out, labels):
-    """``-log p(a_t)`` of every answer token, 0 elsewhere, ``[..., T]``."""
+  def _per_token(self, name, out, labels):
+    """A flat loss (``nll`` or ``complement_nll``) of every answer token, 0 elsewhere."""
     keep = labels >= 0
     safe = jnp.where(keep, labels, 0)
     if isinstance(self.inner, heads_lib.FusedHead):
       h, w, b = out
       kw = dict(bias=b, vocab_chunk=self.inner.vocab_chunk)
-      return losses.fused_nll(h, w, safe, where=keep, **kw)
-    return losses.nll(out, safe, where=keep)
+      per = getattr(losses, "fused_" + name)(h, w, safe, where=keep, **kw)
+    else:
+      per = getattr(losses, name)(out, safe, where=keep)
+    return jnp.where(keep, per, 0.0)
+
+  def token_nll(self, out, labels):
+    """``-log p(a_t)`` of every answer token, 0 elsewhere, ``[..., T]``."""
+    return self._per_token("nll", out, labels)
 
   def token_complement_nll(self, out, labels):
     """``sum_t -log(1 - p(a_t))`` over the answer's tokens."""
-    keep = labels >= 0
-    safe = jnp.where(keep, labels, 0)
-    if isinstance(self.inner, heads_lib.FusedHead):
-      h, w, b = out
-      kw = dict(bias=b, vocab_chunk=self.inner.vocab_chunk)
-      per = losses.fused_complement_nll(h, w, safe, where=keep, **kw)
-    else:
-      per = losses.complement_nll(out, safe, where=keep)
-    return jnp.sum(jnp.where(keep, per, 0.0), axis=-1)
+    return jnp.sum(self._per_token("complement_nll", out, labels), axis=-1)
 
   def largest_logit(self, out):
     return self.inner.largest_logit(out)

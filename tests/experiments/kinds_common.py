@@ -45,6 +45,25 @@ TINY_CLASSIFIER = [
   "--config.num_labeled=50",
   "--config.hidden=(8,)",
 ]
+# The language model's feedback experiment shrunk: a start of 40 steps, rounds of 10.
+TINY_FEEDBACK = [
+  "--config=lm_feedback",
+  "--config.num_seeds=2",
+  "--config.num_labeled=60",
+  "--config.num_unlabeled=24",
+  "--config.num_validation=16",
+  "--config.num_test=16",
+  "--config.samples=3",
+  "--config.eval_samples=4",
+  "--config.initial_steps=40",
+  "--config.select_every=20",
+  "--config.steps=10",
+  "--config.batch_size=8",
+  "--config.width=16",
+  "--config.depth=1",
+  "--config.heads=2",
+  "--config.learning_rate=1e-2",
+]
 # One tiny command per kind; each evaluates at steps 0, 10 and 20 and checkpoints at each.
 KINDS = {
   "classifier": ["--config=feedback_digits", *TINY_CLASSIFIER, "--config.checkpoint_every=10"],
@@ -68,24 +87,9 @@ KINDS = {
   ],
   # The language model's feedback experiment: 2 rounds of 10 steps.
   "lm_feedback": [
-    "--config=lm_feedback",
-    "--config.num_seeds=2",
-    "--config.num_labeled=60",
-    "--config.num_unlabeled=24",
-    "--config.num_validation=16",
-    "--config.num_test=16",
-    "--config.samples=3",
-    "--config.eval_samples=4",
-    "--config.initial_steps=40",
-    "--config.select_every=20",
-    "--config.steps=10",
+    *TINY_FEEDBACK,
     "--config.eval_every=10",
     "--config.checkpoint_every=10",
-    "--config.batch_size=8",
-    "--config.width=16",
-    "--config.depth=1",
-    "--config.heads=2",
-    "--config.learning_rate=1e-2",
     "--config.regimes=('labeled_only', 'complement_likelihood', 'nft')",
   ],
   "multilabel": [

@@ -132,13 +132,9 @@ def test_ctrl_c_while_compiling_prints_one_line_and_exits_130(tmp_path):
   assert len(lines) == 1 and "Interrupted" in lines[0], err
 
 
-def test_a_ctrl_c_that_python_drops_in_a_gc_callback_still_stops_the_run(
-  tmp_path, monkeypatch, capsys
-):
-  # Before: a Ctrl-C whose KeyboardInterrupt was raised inside JAX's garbage collector
-  # callback was printed as "Exception ignored in: <function _xla_gc_callback>" with a
-  # KeyboardInterrupt traceback, and lost: the run trained on (seen in
-  # test_ctrl_c_while_compiling, which then timed out waiting for the exit).
+def _run_with_a_ctrl_c_dropped_in_a_gc_callback(monkeypatch, workdir):
+  """The tiny classifier run, with a Ctrl-C raised inside a garbage collector callback
+  while it plans (where Python drops the KeyboardInterrupt); its exit status."""
   import gc
 
   from jaxsoftmax_experiments import kinds
@@ -159,8 +155,18 @@ def test_a_ctrl_c_that_python_drops_in_a_gc_callback_still_stops_the_run(
     return real(*args, **kwargs)
 
   monkeypatch.setattr(module, "plan", plan)
+  return run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY])
+
+
+def test_a_ctrl_c_that_python_drops_in_a_gc_callback_still_stops_the_run(
+  tmp_path, monkeypatch, capsys
+):
+  # Before: a Ctrl-C whose KeyboardInterrupt was raised inside JAX's garbage collector
+  # callback was printed as "Exception ignored in: <function _xla_gc_callback>" with a
+  # KeyboardInterrupt traceback, and lost: the run trained on (seen in
+  # test_ctrl_c_while_compiling, which then timed out waiting for the exit).
   workdir = tmp_path / "dropped"
-  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY]) == run.INTERRUPTED
+  assert _run_with_a_ctrl_c_dropped_in_a_gc_callback(monkeypatch, workdir) == run.INTERRUPTED
   err = capsys.readouterr().err
   assert "Exception ignored" not in err and "Traceback" not in err, err
   assert "Interrupted" in err and not (workdir / "results.json").exists()
@@ -172,29 +178,11 @@ def test_a_dropped_ctrl_c_whose_resent_signal_is_lost_too_still_stops_the_run(
   # Before: the run relied on the signal sent again from another thread; in one CI run of
   # the test above, that one was lost as well (wherever it landed) and the run trained to
   # the end and returned 0. Here it is lost on purpose: the loop's own check stops the run.
-  import gc
-
-  from jaxsoftmax_experiments import execute, kinds
+  from jaxsoftmax_experiments import execute
 
   monkeypatch.setattr(execute.Interrupt, "_send_again", lambda self: None)
-  module = kinds.get("classifier")
-  real = module.plan
-
-  def in_gc(phase, info):
-    if phase == "start":
-      signal.raise_signal(signal.SIGINT)
-
-  def plan(*args, **kwargs):
-    gc.callbacks.append(in_gc)
-    try:
-      gc.collect()
-    finally:
-      gc.callbacks.remove(in_gc)
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(module, "plan", plan)
   workdir = tmp_path / "lost"
-  assert run.main(["--config=feedback_digits", f"--workdir={workdir}", *TINY]) == run.INTERRUPTED
+  assert _run_with_a_ctrl_c_dropped_in_a_gc_callback(monkeypatch, workdir) == run.INTERRUPTED
   err = capsys.readouterr().err
   assert "Exception ignored" not in err and "Traceback" not in err, err
   assert "Interrupted" in err and not (workdir / "results.json").exists()

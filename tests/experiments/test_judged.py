@@ -10,30 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kinds_common import TINY_FEEDBACK
 
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import judged, regimes, run
 
-# A tiny run: a start of 40 steps, 2 rounds of 10 steps, evaluations every 5.
+# A tiny run (kinds_common's): a start of 40 steps, 2 rounds of 10 steps, evaluations
+# and checkpoints every 5.
 TINY = [
-  "--config=lm_feedback",
-  "--config.num_seeds=2",
-  "--config.num_labeled=60",
-  "--config.num_unlabeled=24",
-  "--config.num_validation=16",
-  "--config.num_test=16",
-  "--config.samples=3",
-  "--config.eval_samples=4",
-  "--config.initial_steps=40",
-  "--config.select_every=20",
-  "--config.steps=10",
+  *TINY_FEEDBACK,
   "--config.eval_every=5",
   "--config.checkpoint_every=5",
-  "--config.batch_size=8",
-  "--config.width=16",
-  "--config.depth=1",
-  "--config.heads=2",
-  "--config.learning_rate=1e-2",
   "--progress=false",
   "--compilation_cache=",
 ]
