@@ -91,7 +91,7 @@ PUBLISHED = {
     image=("curves.png", "docs/images/lm_feedback_curves.png"),
   ),
   "lm_feedback_rounds": Published(
-    ("jaxsoftmax-run", "--config=lm_feedback"), "summary.md", table=1
+    ("jaxsoftmax-run", "--config=lm_feedback"), "summary.md", table=1, run="lm_feedback"
   ),
   "mnist1d_mlp": Published(
     ("jaxsoftmax-run", "--config=mnist1d_supervised:mlp"), "summary.md", ("MLP", "positive_only")
