@@ -111,7 +111,7 @@ def published_tables(pages) -> dict[str, list[tuple[Path, list[str]]]]:
   for page in pages:
     lines = page.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
-      mark = _MARK.search(line)
+      mark = _MARK.fullmatch(line.strip())  # a line of its own, not one quoted in prose
       if mark:
         rows = []
         for row in lines[i + 1 :]:
