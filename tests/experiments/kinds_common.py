@@ -90,7 +90,7 @@ KINDS = {
     *TINY_FEEDBACK,
     "--config.eval_every=10",
     "--config.checkpoint_every=10",
-    "--config.regimes=('labeled_only', 'complement_likelihood', 'nft')",
+    "--config.regimes=('labeled_only', 'nft')",
   ],
   "multilabel": [
     "--config=multilabel_generated",
