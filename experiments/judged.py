@@ -47,7 +47,7 @@ from flax import nnx
 from jaxsoftmax import losses
 from jaxsoftmax_experiments import config as config_lib
 from jaxsoftmax_experiments import heads as heads_lib
-from jaxsoftmax_experiments import parallel, training
+from jaxsoftmax_experiments import parallel, report, training
 from jaxsoftmax_experiments.regimes import ANSWER_SETS, REGIMES
 
 HEADS = ("softmax", "fused")  # the heads whose losses :class:`SequenceHead` applies to answers
@@ -384,10 +384,6 @@ def _model(plan: Plan, params):
   return nnx.merge(plan.graphdef, params)
 
 
-def _logits(plan: Plan, model, inputs):
-  return model(inputs)
-
-
 def sample(plan: Plan, params, prompts, key, count: int, temperature: float | None):
   """``count`` answers per prompt ``[n, count, A]`` (greedy where ``temperature`` is
   None), one token after another."""
@@ -399,7 +395,7 @@ def sample(plan: Plan, params, prompts, key, count: int, temperature: float | No
 
   def body(carry, t):
     seq, answers = carry
-    z = _logits(plan, model, seq)[..., p - 1 + t, :].astype(jnp.float32)
+    z = model(seq)[..., p - 1 + t, :].astype(jnp.float32)
     if temperature is None:
       token = jnp.argmax(z, -1).astype(jnp.int32)
     else:
@@ -417,7 +413,7 @@ def token_logp(plan: Plan, params, prompts, answers):
   model = _model(plan, params)
   shape = (*answers.shape[:2], prompts.shape[-1])
   inputs, targets = _sequences(jnp.broadcast_to(prompts[:, None], shape), answers)
-  z = _logits(plan, model, inputs)
+  z = model(inputs)
   nll = losses.nll(z, jnp.maximum(targets, 0))
   return -nll[..., plan.prompt_length - 1 :]
 
@@ -622,8 +618,9 @@ def _assemble(plan: Plan, params, keys, first: Feedback, chosen: Start) -> train
   return training.constrain(plan.mesh, training.State(runs, jnp.int32(0), extra))
 
 
-@functools.partial(jax.jit, static_argnames=("salt",))
-def _fold(keys, salt: int):
+@jax.jit
+def _fold(keys, salt):
+  """Each seed's key folded with ``salt`` (traced: one program for every round)."""
   return jax.vmap(lambda k: jax.random.fold_in(k, salt))(keys)
 
 
@@ -731,12 +728,6 @@ def records(plan: Plan, state: training.State) -> list[dict]:
 # --- outputs -------------------------------------------------------------------------------
 
 
-def _mean_std(values) -> str:
-  from jaxsoftmax_experiments.report import mean_std
-
-  return mean_std(values)
-
-
 def summarise(plan: Plan, state: training.State, records_: list[dict]) -> tuple[dict, str]:
   s, info = plan.settings, plan.info
   last = max(r["step"] for r in records_)
@@ -789,8 +780,9 @@ def summarise(plan: Plan, state: training.State, records_: list[dict]) -> tuple[
     f"The start ({s.initial_steps} steps on the labeled problems, validated every "
     f"{min(s.select_every, s.initial_steps)}; chosen at steps "
     f"{', '.join(map(str, chosen_step))}, validation exact match "
-    f"{_mean_std(chosen_exact)}): test exact match {_mean_std(results['start']['exact_match'])}, "
-    + ", ".join(f"{k} {_mean_std(results['start'][k])}" for k in pass_keys)
+    f"{report.mean_std(chosen_exact)}): test exact match "
+    f"{report.mean_std(results['start']['exact_match'])}, "
+    + ", ".join(f"{k} {report.mean_std(results['start'][k])}" for k in pass_keys)
     + ".",
     "",
     "| regime | " + " | ".join(c.replace("_", " ") for c in cols) + " | diverged |",
@@ -801,7 +793,7 @@ def summarise(plan: Plan, state: training.State, records_: list[dict]) -> tuple[
     at = f" (step {min(div)})" if div else ""
     lines.append(
       f"| {label(regime)} | "
-      + " | ".join(_mean_std(e[k]) for k in cols)
+      + " | ".join(report.mean_std(e[k]) for k in cols)
       + f" | {len(div)}/{s.num_seeds}{at} |"
     )
   lines += [
@@ -821,14 +813,12 @@ def summarise(plan: Plan, state: training.State, records_: list[dict]) -> tuple[
       f"{np.mean([x[0] for x in j]):.0f} / {np.mean([x[1] for x in j]):.0f}" for j in e["judged"]
     ]
     lines.append(
-      f"| {label(regime)} | {_mean_std(results['start']['exact_match'])} | "
-      + " | ".join(_mean_std(x) for x in e["exact_match_by_round"])
+      f"| {label(regime)} | {report.mean_std(results['start']['exact_match'])} | "
+      + " | ".join(report.mean_std(x) for x in e["exact_match_by_round"])
       + " | "
       + " | ".join(judged)
       + " |"
     )
-  from jaxsoftmax_experiments import report
-
   lines += [
     "",
     "Mean ± sample standard deviation over seeds, on the test prompts at the last step. "
@@ -847,8 +837,6 @@ def plot(plan: Plan, records_: list[dict], path) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-
-  from jaxsoftmax_experiments.report import write_atomic
 
   s = plan.settings
   last = max(r["step"] for r in records_)
@@ -879,4 +867,4 @@ def plot(plan: Plan, records_: list[dict], path) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
-  write_atomic(path, buf.getvalue())
+  report.write_atomic(path, buf.getvalue())
