@@ -333,10 +333,13 @@ def print_fused_rows(rows):
 
 def mesh_layouts(count: int) -> list[tuple[dict[str, int], tuple[str, ...]]]:
   """The meshes of ``count`` chips to compile on, each with the axes that split the tokens:
-  (data, vocab), and on 8 or more chips (data, fsdp, vocab) with the tokens split on
-  data and fsdp, as language-model trainers lay them out."""
+  (data, vocab) with 2 vocabulary chips, on 16 or more chips with 4 as well, and on 8 or
+  more chips (data, fsdp, vocab) with the tokens split on data and fsdp, as
+  language-model trainers lay them out."""
   vocab = 2 if count % 2 == 0 and count > 1 else 1
   layouts = [({"data": count // vocab, "vocab": vocab}, ("data",))]
+  if count >= 16 and count % 16 == 0:
+    layouts.append(({"data": count // 4, "vocab": 4}, ("data",)))
   if count >= 8 and count % 8 == 0:
     vocab = 4 if count % 16 == 0 else 2
     layouts.append(({"data": count // (2 * vocab), "fsdp": 2, "vocab": vocab}, ("data", "fsdp")))

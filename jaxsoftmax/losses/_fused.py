@@ -164,31 +164,35 @@ def _scan_tokens(step, dh, carry, xs, dtypes):
   return (dh_head, dh_tail), carry
 
 
-# Whether the kernel being traced moves 16-bit floats as their bits (see _as_bits): set
-# by _per_platform while it traces each platform's branch.
-_BITS = [False]
+# The platform whose branch of the kernel is being traced ("cpu", "tpu" or "other"): set
+# by _per_platform while it traces each branch (see _as_bits and _block).
+_PLATFORM = ["other"]
 
 
 def _per_platform(fn, *args):
-  """``fn(*args)`` traced twice under ``lax.platform_dependent``: moving 16-bit floats as
-  their bits for XLA:CPU, as they are for every other platform. Which branch runs is
-  chosen when the program is lowered for its platform.
+  """``fn(*args)`` traced once per platform under ``lax.platform_dependent``: moving 16-bit
+  floats as their bits for XLA:CPU, rounding float32 chunks of ``w`` inside the stream for
+  the TPU compiler, as they are for every other platform. Which branch runs is chosen
+  when the program is lowered for its platform.
 
   The bits are XLA:CPU's workaround (see :func:`_as_bits`); the TPU compiler does the
   opposite: it materialises a bitcast of a loop-invariant array, a whole 16-bit copy of
-  ``w`` (256 MiB at 1024 x 131072), where it slices and updates 16-bit arrays in place."""
+  ``w`` (256 MiB at 1024 x 131072), where it slices and updates 16-bit arrays in place.
+  The TPU's rounding is :func:`_block`'s."""
 
-  def traced(bits):
+  def traced(platform):
     def branch(*a):
-      _BITS.append(bits)
+      _PLATFORM.append(platform)
       try:
         return fn(*a)
       finally:
-        _BITS.pop()
+        _PLATFORM.pop()
 
     return branch
 
-  return jax.lax.platform_dependent(*args, cpu=traced(True), default=traced(False))
+  return jax.lax.platform_dependent(
+    *args, cpu=traced("cpu"), tpu=traced("tpu"), default=traced("other")
+  )
 
 
 def _as_bits(x):
@@ -199,7 +203,7 @@ def _as_bits(x):
   it runs them on a float32 copy of the whole operand, which loop-invariant code motion
   then hoists (a float32 copy of ``w``, of ``h`` and of the weight gradient). On the
   integer bits they stay in place."""
-  if _BITS[-1] and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+  if _PLATFORM[-1] == "cpu" and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
     return jax.lax.bitcast_convert_type(x, jnp.uint16)
   return x
 
@@ -211,9 +215,26 @@ def _from_bits(bits, dtype):
 def _block(x, start, size, axis):
   """``x[start : start + size]`` along ``axis``, sliced from its bits (:func:`_as_bits`),
   behind an optimization barrier so that XLA converts the slice, not all of ``x`` hoisted
-  out of the loop."""
+  out of the loop.
+
+  In the TPU's branch a float32 slice is rounded to bfloat16's precision here
+  (``reduce_precision``, round to nearest even: the rounding that the default matmul
+  precision applies to a float32 operand, so the products are unchanged). Left to the
+  product, the compiler converted all of ``w`` to bfloat16 once, outside the loops: an
+  array of half ``w``'s bytes (256 MiB at 1024 x 131072, 0.125 of optax's temporary);
+  rounded per chunk, no array of ``w``'s size is made. Under a higher matmul precision
+  (``jax.default_matmul_precision``) nothing is rounded."""
   part = jax.lax.dynamic_slice_in_dim(_as_bits(x), start, size, axis=axis)
-  return _from_bits(jax.lax.optimization_barrier(part), x.dtype)
+  part = _from_bits(jax.lax.optimization_barrier(part), x.dtype)
+  if _PLATFORM[-1] == "tpu" and x.dtype == jnp.float32 and _default_precision():
+    part = jax.lax.reduce_precision(part, exponent_bits=8, mantissa_bits=7)
+  return part
+
+
+def _default_precision() -> bool:
+  """Whether float32 products run at the TPU's default precision (one bfloat16 pass)."""
+  precision = getattr(jax.config, "jax_default_matmul_precision", None)
+  return precision is None or str(precision).lower() in ("default", "bfloat16", "fastest")
 
 
 def _transposed(x):

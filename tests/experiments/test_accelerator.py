@@ -64,6 +64,33 @@ def test_the_fused_losses_hold_a_sixteenth_of_optaxs_temporary_at_v_32768(chips,
     assert r["stats"].temp <= peer / 15, (r["name"], r["stats"].temp, peer)
 
 
+def test_float32_fused_losses_make_no_bfloat16_copy_of_w_at_the_default_precision(chips):
+  # The TPU's default precision rounds float32 operands to bfloat16. Before, the compiler
+  # converted all of w once, outside the loops over chunks: a bf16[D, V] array, 0.125 of
+  # optax's temporary at 4096 x 1024 x 131072 and 0.252 at 2048 x 1024 x 262144, and
+  # here 128.3 MiB, 1.001 of optax's (0.3 MiB, 0.002, after). Each chunk is now rounded
+  # inside the stream.
+  import jax
+
+  one = jax.sharding.SingleDeviceSharding(chips[0])
+  n, d, v = 512, 1024, 65536
+  rows = accelerator.fused_rows(
+    [(n, d, v)], ["float32"], one, names=("fused_nll", "fused_complement_set_nll")
+  )
+  peer = rows[0]["stats"].temp
+  for r in rows[1:]:
+    assert r["stats"].temp <= peer / 15, (r["name"], r["stats"].temp / peer)
+    copies = [k for k in accelerator.large_arrays(r["stats"].hlo, d * v) if "convert" in k]
+    assert not copies, (r["name"], copies)
+    assert "reduce-precision" in r["stats"].hlo
+  # Under a higher precision the products are float32 and nothing is rounded.
+  with jax.default_matmul_precision("highest"):
+    (_, highest) = accelerator.fused_rows(
+      [(256, 256, 4096)], ["float32"], one, names=("fused_nll",)
+    )
+  assert "reduce-precision" not in highest["stats"].hlo
+
+
 # The classifier's default config as it is; the language model shrunk, as in its tests.
 PROGRAMS = {
   "classifier": lambda chips: accelerator.classifier_program(chips),
