@@ -45,6 +45,7 @@ named axis (``pmax`` and ``psum``), and the input gradient is summed across it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -87,18 +88,44 @@ def _token_blocks(n: int, token_chunk: int):
   return least, n % least
 
 
+# Whether the token blocks being traced are contiguous (block ``i``: tokens ``i * rows`` to
+# ``(i + 1) * rows``) rather than strided: set by _token_layout.
+_CONTIGUOUS = [False]
+
+
+@contextlib.contextmanager
+def _token_layout(axis_name):
+  """Strided token blocks under ``jit`` (a sharded token axis keeps each device on its own
+  rows), contiguous ones inside ``shard_map`` (``axis_name`` given: the tokens are the
+  device's own already). Contiguous blocks are a free reshape of ``[N, D]`` on the TPU
+  too, where the compiler laid strided ones out block-major: a relayout of ``h`` into
+  them and of the input gradient out of them, each an array of ``h``'s size per chip."""
+  _CONTIGUOUS.append(axis_name is not None)
+  try:
+    yield
+  finally:
+    _CONTIGUOUS.pop()
+
+
+def _block_axis() -> int:
+  """The axis of a split array's head that numbers its blocks."""
+  return 0 if _CONTIGUOUS[-1] else 1
+
+
 def _split_tokens(x, token_chunk):
   """``x`` ``[N, ...]`` laid out in blocks of at most ``token_chunk`` tokens: ``x`` itself
   if it is one block, else ``(head, tail)``: ``head`` the first ``N - rest`` tokens as
   ``[(N - rest) / count, count, ...]`` bits (:func:`_as_bits`; strided block ``i`` is
-  ``head[:, i]``, a free reshape), ``tail`` the last ``rest`` laid out the same way (an
-  empty array if none)."""
+  ``head[:, i]``, a free reshape), or as ``[count, (N - rest) / count, ...]`` for
+  contiguous blocks (:func:`_token_layout`; block ``i`` is ``head[i]``), ``tail`` the last
+  ``rest`` laid out the same way (an empty array if none)."""
   count, rest = _token_blocks(x.shape[0], token_chunk)
   if count == 1:
     return x
   m = x.shape[0] - rest
   bits = _as_bits(x)
-  head = (bits[:m] if rest else bits).reshape(m // count, count, *x.shape[1:])
+  blocks = (count, m // count) if _CONTIGUOUS[-1] else (m // count, count)
+  head = (bits[:m] if rest else bits).reshape(*blocks, *x.shape[1:])
   return head, (_split_tokens(_from_bits(bits[m:], x.dtype), token_chunk) if rest else bits[m:])
 
 
@@ -120,7 +147,7 @@ def _has_tail(x):
 def _strided_block(head, i, dtype):
   """Strided block ``i`` of a split array's head, from its bits behind an optimization
   barrier."""
-  block = jax.lax.dynamic_index_in_dim(head, i, axis=1, keepdims=False)
+  block = jax.lax.dynamic_index_in_dim(head, i, axis=_block_axis(), keepdims=False)
   return _from_bits(jax.lax.optimization_barrier(block), dtype)
 
 
@@ -132,9 +159,11 @@ def _map_tokens(fn, xs, dtypes):
     return fn(*xs)
   out = jax.lax.map(
     lambda i: fn(*(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes))),
-    jnp.arange(xs[0][0].shape[1]),
+    jnp.arange(xs[0][0].shape[_block_axis()]),
   )
-  out = jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), out)
+  if not _CONTIGUOUS[-1]:  # lax.map stacks the blocks on axis 0
+    out = jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1), out)
+  out = jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), out)
   if _has_tail(xs[0]):
     tail = _map_tokens(fn, [x[1] for x in xs], dtypes)
     out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
@@ -152,13 +181,15 @@ def _scan_tokens(step, dh, carry, xs, dtypes):
   def body(c, i):
     dh_head, carry = c
     rows, carry = step(
-      jax.lax.dynamic_index_in_dim(dh_head, i, axis=1, keepdims=False),
+      jax.lax.dynamic_index_in_dim(dh_head, i, axis=_block_axis(), keepdims=False),
       carry,
       *(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes)),
     )
-    return (jax.lax.dynamic_update_index_in_dim(dh_head, rows, i, axis=1), carry), None
+    dh_head = jax.lax.dynamic_update_index_in_dim(dh_head, rows, i, axis=_block_axis())
+    return (dh_head, carry), None
 
-  (dh_head, carry), _ = jax.lax.scan(body, (dh_head, carry), jnp.arange(dh_head.shape[1]))
+  blocks = jnp.arange(dh_head.shape[_block_axis()])
+  (dh_head, carry), _ = jax.lax.scan(body, (dh_head, carry), blocks)
   if _has_tail(xs[0]):
     dh_tail, carry = _scan_tokens(step, dh_tail, carry, [x[1] for x in xs], dtypes)
   return (dh_head, dh_tail), carry
@@ -225,10 +256,17 @@ def _block(x, start, size, axis):
   rounded per chunk, no array of ``w``'s size is made. Under a higher matmul precision
   (``jax.default_matmul_precision``) nothing is rounded."""
   part = jax.lax.dynamic_slice_in_dim(_as_bits(x), start, size, axis=axis)
-  part = _from_bits(jax.lax.optimization_barrier(part), x.dtype)
+  return _operand(_from_bits(jax.lax.optimization_barrier(part), x.dtype))
+
+
+def _operand(x):
+  """``x`` as the TPU's default precision reads a float32 product operand, rounded where
+  it is used: a chunk of ``w`` (:func:`_block`) or a block of ``h`` (left to the products,
+  the compiler converted all of ``h`` to bfloat16 once as well, an array of half ``h``'s
+  bytes); unchanged on other platforms and precisions."""
   if _PLATFORM[-1] == "tpu" and x.dtype == jnp.float32 and _default_precision():
-    part = jax.lax.reduce_precision(part, exponent_bits=8, mantissa_bits=7)
-  return part
+    return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+  return x
 
 
 def _default_precision() -> bool:
@@ -327,6 +365,12 @@ def _offset(axis_name, vocab):
 
 
 def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
+  """:func:`_stream_blocks` in the token layout of ``axis_name`` (:func:`_token_layout`)."""
+  with _token_layout(axis_name):
+    return _stream_blocks(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name)
+
+
+def _stream_blocks(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
   """``(a, b, unique)`` per token: logsumexp over S's members and over the rest of the
   vocabulary, and which entries of the padded member list count (valid, first of any
   duplicates). Blocks of ``token_chunk`` tokens each stream over the vocabulary."""
@@ -340,6 +384,7 @@ def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
   local = jnp.where(unique, members - _offset(axis_name, vocab), -1)
 
   def rows(h_rows, local_rows):
+    h_rows = _operand(h_rows)
     def body(carry, start, size):
       m_out, s_out, member_logits = carry
       z, _ = _chunk_logits(
@@ -485,6 +530,13 @@ def _dense_backward(complement, soft_cap, z_loss, members, h, w, bias, g):
 
 
 def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
+  """:func:`_backward_blocks` in the token layout of ``axis_name`` (:func:`_token_layout`)."""
+  with _token_layout(axis_name):
+    args = (complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g)
+    return _backward_blocks(*args)
+
+
+def _backward_blocks(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
   h, w, bias, members, unique, a, b = residuals
   vocab = w.shape[1]
   # A token with a zero cotangent (masked, ignored) or whose loss is +inf (its own
@@ -528,6 +580,7 @@ def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, resid
     bias_cols = _bias_cols(bias, start, size)
 
     def rows(dh_rows, carry, h_rows, coef_a, coef_b, shift_a, shift_b, live, local):
+      h_rows = _operand(h_rows)
       dw_cols, dbias_cols = carry
       z, t = _chunk_logits(h_rows, w_cols, bias_cols, soft_cap)
       in_s, _, _ = _in_chunk(local, start, size)
