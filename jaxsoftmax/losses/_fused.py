@@ -36,7 +36,8 @@ The tokens go in blocks of at most ``token_chunk``, each streaming over the voca
 gradient is summed in float32 and written once). The working memory is then a few
 ``[token_chunk, vocab_chunk]`` buffers whatever the number of tokens. The blocks are
 strided (block ``i`` holds tokens ``i, i + count, ..``), so that under ``jit`` with the
-token axis sharded each device works on its own rows.
+token axis sharded each device works on its own rows; inside ``shard_map``, where the
+tokens are the device's own, they are contiguous (:func:`_token_layout`).
 
 ``vocab_axis_name`` runs the same kernel on one shard of the vocabulary inside
 ``shard_map``: the per-token logsumexps and the members' logits are combined across the
@@ -385,6 +386,7 @@ def _stream_blocks(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name)
 
   def rows(h_rows, local_rows):
     h_rows = _operand(h_rows)
+
     def body(carry, start, size):
       m_out, s_out, member_logits = carry
       z, _ = _chunk_logits(
