@@ -27,7 +27,10 @@ select, compare or iota, and any elementwise value that two reductions read is w
 to memory. Every exact form needs the label's side apart from the rest (a mask, or a
 count of ties with the maximum) in a second reduction; shifting both sides by the
 global maximum instead is not exact (complement_nll becomes +inf once the label leads
-by 100). ``experiments/benchmarks/losses.py`` reports these forward-only rows.
+by 100). ``experiments/benchmarks/losses.py`` reports these forward-only rows. On the
+TPU the value is one variadic reduction (:func:`_online_logsumexp_pair`), which reads
+the logits once, half of optax's bytes; XLA:CPU runs a variadic reduction as a scalar
+loop, so the CPU keeps the two sweeps.
 
 Members are either int32 labels (S = {label}; -1 marks an invalid label and gives
 NaN) or a boolean mask over classes. ``complement=True`` swaps S and its complement.
@@ -106,6 +109,68 @@ def _split_logsumexp_value(logits, members):
   else:
     a = jax.nn.logsumexp(jnp.where(in_set, z, -jnp.inf), axis=-1)
   return a, b
+
+
+def _online_logsumexp_pair(logits, members):
+  """``(a, b)`` of :func:`_split_logsumexp_value` in one sweep of the logits.
+
+  One variadic reduction carries, per side of the partition, a running maximum and the
+  sum of exponentials rescaled to it (as online softmax does): ``(m, s)`` pairs combine
+  as ``(max(m1, m2), s1 exp(m1 - m) + s2 exp(m2 - m))``, a side's term taken as it is
+  where its maximum is the new one (so two -inf or two +inf maxima give no NaN). Each
+  side's logsumexp is ``m + log(s)``. For a label, S's side is the label's logit alone:
+  its maximum, carried as a third reduction of the same sweep (no gather). The logits
+  are read once, where :func:`_split_logsumexp_value` reads them twice, as optax's
+  cross-entropy does; the values agree to a few ulps (the rescaling rounds once per
+  combination). The TPU's branch (:func:`_split_logsumexp_value_per_platform`).
+  """
+  in_set = _in_set(members, logits.shape[-1])
+  z = _computed(logits)
+  ninf = jnp.asarray(-jnp.inf, z.dtype)
+  one = jnp.ones_like(z)
+
+  def merge(m1, s1, m2, s2):
+    m = jnp.maximum(m1, m2)
+    term = lambda mi, si: jnp.where(mi == m, si, si * jnp.exp(mi - m))
+    return m, term(m1, s1) + term(m2, s2)
+
+  out_z = jnp.where(in_set, ninf, z)
+  if jnp.issubdtype(members.dtype, jnp.integer):
+
+    def combine(x, y):
+      m, s = merge(x[0], x[1], y[0], y[1])
+      return m, s, jnp.maximum(x[2], y[2])
+
+    operands = (out_z, one, jnp.where(in_set, z, ninf))
+    inits = (ninf, jnp.zeros((), z.dtype), ninf)
+    m_out, s_out, picked = jax.lax.reduce(operands, inits, combine, (z.ndim - 1,))
+    a = jnp.where(members >= 0, picked, jnp.nan)  # -1 marks an invalid label
+  else:
+
+    def combine(x, y):
+      return (*merge(x[0], x[1], y[0], y[1]), *merge(x[2], x[3], y[2], y[3]))
+
+    operands = (out_z, one, jnp.where(in_set, z, ninf), one)
+    zero = jnp.zeros((), z.dtype)
+    m_out, s_out, m_in, s_in = jax.lax.reduce(
+      operands, (ninf, zero, ninf, zero), combine, (z.ndim - 1,)
+    )
+    a = m_in + jnp.log(s_in)
+  return a, m_out + jnp.log(s_out)
+
+
+def _split_logsumexp_value_per_platform(logits, members):
+  """:func:`_split_logsumexp_value`, in one sweep on the TPU (:func:`_online_logsumexp_pair`).
+
+  XLA:CPU emits a variadic reduction as a scalar loop, 8.6x the time of optax's two
+  vectorised sweeps at [1024, 32768] (139-147 ms against 15-22 ms), so the CPU and the
+  other platforms keep the two ``jax.nn.logsumexp`` sweeps."""
+  return jax.lax.platform_dependent(
+    logits,
+    members,
+    tpu=_online_logsumexp_pair,
+    default=_split_logsumexp_value,
+  )
 
 
 def _computed(logits):
@@ -191,10 +256,11 @@ def _forward(logits, members, complement):
 def _partition_nll(logits, members, complement):
   """-log P(S) per example; S from ``members``, swapped when ``complement``.
 
-  The value alone (nothing differentiates it) is two ``jax.nn.logsumexp`` calls;
-  the forward rule below computes the same numbers and keeps the exponentials.
+  The value alone (nothing differentiates it) is two ``jax.nn.logsumexp`` calls (one
+  sweep on the TPU); the forward rule below computes the same numbers and keeps the
+  shifts that rebuild the exponentials.
   """
-  a, b = _split_logsumexp_value(logits, members)
+  a, b = _split_logsumexp_value_per_platform(logits, members)
   if complement:
     a, b = b, a
   return jax.nn.softplus(b - a)
