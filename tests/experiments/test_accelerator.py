@@ -50,16 +50,20 @@ def test_no_loss_holds_a_copy_of_the_logits_or_moves_more_bytes_than_optax(
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode, bound", [("forward", 0.55), ("value_and_grad", 0.90)])
 @pytest.mark.parametrize(
   "name", ["nll", "complement_nll", "negated_nll", "set_nll", "complement_set_nll"]
 )
-def test_a_label_or_set_losss_value_reads_the_logits_once(loss_rows, name, dtype):
+def test_a_label_or_set_loss_reads_the_logits_once_forward(loss_rows, name, mode, bound, dtype):
   # One variadic reduction (a running maximum and the sum rescaled to it, per side) where
-  # optax's cross-entropy sweeps twice (its maximum, then its exponentials): 0.49x its
-  # bytes at 8192 x 32768 in both dtypes (--sections losses). Before: 1.00x here, the two
+  # optax's cross-entropy sweeps twice (its maximum, then its exponentials). Bytes
+  # against optax's, here at 1024 x 32768: forward 0.49 (float32) and 0.17 (bfloat16),
+  # value_and_grad 0.74 and 0.87; at 8192 x 32768 (--sections losses) 0.49 forward and
+  # 0.74 under value_and_grad in both dtypes. Before: 1.00x, the two
   # jax.nn.logsumexp sweeps.
-  row = next(r for r in loss_rows if (r["name"], r["mode"], r["dtype"]) == (name, "forward", dtype))
-  assert row["stats"].bytes_accessed <= 0.55 * row["peer"].bytes_accessed
+  key = (name, mode, dtype)
+  row = next(r for r in loss_rows if (r["name"], r["mode"], r["dtype"]) == key)
+  assert row["stats"].bytes_accessed <= bound * row["peer"].bytes_accessed
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

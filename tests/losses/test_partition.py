@@ -135,3 +135,29 @@ def test_the_one_sweep_value_of_the_tpu_equals_the_two_jax_nn_logsumexp_sweeps()
       got = jax.jit(_online_logsumexp_pair)(wide.astype(dtype), m)
       for e, g in zip(expected, got):
         _same(e, g, rtol=1e-6)
+
+
+def test_the_tpus_one_sweep_forward_rule_gives_the_two_sweep_numbers_and_gradient():
+  # The forward rule's numbers on the TPU (shifts, +inf flags, sums and a, b from the
+  # one variadic reduction) against the two sweeps', and the gradient the backward pass
+  # forms from each, on the special rows and on random logits.
+  from jaxsoftmax.losses._partition import _gradient, _online_shifts, _split_logsumexp_shifts
+
+  rng = np.random.default_rng(1)
+  special = jnp.asarray(_SPECIAL_ROWS, jnp.float32)
+  wide = jnp.asarray(rng.normal(0, 5, (64, 300)), jnp.float32)
+  for z in (special, wide):
+    n, k = z.shape
+    cases = [jnp.asarray(rng.integers(0, k, n), jnp.int32), jnp.full((n,), -1, jnp.int32)]
+    cases.append(jnp.asarray(rng.random(z.shape) < 0.3))
+    for members in cases:
+      a, b, _, sum_in, sum_out, shifts = _split_logsumexp_shifts(z, members)
+      expected = (a, b, sum_in, sum_out, *shifts)
+      got = jax.jit(_online_shifts)(z, members)
+      for e, g in zip(expected, (*got[:4], *got[4])):
+        _same(e, g, rtol=4e-6)  # the sums 1.3e-6 apart at most: the rescalings' rounding
+      g = jnp.ones((n,), jnp.float32)
+      for complement in (False, True):
+        two = _gradient(complement, z, shifts, members, a, b, sum_in, sum_out, g)
+        one = _gradient(complement, z, got[4], members, *got[:2], *got[2:4], g)
+        _same(two, one, rtol=4e-6)
