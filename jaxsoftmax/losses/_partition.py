@@ -190,6 +190,10 @@ def _shifts_per_platform(logits, members):
     a, b, _, sum_in, sum_out, shifts = _split_logsumexp_shifts(logits, members)
     return a, b, sum_in, sum_out, shifts
 
+  # Nothing differentiates these numbers: the gradient's own derivative rule reads the
+  # logits alone (:func:`_gradient`). Cut here, grad of grad does not differentiate the
+  # platform switch (whose derivative passes a symbolic zero to a reshape).
+  logits = jax.lax.stop_gradient(logits)
   return jax.lax.platform_dependent(logits, members, tpu=_online_shifts, default=two_sweeps)
 
 
@@ -273,8 +277,31 @@ def _exponentials(logits, members, shifts):
   return _side_exp(z, side(top_in, top_out), side(inf_in, inf_out))
 
 
+@jax.custom_jvp
+def _sides_lse(logits, members, shifts, a, b, sum_in, sum_out):
+  """``(a, b)``, the two sides' logsumexps, as computed, with their derivative in the
+  logits: each side's restricted softmax (the numbers themselves come from a sweep that
+  is not differentiated, :func:`_shifts_per_platform`). Read where the loss's own value
+  is differentiated: grad of grad with a cotangent that depends on the logits."""
+  return a, b
+
+
+@_sides_lse.defjvp
+def _sides_lse_jvp(primals, tangents):
+  logits, members, shifts, a, b, sum_in, sum_out = primals
+  in_set, restricted = _sides(False, logits, shifts, members, sum_in, sum_out)
+  dz = jnp.asarray(tangents[0], restricted.dtype)
+  weighted = restricted * dz
+  da = jnp.sum(jnp.where(in_set, weighted, 0.0), axis=-1)
+  db = jnp.sum(jnp.where(in_set, 0.0, weighted), axis=-1)
+  # A side of -inf (empty) or NaN has no derivative to give: 0, as the gradient's.
+  da, db = jnp.where(jnp.isfinite(a), da, 0.0), jnp.where(jnp.isfinite(b), db, 0.0)
+  return (a, b), (da.astype(a.dtype), db.astype(b.dtype))
+
+
 def _forward(logits, members, complement):
   a, b, sum_in, sum_out, shifts = _shifts_per_platform(logits, members)
+  a, b = _sides_lse(logits, members, shifts, a, b, sum_in, sum_out)
   if complement:
     a, b, sum_in, sum_out = b, a, sum_out, sum_in
   # The backward pass rebuilds the exponentials from the logits and the per-example
