@@ -356,6 +356,26 @@ def test_a_run_records_every_metric_at_every_evaluation(finished):
   assert (workdir / "curves.png").stat().st_size > 0
 
 
+def test_a_run_stopped_in_round_2_resumes_to_the_same_files_byte_for_byte(
+  two, tmp_path, monkeypatch
+):
+  from jaxsoftmax_experiments import execute
+
+  _, files = two
+  workdir = tmp_path / "stopped"
+  real = execute.Options
+  # The 4th evaluation is step 15, in round 2 (steps 11-20): the run stops with the
+  # checkpoint of step 15, as a kill after that checkpoint leaves it.
+  monkeypatch.setattr(execute, "Options", lambda **k: real(**k, stop_after=4))
+  assert run.main([*TWO, f"--workdir={workdir}"]) == run.INTERRUPTED
+  assert not (workdir / "results.json").exists()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [5, 10, 15]
+  monkeypatch.undo()
+  assert run.main([*TWO, f"--workdir={workdir}"]) == 0
+  assert json.loads((workdir / "timing.json").read_text())["resumed_from_step"] == 15
+  assert _files(workdir) == files
+
+
 def test_a_run_killed_in_round_2_resumes_to_the_same_files(two, tmp_path):
   # SIGKILL of the command itself, once the checkpoint of step 15 (round 2) is written.
   import os
