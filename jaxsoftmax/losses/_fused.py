@@ -37,7 +37,7 @@ gradient is summed in float32 and written once). The working memory is then a fe
 ``[token_chunk, vocab_chunk]`` buffers whatever the number of tokens. The blocks are
 strided (block ``i`` holds tokens ``i, i + count, ..``), so that under ``jit`` with the
 token axis sharded each device works on its own rows; inside ``shard_map``, where the
-tokens are the device's own, they are contiguous (:func:`_token_layout`).
+tokens are the device's own, they are contiguous (:func:`_split_tokens`).
 
 ``vocab_axis_name`` runs the same kernel on one shard of the vocabulary inside
 ``shard_map``: the per-token logsumexps and the members' logits are combined across the
@@ -46,7 +46,6 @@ named axis (``pmax`` and ``psum``), and the input gradient is summed across it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -75,11 +74,10 @@ def _sweep(body, carry, vocab: int, chunk: int):
 
 
 def _token_blocks(n: int, token_chunk: int):
-  """``(count, rest)``: the first ``n - rest`` tokens form ``count`` strided blocks of at
-  most ``token_chunk`` tokens (block ``i``: tokens ``i, i + count, i + 2 count, ..``), the
-  last ``rest`` are streamed in blocks of their own. Strided blocks keep a token axis
-  sharded under ``jit``: each device takes its own rows of every block. ``count``
-  divides ``n`` where a divisor is near (``rest = 0``)."""
+  """``(count, rest)``: the first ``n - rest`` tokens form ``count`` blocks of at most
+  ``token_chunk`` tokens (strided or contiguous, :func:`_split_tokens`), the last
+  ``rest`` are streamed in blocks of their own. ``count`` divides ``n`` where a divisor
+  is near (``rest = 0``)."""
   if n <= token_chunk:
     return 1, 0
   least = -(-n // token_chunk)
@@ -89,45 +87,34 @@ def _token_blocks(n: int, token_chunk: int):
   return least, n % least
 
 
-# Whether the token blocks being traced are contiguous (block ``i``: tokens ``i * rows`` to
-# ``(i + 1) * rows``) rather than strided: set by _token_layout.
-_CONTIGUOUS = [False]
+def _block_axis(contiguous: bool) -> int:
+  """The axis of a split array's head that numbers its blocks (:func:`_split_tokens`)."""
+  return 0 if contiguous else 1
 
 
-@contextlib.contextmanager
-def _token_layout(axis_name):
-  """Strided token blocks under ``jit`` (a sharded token axis keeps each device on its own
-  rows), contiguous ones inside ``shard_map`` (``axis_name`` given: the tokens are the
-  device's own already). Contiguous blocks are a free reshape of ``[N, D]`` on the TPU
-  too, where the compiler laid strided ones out block-major: a relayout of ``h`` into
-  them and of the input gradient out of them, each an array of ``h``'s size per chip."""
-  _CONTIGUOUS.append(axis_name is not None)
-  try:
-    yield
-  finally:
-    _CONTIGUOUS.pop()
-
-
-def _block_axis() -> int:
-  """The axis of a split array's head that numbers its blocks."""
-  return 0 if _CONTIGUOUS[-1] else 1
-
-
-def _split_tokens(x, token_chunk):
+def _split_tokens(x, token_chunk, contiguous):
   """``x`` ``[N, ...]`` laid out in blocks of at most ``token_chunk`` tokens: ``x`` itself
   if it is one block, else ``(head, tail)``: ``head`` the first ``N - rest`` tokens as
   ``[(N - rest) / count, count, ...]`` bits (:func:`_as_bits`; strided block ``i`` is
   ``head[:, i]``, a free reshape), or as ``[count, (N - rest) / count, ...]`` for
-  contiguous blocks (:func:`_token_layout`; block ``i`` is ``head[i]``), ``tail`` the last
-  ``rest`` laid out the same way (an empty array if none)."""
+  ``contiguous`` blocks (block ``i`` is ``head[i]``), ``tail`` the last ``rest`` laid out
+  the same way (an empty array if none).
+
+  Strided blocks (block ``i``: tokens ``i, i + count, ..``) keep a token axis sharded by
+  ``jit`` on its devices (each takes its own rows of every block); inside ``shard_map`` (``vocab_axis_name``) the tokens are the
+  device's own, and contiguous blocks are a free reshape on the TPU too, where the
+  compiler laid strided ones out block-major: a relayout of ``h`` into them and of the
+  input gradient out of them, each an array of ``h``'s size per chip."""
   count, rest = _token_blocks(x.shape[0], token_chunk)
   if count == 1:
     return x
   m = x.shape[0] - rest
   bits = _as_bits(x)
-  blocks = (count, m // count) if _CONTIGUOUS[-1] else (m // count, count)
+  blocks = (count, m // count) if contiguous else (m // count, count)
   head = (bits[:m] if rest else bits).reshape(*blocks, *x.shape[1:])
-  return head, (_split_tokens(_from_bits(bits[m:], x.dtype), token_chunk) if rest else bits[m:])
+  if not rest:
+    return head, bits[m:]
+  return head, _split_tokens(_from_bits(bits[m:], x.dtype), token_chunk, contiguous)
 
 
 def _join_tokens(x, dtype):
@@ -145,33 +132,32 @@ def _has_tail(x):
   return isinstance(x[1], tuple) or x[1].shape[0] > 0
 
 
-def _strided_block(head, i, dtype):
-  """Strided block ``i`` of a split array's head, from its bits behind an optimization
-  barrier."""
-  block = jax.lax.dynamic_index_in_dim(head, i, axis=_block_axis(), keepdims=False)
+def _token_block(head, i, dtype, contiguous):
+  """Block ``i`` of a split array's head, from its bits behind an optimization barrier."""
+  block = jax.lax.dynamic_index_in_dim(head, i, axis=_block_axis(contiguous), keepdims=False)
   return _from_bits(jax.lax.optimization_barrier(block), dtype)
 
 
-def _map_tokens(fn, xs, dtypes):
+def _map_tokens(fn, xs, dtypes, contiguous):
   """``fn(*rows)`` (a tree of ``[rows, ...]`` arrays) over all tokens of the arrays ``xs``
   (of ``dtypes``) laid out by :func:`_split_tokens`, a block at a time, joined in token
   order."""
   if not isinstance(xs[0], tuple):
     return fn(*xs)
   out = jax.lax.map(
-    lambda i: fn(*(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes))),
-    jnp.arange(xs[0][0].shape[_block_axis()]),
+    lambda i: fn(*(_token_block(x[0], i, t, contiguous) for x, t in zip(xs, dtypes))),
+    jnp.arange(xs[0][0].shape[_block_axis(contiguous)]),
   )
-  if not _CONTIGUOUS[-1]:  # lax.map stacks the blocks on axis 0
+  if not contiguous:  # lax.map stacks the blocks on axis 0
     out = jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1), out)
   out = jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), out)
   if _has_tail(xs[0]):
-    tail = _map_tokens(fn, [x[1] for x in xs], dtypes)
+    tail = _map_tokens(fn, [x[1] for x in xs], dtypes, contiguous)
     out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
   return out
 
 
-def _scan_tokens(step, dh, carry, xs, dtypes):
+def _scan_tokens(step, dh, carry, xs, dtypes, contiguous):
   """``step(dh_rows, carry, *rows) -> (dh_rows, carry)`` over all tokens of the arrays
   ``xs`` (of ``dtypes``) laid out by :func:`_split_tokens`, a block at a time, with
   ``dh`` an accumulator of per-token rows laid out the same way."""
@@ -179,20 +165,21 @@ def _scan_tokens(step, dh, carry, xs, dtypes):
     return step(dh, carry, *xs)
   dh_head, dh_tail = dh
 
+  axis = _block_axis(contiguous)
+
   def body(c, i):
     dh_head, carry = c
     rows, carry = step(
-      jax.lax.dynamic_index_in_dim(dh_head, i, axis=_block_axis(), keepdims=False),
+      jax.lax.dynamic_index_in_dim(dh_head, i, axis=axis, keepdims=False),
       carry,
-      *(_strided_block(x[0], i, t) for x, t in zip(xs, dtypes)),
+      *(_token_block(x[0], i, t, contiguous) for x, t in zip(xs, dtypes)),
     )
-    dh_head = jax.lax.dynamic_update_index_in_dim(dh_head, rows, i, axis=_block_axis())
-    return (dh_head, carry), None
+    return (jax.lax.dynamic_update_index_in_dim(dh_head, rows, i, axis=axis), carry), None
 
-  blocks = jnp.arange(dh_head.shape[_block_axis()])
-  (dh_head, carry), _ = jax.lax.scan(body, (dh_head, carry), blocks)
+  (dh_head, carry), _ = jax.lax.scan(body, (dh_head, carry), jnp.arange(dh_head.shape[axis]))
   if _has_tail(xs[0]):
-    dh_tail, carry = _scan_tokens(step, dh_tail, carry, [x[1] for x in xs], dtypes)
+    tail = [x[1] for x in xs]
+    dh_tail, carry = _scan_tokens(step, dh_tail, carry, tail, dtypes, contiguous)
   return (dh_head, dh_tail), carry
 
 
@@ -366,12 +353,6 @@ def _offset(axis_name, vocab):
 
 
 def _stream(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
-  """:func:`_stream_blocks` in the token layout of ``axis_name`` (:func:`_token_layout`)."""
-  with _token_layout(axis_name):
-    return _stream_blocks(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name)
-
-
-def _stream_blocks(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name):
   """``(a, b, unique)`` per token: logsumexp over S's members and over the rest of the
   vocabulary, and which entries of the padded member list count (valid, first of any
   duplicates). Blocks of ``token_chunk`` tokens each stream over the vocabulary."""
@@ -416,8 +397,12 @@ def _stream_blocks(h, w, bias, members, chunk, token_chunk, soft_cap, axis_name)
     )
     return _sweep(body, init, vocab, chunk)
 
+  contiguous = axis_name is not None  # inside shard_map (see _split_tokens)
   m_out, s_out, member_logits = _map_tokens(
-    rows, [_split_tokens(x, token_chunk) for x in (h, local)], (h.dtype, local.dtype)
+    rows,
+    [_split_tokens(x, token_chunk, contiguous) for x in (h, local)],
+    (h.dtype, local.dtype),
+    contiguous,
   )
   if axis_name is not None:
     top = jax.lax.pmax(jax.lax.stop_gradient(m_out), axis_name)
@@ -532,13 +517,6 @@ def _dense_backward(complement, soft_cap, z_loss, members, h, w, bias, g):
 
 
 def _backward(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
-  """:func:`_backward_blocks` in the token layout of ``axis_name`` (:func:`_token_layout`)."""
-  with _token_layout(axis_name):
-    args = (complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g)
-    return _backward_blocks(*args)
-
-
-def _backward_blocks(complement, chunk, token_chunk, soft_cap, z_loss, axis_name, residuals, g):
   h, w, bias, members, unique, a, b = residuals
   vocab = w.shape[1]
   # A token with a zero cotangent (masked, ignored) or whose loss is +inf (its own
@@ -570,7 +548,8 @@ def _backward_blocks(complement, chunk, token_chunk, soft_cap, z_loss, axis_name
     live,
     jnp.where(unique, members - _offset(axis_name, vocab), -1),
   )
-  blocked = [_split_tokens(x, token_chunk) for x in per_token]
+  contiguous = axis_name is not None  # inside shard_map (see _split_tokens)
+  blocked = [_split_tokens(x, token_chunk, contiguous) for x in per_token]
   dtypes = [x.dtype for x in per_token]
 
   def columns(carry, start, size):
@@ -608,7 +587,7 @@ def _backward_blocks(complement, chunk, token_chunk, soft_cap, z_loss, axis_name
       *residuals,
       g,
     )
-    dh, (dw_cols, dbias_cols) = _scan_tokens(rows, dh, init, blocked, dtypes)
+    dh, (dw_cols, dbias_cols) = _scan_tokens(rows, dh, init, blocked, dtypes, contiguous)
     # Written as bits: a 16-bit dw stays 16-bit (see _as_bits); the barrier keeps XLA
     # from moving the cast after the update.
     dw = jax.lax.dynamic_update_slice_in_dim(
@@ -622,7 +601,7 @@ def _backward_blocks(complement, chunk, token_chunk, soft_cap, z_loss, axis_name
 
   init = _varying(
     (
-      _split_tokens(jnp.zeros(h.shape, dtype), token_chunk),
+      _split_tokens(jnp.zeros(h.shape, dtype), token_chunk, contiguous),
       jnp.zeros(w.shape, _as_bits(jnp.zeros((), w.dtype)).dtype),
       None if bias is None else jnp.zeros(bias.shape, bias.dtype),
     ),
