@@ -101,10 +101,11 @@ def _split_tokens(x, token_chunk, contiguous):
   the same way (an empty array if none).
 
   Strided blocks (block ``i``: tokens ``i, i + count, ..``) keep a token axis sharded by
-  ``jit`` on its devices (each takes its own rows of every block); inside ``shard_map`` (``vocab_axis_name``) the tokens are the
-  device's own, and contiguous blocks are a free reshape on the TPU too, where the
-  compiler laid strided ones out block-major: a relayout of ``h`` into them and of the
-  input gradient out of them, each an array of ``h``'s size per chip."""
+  ``jit`` on its devices (each takes its own rows of every block). Inside ``shard_map``
+  (``vocab_axis_name``) the tokens are the device's own, and contiguous blocks are a
+  free reshape on the TPU too, where the compiler laid strided ones out block-major: a
+  relayout of ``h`` into them and of the input gradient out of them, each an array of
+  ``h``'s size per chip."""
   count, rest = _token_blocks(x.shape[0], token_chunk)
   if count == 1:
     return x
