@@ -148,16 +148,12 @@ def _online_sides(logits, members):
 
 
 def _online_logsumexp_pair(logits, members):
-  """``(a, b)`` of :func:`_split_logsumexp_value` in one sweep of the logits
-  (:func:`_online_sides`): each side's logsumexp is ``m + log(s)``.
-
-  The logits are read once, where :func:`_split_logsumexp_value` reads them twice, as
-  optax's cross-entropy does; the values agree to a few ulps (the rescaling rounds once
-  per combination). The TPU's branch (:func:`_split_logsumexp_value_per_platform`).
-  """
-  m_out, s_out, inside = _online_sides(logits, members)
-  a = inside if jnp.issubdtype(members.dtype, jnp.integer) else inside[0] + jnp.log(inside[1])
-  return a, m_out + jnp.log(s_out)
+  """``(a, b)`` of :func:`_split_logsumexp_value` in one sweep (:func:`_online_shifts`'s
+  first two numbers): the logits are read once, where :func:`_split_logsumexp_value`
+  reads them twice, as optax's cross-entropy does; the values agree to a few ulps (the
+  rescaling rounds once per combination). The TPU's branch
+  (:func:`_split_logsumexp_value_per_platform`)."""
+  return _online_shifts(logits, members)[:2]
 
 
 def _online_shifts(logits, members):
@@ -165,8 +161,7 @@ def _online_shifts(logits, members):
   (:func:`_online_sides`): the forward rule's numbers, with each side's shift and +inf
   flag from its running maximum and its sum the rescaled one."""
 
-  def side(m, s):
-    top = jax.lax.stop_gradient(m)
+  def side(top, s):
     shift, infinite = jnp.where(jnp.isinf(top), 0.0, top), top == jnp.inf
     total = jnp.where(top == -jnp.inf, 0.0, s)
     return shift, infinite, total
