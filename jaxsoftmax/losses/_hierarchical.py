@@ -34,7 +34,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
-from jaxsoftmax.losses._partition import _split_logsumexp, _split_logsumexp_value
+from jaxsoftmax.losses._partition import (
+  _partition_nll,
+  _split_logsumexp,
+  _split_logsumexp_value,
+)
+from jaxsoftmax.losses._sequence import _complement_of_nll
 from jaxsoftmax.tree import ClassTree
 
 _LOG2 = math.log(2.0)
@@ -130,9 +135,6 @@ def _exact_value(cluster_logits, row, cluster, slot, complement):
   """The loss as the partition kernel's ``-log p(c) - log p(l | c)`` (``-log(1 - exp(-L))``
   of it for the complement): the same value, written with the kernels whose own
   derivatives are exact, for the gradient's derivative rule."""
-  from jaxsoftmax.losses._partition import _partition_nll
-  from jaxsoftmax.losses._sequence import _complement_of_nll
-
   nll = _partition_nll(cluster_logits, cluster, False) + _partition_nll(row, slot, False)
   return _complement_of_nll(nll) if complement else nll
 

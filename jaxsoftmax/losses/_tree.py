@@ -37,7 +37,12 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
-from jaxsoftmax.losses._partition import _split_logsumexp, _split_logsumexp_value
+from jaxsoftmax.losses._partition import (
+  _partition_nll,
+  _split_logsumexp,
+  _split_logsumexp_value,
+)
+from jaxsoftmax.losses._sequence import _complement_of_nll
 from jaxsoftmax.tree import Tree
 
 _LOG2 = math.log(2.0)
@@ -171,9 +176,6 @@ def _exact_label_value(z, branch, complement):
   """The label loss as a sum over the path's nodes of the partition kernel's ``-log q_t``
   (``-log(1 - exp(-L))`` of it for the complement): the same value, written with the
   kernels whose own derivatives are exact, for the gradient's derivative rule."""
-  from jaxsoftmax.losses._partition import _partition_nll
-  from jaxsoftmax.losses._sequence import _complement_of_nll
-
   nll = jnp.sum(_partition_nll(z, branch, False), axis=-1)
   return _complement_of_nll(nll) if complement else nll
 
@@ -363,8 +365,6 @@ def _exact_logsumexp(x):
   """``logsumexp(x)`` over the last axis as ``x_j + nll(x, j)`` at the largest entry ``j``:
   the value of :func:`_safe_logsumexp` (``-inf`` for an empty row), whose derivatives
   are the partition kernel's (the second, ``diag(p) - p p^T``, with no ``1 - p`` formed)."""
-  from jaxsoftmax.losses._partition import _partition_nll
-
   empty = jnp.all(x == -jnp.inf, axis=-1)
   safe = jnp.where(empty[..., None], 0.0, x)
   top = jnp.argmax(safe, axis=-1)
@@ -378,8 +378,6 @@ def _exact_set_value(z, branch, on_paths, first, member_ok, complement):
   """:func:`_set_value` written with the partition kernel at every node, in the two
   logsumexps and in the last ``softplus`` (as ``-log softmax`` of ``(log P(S), log P(not
   S))``): the same value, whose own derivatives are exact, for the gradient's rule."""
-  from jaxsoftmax.losses._partition import _partition_nll
-
   steps = _partition_nll(z, jnp.maximum(branch, 0).astype(jnp.int32), False)  # -log q_t
   log_in = _exact_logsumexp(jnp.where(member_ok, -jnp.sum(steps, -1), -jnp.inf))
   reach = -jnp.concatenate([jnp.zeros_like(steps[..., :1]), jnp.cumsum(steps[..., :-1], -1)], -1)
