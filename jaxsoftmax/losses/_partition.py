@@ -21,17 +21,19 @@ its precision as P(S) -> 1 and never vanishes while the loss is large.
 The value alone (what evaluation computes) is written with ``jax.nn.logsumexp`` on
 the logits with S (or its complement) set to -inf. On XLA:CPU (jax 0.10.2) that masked
 copy is a logits-sized temporary (128 MiB at [1024, 32768], where optax's
-cross-entropy needs none) and the call takes about 2.2x optax's time: the CPU's
-reduction fusions (XNNPACK) take a subtract, exp and multiply of their input, but no
-select, compare or iota, and any elementwise value that two reductions read is written
-to memory. Every exact form needs the label's side apart from the rest (a mask, or a
-count of ties with the maximum) in a second reduction; shifting both sides by the
-global maximum instead is not exact (complement_nll becomes +inf once the label leads
-by 100). ``experiments/benchmarks/losses.py`` reports these forward-only rows. On the
-TPU the value, and the forward rule's numbers, come from one variadic reduction
-(:func:`_online_sides`), which reads the logits once: half of optax's bytes forward,
-0.74x under ``value_and_grad``. XLA:CPU runs a variadic reduction as a scalar loop, so
-the CPU keeps the two sweeps.
+cross-entropy needs none) and the call took 2.4-3.7x optax's time: the CPU's reduction
+fusions (YNNPACK) take subtract, multiply, min, exp and the like of their input, but no
+select or compare, and any elementwise value that two reductions read is written to
+memory. For labels the CPU therefore takes one sweep shifted by the label's own logit,
+the label left out by arithmetic on the class index (:func:`_label_sums`): ``b - a`` is
+the log of that sum, with no maximum taken and no masked copy, at 0.7-1.0x optax's time
+from K = 128 up in float32 (``experiments/benchmarks/losses.py``). It is exact while the
+label is within 44 nats of the rest; a batch with a row beyond that (or with an infinite
+or NaN logit) takes the two sweeps a block of rows at a time. On the TPU the value, and
+the forward rule's numbers, come from one variadic reduction (:func:`_online_sides`),
+which reads the logits once: half of optax's bytes forward, 0.74x under
+``value_and_grad``. XLA:CPU runs a variadic reduction as a scalar loop, so the sets on
+the CPU, and its forward rule, keep the two sweeps.
 
 Members are either int32 labels (S = {label}; -1 marks an invalid label and gives
 NaN) or a boolean mask over classes. ``complement=True`` swaps S and its complement.
@@ -151,8 +153,7 @@ def _online_logsumexp_pair(logits, members):
   """``(a, b)`` of :func:`_split_logsumexp_value` in one sweep (:func:`_online_shifts`'s
   first two numbers): the logits are read once, where :func:`_split_logsumexp_value`
   reads them twice, as optax's cross-entropy does; the values agree to a few ulps (the
-  rescaling rounds once per combination). The TPU's branch
-  (:func:`_split_logsumexp_value_per_platform`)."""
+  rescaling rounds once per combination). The TPU's branch (:func:`_gap_per_platform`)."""
   return _online_shifts(logits, members)[:2]
 
 
@@ -176,10 +177,90 @@ def _online_shifts(logits, members):
   return a, b, sum_in, sum_out, (top_out, inf_out, top_in, inf_in)
 
 
+# The range of a label's total in which one sweep shifted by the label's own logit is
+# exact (:func:`_label_sums`).
+_LABEL_SHIFT_RANGE = 2.0**64
+# Above this many classes a float32 class index is not exact: two sweeps are kept.
+_MAX_INDEXED_CLASSES = 2**24
+# The two sweeps' fallback reads 1/_ROW_BLOCKS of the examples at a time.
+_ROW_BLOCKS = 256
+
+
+def _label_sums(logits, labels):
+  """``(a, shift, total, exact)`` for labels from one sweep of the logits shifted by the
+  label's own logit: ``a`` the label's logit (NaN for -1), ``total = sum_{k != y}
+  exp(z_k - shift)`` with ``shift = a`` (a finite -max where ``a`` is not finite), and
+  whether every example came out where that is exact.
+
+  The label's term is left out arithmetically, as ``min(e_k, d_k^2)`` with ``d_k`` the
+  class index minus the label scaled by 2**51 (0 at the label, at least 2**102 at every
+  other class): XLA:CPU's reduction fusions (YNNPACK) take subtract, multiply, min and
+  exp of their input, where a select or compare writes the masked logits out (128 MiB
+  at [1024, 32768], 3.7x optax's time). No maximum is taken: one sweep against optax's
+  two.
+
+  It is exact where ``2**-64 <= total <= 2**64`` (the label within 44 nats of the rest:
+  nothing overflows, and the terms lost to underflow are below 2**-126 each, under half
+  an ulp of the total together), for an example whose logits are all -inf (a finite
+  shift gives it the total 0, as the two sweeps do) and for an invalid label (NaN
+  either way). A NaN logit gives a NaN total or, as these fusions' min returns the other
+  operand, at least 2**102: outside the range either way.
+  """
+  z = _computed(logits)
+  safe = jnp.maximum(labels, 0)
+  raw = _computed(jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0])
+  lowest = jnp.asarray(-jnp.finfo(z.dtype).max, z.dtype)
+  shift = jnp.where(jnp.isfinite(raw), raw, lowest)
+  scale = jnp.asarray(2.0**51, z.dtype)
+  d = jnp.arange(z.shape[-1], dtype=z.dtype) * scale - (safe.astype(z.dtype) * scale)[..., None]
+  total = jnp.sum(jnp.minimum(jnp.exp(z - shift[..., None]), d * d), axis=-1)
+  in_range = (total >= 1 / _LABEL_SHIFT_RANGE) & (total <= _LABEL_SHIFT_RANGE)
+  exact = (jnp.isfinite(raw) & in_range) | ((raw == -jnp.inf) & (total == 0)) | (labels < 0)
+  a = jnp.where(labels >= 0, raw, jnp.nan)  # -1 marks an invalid label
+  return a, shift, total, jnp.all(exact)
+
+
+def _label_gap_cpu(logits, labels):
+  """``b - a`` for labels (:func:`_gap_per_platform`): ``log(total)`` from one sweep
+  (:func:`_label_sums`) where that is exact for the whole batch, so the loss is
+  ``softplus(log(total))`` with no difference of two logsumexps rounded; otherwise the
+  two sweeps, a block of examples at a time (:func:`_by_row_blocks`), so that the masked
+  logits they write are a small part of the logits. The second and third sweeps are
+  taken only then (a ``lax.cond``; under ``vmap`` its condition is per instance and
+  both branches run)."""
+  if logits.shape[-1] > _MAX_INDEXED_CLASSES:
+    return _gap(*_split_logsumexp_value(logits, labels))
+  a, shift, total, exact = _label_sums(logits, labels)
+  # An example with a = -inf or NaN keeps the difference's inf or NaN.
+  one_sweep = jnp.where(jnp.isfinite(a), _log(total), shift + _log(total) - a)
+  two_sweeps = lambda: _gap(*_by_row_blocks(_split_logsumexp_value, logits, labels))
+  return jax.lax.cond(exact, lambda: one_sweep, two_sweeps)
+
+
+def _gap(a, b):
+  return b - a
+
+
+def _by_row_blocks(fn, logits, labels):
+  """``fn(logits, labels)`` (two per-example outputs) over blocks of about
+  ``1/_ROW_BLOCKS`` of the examples, one after another (``lax.map``)."""
+  lead, num_classes = logits.shape[:-1], logits.shape[-1]
+  rows = logits.reshape(-1, num_classes)
+  if rows.shape[0] <= 1:
+    return fn(logits, labels)
+  block = -(-rows.shape[0] // _ROW_BLOCKS)
+  a, b = jax.lax.map(lambda zy: fn(*zy), (rows, labels.reshape(-1)), batch_size=block)
+  return a.reshape(lead), b.reshape(lead)
+
+
 def _shifts_per_platform(logits, members):
   """``(a, b, sum_in, sum_out, shifts)`` of :func:`_split_logsumexp_shifts`, in one sweep
-  on the TPU (:func:`_online_shifts`), in two elsewhere (see
-  :func:`_split_logsumexp_value_per_platform`)."""
+  on the TPU (:func:`_online_shifts`), in two elsewhere (see :func:`_gap_per_platform`).
+
+  On the CPU a label's forward rule keeps the two sweeps: XLA:CPU recomputes the shared
+  exponential in both of its fusions, and with the label's one sweep
+  (:func:`_label_sums`) ``value_and_grad`` took 1.2-1.9x the two sweeps' time at
+  [8192, 16] to [1024, 32768]."""
 
   def two_sweeps(logits, members):
     a, b, _, sum_in, sum_out, shifts = _split_logsumexp_shifts(logits, members)
@@ -192,18 +273,19 @@ def _shifts_per_platform(logits, members):
   return jax.lax.platform_dependent(logits, members, tpu=_online_shifts, default=two_sweeps)
 
 
-def _split_logsumexp_value_per_platform(logits, members):
-  """:func:`_split_logsumexp_value`, in one sweep on the TPU (:func:`_online_logsumexp_pair`).
-
-  XLA:CPU emits a variadic reduction as a scalar loop, 8.6x the time of optax's two
-  vectorised sweeps at [1024, 32768] (139-147 ms against 15-22 ms), so the CPU and the
-  other platforms keep the two ``jax.nn.logsumexp`` sweeps."""
-  return jax.lax.platform_dependent(
-    logits,
-    members,
-    tpu=_online_logsumexp_pair,
-    default=_split_logsumexp_value,
-  )
+def _gap_per_platform(logits, members):
+  """``b - a`` of :func:`_split_logsumexp_value`, whose softplus is the loss: in one
+  sweep on the TPU (:func:`_online_logsumexp_pair`) and, for labels, on the CPU
+  (:func:`_label_gap_cpu`); elsewhere, and for sets on the CPU, two ``jax.nn.logsumexp``
+  sweeps. XLA:CPU emits the TPU's variadic reduction as a scalar loop, 8.6x the time
+  of optax's two vectorised sweeps at [1024, 32768] (139-147 ms against 15-22 ms)."""
+  branches = {
+    "tpu": lambda z, m: _gap(*_online_logsumexp_pair(z, m)),
+    "default": lambda z, m: _gap(*_split_logsumexp_value(z, m)),
+  }
+  if jnp.issubdtype(members.dtype, jnp.integer):
+    branches["cpu"] = _label_gap_cpu
+  return jax.lax.platform_dependent(logits, members, **branches)
 
 
 def _computed(logits):
@@ -312,14 +394,15 @@ def _forward(logits, members, complement):
 def _partition_nll(logits, members, complement):
   """-log P(S) per example; S from ``members``, swapped when ``complement``.
 
-  The value alone (nothing differentiates it) is two ``jax.nn.logsumexp`` calls (one
-  sweep on the TPU); the forward rule below computes the same numbers and keeps the
+  The value alone (nothing differentiates it) is ``softplus(b - a)`` from two
+  ``jax.nn.logsumexp`` calls, or from one sweep on the TPU and, for labels, on the CPU
+  (:func:`_gap_per_platform`); the forward rule below computes the same numbers (bit for
+  bit where both take the same sweeps; on the CPU's one sweep for labels, the value is
+  ``softplus(log(total))``, with no difference of two rounded logsumexps) and keeps the
   shifts that rebuild the exponentials.
   """
-  a, b = _split_logsumexp_value_per_platform(logits, members)
-  if complement:
-    a, b = b, a
-  return jax.nn.softplus(b - a)
+  gap = _gap_per_platform(logits, members)
+  return jax.nn.softplus(-gap if complement else gap)
 
 
 def _partition_nll_fwd(logits, members, complement):

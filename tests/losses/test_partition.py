@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxsoftmax.losses._partition import _partition_nll
 
@@ -161,3 +162,87 @@ def test_the_tpus_one_sweep_forward_rule_gives_the_two_sweep_numbers_and_gradien
         two = _gradient(complement, z, shifts, members, a, b, sum_in, sum_out, g)
         one = _gradient(complement, z, got[4], members, *got[:2], *got[2:4], g)
         _same(two, one, rtol=4e-6)
+
+
+def test_the_cpus_one_sweep_for_labels_equals_the_two_sweeps_and_falls_back_at_the_edges():
+  # XLA:CPU's value for labels: one sweep shifted by the label's logit, the label left
+  # out by arithmetic (_label_sums). Each special row is put in a batch of ordinary
+  # rows: where the whole batch is in the one sweep's exact range it runs (the flag
+  # says so, and the special rows that must not take it do not); either way b - a
+  # equals the two jax.nn.logsumexp sweeps' (same inf and NaN, 2e-6 apart at most).
+  from jaxsoftmax.losses._partition import _label_gap_cpu, _label_sums, _split_logsumexp_value
+
+  ordinary = np.random.default_rng(0).normal(0, 3, (7, 3))
+  one_sweep = {0: 0, 1: 0, -1: 0}
+  for row in _SPECIAL_ROWS:
+    z = jnp.asarray(np.vstack([ordinary, [row]]), jnp.float32)
+    for label in one_sweep:
+      y = jnp.full((8,), label, jnp.int32)
+      a, b = _split_logsumexp_value(z, y)
+      _same(b - a, jax.jit(_label_gap_cpu)(z, y), rtol=2e-6)
+      one_sweep[label] += bool(jax.jit(_label_sums)(z, y)[3])
+  # Label 0: rows 0-2 and 4 (within 44 nats) and the all -inf row; label 1 also row 9
+  # (a label of 0 beside -inf and 0). An invalid label is NaN either way. The rows with
+  # a lead of 100 or more, an infinite label or another +inf, or a NaN fall back.
+  assert one_sweep == {0: 5, 1: 6, -1: len(_SPECIAL_ROWS)}, one_sweep
+
+
+def test_the_cpus_one_sweep_keeps_a_nan_logit_in_a_wide_row():
+  # At [64, 4096] the sweep runs in a YNNPACK fusion, whose min(NaN, x) returns x: the
+  # NaN logit still gives NaN, through the fallback (its total is out of range).
+  from jaxsoftmax.losses import complement_nll, nll
+
+  z = jnp.asarray(np.random.default_rng(0).normal(0, 3, (64, 4096)), jnp.float32)
+  z = z.at[3, 100].set(jnp.nan)
+  y = jnp.zeros((64,), jnp.int32)
+  for fn in (nll, complement_nll):
+    loss = np.asarray(jax.jit(fn)(z, y))
+    assert np.isnan(loss[3]) and np.isfinite(np.delete(loss, 3)).all()
+
+
+def test_the_cpus_label_value_writes_no_array_of_the_logits_size():
+  # The value of nll on XLA:CPU: one sweep, and a fallback that runs the two sweeps on
+  # 1/256 of the rows at a time. Before it, the masked logits were written whole: a
+  # temporary of 1.0x the logits (128 MiB at [1024, 32768]; 8 MiB here).
+  from jaxsoftmax.losses import complement_nll, nll
+
+  z, y = jnp.zeros((256, 8192), jnp.float32), jnp.zeros((256,), jnp.int32)
+  for fn in (nll, complement_nll):
+    temp = jax.jit(fn).lower(z, y).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= 0.01 * z.nbytes, temp / z.nbytes
+
+
+def test_the_cpus_one_sweep_under_vmap_with_one_instance_out_of_range():
+  # Under vmap the choice between one sweep and the two is per instance (both run):
+  # an instance with a label 1e4 ahead takes the two sweeps' value, its neighbour the
+  # one sweep's, each as when called alone.
+  from jaxsoftmax.losses import complement_nll
+
+  z = jnp.asarray(np.random.default_rng(2).normal(0, 3, (2, 5, 16)), jnp.float32)
+  z = z.at[1, 2, 4].set(1e4)
+  y = jnp.full((2, 5), 4, jnp.int32)
+  batched = jax.vmap(complement_nll)(z, y)
+  np.testing.assert_array_equal(batched[0], complement_nll(z[0], y[0]))
+  np.testing.assert_array_equal(batched[1], complement_nll(z[1], y[1]))
+  row = np.asarray(z[1, 2], np.float64)  # float64 reference: log1p(exp(a - b)), ~a - b
+  expected = np.logaddexp(0.0, row[4] - np.logaddexp.reduce(np.delete(row, 4)))
+  np.testing.assert_allclose(batched[1, 2], expected, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["nll", "complement_nll"])
+def test_the_cpus_one_sweep_is_accurate_over_its_range(name, monkeypatch, assert_accurate):
+  # The accuracy table's regimes reach gaps of 80 and -1e4, so their batches take the
+  # two sweeps: here the label is 5 to 40 nats ahead of, or behind, the best other
+  # class, where every batch takes the one sweep (checked), against mpmath at the
+  # suite's bound (measured 0.80 at most).
+  from jaxsoftmax.losses._partition import _label_sums
+  from tests.losses import accuracy
+
+  case = next(c for c in accuracy.CASES if c.name == name)
+  for regime, (low, high) in {"ahead": (5.0, 40.0), "behind": (-40.0, -5.0)}.items():
+    gaps = lambda rng, n, lo=low, hi=high: rng.uniform(lo, hi, n)
+    monkeypatch.setitem(accuracy.REGIMES, regime, gaps)
+    for k in (2, 16, 64):
+      z, y = accuracy.draw(np.random.default_rng(k), case, regime, 40, k)
+      assert jax.jit(_label_sums)(jnp.asarray(z), jnp.asarray(y, jnp.int32))[3]
+    assert_accurate(case, regime, 40)
