@@ -243,14 +243,31 @@ def _gap(a, b):
 
 def _by_row_blocks(fn, logits, labels):
   """``fn(logits, labels)`` (two per-example outputs) over blocks of about
-  ``1/_ROW_BLOCKS`` of the examples, one after another (``lax.map``)."""
+  ``1/_ROW_BLOCKS`` of the examples, one after another: a ``fori_loop`` slicing the
+  logits (``lax.map`` over rows of one example copied all the logits into its loop)."""
   lead, num_classes = logits.shape[:-1], logits.shape[-1]
-  rows = logits.reshape(-1, num_classes)
-  if rows.shape[0] <= 1:
+  rows, ids = logits.reshape(-1, num_classes), labels.reshape(-1)
+  n = rows.shape[0]
+  block = -(-n // _ROW_BLOCKS)
+  count = n // block
+  if count <= 1:
     return fn(logits, labels)
-  block = -(-rows.shape[0] // _ROW_BLOCKS)
-  a, b = jax.lax.map(lambda zy: fn(*zy), (rows, labels.reshape(-1)), batch_size=block)
-  return a.reshape(lead), b.reshape(lead)
+
+  def body(i, outputs):
+    start = i * block
+    z = jax.lax.dynamic_slice_in_dim(rows, start, block)
+    y = jax.lax.dynamic_slice_in_dim(ids, start, block)
+    return tuple(
+      jax.lax.dynamic_update_slice_in_dim(out, part, start, 0)
+      for out, part in zip(outputs, fn(z, y))
+    )
+
+  dtype = _computed(logits).dtype
+  outputs = jax.lax.fori_loop(0, count, body, (jnp.zeros(n, dtype), jnp.zeros(n, dtype)))
+  if count * block < n:  # the last, shorter block
+    tail = fn(rows[count * block :], ids[count * block :])
+    outputs = tuple(out.at[count * block :].set(part) for out, part in zip(outputs, tail))
+  return tuple(out.reshape(lead) for out in outputs)
 
 
 def _shifts_per_platform(logits, members):
@@ -396,10 +413,11 @@ def _partition_nll(logits, members, complement):
 
   The value alone (nothing differentiates it) is ``softplus(b - a)`` from two
   ``jax.nn.logsumexp`` calls, or from one sweep on the TPU and, for labels, on the CPU
-  (:func:`_gap_per_platform`); the forward rule below computes the same numbers (bit for
-  bit where both take the same sweeps; on the CPU's one sweep for labels, the value is
-  ``softplus(log(total))``, with no difference of two rounded logsumexps) and keeps the
-  shifts that rebuild the exponentials.
+  (:func:`_gap_per_platform`); the forward rule below computes the same numbers and keeps
+  the shifts that rebuild the exponentials. They are the same bits on the TPU and the
+  other platforms; on the CPU a label's value is ``softplus(log(total))`` from its one
+  sweep (no difference of two rounded logsumexps), or the two sweeps a block of rows at
+  a time, which may round an ulp of a logsumexp apart from the forward rule's.
   """
   gap = _gap_per_platform(logits, members)
   return jax.nn.softplus(-gap if complement else gap)
