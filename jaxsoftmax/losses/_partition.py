@@ -26,14 +26,17 @@ fusions (YNNPACK) take subtract, multiply, min, exp and the like of their input,
 select or compare, and any elementwise value that two reductions read is written to
 memory. For labels the CPU therefore takes one sweep shifted by the label's own logit,
 the label left out by arithmetic on the class index (:func:`_label_sums`): ``b - a`` is
-the log of that sum, with no maximum taken and no masked copy, at 0.7-1.0x optax's time
-from K = 128 up in float32 (``experiments/benchmarks/losses.py``). It is exact while the
+the log of that sum, with no maximum taken and no masked copy
+(``experiments/benchmarks/losses.py`` times it: the speed guide). It is exact while the
 label is within 44 nats of the rest; a batch with a row beyond that (or with an infinite
-or NaN logit) takes the two sweeps a block of rows at a time. On the TPU the value, and
-the forward rule's numbers, come from one variadic reduction (:func:`_online_sides`),
-which reads the logits once: half of optax's bytes forward, 0.74x under
-``value_and_grad``. XLA:CPU runs a variadic reduction as a scalar loop, so the sets on
-the CPU, and its forward rule, keep the two sweeps.
+or NaN logit) takes the two sweeps a block of rows at a time. 16-bit logits past 32768
+classes keep the two sweeps, where the one sweep was the slower (XLA:CPU converts them
+to float32 whole before either form's reductions, as it does for optax's).
+
+On the TPU the value, and the forward rule's numbers, come from one variadic reduction
+(:func:`_online_sides`), which reads the logits once: half of optax's bytes forward,
+0.74x under ``value_and_grad``. XLA:CPU runs a variadic reduction as a scalar loop, so
+the sets on the CPU, and its forward rule, keep the two sweeps.
 
 Members are either int32 labels (S = {label}; -1 marks an invalid label and gives
 NaN) or a boolean mask over classes. ``complement=True`` swaps S and its complement.
@@ -182,6 +185,10 @@ def _online_shifts(logits, members):
 _LABEL_SHIFT_RANGE = 2.0**64
 # Above this many classes a float32 class index is not exact: two sweeps are kept.
 _MAX_INDEXED_CLASSES = 2**24
+# 16-bit logits are converted to float32 whole before either form's reductions (as in
+# optax's), and past this many classes the one sweep took 1.3-1.7x the two sweeps' time
+# (64 x 262144, 256 x 131072; 1.02-1.05x at 1024 x 32768, 0.65x at 65536 x 1000).
+_MAX_16BIT_ONE_SWEEP_CLASSES = 32768
 # The two sweeps' fallback reads 1/_ROW_BLOCKS of the examples at a time.
 _ROW_BLOCKS = 256
 
@@ -227,8 +234,12 @@ def _label_gap_cpu(logits, labels):
   two sweeps, a block of examples at a time (:func:`_by_row_blocks`), so that the masked
   logits they write are a small part of the logits. The second and third sweeps are
   taken only then (a ``lax.cond``; under ``vmap`` its condition is per instance and
-  both branches run)."""
-  if logits.shape[-1] > _MAX_INDEXED_CLASSES:
+  both branches run). 16-bit logits with more than 32768 classes keep the two sweeps
+  (:data:`_MAX_16BIT_ONE_SWEEP_CLASSES`)."""
+  num_classes = logits.shape[-1]
+  if num_classes > _MAX_INDEXED_CLASSES or (
+    logits.dtype.itemsize == 2 and num_classes > _MAX_16BIT_ONE_SWEEP_CLASSES
+  ):
     return _gap(*_split_logsumexp_value(logits, labels))
   a, shift, total, exact = _label_sums(logits, labels)
   # An example with a = -inf or NaN keeps the difference's inf or NaN.
