@@ -29,9 +29,7 @@ the label left out by arithmetic on the class index (:func:`_label_sums`): ``b -
 the log of that sum, with no maximum taken and no masked copy
 (``experiments/benchmarks/losses.py`` times it: the speed guide). It is exact while the
 label is within 44 nats of the rest; a batch with a row beyond that (or with an infinite
-or NaN logit) takes the two sweeps a block of rows at a time. 16-bit logits keep the two
-sweeps (XLA:CPU converts them to float32 whole before any reduction, as it does for
-optax's, and the one sweep was no faster).
+or NaN logit) takes the two sweeps a block of rows at a time.
 
 On the TPU the value, and the forward rule's numbers, come from one variadic reduction
 (:func:`_online_sides`), which reads the logits once: half of optax's bytes forward,
@@ -230,12 +228,12 @@ def _label_gap_cpu(logits, labels):
   two sweeps, a block of examples at a time (:func:`_by_row_blocks`), so that the masked
   logits they write are a small part of the logits. The second and third sweeps are
   taken only then (a ``lax.cond``; under ``vmap`` its condition is per instance and
-  both branches run). 16-bit logits keep the two sweeps: XLA:CPU converts them to
-  float32 whole before either form's reductions (as it does for optax's), so the masked
-  copy costs no more memory than that, and the one sweep was no faster (1.2-1.6x the two
-  sweeps' time at 64 x 262144 and 256 x 131072, about equal from 1000 to 32768 classes,
-  0.65x only at 65536 x 1000)."""
-  if logits.shape[-1] > _MAX_INDEXED_CLASSES or logits.dtype.itemsize == 2:
+  both branches run). 16-bit logits take the same path, so that their value stays the
+  float32 value of the rounded logits, bit for bit; XLA:CPU converts them to float32
+  whole before any reduction (as it does for optax's), and there the one sweep took
+  1.2-1.6x the two sweeps' time at 64 x 262144 and 256 x 131072 (about the same from
+  1000 to 32768 classes, 0.65x at 65536 x 1000)."""
+  if logits.shape[-1] > _MAX_INDEXED_CLASSES:
     return _gap(*_split_logsumexp_value(logits, labels))
   a, shift, total, exact = _label_sums(logits, labels)
   # An example with a = -inf or NaN keeps the difference's inf or NaN.
