@@ -281,7 +281,7 @@ def _shifts_per_platform(logits, members):
 
   On the CPU a label's forward rule keeps the two sweeps: XLA:CPU recomputes the shared
   exponential in both of its fusions, and with the label's one sweep
-  (:func:`_label_sums`) ``value_and_grad`` took 1.2-1.9x the two sweeps' time at
+  (:func:`_label_sums`) ``value_and_grad`` took 1.1-1.9x the two sweeps' time at
   [8192, 16] to [1024, 32768]."""
 
   def two_sweeps(logits, members):
