@@ -208,16 +208,15 @@ def _label_sums(logits, labels):
   operand, at least 2**102: outside the range either way.
   """
   z = _computed(logits)
-  safe = jnp.maximum(labels, 0)
-  raw = _computed(jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0])
+  a = _picked(logits, labels)
   lowest = jnp.asarray(-jnp.finfo(z.dtype).max, z.dtype)
-  shift = jnp.where(jnp.isfinite(raw), raw, lowest)
+  shift = jnp.where(jnp.isfinite(a), a, lowest)
   scale = jnp.asarray(2.0**51, z.dtype)
-  d = jnp.arange(z.shape[-1], dtype=z.dtype) * scale - (safe.astype(z.dtype) * scale)[..., None]
+  label_index = jnp.maximum(labels, 0).astype(z.dtype) * scale
+  d = jnp.arange(z.shape[-1], dtype=z.dtype) * scale - label_index[..., None]
   total = jnp.sum(jnp.minimum(jnp.exp(z - shift[..., None]), d * d), axis=-1)
   in_range = (total >= 1 / _LABEL_SHIFT_RANGE) & (total <= _LABEL_SHIFT_RANGE)
-  exact = (jnp.isfinite(raw) & in_range) | ((raw == -jnp.inf) & (total == 0)) | (labels < 0)
-  a = jnp.where(labels >= 0, raw, jnp.nan)  # -1 marks an invalid label
+  exact = (jnp.isfinite(a) & in_range) | ((a == -jnp.inf) & (total == 0)) | (labels < 0)
   return a, shift, total, jnp.all(exact)
 
 
@@ -267,7 +266,7 @@ def _by_row_blocks(fn, logits, labels):
       for out, part in zip(outputs, fn(z, y))
     )
 
-  dtype = _computed(logits).dtype
+  dtype = _checks.compute_dtype(logits.dtype)
   outputs = jax.lax.fori_loop(0, count, body, (jnp.zeros(n, dtype), jnp.zeros(n, dtype)))
   if count * block < n:  # the last, shorter block
     tail = fn(rows[count * block :], ids[count * block :])
