@@ -8,7 +8,11 @@ and each row's ratio is to the optax call of its own group measured in those rou
   ``value``: ``jit`` of the per-example loss alone (evaluation);
 - float32 and bfloat16 logits;
 - plain calls, a ``where`` mask over classes (optax's ``where``), and padding labels
-  (``ignore_index=-100`` against ``jnp.where`` around optax on clipped labels).
+  (``ignore_index=-100`` against ``jnp.where`` around optax on clipped labels);
+- losses that read K numbers per example besides the logits, against optax's
+  ``softmax_cross_entropy`` on the same dense input: ``soft_cross_entropy`` on a target
+  distribution (group ``soft``), and the set losses on a boolean mask of 5% of the
+  classes, optax reading the mask over its size (group ``set``, float32 only).
 
 Memory is the compiled program's temp and output size (``memory_analysis()``). Run:
 
@@ -51,6 +55,16 @@ FUNCTIONS = {
   ("where", "nll"): lambda z, y, w: losses.nll(z, y, where=w),
   ("ignore_index", "optax CE"): lambda z, y, w: _optax_padded(z, y),
   ("ignore_index", "nll"): lambda z, y, w: losses.nll(z, y, ignore_index=PAD),
+  ("soft", "optax CE"): lambda z, q, w: optax.softmax_cross_entropy(z, q),
+  ("soft", "soft_cross_entropy"): lambda z, q, w: losses.soft_cross_entropy(z, q),
+  ("set", "optax CE"): lambda z, m, w: optax.softmax_cross_entropy(
+    z, m / jnp.sum(m, axis=-1, keepdims=True)
+  ),
+  ("set", "set_nll"): lambda z, m, w: losses.set_nll(z, m),
+  ("set", "complement_set_nll"): lambda z, m, w: losses.complement_set_nll(z, m),
+  ("set", "multilabel_softmax_cross_entropy"): lambda z, m, w: (
+    losses.multilabel_softmax_cross_entropy(z, m)
+  ),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("value_and_grad", "value")
@@ -73,6 +87,12 @@ def _inputs(shape, dtype, group, seed=0):
   rng = np.random.default_rng(seed)
   logits = jnp.asarray(rng.normal(0, 3, shape), dtype)
   labels = rng.integers(0, shape[1] - 1, shape[0])
+  if group == "soft":  # a target distribution per example
+    targets = np.exp(rng.normal(0, 1, shape))
+    labels = jnp.asarray(targets / targets.sum(-1, keepdims=True), jnp.float32)
+    return logits, labels, None
+  if group == "set":  # 5% of the classes, the first always in
+    return logits, jnp.asarray((rng.random(shape) < 0.05) | (np.arange(shape[1]) == 0)), None
   if group == "ignore_index":
     labels[rng.random(shape[0]) < 0.1] = PAD  # 10% padding
   where = (jnp.arange(shape[1]) < shape[1] - 1)[None]  # the last class excluded
@@ -85,7 +105,7 @@ def cases(dtypes=tuple(DTYPES)):
   for mode in MODES:
     for dtype in dtypes:
       for group, name in FUNCTIONS:
-        if dtype == "bfloat16" and group != "plain":
+        if dtype == "bfloat16" and group not in ("plain", "soft"):
           continue
         out.append((mode, dtype, group, name))
   return out

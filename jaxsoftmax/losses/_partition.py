@@ -245,14 +245,16 @@ def _gap(a, b):
   return b - a
 
 
-def _by_row_blocks(fn, logits, labels):
-  """``fn(logits, labels)`` (two per-example outputs) over blocks of about
-  ``1/_ROW_BLOCKS`` of the examples, one after another: a ``fori_loop`` slicing the
-  logits (``lax.map`` over rows of one example copied all the logits into its loop)."""
+def _by_row_blocks(fn, logits, labels, blocks=_ROW_BLOCKS):
+  """``fn(logits, labels)`` (a tuple of per-example outputs) over blocks of about
+  ``1/blocks`` of the examples, one after another: a ``fori_loop`` slicing the
+  logits and the labels (per example, or per class as targets are) (``lax.map`` over
+  rows of one example copied all the logits into its loop)."""
   lead, num_classes = logits.shape[:-1], logits.shape[-1]
-  rows, ids = logits.reshape(-1, num_classes), labels.reshape(-1)
+  rows = logits.reshape(-1, num_classes)
   n = rows.shape[0]
-  block = -(-n // _ROW_BLOCKS)
+  ids = labels.reshape(n, *labels.shape[len(lead) :])
+  block = -(-n // blocks)
   count = n // block
   if count <= 1:
     return fn(logits, labels)
@@ -266,8 +268,9 @@ def _by_row_blocks(fn, logits, labels):
       for out, part in zip(outputs, fn(z, y))
     )
 
-  dtype = _checks.compute_dtype(logits.dtype)
-  outputs = jax.lax.fori_loop(0, count, body, (jnp.zeros(n, dtype), jnp.zeros(n, dtype)))
+  shapes = jax.eval_shape(fn, rows[:block], ids[:block])
+  outputs = tuple(jnp.zeros(n, s.dtype) for s in shapes)
+  outputs = jax.lax.fori_loop(0, count, body, outputs)
   if count * block < n:  # the last, shorter block
     tail = fn(rows[count * block :], ids[count * block :])
     outputs = tuple(out.at[count * block :].set(part) for out, part in zip(outputs, tail))

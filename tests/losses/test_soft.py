@@ -91,3 +91,94 @@ def test_multilabel_empty_row_is_an_error_eagerly_and_nan_under_jit():
   assert np.isnan(out[1]) and np.all(np.isfinite(out[np.array([0, 2])]))
   # Closed form: with equal logits every -log p_k is log 4, whatever Y is.
   np.testing.assert_allclose(out[np.array([0, 2])], [np.log(4.0), np.log(4.0)], rtol=1e-6)
+
+
+# Rows at the edges of the CPU's sweeps (tests/losses/test_partition.py's, for targets):
+# ties at the top, a lead beyond 44 nats, +inf, -inf, all -inf, and a NaN; each padded
+# to 32 classes with its last value (fewer classes take the two sweeps).
+_EDGE_ROWS = [
+  [1.0, 1.0, 1.0, -2.0],  # three ties at the top
+  [0.0, 0.0, 0.0, 0.0],  # every class tied (zero-initialised head)
+  [30.0, 0.0, -1.0, 2.0],  # p_top -> 1: the loss is tiny when the target is the top
+  [100.0, 0.0, 0.0, 0.0],  # others 100 nats behind: the sum of the others underflows
+  [2.0, -jnp.inf, 0.0, 1.0],  # a class of probability 0
+  [jnp.inf, 0.0, 1.0, 2.0],
+  [-jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf],
+  [jnp.nan, 0.0, 1.0, 2.0],
+]
+
+
+@pytest.mark.parametrize(
+  "targets, chained", [("on the top", 4), ("spread", 5), ("on the -inf class", 5)]
+)
+def test_the_cpus_value_equals_the_two_sweeps_in_every_edge_row(targets, chained):
+  # XLA:CPU's value of soft_cross_entropy: a chain of sweeps with no argmax and no
+  # masked copy (_soft._cpu_sums). Each edge row is put in a batch of ordinary rows; the
+  # value equals the two jax.nn.logsumexp sweeps' (_soft._forward's, value_only), with
+  # the same inf and NaN, within 4e-6. The chain runs for the ties, the leads of 30 and
+  # 100 and, unless a zero target meets it (0 * inf), the -inf class; the batches with
+  # +inf, all -inf or NaN fall back to the two sweeps.
+  from jaxsoftmax.losses import _soft
+
+  rng = np.random.default_rng(5)
+  ordinary = rng.normal(0, 3, (7, 32))
+  count = 0
+  for row in _EDGE_ROWS:
+    z = jnp.asarray(np.vstack([ordinary, np.pad(row, (0, 28), mode="edge")]), jnp.float32)
+    q = {
+      "on the top": jax.nn.one_hot(jnp.argmax(jnp.nan_to_num(z), -1), 32),
+      "spread": jax.nn.softmax(jnp.asarray(rng.normal(0, 1, (8, 32)), jnp.float32)),
+      "on the -inf class": jnp.zeros((8, 32)).at[:, 1].set(1.0),
+    }[targets]
+    expected = np.asarray(jax.jit(lambda z, q: _soft._forward(z, q, value_only=True)[0])(z, q))
+    got = np.asarray(jax.jit(soft_cross_entropy)(z, q))
+    np.testing.assert_allclose(got, expected, rtol=4e-6, err_msg=str(row))
+    count += bool(jax.jit(_soft._cpu_loss)(z, q)[1])
+  assert count == chained
+
+
+def test_the_cpus_value_is_exact_where_the_top_is_near_certain():
+  # -log p_top = log1p(sum of the others' exponentials), the top left out of the sum by
+  # its index: the float64 reference (np.logaddexp) to 8 ulps (the 63 rounded
+  # exponentials' sum; 3.8e-7 before, by two sweeps), for losses from 1e-30 to 0.35 (a
+  # sum with the top's 1 in it rounds them to 0 below 6e-8).
+  gaps = np.linspace(5.0, 69.0, 17)
+  z = np.zeros((17, 64))
+  z[:, 9] = gaps  # the top at class 9, every other class at 0
+  q = np.zeros((17, 64))
+  q[:, 9] = 1.0
+  got = np.asarray(jax.jit(soft_cross_entropy)(jnp.asarray(z, jnp.float32), jnp.asarray(q)))
+  expected = np.logaddexp(0.0, np.log(63.0) - gaps)
+  np.testing.assert_allclose(got, expected, rtol=8 * 1.2e-7)
+  assert got.min() < 1e-26
+
+
+def test_the_cpus_value_keeps_a_nan_logit_in_a_wide_row():
+  z = jnp.asarray(np.random.default_rng(0).normal(0, 3, (64, 4096)), jnp.float32)
+  z = z.at[3, 100].set(jnp.nan)
+  q = jax.nn.softmax(z * 0.5)
+  q = jnp.where(jnp.isnan(q), 0.1, q)
+  loss = np.asarray(jax.jit(soft_cross_entropy)(z, q))
+  assert np.isnan(loss[3]) and np.isfinite(np.delete(loss, 3)).all()
+
+
+def test_the_cpus_value_writes_no_array_of_the_logits_size():
+  # Before: the logits with the top class set to -inf, and the gaps to the top, each
+  # written whole (2.0x the logits: 8192 MiB at [4096, 262144], where optax's
+  # softmax_cross_entropy holds none). The fallback by blocks of 1/512 of the rows
+  # writes three rows of each block: 0.6% here (and three rows of one example where
+  # there are fewer than 512).
+  z = jnp.zeros((512, 8192), jnp.float32)
+  temp = jax.jit(soft_cross_entropy).lower(z, z).compile().memory_analysis().temp_size_in_bytes
+  assert temp <= 0.01 * z.nbytes, temp / z.nbytes
+
+
+def test_the_cpus_value_under_vmap_with_one_instance_out_of_range():
+  # Under vmap the choice of sweeps is per instance: an instance holding a +inf logit
+  # takes the fallback's value, its neighbour the one chain's, each as when called alone.
+  z = jnp.asarray(np.random.default_rng(2).normal(0, 3, (2, 5, 32)), jnp.float32)
+  z = z.at[1, 2, 4].set(jnp.inf)
+  q = jax.nn.softmax(jnp.asarray(np.random.default_rng(3).normal(0, 1, (2, 5, 32)), jnp.float32))
+  batched = jax.vmap(soft_cross_entropy)(z, q)
+  np.testing.assert_array_equal(batched[0], soft_cross_entropy(z[0], q[0]))
+  np.testing.assert_array_equal(batched[1], soft_cross_entropy(z[1], q[1]))
