@@ -129,14 +129,31 @@ def _two_sweeps_value(logits, targets):
   return _forward(logits, targets, value_only=True)[0]
 
 
+@jax.custom_batching.custom_vmap
 def _cpu_value(logits, targets):
+  return _cpu_value_impl(logits, targets)
+
+
+@_cpu_value.def_vmap
+def _cpu_value_vmap(axis_size, in_batched, logits, targets):
+  """Under ``vmap`` the instances are one call (the function takes any leading axes), so
+  that the choice of sweeps is one ``lax.cond`` for all of them: ``vmap`` of the cond
+  itself would run both branches on every call."""
+  logits, targets = (
+    x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+    for x, batched in zip((logits, targets), in_batched)
+  )
+  return _cpu_value(logits, targets), True
+
+
+def _cpu_value_impl(logits, targets):
   """The loss on XLA:CPU: ``sum_k q_k ((top - z_k) + log1p(others))`` from
   :func:`_cpu_sums`, exact where every example's top is finite and ``others`` is 0 or
   within ``[2**-64, 2**64]`` (nothing lost to underflow counts; a NaN logit gives at
   least 2**102, as the fusions' min returns the other operand) and no loss is NaN (a
   zero target on a -inf class makes ``0 * inf``). Otherwise the two sweeps
-  (:func:`_forward`), 1/512 of the examples at a time, in a ``lax.cond``; under ``vmap``
-  both run and the choice is per instance. Fewer than 32 classes keep the two sweeps,
+  (:func:`_forward`), 1/512 of the examples at a time, in one ``lax.cond`` (for all
+  instances under ``vmap``). Fewer than 32 classes keep the two sweeps,
   and so do boolean label masks: a
   boolean is converted outside the fusions, which would write it out as floats. 16-bit
   logits are converted to float32 whole, outside the fusions, as three of them read

@@ -174,11 +174,17 @@ def test_the_cpus_value_writes_no_array_of_the_logits_size():
 
 
 def test_the_cpus_value_under_vmap_with_one_instance_out_of_range():
-  # Under vmap the choice of sweeps is per instance: an instance holding a +inf logit
-  # takes the fallback's value, its neighbour the one chain's, each as when called alone.
+  # Under vmap the instances are one call (a custom batching rule), so the choice of
+  # sweeps is one lax.cond for all of them: the numbers of the whole batch called at
+  # once (vmap of the cond itself would run both branches on every call). An instance
+  # holding a +inf logit sends the batch to the two sweeps.
+  from jaxsoftmax.losses import _soft
+
   z = jnp.asarray(np.random.default_rng(2).normal(0, 3, (2, 5, 32)), jnp.float32)
   z = z.at[1, 2, 4].set(jnp.inf)
   q = jax.nn.softmax(jnp.asarray(np.random.default_rng(3).normal(0, 1, (2, 5, 32)), jnp.float32))
-  batched = jax.vmap(soft_cross_entropy)(z, q)
-  np.testing.assert_array_equal(batched[0], soft_cross_entropy(z[0], q[0]))
-  np.testing.assert_array_equal(batched[1], soft_cross_entropy(z[1], q[1]))
+  batched = jax.jit(jax.vmap(soft_cross_entropy))(z, q)
+  np.testing.assert_array_equal(batched, jax.jit(soft_cross_entropy)(z, q))
+  assert not jax.jit(_soft._cpu_loss)(z, q)[1] and jax.jit(_soft._cpu_loss)(z[0], q[0])[1]
+  two_sweeps = jax.jit(lambda z, q: _soft._forward(z, q, value_only=True)[0])
+  np.testing.assert_array_equal(batched, two_sweeps(z, q))
