@@ -9,7 +9,7 @@ so the cross-entropy ``sum_k q_k (-log p_k)`` is a sum of non-negative terms for
 non-negative targets. The gradient ``Q softmax(z) - q`` (``Q = sum_k q_k``) takes
 its largest entry from ``1 - p_j = sigmoid(logsumexp_{k != j} z_k - z_j)``.
 
-On XLA:CPU the value alone (evaluation) is one chain of sweeps with no argmax and no
+On XLA:CPU the value alone (evaluation) is a chain of sweeps with no argmax and no
 masked copy (:func:`_cpu_value`): XLA:CPU's argmax is a scalar loop (2.8x optax's whole
 cross-entropy at [8192, 1000]), and its reduction fusions (YNNPACK) take subtract,
 multiply, min, max, exp and log but no select or compare, so ``jnp.where(is_top, ...)``
@@ -105,8 +105,9 @@ def _cpu_sums(logits):
   """``(top, others)`` per example, ``[..., 1]`` each: the largest logit and the sum of
   ``exp(z_k - top)`` over every class but one top class, left out by its index.
 
-  One chain of reductions, each reading the ones before it, which XLA:CPU fuses and
-  runs without writing an array of the logits' size: the maximum; the largest index
+  A chain of reductions, each reading the ones before it, which XLA:CPU runs in
+  YNNPACK fusions (with the loss, three) that write no array of the logits' size: the
+  maximum; the largest index
   that holds it (``k - (K + 1)`` at every other class, ``min(-d * FLT_MAX, 1)`` being 1
   where ``d = z - top < 0`` and 0 at a tie); the sum of ``min(exp(d_k), (k - t)^2
   2**102)``, 0 at that index and ``exp(d_k) <= 1`` elsewhere. Other ties count 1 each,
@@ -153,11 +154,10 @@ def _cpu_value_impl(logits, targets):
   least 2**102, as the fusions' min returns the other operand) and no loss is NaN (a
   zero target on a -inf class makes ``0 * inf``). Otherwise the two sweeps
   (:func:`_forward`), 1/512 of the examples at a time, in one ``lax.cond`` (for all
-  instances under ``vmap``). Fewer than 32 classes keep the two sweeps,
-  and so do boolean label masks: a
-  boolean is converted outside the fusions, which would write it out as floats. 16-bit
-  logits are converted to float32 whole, outside the fusions, as three of them read
-  them (optax's one fusion converts inside)."""
+  instances under ``vmap``). Fewer than 32 classes keep the two sweeps, and so do
+  boolean label masks: a boolean is converted outside the fusions, which would write it
+  out as floats. 16-bit logits are converted to float32 whole, outside the fusions, as
+  three of them read them (optax's one fusion converts inside)."""
   if targets.dtype == jnp.bool_ or not (
     _MIN_CHAIN_CLASSES <= logits.shape[-1] <= _MAX_INDEXED_CLASSES
   ):
@@ -182,7 +182,7 @@ def _cpu_loss(logits, targets):
 def _soft_cross_entropy(logits, targets):
   """sum_k q_k (-log p_k) per example; ``targets`` weights or a boolean label mask.
 
-  On XLA:CPU from one chain of sweeps (:func:`_cpu_value`); elsewhere
+  On XLA:CPU from a chain of sweeps (:func:`_cpu_value`); elsewhere
   ``logsumexp_{k != j} z_k`` comes from ``jax.nn.logsumexp`` (on 16-bit logits as they
   are, converted inside the reductions, so no float32 copy of them is written).
   """
