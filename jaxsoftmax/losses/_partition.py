@@ -178,13 +178,48 @@ def _online_shifts(logits, members):
   return a, b, sum_in, sum_out, (top_out, inf_out, top_in, inf_in)
 
 
-# The range of a label's total in which one sweep shifted by the label's own logit is
-# exact (:func:`_label_sums`).
-_LABEL_SHIFT_RANGE = 2.0**64
+# The range of a sum in which one sweep with a term left out by its index is exact: a
+# label's total (:func:`_label_sums`), and the others' sum of soft_cross_entropy's chain.
+_ONE_SWEEP_RANGE = 2.0**64
 # Above this many classes a float32 class index is not exact: two sweeps are kept.
 _MAX_INDEXED_CLASSES = 2**24
+# Class indices times this differ by at least 2**51 (:func:`_left_out`).
+_INDEX_SCALE = 2.0**51
 # The two sweeps' fallback reads 1/_ROW_BLOCKS of the examples at a time.
 _ROW_BLOCKS = 256
+
+
+def _left_out(e, scaled_index):
+  """``e`` with the entry at one class per example set to 0, by arithmetic alone:
+  ``min(e_k, d_k^2)`` with ``d_k = k 2**51 - scaled_index``, ``scaled_index`` that
+  class's index times ``_INDEX_SCALE`` (exact in float32 below ``_MAX_INDEXED_CLASSES``
+  classes): 0 there, at least 2**102 elsewhere, so every ``e_k`` of a sum within
+  ``_ONE_SWEEP_RANGE`` is kept. XLA:CPU's reduction fusions (YNNPACK) take this, where a
+  select or compare would write the masked values out. The index comes scaled because
+  where it is itself a reduction's result (``soft_cross_entropy``'s chain), a separate
+  multiplication of it splits the chain's fusion and writes a logits-sized array."""
+  d = jnp.arange(e.shape[-1], dtype=e.dtype) * _INDEX_SCALE - scaled_index[..., None]
+  return jnp.minimum(e, d * d)
+
+
+def _one_call_under_vmap(fn):
+  """``fn`` (whose arguments may have any leading axes) with a batching rule that makes
+  the instances of a ``vmap`` one call of ``fn`` on the whole batch, the unbatched
+  arguments broadcast. For the CPU's one-sweep values: their choice between the sweep
+  and its fallback is then one ``lax.cond`` for all instances, where ``vmap`` of the
+  cond itself runs both branches on every call. Not differentiable (``custom_vmap``):
+  for values that nothing differentiates."""
+  wrapped = jax.custom_batching.custom_vmap(fn)
+
+  @wrapped.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    args = tuple(
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, batched in zip(args, in_batched)
+    )
+    return wrapped(*args), True
+
+  return wrapped
 
 
 def _label_sums(logits, labels):
@@ -193,12 +228,10 @@ def _label_sums(logits, labels):
   exp(z_k - shift)`` with ``shift = a`` (a finite -max where ``a`` is not finite), and
   whether every example came out where that is exact.
 
-  The label's term is left out arithmetically, as ``min(e_k, d_k^2)`` with ``d_k`` the
-  class index minus the label scaled by 2**51 (0 at the label, at least 2**102 at every
-  other class): XLA:CPU's reduction fusions (YNNPACK) take subtract, multiply, min and
-  exp of their input, where a select or compare writes the masked logits out (128 MiB
-  at [1024, 32768], 3.7x optax's time). No maximum is taken: one sweep against optax's
-  two.
+  The label's term is left out arithmetically (:func:`_left_out`): XLA:CPU's reduction
+  fusions (YNNPACK) take subtract, multiply, min and exp of their input, where a select
+  or compare writes the masked logits out (128 MiB at [1024, 32768], 3.7x optax's time).
+  No maximum is taken: one sweep against optax's two.
 
   It is exact where ``2**-64 <= total <= 2**64`` (the label within 44 nats of the rest:
   nothing overflows, and the terms lost to underflow are below 2**-126 each, under half
@@ -211,33 +244,14 @@ def _label_sums(logits, labels):
   a = _picked(logits, labels)
   lowest = jnp.asarray(-jnp.finfo(z.dtype).max, z.dtype)
   shift = jnp.where(jnp.isfinite(a), a, lowest)
-  scale = jnp.asarray(2.0**51, z.dtype)
-  label_index = jnp.maximum(labels, 0).astype(z.dtype) * scale
-  d = jnp.arange(z.shape[-1], dtype=z.dtype) * scale - label_index[..., None]
-  total = jnp.sum(jnp.minimum(jnp.exp(z - shift[..., None]), d * d), axis=-1)
-  in_range = (total >= 1 / _LABEL_SHIFT_RANGE) & (total <= _LABEL_SHIFT_RANGE)
+  label = jnp.maximum(labels, 0).astype(z.dtype) * _INDEX_SCALE
+  total = jnp.sum(_left_out(jnp.exp(z - shift[..., None]), label), axis=-1)
+  in_range = (total >= 1 / _ONE_SWEEP_RANGE) & (total <= _ONE_SWEEP_RANGE)
   exact = (jnp.isfinite(a) & in_range) | ((a == -jnp.inf) & (total == 0)) | (labels < 0)
   return a, shift, total, jnp.all(exact)
 
 
-@jax.custom_batching.custom_vmap
 def _label_gap_cpu(logits, labels):
-  return _label_gap_cpu_impl(logits, labels)
-
-
-@_label_gap_cpu.def_vmap
-def _label_gap_cpu_vmap(axis_size, in_batched, logits, labels):
-  """Under ``vmap`` the whole batch is one call (the function takes any leading axes), so
-  the choice between the one sweep and the two is one ``lax.cond`` for all instances;
-  ``vmap`` of the ``lax.cond`` itself would run both branches on every call."""
-  logits, labels = (
-    x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-    for x, batched in zip((logits, labels), in_batched)
-  )
-  return _label_gap_cpu(logits, labels), True
-
-
-def _label_gap_cpu_impl(logits, labels):
   """``b - a`` for labels (:func:`_gap_per_platform`): ``log(total)`` from one sweep
   (:func:`_label_sums`) where that is exact for the whole batch, so the loss is
   ``softplus(log(total))`` with no difference of two logsumexps rounded; otherwise the
@@ -256,6 +270,9 @@ def _label_gap_cpu_impl(logits, labels):
   one_sweep = jnp.where(jnp.isfinite(a), _log(total), shift + _log(total) - a)
   two_sweeps = lambda: _gap(*_by_row_blocks(_split_logsumexp_value, logits, labels))
   return jax.lax.cond(exact, lambda: one_sweep, two_sweeps)
+
+
+_label_gap_cpu = _one_call_under_vmap(_label_gap_cpu)
 
 
 def _gap(a, b):

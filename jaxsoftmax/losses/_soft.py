@@ -25,16 +25,17 @@ from jax.typing import ArrayLike
 
 from jaxsoftmax.losses import _checks
 from jaxsoftmax.losses._partition import (
+  _INDEX_SCALE,
+  _MAX_INDEXED_CLASSES,
+  _ONE_SWEEP_RANGE,
   _by_row_blocks,
   _computed,
+  _left_out,
+  _one_call_under_vmap,
   _split_logsumexp,
   _split_logsumexp_value,
 )
 
-# The range of the others' sum in which the CPU's chain is exact (:func:`_cpu_sums`).
-_OTHERS_RANGE = 2.0**64
-# Above this many classes a float32 class index is not exact: the CPU keeps two sweeps.
-_MAX_INDEXED_CLASSES = 2**24
 # Below this many classes the two sweeps are quicker (at [8192, K], optax's time 1.32x
 # against the chain's 1.79x at K = 16, 5.04x against 1.87x at K = 32).
 _MIN_CHAIN_CLASSES = 32
@@ -107,10 +108,9 @@ def _cpu_sums(logits):
 
   A chain of reductions, each reading the ones before it, which XLA:CPU runs in
   YNNPACK fusions (with the loss, three) that write no array of the logits' size: the
-  maximum; the largest index
-  that holds it (``k - (K + 1)`` at every other class, ``min(-d * FLT_MAX, 1)`` being 1
-  where ``d = z - top < 0`` and 0 at a tie); the sum of ``min(exp(d_k), (k - t)^2
-  2**102)``, 0 at that index and ``exp(d_k) <= 1`` elsewhere. Other ties count 1 each,
+  maximum; the largest index that holds it (``k - (K + 1)`` at every other class,
+  ``min(-d * FLT_MAX, 1)`` being 1 where ``d = z - top < 0`` and 0 at a tie); the sum of
+  ``exp(d_k)`` with that index left out (:func:`_left_out`). Other ties count 1 each,
   as they should. ``d`` is ``z + (-top)`` here and ``top - z`` in the loss, so that no
   broadcast of ``top`` is shared between fusions (a shared one is written out).
   """
@@ -118,11 +118,11 @@ def _cpu_sums(logits):
   num_classes = z.shape[-1]
   top = _computed(jnp.max(logits, axis=-1, keepdims=True))  # exact in 16 bits too
   d = z + (-top)
-  classes = jnp.arange(num_classes, dtype=z.dtype)
+  classes = jnp.arange(num_classes, dtype=z.dtype) * _INDEX_SCALE
   below = jnp.minimum(d * -jnp.finfo(z.dtype).max, 1.0)
-  one_top = jnp.max(classes - (num_classes + 1.0) * below, axis=-1, keepdims=True)
-  apart = (classes - one_top) * 2.0**51
-  others = jnp.sum(jnp.minimum(jnp.exp(d), apart * apart), axis=-1, keepdims=True)
+  step = (num_classes + 1.0) * _INDEX_SCALE
+  one_top = jnp.max(classes - step * below, axis=-1)  # its index times _INDEX_SCALE
+  others = jnp.sum(_left_out(jnp.exp(d), one_top), axis=-1, keepdims=True)
   return top, others
 
 
@@ -130,24 +130,7 @@ def _two_sweeps_value(logits, targets):
   return _forward(logits, targets, value_only=True)[0]
 
 
-@jax.custom_batching.custom_vmap
 def _cpu_value(logits, targets):
-  return _cpu_value_impl(logits, targets)
-
-
-@_cpu_value.def_vmap
-def _cpu_value_vmap(axis_size, in_batched, logits, targets):
-  """Under ``vmap`` the instances are one call (the function takes any leading axes), so
-  that the choice of sweeps is one ``lax.cond`` for all of them: ``vmap`` of the cond
-  itself would run both branches on every call."""
-  logits, targets = (
-    x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-    for x, batched in zip((logits, targets), in_batched)
-  )
-  return _cpu_value(logits, targets), True
-
-
-def _cpu_value_impl(logits, targets):
   """The loss on XLA:CPU: ``sum_k q_k ((top - z_k) + log1p(others))`` from
   :func:`_cpu_sums`, exact where every example's top is finite and ``others`` is 0 or
   within ``[2**-64, 2**64]`` (nothing lost to underflow counts; a NaN logit gives at
@@ -169,12 +152,15 @@ def _cpu_value_impl(logits, targets):
   return jax.lax.cond(exact, lambda: loss.astype(dtype), blocks)
 
 
+_cpu_value = _one_call_under_vmap(_cpu_value)
+
+
 def _cpu_loss(logits, targets):
   """The chain's loss per example, and whether it is exact for the whole batch."""
   top, others = _cpu_sums(logits)
   loss = jnp.sum(targets * ((top - _computed(logits)) + jnp.log1p(others)), axis=-1)
   top, others = top[..., 0], others[..., 0]
-  in_range = (others >= 1 / _OTHERS_RANGE) & (others <= _OTHERS_RANGE)
+  in_range = (others >= 1 / _ONE_SWEEP_RANGE) & (others <= _ONE_SWEEP_RANGE)
   return loss, jnp.all(jnp.isfinite(top) & ((others == 0) | in_range) & ~jnp.isnan(loss))
 
 
