@@ -1,12 +1,18 @@
-"""Times this checkout's label losses against those of an earlier git revision, and optax.
+"""Times this checkout's losses against those of an earlier git revision, and optax.
 
 The earlier ``jaxsoftmax`` package is taken from the repository with ``git archive``
 into a temporary folder and imported under another name, so both kernels run in one
 process, compiled once each and timed in the same rotated rounds
-(:func:`experiments.benchmarks.timer.interleaved`). ``jit(value_and_grad)``
-of the summed loss, float32. Run from the repository:
+(:func:`experiments.benchmarks.timer.interleaved`). Float32; ``jit(value_and_grad)``
+of the summed loss by default, or ``--call value``, the per-example loss alone; with
+``--vmap N``, ``N`` instances of the shape under ``jax.vmap`` (as the experiments run
+their seeds). The label losses are timed against optax's cross-entropy on integer
+labels, ``soft_cross_entropy`` against its ``softmax_cross_entropy`` on the same target
+distributions. Run from the repository:
 
     python -m experiments.benchmarks.against_revision --rev d274042 [--rounds 30]
+    python -m experiments.benchmarks.against_revision --rev 9331e52 --call value \
+      --losses soft_cross_entropy --shapes 8192x1000 1024x32768
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import optax
 from experiments.benchmarks import timer
 from jaxsoftmax import losses
 
-SHAPES = ((8192, 16), (65536, 1000), (1024, 32768), (64, 262144))
+SHAPES = ("8192x16", "65536x1000", "1024x32768", "64x262144")
+LABEL_LOSSES = ("nll", "complement_nll", "negated_nll")
 
 
 def import_revision(rev: str, folder: Path):
@@ -51,39 +58,63 @@ def import_revision(rev: str, folder: Path):
   return importlib.import_module("jaxsoftmax_at_rev.losses")
 
 
+def _inputs(shape, soft, rng):
+  """Logits, and labels or (for ``soft_cross_entropy``) target distributions."""
+  z = jnp.asarray(rng.normal(0, 3, shape), jnp.float32)
+  if soft:
+    q = np.exp(rng.normal(0, 1, shape))
+    return z, jnp.asarray(q / q.sum(-1, keepdims=True), jnp.float32)
+  return z, jnp.asarray(rng.integers(0, shape[-1], shape[:-1]), jnp.int32)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rev", required=True, help="the earlier git revision")
   parser.add_argument("--rounds", type=int, default=30)
+  parser.add_argument("--call", choices=("value_and_grad", "value"), default="value_and_grad")
+  parser.add_argument(
+    "--losses",
+    nargs="+",
+    choices=(*LABEL_LOSSES, "soft_cross_entropy"),
+    default=["nll", "complement_nll"],
+    help="losses of one kind: label losses, or soft_cross_entropy",
+  )
+  parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxK shapes")
+  parser.add_argument("--vmap", type=int, default=0, help="instances under jax.vmap")
   args = parser.parse_args(argv)
+  soft = "soft_cross_entropy" in args.losses
+  if soft and len(args.losses) > 1:
+    parser.error("soft_cross_entropy takes targets, not labels: time it alone")
   with tempfile.TemporaryDirectory() as folder:
     old = import_revision(args.rev, Path(folder))
-    fns = {
-      "optax": optax.softmax_cross_entropy_with_integer_labels,
-      "nll, this checkout": losses.nll,
-      f"nll at {args.rev}": old.nll,
-      "complement_nll, this checkout": losses.complement_nll,
-      f"complement_nll at {args.rev}": old.complement_nll,
-    }
-    print(
-      f"{timer.machine()}; median of {args.rounds} rotated rounds; jit(value_and_grad), float32"
-    )
+    peer = optax.softmax_cross_entropy if soft else optax.softmax_cross_entropy_with_integer_labels
+    fns = {"optax": peer}
+    for name in args.losses:
+      fns[f"{name}, this checkout"] = getattr(losses, name)
+      fns[f"{name} at {args.rev}"] = getattr(old, name)
+    call = "jit(value_and_grad)" if args.call == "value_and_grad" else "jit (value)"
+    under = f", vmap over {args.vmap}" if args.vmap else ""
+    print(f"{timer.machine()}; median of {args.rounds} rotated rounds; {call}, float32{under}")
     print()
     print("| shape | function | median ms | ratio to optax |")
     print("|---|---|---:|---:|")
-    for shape in SHAPES:
-      rng = np.random.default_rng(0)
-      z = jnp.asarray(rng.normal(0, 3, shape), jnp.float32)
-      y = jnp.asarray(rng.integers(0, shape[1], shape[0]), jnp.int32)
+    for text in args.shapes:
+      shape = tuple(int(v) for v in text.split("x"))
+      if args.vmap:
+        shape = (args.vmap, *shape)
+      z, y = _inputs(shape, soft, np.random.default_rng(0))
       calls = {}
       for name, f in fns.items():
-        step = jax.jit(jax.value_and_grad(lambda z, y, f=f: jnp.sum(f(z, y))))
+        g = jax.vmap(f) if args.vmap else f
+        if args.call == "value":
+          step = jax.jit(g)
+        else:
+          step = jax.jit(jax.value_and_grad(lambda z, y, g=g: jnp.sum(g(z, y))))
         calls[name] = functools.partial(step.lower(z, y).compile(), z, y)
       medians = {k: float(np.median(v)) for k, v in timer.interleaved(calls, args.rounds).items()}
       for name, seconds in medians.items():
         print(
-          f"| {shape[0]}x{shape[1]} | {name} | {seconds * 1e3:.2f} | "
-          f"{seconds / medians['optax']:.3f} |",
+          f"| {text} | {name} | {seconds * 1e3:.2f} | {seconds / medians['optax']:.3f} |",
           flush=True,
         )
 
