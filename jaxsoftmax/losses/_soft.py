@@ -10,8 +10,8 @@ non-negative targets. The gradient ``Q softmax(z) - q`` (``Q = sum_k q_k``) take
 its largest entry from ``1 - p_j = sigmoid(logsumexp_{k != j} z_k - z_j)``.
 
 On XLA:CPU the value alone (evaluation) is a chain of sweeps with no argmax and no
-masked copy (:func:`_cpu_value`): XLA:CPU's argmax is a scalar loop (2.8x optax's whole
-cross-entropy at [8192, 1000]), and its reduction fusions (YNNPACK) take subtract,
+masked copy (:func:`_cpu_value`): XLA:CPU runs an argmax as a scalar loop fusion, not a
+vectorised reduction, and its reduction fusions (YNNPACK) take subtract,
 multiply, min, max, exp and log but no select or compare, so ``jnp.where(is_top, ...)``
 wrote the logits out twice (2.0x their bytes).
 """
@@ -36,8 +36,11 @@ from jaxsoftmax.losses._partition import (
   _split_logsumexp_value,
 )
 
-# Below this many classes the two sweeps are quicker (at [8192, K], optax's time 1.32x
-# against the chain's 1.79x at K = 16, 5.04x against 1.87x at K = 32).
+# Below this many classes the two sweeps are quicker: at [8192, K], 1.32x optax's time
+# against the chain's 1.79x at K = 16, when the threshold was chosen; at K = 32 the
+# chain is the quicker (`python -m experiments.benchmarks.against_revision --rev 9331e52
+# --call value --losses soft_cross_entropy --shapes 8192x32` times it against the two
+# sweeps).
 _MIN_CHAIN_CLASSES = 32
 # The fallback's two sweeps read 1/_ROW_BLOCKS of the examples at a time, and write
 # three rows' worth of each block (the block, its logits with the top masked, the gaps).
