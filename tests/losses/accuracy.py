@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -326,6 +327,15 @@ def _hessian_reference(case, z, aux):
   return ([[-x for x in row] for row in h] if case.name == "negated_nll" else h), scale
 
 
+@functools.cache
+def _hessian_program(case: Case, mode: str):
+  """One jitted program per loss and mode, so that the regimes (same shapes) share its
+  tracing and compilation: a lambda made per call compiled each of them again."""
+  single = lambda z, a: case.ours(z[None], a[None])[0]
+  second = jax.jacrev(jax.grad(single)) if mode == "rev" else jax.hessian(single)
+  return jax.jit(jax.vmap(second))
+
+
 def measure_hessian(case: Case, regime: str, n: int, k: int, seed: int = 0, mode: str = "rev"):
   """Rows (ulps / (1 + cond), ulps, cond) for every Hessian entry of one loss.
 
@@ -341,9 +351,7 @@ def measure_hessian(case: Case, regime: str, n: int, k: int, seed: int = 0, mode
   """
   rng = np.random.default_rng(seed)
   z, aux = draw(rng, case, regime, n, k)
-  single = lambda z, a: case.ours(z[None], a[None])[0]
-  second = jax.jacrev(jax.grad(single)) if mode == "rev" else jax.hessian(single)
-  ours = np.asarray(jax.jit(jax.vmap(second))(jnp.asarray(z), jnp.asarray(aux)), np.float64)
+  ours = np.asarray(_hessian_program(case, mode)(jnp.asarray(z), jnp.asarray(aux)), np.float64)
   rows = []
   for i in range(n):
     ref, scale = _hessian_reference(case, z[i].astype(np.float64), aux[i])
