@@ -207,8 +207,9 @@ def _one_call_under_vmap(fn):
   the instances of a ``vmap`` one call of ``fn`` on the whole batch, the unbatched
   arguments broadcast. For the CPU's one-sweep values: their choice between the sweep
   and its fallback is then one ``lax.cond`` for all instances, where ``vmap`` of the
-  cond itself runs both branches on every call. Not differentiable (``custom_vmap``):
-  for values that nothing differentiates."""
+  cond itself runs both branches on every call. ``fn`` returns an array or a tuple of
+  them. Not differentiable (``custom_vmap``): for values that nothing differentiates,
+  or under a ``custom_jvp`` that gives their derivatives."""
   wrapped = jax.custom_batching.custom_vmap(fn)
 
   @wrapped.def_vmap
@@ -217,7 +218,8 @@ def _one_call_under_vmap(fn):
       x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
       for x, batched in zip(args, in_batched)
     )
-    return wrapped(*args), True
+    out = wrapped(*args)
+    return out, jax.tree.map(lambda _: True, out)
 
   return wrapped
 

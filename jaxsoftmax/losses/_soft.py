@@ -9,11 +9,12 @@ so the cross-entropy ``sum_k q_k (-log p_k)`` is a sum of non-negative terms for
 non-negative targets. The gradient ``Q softmax(z) - q`` (``Q = sum_k q_k``) takes
 its largest entry from ``1 - p_j = sigmoid(logsumexp_{k != j} z_k - z_j)``.
 
-On XLA:CPU the value alone (evaluation) is a chain of sweeps with no argmax and no
-masked copy (:func:`_cpu_value`): XLA:CPU runs an argmax as a scalar loop fusion, not a
-vectorised reduction, and its reduction fusions (YNNPACK) take subtract,
-multiply, min, max, exp and log but no select or compare, so ``jnp.where(is_top, ...)``
-wrote the logits out twice (2.0x their bytes).
+On XLA:CPU the value (evaluation, :func:`_cpu_value`) and the forward rule's numbers
+(training, :func:`_cpu_forward`) come from reductions with no argmax and no masked
+copy: XLA:CPU runs an argmax as a scalar loop fusion, not a vectorised reduction, and
+its reduction fusions (YNNPACK) take subtract, multiply, min, max, exp and log but no
+select or compare, so ``jnp.where(is_top, ...)`` wrote the logits out twice (2.0x their
+bytes).
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def _forward(logits, targets, value_only=False):
 
 
 def _cpu_sums(logits):
-  """``(top, others)`` per example, ``[..., 1]`` each: the largest logit and the sum of
-  ``exp(z_k - top)`` over every class but one top class, left out by its index.
+  """``(top, others, one_top)`` per example: the largest logit and the sum of
+  ``exp(z_k - top)`` over every class but one top class (``[..., 1]`` each), and that
+  class's index times ``_INDEX_SCALE`` (``[...]``).
 
   A chain of reductions, each reading the ones before it, which XLA:CPU runs in
   YNNPACK fusions (with the loss, three) that write no array of the logits' size: the
@@ -126,7 +128,7 @@ def _cpu_sums(logits):
   step = (num_classes + 1.0) * _INDEX_SCALE
   one_top = jnp.max(classes - step * below, axis=-1)  # its index times _INDEX_SCALE
   others = jnp.sum(_left_out(jnp.exp(d), one_top), axis=-1, keepdims=True)
-  return top, others
+  return top, others, one_top
 
 
 def _two_sweeps_value(logits, targets):
@@ -160,11 +162,66 @@ _cpu_value = _one_call_under_vmap(_cpu_value)
 
 def _cpu_loss(logits, targets):
   """The chain's loss per example, and whether it is exact for the whole batch."""
-  top, others = _cpu_sums(logits)
+  top, others, _ = _cpu_sums(logits)
   loss = jnp.sum(targets * ((top - _computed(logits)) + jnp.log1p(others)), axis=-1)
-  top, others = top[..., 0], others[..., 0]
+  return loss, jnp.all(_sums_exact(top[..., 0], others[..., 0]) & ~jnp.isnan(loss))
+
+
+def _sums_exact(top, others):
   in_range = (others >= 1 / _ONE_SWEEP_RANGE) & (others <= _ONE_SWEEP_RANGE)
-  return loss, jnp.all(jnp.isfinite(top) & ((others == 0) | in_range) & ~jnp.isnan(loss))
+  return jnp.isfinite(top) & ((others == 0) | in_range)
+
+
+def _forward_outputs(logits, targets):
+  """The forward rule's loss and per-example residuals (the two sweeps)."""
+  loss, (_, _, flagged_top, z_top, u, total, rest) = _forward(logits, targets)
+  return loss, flagged_top, z_top, u, total, rest
+
+
+def _cpu_forward(logits, targets):
+  """:func:`_forward_outputs` on XLA:CPU with no argmax and no masked copy of the
+  logits (those wrote 2.0x their bytes): reductions that each read the logits (and the
+  targets) once and write per-example numbers only. The top class is the largest index
+  holding the maximum (:func:`_cpu_sums`); ``others`` leaves it out as
+  ``min(exp(z_k - top), (t - k)^2)`` (0 at ``t``, ``exp <= 1 <= (t - k)^2``
+  elsewhere); ``rest`` weighs each target by ``4 min(|k/4 - t/4|, 1/4)`` (0 at ``t``,
+  1 elsewhere); ``u = log(others)``.
+
+  Each reduction forms its broadcasts in an expression of its own (``z - top`` as
+  ``(z/2 - top/2) 2`` here, ``z + (-top)`` for the index, ``top - z`` in the loss): one
+  that two of XLA:CPU's reduction fusions shared would be written out, logits-sized.
+
+  Exact under :func:`_cpu_value`'s conditions with a finite loss everywhere (so no
+  example is impossible); otherwise the two sweeps, 1/512 of the examples at a time, in
+  one ``lax.cond`` (for all instances under ``vmap``)."""
+  if targets.dtype == jnp.bool_ or not (
+    _MIN_CHAIN_CLASSES <= logits.shape[-1] <= _MAX_INDEXED_CLASSES
+  ):
+    return _forward_outputs(logits, targets)
+  z = _computed(logits)
+  top, _, one_top = _cpu_sums(logits)
+  index = one_top * (1 / _INDEX_SCALE)
+  classes = jnp.arange(z.shape[-1], dtype=z.dtype)
+  d = (z * 0.5 + top * -0.5) * 2.0
+  left_out = jnp.minimum(jnp.exp(d), jnp.square(index[..., None] - classes))
+  others = jnp.sum(left_out, axis=-1, keepdims=True)
+  loss = jnp.sum(targets * ((top - z) + jnp.log1p(others)), axis=-1)
+  not_top = jnp.minimum(jnp.abs(classes * 0.25 - (index * 0.25)[..., None]), 0.25)
+  rest = jnp.sum(targets * not_top, axis=-1) * 4.0
+  total = jnp.sum(targets, axis=-1)
+  top, others = top[..., 0], others[..., 0]
+  exact = jnp.all(_sums_exact(top, others) & jnp.isfinite(loss))
+  chain = (loss, index.astype(jnp.int32), top, jnp.log(others), total, rest)
+  shapes = jax.eval_shape(_forward_outputs, logits, targets)
+  chain = tuple(x.astype(s.dtype) for x, s in zip(chain, shapes))
+  blocks = lambda: _by_row_blocks(_forward_outputs, logits, targets, _ROW_BLOCKS)
+  return jax.lax.cond(exact, lambda: chain, blocks)
+
+
+# A custom_vmap is not differentiable: the derivatives of these numbers (grad of grad
+# differentiates the forward rule) are the two sweeps'.
+_cpu_forward = jax.custom_jvp(_one_call_under_vmap(_cpu_forward))
+_cpu_forward.defjvp(lambda primals, tangents: jax.jvp(_forward_outputs, primals, tangents))
 
 
 @jax.custom_vjp
@@ -179,7 +236,9 @@ def _soft_cross_entropy(logits, targets):
 
 
 def _soft_cross_entropy_fwd(logits, targets):
-  return _forward(logits, targets)
+  outputs = jax.lax.platform_dependent(logits, targets, cpu=_cpu_forward, default=_forward_outputs)
+  loss, flagged_top, z_top, u, total, rest = outputs
+  return loss, (logits, targets, flagged_top, z_top, u, total, rest)
 
 
 def _soft_cross_entropy_bwd(residuals, g):

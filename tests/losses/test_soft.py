@@ -188,3 +188,75 @@ def test_the_cpus_value_under_vmap_with_one_instance_out_of_range():
   assert not jax.jit(_soft._cpu_loss)(z, q)[1] and jax.jit(_soft._cpu_loss)(z[0], q[0])[1]
   two_sweeps = jax.jit(lambda z, q: _soft._forward(z, q, value_only=True)[0])
   np.testing.assert_array_equal(batched, two_sweeps(z, q))
+
+
+def _two_sweeps_gradients(z, q):
+  """The gradients of the summed loss by the forward rule of the two sweeps (the rule on
+  every platform but XLA:CPU): _soft._forward's residuals through the backward rule."""
+  from jaxsoftmax.losses import _soft
+
+  _, residuals = _soft._forward(z, q)
+  return _soft._soft_cross_entropy_bwd(residuals, jnp.ones(z.shape[:-1], jnp.float32))
+
+
+@pytest.mark.parametrize(
+  "targets, chained", [("on the top", 4), ("spread", 4), ("on the -inf class", 4)]
+)
+def test_the_cpus_forward_rule_gives_the_two_sweeps_gradients_in_every_edge_row(targets, chained):
+  # XLA:CPU's forward rule (training) takes the top class, the others' sum and the
+  # targets' sums from reductions with no argmax and no masked copy (_soft._cpu_forward).
+  # In each edge row's batch the gradients in the logits and in the targets equal the
+  # two sweeps' within 4e-6 of the largest entry, with the same NaN. The chain runs
+  # where the value's does and the loss is finite: for the ties and the leads of 30 and
+  # 100; the -inf class falls back with any target on it (an impossible example, loss
+  # +inf, zero gradient) or none (0 * inf).
+  from jaxsoftmax.losses import _soft
+
+  rng = np.random.default_rng(5)
+  ordinary = rng.normal(0, 3, (7, 32))
+  count = 0
+  grad = jax.jit(jax.grad(lambda z, q: soft_cross_entropy(z, q).sum(), argnums=(0, 1)))
+  for row in _EDGE_ROWS:
+    z = jnp.asarray(np.vstack([ordinary, np.pad(row, (0, 28), mode="edge")]), jnp.float32)
+    q = {
+      "on the top": jax.nn.one_hot(jnp.argmax(jnp.nan_to_num(z), -1), 32),
+      "spread": jax.nn.softmax(jnp.asarray(rng.normal(0, 1, (8, 32)), jnp.float32)),
+      "on the -inf class": jnp.zeros((8, 32)).at[:, 1].set(1.0),
+    }[targets]
+    for got, expected in zip(grad(z, q), jax.jit(_two_sweeps_gradients)(z, q)):
+      got, expected = np.asarray(got), np.asarray(expected)
+      np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=str(row))
+      scale = np.abs(expected[np.isfinite(expected)]).max()
+      np.testing.assert_allclose(got, expected, rtol=4e-6, atol=4e-6 * scale, err_msg=str(row))
+    loss, exact = jax.jit(_soft._cpu_loss)(z, q)
+    count += bool(exact & jnp.isfinite(loss).all())
+  assert count == chained
+
+
+def test_the_cpus_training_writes_no_array_of_the_logits_size():
+  # jit(value_and_grad) of the mean. Before: 2.0x the logits (the forward rule's argmax
+  # and masked copies; 8192 MiB at [4096, 262144] float32, where optax's
+  # softmax_cross_entropy holds 4096, its log-softmax); the gradient is the output.
+  z = jnp.zeros((512, 8192), jnp.float32)
+  step = jax.jit(jax.value_and_grad(lambda z, q: soft_cross_entropy(z, q).mean()))
+  temp = step.lower(z, z).compile().memory_analysis().temp_size_in_bytes
+  assert temp <= 0.01 * z.nbytes, temp / z.nbytes
+
+
+def test_the_cpus_forward_rule_under_vmap_and_its_second_derivatives():
+  # Under vmap the instances are one call (the fallback of one sends all of them to the
+  # two sweeps): the gradients of the whole batch called at once. Second derivatives
+  # (grad of grad differentiates the forward rule) are the two sweeps': the Hessian
+  # equals the closed form Q (diag(p) - p p^T), p = softmax(z) in float64.
+  z = jnp.asarray(np.random.default_rng(2).normal(0, 3, (2, 5, 32)), jnp.float32)
+  q = jax.nn.softmax(jnp.asarray(np.random.default_rng(3).normal(0, 1, (2, 5, 32)), jnp.float32))
+  grad = jax.grad(lambda z, q: soft_cross_entropy(z, q).sum())
+  for inf_at in (None, (1, 2, 4)):
+    zi = z if inf_at is None else z.at[inf_at].set(jnp.inf)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(grad))(zi, q), jax.jit(grad)(zi, q))
+  z64, q64 = np.asarray(z[0, 0], np.float64), np.asarray(q[0, 0], np.float64)
+  p = np.exp(z64 - z64.max()) / np.exp(z64 - z64.max()).sum()
+  expected = q64.sum() * (np.diag(p) - np.outer(p, p))
+  one = lambda z: soft_cross_entropy(z, q[0, 0])
+  for second in (jax.hessian(one), jax.jacrev(jax.grad(one))):
+    np.testing.assert_allclose(jax.jit(second)(z[0, 0]), expected, rtol=2e-5, atol=1e-9)
