@@ -175,3 +175,16 @@ def test_the_site_loads_nothing_from_the_network(site):
   mathjax = [src for src in losses.scripts if "mathjax" in src.lower()]
   assert mathjax, losses.scripts
   assert all(((out / "api" / src.split("?")[0]).resolve()).is_file() for src in mathjax)
+
+
+def test_the_speed_guides_loss_tables_summarise_its_full_output():
+  # The three summary tables are `python -m experiments.benchmarks.losses --summarize` of
+  # the full output the page shows (in its <details>), not figures copied by hand.
+  from experiments.benchmarks.losses import summary
+
+  page = (ROOT / "docs" / "guides" / "speed.md").read_text()
+  full = page[page.index("<details><summary>python -m experiments.benchmarks.losses") :]
+  tables = summary(full[: full.index("</details>")].splitlines()).split("\n\n")
+  assert len(tables) == 3 and all(len(t.splitlines()) >= 8 for t in tables)
+  for table in tables:
+    assert table in page, table.splitlines()[0]

@@ -17,6 +17,9 @@ and each row's ratio is to the optax call of its own group measured in those rou
 Memory is the compiled program's temp and output size (``memory_analysis()``). Run:
 
     python -m experiments.benchmarks.losses [--rounds 30] [--shapes 8192x16 1024x32768]
+
+``--summarize FILE`` prints the speed guide's three summary tables (the ratios of the
+label, soft and set losses, with their temporaries) from a saved output of that command.
 """
 
 from __future__ import annotations
@@ -132,14 +135,81 @@ def bench(shape, rounds: int, dtypes=tuple(DTYPES)):
   }
 
 
+def _rows(lines):
+  """``{(shape, call, dtype, variant, function): (ratio, temp MiB)}`` of an output."""
+  rows = {}
+  for line in lines:
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 8 and "x" in cells[0] and cells[0].replace("x", "").isdigit():
+      rows[tuple(cells[:5])] = (cells[6], cells[7].split(" + ")[0])
+  return rows
+
+
+def summary(lines) -> str:
+  """The speed guide's summary tables from the lines of this benchmark's output."""
+  rows = _rows(lines)
+  shapes = list(dict.fromkeys(key[0] for key in rows))
+  dtypes = list(dict.fromkeys(key[2] for key in rows))
+  ratio = lambda s, call, d, group, name: rows[(s, call, d, group, name)][0]
+  temp = lambda s, call, d, group, name: rows[(s, call, d, group, name)][1]
+  out = []
+  labels = ("nll", "complement_nll", "negated_nll")
+  out.append(
+    "| shape | dtype | training: nll | complement_nll | negated_nll | evaluation: nll "
+    "| complement_nll | negated_nll | evaluation temp MiB (optax) |"
+  )
+  out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+  for s in shapes:
+    for d in dtypes:
+      cells = [ratio(s, "value_and_grad", d, "plain", n) for n in labels]
+      cells += [ratio(s, "value", d, "plain", n) for n in labels]
+      memory = f"{temp(s, 'value', d, 'plain', 'nll')} ({temp(s, 'value', d, 'plain', 'optax CE')})"
+      out.append(f"| {s} | {d} | " + " | ".join(cells) + f" | {memory} |")
+  out.append("")
+  out.append(
+    "| shape | dtype | training | evaluation | training temp MiB (optax) "
+    "| evaluation temp MiB (optax) |"
+  )
+  out.append("|---|---|---:|---:|---:|---:|")
+  soft = lambda s, call, d: (
+    f"{temp(s, call, d, 'soft', 'soft_cross_entropy')} ({temp(s, call, d, 'soft', 'optax CE')})"
+  )
+  for s in shapes:
+    for d in dtypes:
+      cells = [
+        ratio(s, call, d, "soft", "soft_cross_entropy") for call in ("value_and_grad", "value")
+      ]
+      cells += [soft(s, "value_and_grad", d), soft(s, "value", d)]
+      out.append(f"| {s} | {d} | " + " | ".join(cells) + " |")
+  out.append("")
+  sets = ("set_nll", "complement_set_nll", "multilabel_softmax_cross_entropy")
+  out.append(
+    "| shape | training: set_nll | complement_set_nll | multilabel | evaluation: set_nll "
+    "| complement_set_nll | multilabel | evaluation temp MiB (optax) |"
+  )
+  out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+  for s in shapes:
+    cells = [ratio(s, "value_and_grad", "float32", "set", n) for n in sets]
+    cells += [ratio(s, "value", "float32", "set", n) for n in sets]
+    memory = f"{temp(s, 'value', 'float32', 'set', 'set_nll')} "
+    memory += f"({temp(s, 'value', 'float32', 'set', 'optax CE')})"
+    out.append(f"| {s} | " + " | ".join(cells) + f" | {memory} |")
+  return "\n".join(out)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=30)
+  parser.add_argument("--summarize", metavar="FILE", help="a saved output to summarise")
   parser.add_argument(
     "--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES], help="NxK shapes of the logits"
   )
   parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
   args = parser.parse_args(argv)
+  if args.summarize:
+    with open(args.summarize) as f:
+      print(summary(f))
+    return
   print(
     f"{timer.machine()}; optax {optax.__version__}; median of {args.rounds} interleaved "
     "rounds, call order rotated each round"
