@@ -277,6 +277,50 @@ def _label_gap_cpu(logits, labels):
 _label_gap_cpu = _one_call_under_vmap(_label_gap_cpu)
 
 
+# Below this many classes the two sweeps are quicker for sets: at [8192, K] with 5% of
+# the classes in S, 1.17x optax's time against the sums' 1.54x at K = 16, 1.54x against
+# 1.81x at K = 32, 1.34x against 1.26x at K = 64.
+_MIN_SET_SUMS_CLASSES = 64
+
+
+def _set_gap_cpu(logits, members):
+  """``b - a`` for a boolean set (:func:`_gap_per_platform`) on XLA:CPU: the sums of the
+  exponentials inside and outside S, both shifted by the row's maximum, from two
+  reductions that write no masked copy of the logits; ``log(outside / inside)``.
+
+  Each reduction reads the mask as an integer copy of its own (a 1-byte one: a boolean
+  is converted outside XLA:CPU's reduction fusions, and a conversion that two of them
+  shared would be written out as floats) and leaves the other side out by arithmetic:
+  ``exp(d + (m - 1) 2**100)`` and ``exp(d - m 2**101)`` are 0 there, with ``d`` formed
+  apart in each (``z - top``, ``(z/2 - top/2) 2``). The side holding the maximum sums
+  to at least 1; the result is exact where the maximum is finite and both sums are
+  within ``[2**-64, 2**64]`` (the other side within 44 nats: what underflows is below
+  half an ulp of its sum). Otherwise (a side empty or far behind, an infinite or NaN
+  logit) the two sweeps, a block of examples at a time, in one ``lax.cond`` (for all
+  instances under ``vmap``)."""
+  inside, outside, exact = _set_sums(logits, members)
+  one_sweep = jnp.log(outside / inside)
+  two_sweeps = lambda: _gap(*_by_row_blocks(_split_logsumexp_value, logits, members))
+  return jax.lax.cond(exact, lambda: one_sweep, two_sweeps)
+
+
+def _set_sums(logits, members):
+  """``(inside, outside, exact)`` of :func:`_set_gap_cpu`: the two sums per example and
+  whether the whole batch is where they are exact."""
+  z = _computed(logits)
+  top = _computed(jnp.max(logits, axis=-1, keepdims=True))
+  inside = jnp.exp((z - top) + (members.astype(jnp.uint8).astype(z.dtype) - 1.0) * 2.0**100)
+  inside = jnp.sum(inside, axis=-1)
+  outside = (z * 0.5 - top * 0.5) * 2.0 - members.astype(jnp.int8).astype(z.dtype) * 2.0**101
+  outside = jnp.sum(jnp.exp(outside), axis=-1)
+  in_range = lambda s: (s >= 1 / _ONE_SWEEP_RANGE) & (s <= _ONE_SWEEP_RANGE)
+  exact = jnp.isfinite(top[..., 0]) & in_range(inside) & in_range(outside)
+  return inside, outside, jnp.all(exact)
+
+
+_set_gap_cpu = _one_call_under_vmap(_set_gap_cpu)
+
+
 def _gap(a, b):
   return b - a
 
@@ -335,8 +379,9 @@ def _shifts_per_platform(logits, members):
 
 def _gap_per_platform(logits, members):
   """``b - a`` of :func:`_split_logsumexp_value`, whose softplus is the loss: in one
-  sweep on the TPU (:func:`_online_logsumexp_pair`) and, for labels, on the CPU
-  (:func:`_label_gap_cpu`); elsewhere, and for sets on the CPU, two ``jax.nn.logsumexp``
+  sweep on the TPU (:func:`_online_logsumexp_pair`), for labels on the CPU
+  (:func:`_label_gap_cpu`), for boolean sets of 64 classes or more on the CPU from a
+  maximum and two sums (:func:`_set_gap_cpu`); elsewhere two ``jax.nn.logsumexp``
   sweeps. XLA:CPU emits the TPU's variadic reduction as a scalar loop, 8.6x the time
   of optax's two vectorised sweeps at [1024, 32768] (139-147 ms against 15-22 ms)."""
   branches = {
@@ -345,6 +390,8 @@ def _gap_per_platform(logits, members):
   }
   if jnp.issubdtype(members.dtype, jnp.integer):
     branches["cpu"] = _label_gap_cpu
+  elif members.dtype == jnp.bool_ and members.shape[-1] >= _MIN_SET_SUMS_CLASSES:
+    branches["cpu"] = _set_gap_cpu
   return jax.lax.platform_dependent(logits, members, **branches)
 
 

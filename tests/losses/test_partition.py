@@ -277,3 +277,59 @@ def test_the_cpus_fallback_by_blocks_of_rows_equals_the_two_sweeps_on_the_whole_
   _same(b - a, jax.jit(_label_gap_cpu)(z, y), rtol=4e-6)
   gap = jax.jit(_label_gap_cpu)(z, y)
   assert (np.abs(np.asarray(gap - (b - a))) <= 2 * 1.2e-7 * np.abs(np.asarray(b))).all()
+
+
+def test_the_cpus_set_value_equals_the_two_sweeps_and_falls_back_at_the_edges():
+  # XLA:CPU's value for a boolean set: the sums inside and outside S from two reductions
+  # shifted by the row's maximum, the other side left out by arithmetic on an integer
+  # copy of the mask (_set_sums; from 64 classes). Each special row is put in a batch
+  # of ordinary rows,
+  # with S holding class 0, classes 1 and 2, nothing or everything: b - a equals the two
+  # jax.nn.logsumexp sweeps' (same inf and NaN, 2e-6 apart at most), and the sums run
+  # where the whole batch is in their exact range.
+  from jaxsoftmax.losses._partition import _set_gap_cpu, _set_sums, _split_logsumexp_value
+
+  ordinary = np.random.default_rng(0).normal(0, 3, (7, 3))
+  masks = {"{0}": [True, False, False], "{1, 2}": [False, True, True]}
+  masks.update({"empty": [False] * 3, "all": [True] * 3})
+  summed = dict.fromkeys(masks, 0)
+  for row in _SPECIAL_ROWS:
+    z = jnp.asarray(np.vstack([ordinary, [row]]), jnp.float32)
+    for name, mask in masks.items():
+      m = jnp.asarray(np.tile(mask, (8, 1)))
+      a, b = _split_logsumexp_value(z, m)
+      _same(b - a, jax.jit(_set_gap_cpu)(z, m), rtol=2e-6)
+      summed[name] += bool(jax.jit(_set_sums)(z, m)[2])
+  # Both sides within 44 nats for rows 0-2 and 4 ({0}; row 2 puts S 30 nats behind) and
+  # rows 0, 1 and 4 ({1, 2}: row 2 leaves S all 30 nats behind the top, but the sum
+  # outside holds the top and S's is e^-30 of it: within range). An empty side (all
+  # -inf, or S empty or everything) always falls back, as do the infinite and NaN rows.
+  assert summed == {"{0}": 4, "{1, 2}": 4, "empty": 0, "all": 0}, summed
+
+
+def test_the_cpus_set_value_writes_no_masked_copy_of_the_logits():
+  # Before: the two sweeps' jnp.where wrote the logits masked, once per side (2.0x the
+  # logits: 16 MiB here). Now the two 1-byte copies of the mask (0.5x the float32
+  # logits' bytes), one per reduction, and per-example vectors.
+  from jaxsoftmax.losses import complement_set_nll, set_nll
+
+  z = jnp.zeros((512, 8192), jnp.float32)
+  m = jnp.zeros((512, 8192), bool)
+  for fn in (set_nll, complement_set_nll):
+    temp = jax.jit(fn).lower(z, m).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= 0.51 * z.nbytes, temp / z.nbytes
+
+
+def test_the_cpus_set_value_under_vmap_with_one_instance_out_of_range():
+  from jaxsoftmax.losses import set_nll
+
+  # As for labels: one call for all instances, so one instance's fallback is the whole
+  # call's (at 64 classes, the fewest the sums take).
+  rng = np.random.default_rng(2)
+  z = jnp.asarray(rng.normal(0, 3, (2, 5, 64)), jnp.float32).at[1, 2, 4].set(1e4)
+  m = jnp.asarray(rng.random((2, 5, 64)) < 0.3).at[..., 0].set(True)
+  from jaxsoftmax.losses._partition import _set_sums
+
+  assert not jax.jit(_set_sums)(z, m)[2] and jax.jit(_set_sums)(z[0], m[0])[2]
+  batched = jax.jit(jax.vmap(set_nll))(z, m)
+  np.testing.assert_array_equal(batched, jax.jit(set_nll)(z, m))
