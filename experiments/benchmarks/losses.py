@@ -152,6 +152,10 @@ def summary(lines) -> str:
   dtypes = list(dict.fromkeys(key[2] for key in rows))
   ratio = lambda s, call, d, group, name: rows[(s, call, d, group, name)][0]
   temp = lambda s, call, d, group, name: rows[(s, call, d, group, name)][1]
+  # A loss's temporary and, in parentheses, its group's optax call's.
+  temps = lambda s, call, d, group, name: (
+    f"{temp(s, call, d, group, name)} ({temp(s, call, d, group, 'optax CE')})"
+  )
   out = []
   labels = ("nll", "complement_nll", "negated_nll")
   out.append(
@@ -163,23 +167,22 @@ def summary(lines) -> str:
     for d in dtypes:
       cells = [ratio(s, "value_and_grad", d, "plain", n) for n in labels]
       cells += [ratio(s, "value", d, "plain", n) for n in labels]
-      memory = f"{temp(s, 'value', d, 'plain', 'nll')} ({temp(s, 'value', d, 'plain', 'optax CE')})"
-      out.append(f"| {s} | {d} | " + " | ".join(cells) + f" | {memory} |")
+      cells.append(temps(s, "value", d, "plain", "nll"))
+      out.append(f"| {s} | {d} | " + " | ".join(cells) + " |")
   out.append("")
   out.append(
     "| shape | dtype | training | evaluation | training temp MiB (optax) "
     "| evaluation temp MiB (optax) |"
   )
   out.append("|---|---|---:|---:|---:|---:|")
-  soft = lambda s, call, d: (
-    f"{temp(s, call, d, 'soft', 'soft_cross_entropy')} ({temp(s, call, d, 'soft', 'optax CE')})"
-  )
   for s in shapes:
     for d in dtypes:
       cells = [
         ratio(s, call, d, "soft", "soft_cross_entropy") for call in ("value_and_grad", "value")
       ]
-      cells += [soft(s, "value_and_grad", d), soft(s, "value", d)]
+      cells += [
+        temps(s, call, d, "soft", "soft_cross_entropy") for call in ("value_and_grad", "value")
+      ]
       out.append(f"| {s} | {d} | " + " | ".join(cells) + " |")
   out.append("")
   sets = ("set_nll", "complement_set_nll", "multilabel_softmax_cross_entropy")
@@ -191,9 +194,8 @@ def summary(lines) -> str:
   for s in shapes:
     cells = [ratio(s, "value_and_grad", "float32", "set", n) for n in sets]
     cells += [ratio(s, "value", "float32", "set", n) for n in sets]
-    memory = f"{temp(s, 'value', 'float32', 'set', 'set_nll')} "
-    memory += f"({temp(s, 'value', 'float32', 'set', 'optax CE')})"
-    out.append(f"| {s} | " + " | ".join(cells) + f" | {memory} |")
+    cells.append(temps(s, "value", "float32", "set", "set_nll"))
+    out.append(f"| {s} | " + " | ".join(cells) + " |")
   return "\n".join(out)
 
 

@@ -108,6 +108,21 @@ _EDGE_ROWS = [
 ]
 
 
+def _edge_batches(targets):
+  """``(row, logits, targets)``: each edge row (padded to 32 classes) in a batch of 7
+  ordinary rows, with targets on the top class, spread, or on class 1."""
+  rng = np.random.default_rng(5)
+  ordinary = rng.normal(0, 3, (7, 32))
+  for row in _EDGE_ROWS:
+    z = jnp.asarray(np.vstack([ordinary, np.pad(row, (0, 28), mode="edge")]), jnp.float32)
+    q = {
+      "on the top": jax.nn.one_hot(jnp.argmax(jnp.nan_to_num(z), -1), 32),
+      "spread": jax.nn.softmax(jnp.asarray(rng.normal(0, 1, (8, 32)), jnp.float32)),
+      "on the -inf class": jnp.zeros((8, 32)).at[:, 1].set(1.0),
+    }[targets]
+    yield row, z, q
+
+
 @pytest.mark.parametrize(
   "targets, chained", [("on the top", 4), ("spread", 5), ("on the -inf class", 5)]
 )
@@ -120,16 +135,8 @@ def test_the_cpus_value_equals_the_two_sweeps_in_every_edge_row(targets, chained
   # +inf, all -inf or NaN fall back to the two sweeps.
   from jaxsoftmax.losses import _soft
 
-  rng = np.random.default_rng(5)
-  ordinary = rng.normal(0, 3, (7, 32))
   count = 0
-  for row in _EDGE_ROWS:
-    z = jnp.asarray(np.vstack([ordinary, np.pad(row, (0, 28), mode="edge")]), jnp.float32)
-    q = {
-      "on the top": jax.nn.one_hot(jnp.argmax(jnp.nan_to_num(z), -1), 32),
-      "spread": jax.nn.softmax(jnp.asarray(rng.normal(0, 1, (8, 32)), jnp.float32)),
-      "on the -inf class": jnp.zeros((8, 32)).at[:, 1].set(1.0),
-    }[targets]
+  for row, z, q in _edge_batches(targets):
     expected = np.asarray(jax.jit(lambda z, q: _soft._forward(z, q, value_only=True)[0])(z, q))
     got = np.asarray(jax.jit(soft_cross_entropy)(z, q))
     np.testing.assert_allclose(got, expected, rtol=4e-6, err_msg=str(row))
@@ -212,17 +219,9 @@ def test_the_cpus_forward_rule_gives_the_two_sweeps_gradients_in_every_edge_row(
   # +inf, zero gradient) or none (0 * inf).
   from jaxsoftmax.losses import _soft
 
-  rng = np.random.default_rng(5)
-  ordinary = rng.normal(0, 3, (7, 32))
   count = 0
   grad = jax.jit(jax.grad(lambda z, q: soft_cross_entropy(z, q).sum(), argnums=(0, 1)))
-  for row in _EDGE_ROWS:
-    z = jnp.asarray(np.vstack([ordinary, np.pad(row, (0, 28), mode="edge")]), jnp.float32)
-    q = {
-      "on the top": jax.nn.one_hot(jnp.argmax(jnp.nan_to_num(z), -1), 32),
-      "spread": jax.nn.softmax(jnp.asarray(rng.normal(0, 1, (8, 32)), jnp.float32)),
-      "on the -inf class": jnp.zeros((8, 32)).at[:, 1].set(1.0),
-    }[targets]
+  for row, z, q in _edge_batches(targets):
     for got, expected in zip(grad(z, q), jax.jit(_two_sweeps_gradients)(z, q)):
       got, expected = np.asarray(got), np.asarray(expected)
       np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=str(row))
