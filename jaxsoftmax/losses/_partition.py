@@ -189,17 +189,24 @@ _INDEX_SCALE = 2.0**51
 _ROW_BLOCKS = 256
 
 
-def _left_out(e, scaled_index):
+def _left_out(e, scaled_index, scale=_INDEX_SCALE):
   """``e`` with the entry at one class per example set to 0, by arithmetic alone:
-  ``min(e_k, d_k^2)`` with ``d_k = k 2**51 - scaled_index``, ``scaled_index`` that
-  class's index times ``_INDEX_SCALE`` (exact in float32 below ``_MAX_INDEXED_CLASSES``
-  classes): 0 there, at least 2**102 elsewhere, so every ``e_k`` of a sum within
-  ``_ONE_SWEEP_RANGE`` is kept. XLA:CPU's reduction fusions (YNNPACK) take this, where a
-  select or compare would write the masked values out. The index comes scaled because
+  ``min(e_k, d_k^2)`` with ``d_k = k scale - scaled_index``, ``scaled_index`` that
+  class's index times ``scale`` (exact in float32 below ``_MAX_INDEXED_CLASSES``
+  classes): 0 there, at least ``scale**2`` elsewhere, so every ``e_k`` below it is kept
+  (2**102 at the default: every term of a sum within ``_ONE_SWEEP_RANGE``; 1 with
+  ``scale=1``, for ``e <= 1``). XLA:CPU's reduction fusions (YNNPACK) take this, where
+  a select or compare would write the masked values out. The index comes scaled because
   where it is itself a reduction's result (``soft_cross_entropy``'s chain), a separate
   multiplication of it splits the chain's fusion and writes a logits-sized array."""
-  d = jnp.arange(e.shape[-1], dtype=e.dtype) * _INDEX_SCALE - scaled_index[..., None]
+  d = jnp.arange(e.shape[-1], dtype=e.dtype) * scale - scaled_index[..., None]
   return jnp.minimum(e, d * d)
+
+
+def _in_one_sweep_range(total):
+  """Whether a sum with a term left out is where one sweep is exact: within
+  ``[1 / _ONE_SWEEP_RANGE, _ONE_SWEEP_RANGE]``."""
+  return (total >= 1 / _ONE_SWEEP_RANGE) & (total <= _ONE_SWEEP_RANGE)
 
 
 def _one_call_under_vmap(fn):
@@ -248,7 +255,7 @@ def _label_sums(logits, labels):
   shift = jnp.where(jnp.isfinite(a), a, lowest)
   label = jnp.maximum(labels, 0).astype(z.dtype) * _INDEX_SCALE
   total = jnp.sum(_left_out(jnp.exp(z - shift[..., None]), label), axis=-1)
-  in_range = (total >= 1 / _ONE_SWEEP_RANGE) & (total <= _ONE_SWEEP_RANGE)
+  in_range = _in_one_sweep_range(total)
   exact = (jnp.isfinite(a) & in_range) | ((a == -jnp.inf) & (total == 0)) | (labels < 0)
   return a, shift, total, jnp.all(exact)
 
@@ -313,8 +320,7 @@ def _set_sums(logits, members):
   inside = jnp.sum(inside, axis=-1)
   outside = (z * 0.5 - top * 0.5) * 2.0 - members.astype(jnp.int8).astype(z.dtype) * 2.0**101
   outside = jnp.sum(jnp.exp(outside), axis=-1)
-  in_range = lambda s: (s >= 1 / _ONE_SWEEP_RANGE) & (s <= _ONE_SWEEP_RANGE)
-  exact = jnp.isfinite(top[..., 0]) & in_range(inside) & in_range(outside)
+  exact = jnp.isfinite(top[..., 0]) & _in_one_sweep_range(inside) & _in_one_sweep_range(outside)
   return inside, outside, jnp.all(exact)
 
 

@@ -28,9 +28,9 @@ from jaxsoftmax.losses import _checks
 from jaxsoftmax.losses._partition import (
   _INDEX_SCALE,
   _MAX_INDEXED_CLASSES,
-  _ONE_SWEEP_RANGE,
   _by_row_blocks,
   _computed,
+  _in_one_sweep_range,
   _left_out,
   _one_call_under_vmap,
   _split_logsumexp,
@@ -106,19 +106,13 @@ def _forward(logits, targets, value_only=False):
   return loss, (logits, targets, flagged_top, z_top, u, total, rest)
 
 
-def _cpu_sums(logits):
-  """``(top, others, one_top)`` per example: the largest logit and the sum of
-  ``exp(z_k - top)`` over every class but one top class (``[..., 1]`` each), and that
-  class's index times ``_INDEX_SCALE`` (``[...]``).
-
-  A chain of reductions, each reading the ones before it, which XLA:CPU runs in
-  YNNPACK fusions (with the loss, three) that write no array of the logits' size: the
-  maximum; the largest index that holds it (``k - (K + 1)`` at every other class,
-  ``min(-d * FLT_MAX, 1)`` being 1 where ``d = z - top < 0`` and 0 at a tie); the sum of
-  ``exp(d_k)`` with that index left out (:func:`_left_out`). Other ties count 1 each,
-  as they should. ``d`` is ``z + (-top)`` here and ``top - z`` in the loss, so that no
-  broadcast of ``top`` is shared between fusions (a shared one is written out).
-  """
+def _cpu_top(logits):
+  """``(top, d, one_top)``: the largest logit (``[..., 1]``), ``d = z + (-top)`` and the
+  largest index holding it times ``_INDEX_SCALE`` (``[...]``), from a maximum and a
+  reduction that XLA:CPU runs in YNNPACK fusions: ``max_k (k - (K + 1) below_k)``
+  scaled, ``below = min(-d * FLT_MAX, 1)`` being 1 where ``d < 0`` and 0 at a tie. ``d``
+  is ``z + (-top)`` here and ``top - z`` in the loss, so that no broadcast of ``top`` is
+  shared between fusions (a shared one is written out)."""
   z = _computed(logits)
   num_classes = z.shape[-1]
   top = _computed(jnp.max(logits, axis=-1, keepdims=True))  # exact in 16 bits too
@@ -126,9 +120,26 @@ def _cpu_sums(logits):
   classes = jnp.arange(num_classes, dtype=z.dtype) * _INDEX_SCALE
   below = jnp.minimum(d * -jnp.finfo(z.dtype).max, 1.0)
   step = (num_classes + 1.0) * _INDEX_SCALE
-  one_top = jnp.max(classes - step * below, axis=-1)  # its index times _INDEX_SCALE
-  others = jnp.sum(_left_out(jnp.exp(d), one_top), axis=-1, keepdims=True)
-  return top, others, one_top
+  return top, d, jnp.max(classes - step * below, axis=-1)
+
+
+def _cpu_sums(logits):
+  """``(top, others)`` per example, ``[..., 1]`` each: the largest logit and the sum of
+  ``exp(z_k - top)`` over every class but one top class, left out by its index
+  (:func:`_cpu_top`, :func:`_left_out`): a chain of reductions, each reading the ones
+  before it, which XLA:CPU runs in one fusion that writes no array of the logits' size.
+  Other ties count 1 each, as they should."""
+  top, d, one_top = _cpu_top(logits)
+  return top, jnp.sum(_left_out(jnp.exp(d), one_top), axis=-1, keepdims=True)
+
+
+def _takes_chain(logits, targets):
+  """Whether XLA:CPU's chain serves these arguments: float targets (a boolean is
+  converted outside the fusions, which would write it out as floats) and 32 to
+  ``_MAX_INDEXED_CLASSES`` classes (below 32 the two sweeps are quicker)."""
+  return targets.dtype != jnp.bool_ and (
+    _MIN_CHAIN_CLASSES <= logits.shape[-1] <= _MAX_INDEXED_CLASSES
+  )
 
 
 def _two_sweeps_value(logits, targets):
@@ -146,9 +157,7 @@ def _cpu_value(logits, targets):
   boolean label masks: a boolean is converted outside the fusions, which would write it
   out as floats. 16-bit logits are converted to float32 whole, outside the fusions, as
   three of them read them (optax's one fusion converts inside)."""
-  if targets.dtype == jnp.bool_ or not (
-    _MIN_CHAIN_CLASSES <= logits.shape[-1] <= _MAX_INDEXED_CLASSES
-  ):
+  if not _takes_chain(logits, targets):
     return _two_sweeps_value(logits, targets)
   loss, exact = _cpu_loss(logits, targets)
   one = lambda z, q: (_two_sweeps_value(z, q),)
@@ -162,14 +171,13 @@ _cpu_value = _one_call_under_vmap(_cpu_value)
 
 def _cpu_loss(logits, targets):
   """The chain's loss per example, and whether it is exact for the whole batch."""
-  top, others, _ = _cpu_sums(logits)
+  top, others = _cpu_sums(logits)
   loss = jnp.sum(targets * ((top - _computed(logits)) + jnp.log1p(others)), axis=-1)
   return loss, jnp.all(_sums_exact(top[..., 0], others[..., 0]) & ~jnp.isnan(loss))
 
 
 def _sums_exact(top, others):
-  in_range = (others >= 1 / _ONE_SWEEP_RANGE) & (others <= _ONE_SWEEP_RANGE)
-  return jnp.isfinite(top) & ((others == 0) | in_range)
+  return jnp.isfinite(top) & ((others == 0) | _in_one_sweep_range(others))
 
 
 def _forward_outputs(logits, targets):
@@ -182,10 +190,10 @@ def _cpu_forward(logits, targets):
   """:func:`_forward_outputs` on XLA:CPU with no argmax and no masked copy of the
   logits (those wrote 2.0x their bytes): reductions that each read the logits (and the
   targets) once and write per-example numbers only. The top class is the largest index
-  holding the maximum (:func:`_cpu_sums`); ``others`` leaves it out as
-  ``min(exp(z_k - top), (t - k)^2)`` (0 at ``t``, ``exp <= 1 <= (t - k)^2``
-  elsewhere); ``rest`` weighs each target by ``4 min(|k/4 - t/4|, 1/4)`` (0 at ``t``,
-  1 elsewhere); ``u = log(others)``.
+  holding the maximum (:func:`_cpu_top`); ``others`` leaves it out as
+  ``min(exp(z_k - top), (k - t)^2)`` (:func:`_left_out` unscaled: 0 at ``t``,
+  ``exp <= 1 <= (k - t)^2`` elsewhere); ``rest`` weighs each target by
+  ``4 min(|k/4 - t/4|, 1/4)`` (0 at ``t``, 1 elsewhere); ``u = log(others)``.
 
   Each reduction forms its broadcasts in an expression of its own (``z - top`` as
   ``(z/2 - top/2) 2`` here, ``z + (-top)`` for the index, ``top - z`` in the loss): one
@@ -194,17 +202,14 @@ def _cpu_forward(logits, targets):
   Exact under :func:`_cpu_value`'s conditions with a finite loss everywhere (so no
   example is impossible); otherwise the two sweeps, 1/512 of the examples at a time, in
   one ``lax.cond`` (for all instances under ``vmap``)."""
-  if targets.dtype == jnp.bool_ or not (
-    _MIN_CHAIN_CLASSES <= logits.shape[-1] <= _MAX_INDEXED_CLASSES
-  ):
+  if not _takes_chain(logits, targets):
     return _forward_outputs(logits, targets)
   z = _computed(logits)
-  top, _, one_top = _cpu_sums(logits)
+  top, _, one_top = _cpu_top(logits)
   index = one_top * (1 / _INDEX_SCALE)
   classes = jnp.arange(z.shape[-1], dtype=z.dtype)
   d = (z * 0.5 + top * -0.5) * 2.0
-  left_out = jnp.minimum(jnp.exp(d), jnp.square(index[..., None] - classes))
-  others = jnp.sum(left_out, axis=-1, keepdims=True)
+  others = jnp.sum(_left_out(jnp.exp(d), index, scale=1.0), axis=-1, keepdims=True)
   loss = jnp.sum(targets * ((top - z) + jnp.log1p(others)), axis=-1)
   not_top = jnp.minimum(jnp.abs(classes * 0.25 - (index * 0.25)[..., None]), 0.25)
   rest = jnp.sum(targets * not_top, axis=-1) * 4.0
