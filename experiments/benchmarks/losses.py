@@ -145,6 +145,14 @@ def _rows(lines):
   return rows
 
 
+def _table(keys, columns, rows) -> str:
+  """A markdown table: the key columns left-aligned, the figures right-aligned."""
+  lines = ["| " + " | ".join((*keys, *columns)) + " |"]
+  lines.append("|" + "---|" * len(keys) + "---:|" * len(columns))
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
 def summary(lines) -> str:
   """The speed guide's summary tables from the lines of this benchmark's output."""
   rows = _rows(lines)
@@ -156,47 +164,41 @@ def summary(lines) -> str:
   temps = lambda s, call, d, group, name: (
     f"{temp(s, call, d, group, name)} ({temp(s, call, d, group, 'optax CE')})"
   )
-  out = []
+  calls = ("value_and_grad", "value")
   labels = ("nll", "complement_nll", "negated_nll")
-  out.append(
-    "| shape | dtype | training: nll | complement_nll | negated_nll | evaluation: nll "
-    "| complement_nll | negated_nll | evaluation temp MiB (optax) |"
+  plain = _table(
+    ("shape", "dtype"),
+    ("training: nll", "complement_nll", "negated_nll", "evaluation: nll", "complement_nll")
+    + ("negated_nll", "evaluation temp MiB (optax)"),
+    (
+      (s, d, *(ratio(s, c, d, "plain", n) for c in calls for n in labels))
+      + (temps(s, "value", d, "plain", "nll"),)
+      for s in shapes
+      for d in dtypes
+    ),
   )
-  out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-  for s in shapes:
-    for d in dtypes:
-      cells = [ratio(s, "value_and_grad", d, "plain", n) for n in labels]
-      cells += [ratio(s, "value", d, "plain", n) for n in labels]
-      cells.append(temps(s, "value", d, "plain", "nll"))
-      out.append(f"| {s} | {d} | " + " | ".join(cells) + " |")
-  out.append("")
-  out.append(
-    "| shape | dtype | training | evaluation | training temp MiB (optax) "
-    "| evaluation temp MiB (optax) |"
+  soft = _table(
+    ("shape", "dtype"),
+    ("training", "evaluation", "training temp MiB (optax)", "evaluation temp MiB (optax)"),
+    (
+      (s, d, *(ratio(s, c, d, "soft", "soft_cross_entropy") for c in calls))
+      + tuple(temps(s, c, d, "soft", "soft_cross_entropy") for c in calls)
+      for s in shapes
+      for d in dtypes
+    ),
   )
-  out.append("|---|---|---:|---:|---:|---:|")
-  for s in shapes:
-    for d in dtypes:
-      cells = [
-        ratio(s, call, d, "soft", "soft_cross_entropy") for call in ("value_and_grad", "value")
-      ]
-      cells += [
-        temps(s, call, d, "soft", "soft_cross_entropy") for call in ("value_and_grad", "value")
-      ]
-      out.append(f"| {s} | {d} | " + " | ".join(cells) + " |")
-  out.append("")
   sets = ("set_nll", "complement_set_nll", "multilabel_softmax_cross_entropy")
-  out.append(
-    "| shape | training: set_nll | complement_set_nll | multilabel | evaluation: set_nll "
-    "| complement_set_nll | multilabel | evaluation temp MiB (optax) |"
+  set_table = _table(
+    ("shape",),
+    ("training: set_nll", "complement_set_nll", "multilabel", "evaluation: set_nll")
+    + ("complement_set_nll", "multilabel", "evaluation temp MiB (optax)"),
+    (
+      (s, *(ratio(s, c, "float32", "set", n) for c in calls for n in sets))
+      + (temps(s, "value", "float32", "set", "set_nll"),)
+      for s in shapes
+    ),
   )
-  out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-  for s in shapes:
-    cells = [ratio(s, "value_and_grad", "float32", "set", n) for n in sets]
-    cells += [ratio(s, "value", "float32", "set", n) for n in sets]
-    cells.append(temps(s, "value", "float32", "set", "set_nll"))
-    out.append(f"| {s} | " + " | ".join(cells) + " |")
-  return "\n".join(out)
+  return "\n\n".join((plain, soft, set_table))
 
 
 def main(argv=None):

@@ -280,13 +280,12 @@ def test_the_cpus_fallback_by_blocks_of_rows_equals_the_two_sweeps_on_the_whole_
 
 
 def test_the_cpus_set_value_equals_the_two_sweeps_and_falls_back_at_the_edges():
-  # XLA:CPU's value for a boolean set: the sums inside and outside S from two reductions
-  # shifted by the row's maximum, the other side left out by arithmetic on an integer
-  # copy of the mask (_set_sums; from 64 classes). Each special row is put in a batch
-  # of ordinary rows,
-  # with S holding class 0, classes 1 and 2, nothing or everything: b - a equals the two
-  # jax.nn.logsumexp sweeps' (same inf and NaN, 2e-6 apart at most), and the sums run
-  # where the whole batch is in their exact range.
+  # XLA:CPU's value for a boolean set (from 64 classes): the sums inside and outside S
+  # from two reductions shifted by the row's maximum, the other side left out by
+  # arithmetic on an integer copy of the mask (_set_sums). Each special row is put in a
+  # batch of ordinary rows, with S holding class 0, classes 1 and 2, nothing or
+  # everything: b - a equals the two jax.nn.logsumexp sweeps' (same inf and NaN, 2e-6
+  # apart at most), and the sums run where the whole batch is in their exact range.
   from jaxsoftmax.losses._partition import _set_gap_cpu, _set_sums, _split_logsumexp_value
 
   ordinary = np.random.default_rng(0).normal(0, 3, (7, 3))
@@ -321,15 +320,14 @@ def test_the_cpus_set_value_writes_no_masked_copy_of_the_logits():
 
 
 def test_the_cpus_set_value_under_vmap_with_one_instance_out_of_range():
-  from jaxsoftmax.losses import set_nll
-
   # As for labels: one call for all instances, so one instance's fallback is the whole
   # call's (at 64 classes, the fewest the sums take).
+  from jaxsoftmax.losses import set_nll
+  from jaxsoftmax.losses._partition import _set_sums
+
   rng = np.random.default_rng(2)
   z = jnp.asarray(rng.normal(0, 3, (2, 5, 64)), jnp.float32).at[1, 2, 4].set(1e4)
   m = jnp.asarray(rng.random((2, 5, 64)) < 0.3).at[..., 0].set(True)
-  from jaxsoftmax.losses._partition import _set_sums
-
   assert not jax.jit(_set_sums)(z, m)[2] and jax.jit(_set_sums)(z[0], m[0])[2]
   batched = jax.jit(jax.vmap(set_nll))(z, m)
   np.testing.assert_array_equal(batched, jax.jit(set_nll)(z, m))
