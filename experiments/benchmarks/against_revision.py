@@ -8,7 +8,9 @@ of the summed loss by default, or ``--call value``, the per-example loss alone; 
 ``--vmap N``, ``N`` instances of the shape under ``jax.vmap`` (as the experiments run
 their seeds). The label losses are timed against optax's cross-entropy on integer
 labels, ``soft_cross_entropy`` against its ``softmax_cross_entropy`` on the same target
-distributions. Run from the repository:
+distributions, and the set losses against its ``softmax_cross_entropy`` on the mask over
+its size (5% of the classes, the first always in, as in the loss benchmark). Run from
+the repository:
 
     python -m experiments.benchmarks.against_revision --rev d274042 [--rounds 30]
     python -m experiments.benchmarks.against_revision --rev 9331e52 --call value \
@@ -38,6 +40,13 @@ from jaxsoftmax import losses
 
 SHAPES = ("8192x16", "65536x1000", "1024x32768", "64x262144")
 LABEL_LOSSES = ("nll", "complement_nll", "negated_nll")
+SET_LOSSES = ("set_nll", "complement_set_nll", "multilabel_softmax_cross_entropy")
+# kind -> (its losses, optax's peer on that kind's inputs)
+KINDS = {
+  "labels": (LABEL_LOSSES, optax.softmax_cross_entropy_with_integer_labels),
+  "soft": (("soft_cross_entropy",), optax.softmax_cross_entropy),
+  "sets": (SET_LOSSES, lambda z, m: optax.softmax_cross_entropy(z, m / m.sum(-1, keepdims=True))),
+}
 
 
 def import_revision(rev: str, folder: Path):
@@ -58,12 +67,14 @@ def import_revision(rev: str, folder: Path):
   return importlib.import_module("jaxsoftmax_at_rev.losses")
 
 
-def _inputs(shape, soft, rng):
-  """Logits, and labels or (for ``soft_cross_entropy``) target distributions."""
+def _inputs(shape, kind, rng):
+  """Logits, and labels, target distributions or masks as ``kind`` takes them."""
   z = jnp.asarray(rng.normal(0, 3, shape), jnp.float32)
-  if soft:
+  if kind == "soft":
     q = np.exp(rng.normal(0, 1, shape))
     return z, jnp.asarray(q / q.sum(-1, keepdims=True), jnp.float32)
+  if kind == "sets":
+    return z, jnp.asarray((rng.random(shape) < 0.05) | (np.arange(shape[-1]) == 0))
   return z, jnp.asarray(rng.integers(0, shape[-1], shape[:-1]), jnp.int32)
 
 
@@ -75,20 +86,22 @@ def main(argv=None):
   parser.add_argument(
     "--losses",
     nargs="+",
-    choices=(*LABEL_LOSSES, "soft_cross_entropy"),
+    choices=[name for names, _ in KINDS.values() for name in names],
     default=["nll", "complement_nll"],
-    help="losses of one kind: label losses, or soft_cross_entropy",
+    help="losses of one kind: label losses, soft_cross_entropy, or set losses",
   )
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxK shapes")
   parser.add_argument("--vmap", type=int, default=0, help="instances under jax.vmap")
   args = parser.parse_args(argv)
-  soft = "soft_cross_entropy" in args.losses
-  if soft and len(args.losses) > 1:
-    parser.error("soft_cross_entropy takes targets, not labels: time it alone")
+  kinds = {kind for kind, (names, _) in KINDS.items() if set(args.losses) & set(names)}
+  if len(kinds) > 1:
+    parser.error(
+      f"the losses take different inputs ({', '.join(sorted(kinds))}): time each kind alone"
+    )
+  (kind,) = kinds
   with tempfile.TemporaryDirectory() as folder:
     old = import_revision(args.rev, Path(folder))
-    peer = optax.softmax_cross_entropy if soft else optax.softmax_cross_entropy_with_integer_labels
-    fns = {"optax": peer}
+    fns = {"optax": KINDS[kind][1]}
     for name in args.losses:
       fns[f"{name}, this checkout"] = getattr(losses, name)
       fns[f"{name} at {args.rev}"] = getattr(old, name)
@@ -102,7 +115,7 @@ def main(argv=None):
       shape = tuple(int(v) for v in text.split("x"))
       if args.vmap:
         shape = (args.vmap, *shape)
-      z, y = _inputs(shape, soft, np.random.default_rng(0))
+      z, y = _inputs(shape, kind, np.random.default_rng(0))
       calls = {}
       for name, f in fns.items():
         g = jax.vmap(f) if args.vmap else f
