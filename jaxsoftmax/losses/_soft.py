@@ -55,19 +55,6 @@ def _weighted_sum(targets, neg_log_probs):
   return jnp.sum(targets * safe, axis=-1)
 
 
-def _as_weights(targets, dtype):
-  """Targets as weights; a boolean label mask Y becomes Y / |Y| (NaN for an empty row).
-
-  Keeping the mask itself as the residual, not Y / |Y|, saves a K-sized float array.
-  """
-  if targets.dtype != jnp.bool_:
-    return targets
-  counts = jnp.sum(targets, axis=-1, keepdims=True)
-  # Explicit NaN for an empty row: XLA may fold mask / 0 into a select that gives 0.
-  weights = jnp.where(counts > 0, targets / jnp.maximum(counts, 1), jnp.nan)
-  return weights.astype(dtype)
-
-
 def _forward(logits, targets, value_only=False):
   """The loss and what the backward pass needs: the logits as they are, the targets, the
   top class and a few numbers per example (no array of ``-log p`` or exponentials).
@@ -85,15 +72,21 @@ def _forward(logits, targets, value_only=False):
     lse_others = _split_logsumexp_value(logits, top)[1]
   else:
     lse_others = _split_logsumexp(logits, top)[1]
-  weights = _as_weights(targets, dtype)
   z = _computed(logits)
   # The top logit from the argmax's own sweep, not gathered (a TPU gather reads a tile of
   # the logits per example: 1% of their bytes).
   z_top = jnp.max(z, axis=-1)
   is_top = top[..., None] == jnp.arange(logits.shape[-1])
+  if targets.dtype == jnp.bool_:  # Y / |Y|, from the counts the residuals keep
+    sums = jnp.sum(targets, axis=-1), jnp.sum(targets & ~is_top, axis=-1)
+    sums = tuple(count.astype(dtype) for count in sums)
+    per_label, total, rest = _mask_sums(*sums)
+    weights = targets * per_label[..., None]
+  else:
+    weights = targets
+    total, rest = jnp.sum(weights, axis=-1), jnp.sum(jnp.where(is_top, 0.0, weights), axis=-1)
+    sums = total, rest
   gaps = _weighted_sum(weights, jnp.where(is_top, 0.0, z_top[..., None] - z))
-  total = jnp.sum(weights, axis=-1)
-  rest = jnp.sum(jnp.where(is_top, 0.0, weights), axis=-1)
   # A targeted class of probability 0 (loss +inf), or no admissible class; counted as a
   # float sum so that it shares the sweep of the sums above (a boolean reduction is a
   # sweep of its own).
@@ -101,9 +94,22 @@ def _forward(logits, targets, value_only=False):
   u = lse_others - z_top
   loss = gaps + total * jax.nn.softplus(u)
   # Five numbers per example: the top class (its bits flipped, negative, where the
-  # gradient is zero), the top logit, u and the two sums.
+  # gradient is zero), the top logit, u and the two sums (for a label mask, counts:
+  # :func:`_mask_sums`).
   flagged_top = jnp.where(impossible, ~top, top)
-  return loss, (logits, targets, flagged_top, z_top, u, total, rest)
+  return loss, (logits, targets, flagged_top, z_top, u, *sums)
+
+
+def _mask_sums(total, rest):
+  """``(per_label, total, rest)`` for a label mask Y, from the residual counts ``|Y|``
+  and ``|Y|`` less the top class: the weight ``1 / |Y|`` of each label and the two sums
+  of the weights ``Y / |Y|`` (NaN for an empty row: explicit, as XLA may fold a mask
+  divided by 0 into a select that gives 0). The counts are kept, not the sums of the
+  weights, so that the backward pass forms ``Y / |Y|`` with no count of the mask of its
+  own (XLA:CPU writes the mask out as int32 to count it). Keeping the mask, not
+  ``Y / |Y|``, saves a K-sized float array."""
+  per_label = jnp.where(total > 0, 1 / jnp.maximum(total, 1), jnp.nan)
+  return per_label, total * per_label, rest * per_label
 
 
 def _cpu_top(logits):
@@ -133,13 +139,22 @@ def _cpu_sums(logits):
   return top, jnp.sum(_left_out(jnp.exp(d), one_top), axis=-1, keepdims=True)
 
 
-def _takes_chain(logits, targets):
-  """Whether XLA:CPU's chain serves these arguments: float targets (a boolean is
-  converted outside the fusions, which would write it out as floats) and 32 to
-  ``_MAX_INDEXED_CLASSES`` classes (below 32 the two sweeps are quicker)."""
-  return targets.dtype != jnp.bool_ and (
-    _MIN_CHAIN_CLASSES <= logits.shape[-1] <= _MAX_INDEXED_CLASSES
-  )
+def _takes_chain(logits):
+  """Whether XLA:CPU's chain serves these logits: 32 to ``_MAX_INDEXED_CLASSES``
+  classes (below 32 the two sweeps are quicker)."""
+  return _MIN_CHAIN_CLASSES <= logits.shape[-1] <= _MAX_INDEXED_CLASSES
+
+
+def _chain_weights(targets, dtype, copy=jnp.uint8):
+  """The weights one reduction of the chain reads: float targets as they are; a boolean
+  label mask as a 1-byte integer copy of its own (``copy``, uint8 or int8), converted
+  inside the reduction. A boolean is converted outside XLA:CPU's reduction fusions, and
+  a conversion that two of them shared would be written out as floats (a count of the
+  mask as int32 was: 1.0x the logits' bytes); the mask's ``1 / |Y|`` is applied to the
+  sums."""
+  if targets.dtype != jnp.bool_:
+    return targets
+  return targets.astype(copy).astype(dtype)
 
 
 def _two_sweeps_value(logits, targets):
@@ -153,11 +168,11 @@ def _cpu_value(logits, targets):
   least 2**102, as the fusions' min returns the other operand) and no loss is NaN (a
   zero target on a -inf class makes ``0 * inf``). Otherwise the two sweeps
   (:func:`_forward`), 1/512 of the examples at a time, in one ``lax.cond`` (for all
-  instances under ``vmap``). Fewer than 32 classes keep the two sweeps, and so do
-  boolean label masks: a boolean is converted outside the fusions, which would write it
-  out as floats. 16-bit logits are converted to float32 whole, outside the fusions, as
-  three of them read them (optax's one fusion converts inside)."""
-  if not _takes_chain(logits, targets):
+  instances under ``vmap``). Fewer than 32 classes keep the two sweeps. A boolean label
+  mask is read as 1-byte copies (:func:`_chain_weights`), its ``1 / |Y|`` applied to
+  the sums. 16-bit logits are converted to float32 whole, outside the fusions, as three
+  of them read them (optax's one fusion converts inside)."""
+  if not _takes_chain(logits):
     return _two_sweeps_value(logits, targets)
   loss, exact = _cpu_loss(logits, targets)
   one = lambda z, q: (_two_sweeps_value(z, q),)
@@ -172,7 +187,10 @@ _cpu_value = _one_call_under_vmap(_cpu_value)
 def _cpu_loss(logits, targets):
   """The chain's loss per example, and whether it is exact for the whole batch."""
   top, others = _cpu_sums(logits)
-  loss = jnp.sum(targets * ((top - _computed(logits)) + jnp.log1p(others)), axis=-1)
+  z = _computed(logits)
+  loss = jnp.sum(_chain_weights(targets, z.dtype) * ((top - z) + jnp.log1p(others)), axis=-1)
+  if targets.dtype == jnp.bool_:  # Y / |Y|: the count from a copy of its own (0/0: NaN)
+    loss = loss / jnp.sum(_chain_weights(targets, z.dtype, jnp.int8), axis=-1)
   return loss, jnp.all(_sums_exact(top[..., 0], others[..., 0]) & ~jnp.isnan(loss))
 
 
@@ -193,7 +211,9 @@ def _cpu_forward(logits, targets):
   holding the maximum (:func:`_cpu_top`); ``others`` leaves it out as
   ``min(exp(z_k - top), (k - t)^2)`` (:func:`_left_out` unscaled: 0 at ``t``,
   ``exp <= 1 <= (k - t)^2`` elsewhere); ``rest`` weighs each target by
-  ``4 min(|k/4 - t/4|, 1/4)`` (0 at ``t``, 1 elsewhere); ``u = log(others)``.
+  ``4 min(|k/4 - t/4|, 1/4)`` (0 at ``t``, 1 elsewhere); ``u = log(others)``. For a
+  label mask the two sums are counts (:func:`_mask_sums`), ``|Y|`` being ``rest`` and
+  the top class's own entry.
 
   Each reduction forms its broadcasts in an expression of its own (``z - top`` as
   ``(z/2 - top/2) 2`` here, ``z + (-top)`` for the index, ``top - z`` in the loss): one
@@ -202,7 +222,7 @@ def _cpu_forward(logits, targets):
   Exact under :func:`_cpu_value`'s conditions with a finite loss everywhere (so no
   example is impossible); otherwise the two sweeps, 1/512 of the examples at a time, in
   one ``lax.cond`` (for all instances under ``vmap``)."""
-  if not _takes_chain(logits, targets):
+  if not _takes_chain(logits):
     return _forward_outputs(logits, targets)
   z = _computed(logits)
   top, _, one_top = _cpu_top(logits)
@@ -210,10 +230,15 @@ def _cpu_forward(logits, targets):
   classes = jnp.arange(z.shape[-1], dtype=z.dtype)
   d = (z * 0.5 + top * -0.5) * 2.0
   others = jnp.sum(_left_out(jnp.exp(d), index, scale=1.0), axis=-1, keepdims=True)
-  loss = jnp.sum(targets * ((top - z) + jnp.log1p(others)), axis=-1)
+  loss = jnp.sum(_chain_weights(targets, z.dtype) * ((top - z) + jnp.log1p(others)), axis=-1)
   not_top = jnp.minimum(jnp.abs(classes * 0.25 - (index * 0.25)[..., None]), 0.25)
-  rest = jnp.sum(targets * not_top, axis=-1) * 4.0
-  total = jnp.sum(targets, axis=-1)
+  rest = jnp.sum(_chain_weights(targets, z.dtype, jnp.int8) * not_top, axis=-1) * 4.0
+  if targets.dtype == jnp.bool_:  # counts (:func:`_mask_sums`); the loss is Y / |Y|'s
+    at_top = jnp.take_along_axis(targets, index.astype(jnp.int32)[..., None], axis=-1)
+    total = rest + at_top[..., 0].astype(z.dtype)
+    loss = loss / total  # 0 / 0 for an empty row: NaN, as Y / |Y| gives
+  else:
+    total = jnp.sum(targets, axis=-1)
   top, others = top[..., 0], others[..., 0]
   exact = jnp.all(_sums_exact(top, others) & jnp.isfinite(loss))
   chain = (loss, index.astype(jnp.int32), top, jnp.log(others), total, rest)
@@ -249,7 +274,11 @@ def _soft_cross_entropy_fwd(logits, targets):
 def _soft_cross_entropy_bwd(residuals, g):
   logits, mask_or_targets, flagged_top, z_top, u, total, rest = residuals
   dtype = _checks.compute_dtype(logits.dtype)
-  targets = _as_weights(mask_or_targets, dtype)
+  if mask_or_targets.dtype == jnp.bool_:
+    per_label, total, rest = _mask_sums(total, rest)
+    targets = mask_or_targets.astype(dtype) * per_label[..., None]
+  else:
+    targets = mask_or_targets
   impossible = flagged_top < 0
   top = jnp.where(impossible, ~flagged_top, flagged_top)
   # -log p rebuilt from the logits and the per-example numbers, inside the fusion that

@@ -54,11 +54,13 @@ def test_gradients_in_both_arguments_float64():
     )
 
 
-def test_multilabel_gradient_is_softmax_minus_y_over_size_float64():
+@pytest.mark.parametrize("num_classes", [8, 40])
+def test_multilabel_gradient_is_softmax_minus_y_over_size_float64(num_classes):
+  # 40 classes take XLA:CPU's chain of sweeps (from 32), 8 the two sweeps.
   with jax.enable_x64(True):
     rng = np.random.default_rng(2)
-    z = jnp.asarray(rng.normal(0, 3, (6, 8)))
-    y = jnp.asarray(rng.random((6, 8)) < 0.4).at[:, 3].set(True)
+    z = jnp.asarray(rng.normal(0, 3, (6, num_classes)))
+    y = jnp.asarray(rng.random((6, num_classes)) < 0.4).at[:, 3].set(True)
     grad = jax.grad(lambda z: multilabel_softmax_cross_entropy(z, y).sum())(z)
     np.testing.assert_allclose(
       grad, jax.nn.softmax(z) - y / y.sum(-1, keepdims=True), rtol=1e-12, atol=1e-14
@@ -82,15 +84,20 @@ def test_excluded_classes_cost_nothing_unless_targeted():
   np.testing.assert_array_equal(grad, 0.0)
 
 
-def test_multilabel_empty_row_is_an_error_eagerly_and_nan_under_jit():
-  z = jnp.zeros((3, 4))
-  y = jnp.array([[True, False, False, False], [False] * 4, [True, True, False, False]])
+@pytest.mark.parametrize("num_classes", [4, 64])
+def test_multilabel_empty_row_is_an_error_eagerly_and_nan_under_jit(num_classes):
+  # 64 classes take XLA:CPU's chain of sweeps, whose 1 / |Y| is 0 / 0 there.
+  z = jnp.zeros((3, num_classes))
+  y = np.zeros((3, num_classes), bool)
+  y[0, 0] = y[2, 0] = y[2, 1] = True
   with pytest.raises(ValueError, match=r"label_mask\[1\] has no label"):
     multilabel_softmax_cross_entropy(z, y)
+  grad = jax.jit(jax.grad(lambda z: multilabel_softmax_cross_entropy(z, y).sum()))(z)
   out = jax.jit(multilabel_softmax_cross_entropy)(z, y)
   assert np.isnan(out[1]) and np.all(np.isfinite(out[np.array([0, 2])]))
-  # Closed form: with equal logits every -log p_k is log 4, whatever Y is.
-  np.testing.assert_allclose(out[np.array([0, 2])], [np.log(4.0), np.log(4.0)], rtol=1e-6)
+  assert np.isnan(grad[1]).all() and np.isfinite(grad[np.array([0, 2])]).all()
+  # Closed form: with equal logits every -log p_k is log K, whatever Y is.
+  np.testing.assert_allclose(out[np.array([0, 2])], [np.log(num_classes)] * 2, rtol=1e-6)
 
 
 # Rows at the edges of the CPU's sweeps (tests/losses/test_partition.py's, for targets):
@@ -108,9 +115,14 @@ _EDGE_ROWS = [
 ]
 
 
+def _loss(targets):
+  """The loss that takes these targets: a label mask multilabel_softmax_cross_entropy."""
+  return multilabel_softmax_cross_entropy if targets.dtype == bool else soft_cross_entropy
+
+
 def _edge_batches(targets):
   """``(row, logits, targets)``: each edge row (padded to 32 classes) in a batch of 7
-  ordinary rows, with targets on the top class, spread, or on class 1."""
+  ordinary rows, with targets on the top class, spread, on class 1, or a label mask."""
   rng = np.random.default_rng(5)
   ordinary = rng.normal(0, 3, (7, 32))
   for row in _EDGE_ROWS:
@@ -119,12 +131,15 @@ def _edge_batches(targets):
       "on the top": jax.nn.one_hot(jnp.argmax(jnp.nan_to_num(z), -1), 32),
       "spread": jax.nn.softmax(jnp.asarray(rng.normal(0, 1, (8, 32)), jnp.float32)),
       "on the -inf class": jnp.zeros((8, 32)).at[:, 1].set(1.0),
+      # multilabel_softmax_cross_entropy's (Y / |Y|): classes 0, 2 and 9
+      "a label mask": jnp.zeros((8, 32), bool).at[:, jnp.array([0, 2, 9])].set(True),
     }[targets]
     yield row, z, q
 
 
 @pytest.mark.parametrize(
-  "targets, chained", [("on the top", 4), ("spread", 5), ("on the -inf class", 5)]
+  "targets, chained",
+  [("on the top", 4), ("spread", 5), ("on the -inf class", 5), ("a label mask", 4)],
 )
 def test_the_cpus_value_equals_the_two_sweeps_in_every_edge_row(targets, chained):
   # XLA:CPU's value of soft_cross_entropy: a chain of sweeps with no argmax and no
@@ -132,13 +147,14 @@ def test_the_cpus_value_equals_the_two_sweeps_in_every_edge_row(targets, chained
   # value equals the two jax.nn.logsumexp sweeps' (_soft._forward's, value_only), with
   # the same inf and NaN, within 4e-6. The chain runs for the ties, the leads of 30 and
   # 100 and, unless a zero target meets it (0 * inf), the -inf class; the batches with
-  # +inf, all -inf or NaN fall back to the two sweeps.
+  # +inf, all -inf or NaN fall back to the two sweeps. A label mask (since it too takes
+  # the chain, read as 1-byte copies) leaves the -inf class out: 0 * inf, a fallback.
   from jaxsoftmax.losses import _soft
 
   count = 0
   for row, z, q in _edge_batches(targets):
     expected = np.asarray(jax.jit(lambda z, q: _soft._forward(z, q, value_only=True)[0])(z, q))
-    got = np.asarray(jax.jit(soft_cross_entropy)(z, q))
+    got = np.asarray(jax.jit(_loss(q))(z, q))
     np.testing.assert_allclose(got, expected, rtol=4e-6, err_msg=str(row))
     count += bool(jax.jit(_soft._cpu_loss)(z, q)[1])
   assert count == chained
@@ -207,7 +223,8 @@ def _two_sweeps_gradients(z, q):
 
 
 @pytest.mark.parametrize(
-  "targets, chained", [("on the top", 4), ("spread", 4), ("on the -inf class", 4)]
+  "targets, chained",
+  [("on the top", 4), ("spread", 4), ("on the -inf class", 4), ("a label mask", 4)],
 )
 def test_the_cpus_forward_rule_gives_the_two_sweeps_gradients_in_every_edge_row(targets, chained):
   # XLA:CPU's forward rule (training) takes the top class, the others' sum and the
@@ -220,9 +237,12 @@ def test_the_cpus_forward_rule_gives_the_two_sweeps_gradients_in_every_edge_row(
   from jaxsoftmax.losses import _soft
 
   count = 0
-  grad = jax.jit(jax.grad(lambda z, q: soft_cross_entropy(z, q).sum(), argnums=(0, 1)))
+  mask = targets == "a label mask"  # multilabel_softmax_cross_entropy: no targets' gradient
+  argnums = (0,) if mask else (0, 1)
+  grad = jax.jit(jax.grad(lambda z, q: _loss(q)(z, q).sum(), argnums=argnums))
   for row, z, q in _edge_batches(targets):
-    for got, expected in zip(grad(z, q), jax.jit(_two_sweeps_gradients)(z, q)):
+    expected = jax.jit(_two_sweeps_gradients)(z, q)[: len(argnums)]
+    for got, expected in zip(grad(z, q), expected):
       got, expected = np.asarray(got), np.asarray(expected)
       np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=str(row))
       scale = np.abs(expected[np.isfinite(expected)]).max()
@@ -240,6 +260,19 @@ def test_the_cpus_training_writes_no_array_of_the_logits_size():
   step = jax.jit(jax.value_and_grad(lambda z, q: soft_cross_entropy(z, q).mean()))
   temp = step.lower(z, z).compile().memory_analysis().temp_size_in_bytes
   assert temp <= 0.01 * z.nbytes, temp / z.nbytes
+
+
+def test_the_cpus_multilabel_loss_writes_only_two_bytes_per_label():
+  # multilabel_softmax_cross_entropy takes the chain too: its mask read as two 1-byte
+  # copies, one per reduction (0.5x the float32 logits' bytes). Before, its value wrote
+  # the masked logits and the mask as int32 (2.0x), and training 4.0x (optax: 1.0x and
+  # 3.0x, its log-softmax and the targets as floats).
+  z, m = jnp.zeros((512, 8192), jnp.float32), jnp.zeros((512, 8192), bool)
+  value = jax.jit(multilabel_softmax_cross_entropy)
+  training = jax.jit(jax.value_and_grad(lambda z, m: multilabel_softmax_cross_entropy(z, m).mean()))
+  for step in (value, training):
+    temp = step.lower(z, m).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= 0.51 * z.nbytes, temp / z.nbytes
 
 
 def test_the_cpus_forward_rule_under_vmap_and_its_second_derivatives():
