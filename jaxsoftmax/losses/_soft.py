@@ -55,6 +55,25 @@ def _weighted_sum(targets, neg_log_probs):
   return jnp.sum(targets * safe, axis=-1)
 
 
+def _as_weights(targets, dtype):
+  """``(weights, extra)``: the targets as weights, and the residuals a label mask adds.
+  A boolean label mask Y becomes Y / |Y| (NaN for an empty row), and its ``1 / |Y|``
+  per example is kept (``extra``), so that the backward pass forms Y / |Y| without
+  counting the mask again (XLA:CPU writes the mask out as int32 to count it). Keeping
+  the mask itself as the residual, not Y / |Y|, saves a K-sized float array."""
+  if targets.dtype != jnp.bool_:
+    return targets, ()
+  counts = jnp.sum(targets, axis=-1, keepdims=True)
+  # Explicit NaN for an empty row: XLA may fold mask / 0 into a select that gives 0.
+  weights = jnp.where(counts > 0, targets / jnp.maximum(counts, 1), jnp.nan)
+  return weights.astype(dtype), (_per_label(counts[..., 0], dtype),)
+
+
+def _per_label(counts, dtype):
+  """``1 / |Y|`` from the counts (NaN for an empty row), as :func:`_as_weights` divides."""
+  return jnp.where(counts > 0, 1 / jnp.maximum(counts, 1), jnp.nan).astype(dtype)
+
+
 def _forward(logits, targets, value_only=False):
   """The loss and what the backward pass needs: the logits as they are, the targets, the
   top class and a few numbers per example (no array of ``-log p`` or exponentials).
@@ -77,15 +96,9 @@ def _forward(logits, targets, value_only=False):
   # the logits per example: 1% of their bytes).
   z_top = jnp.max(z, axis=-1)
   is_top = top[..., None] == jnp.arange(logits.shape[-1])
-  if targets.dtype == jnp.bool_:  # Y / |Y|, from the counts the residuals keep
-    sums = jnp.sum(targets, axis=-1), jnp.sum(targets & ~is_top, axis=-1)
-    sums = tuple(count.astype(dtype) for count in sums)
-    per_label, total, rest = _mask_sums(*sums)
-    weights = targets * per_label[..., None]
-  else:
-    weights = targets
-    total, rest = jnp.sum(weights, axis=-1), jnp.sum(jnp.where(is_top, 0.0, weights), axis=-1)
-    sums = total, rest
+  weights, extra = _as_weights(targets, dtype)
+  total = jnp.sum(weights, axis=-1)
+  rest = jnp.sum(jnp.where(is_top, 0.0, weights), axis=-1)
   gaps = _weighted_sum(weights, jnp.where(is_top, 0.0, z_top[..., None] - z))
   # A targeted class of probability 0 (loss +inf), or no admissible class; counted as a
   # float sum so that it shares the sweep of the sums above (a boolean reduction is a
@@ -94,22 +107,9 @@ def _forward(logits, targets, value_only=False):
   u = lse_others - z_top
   loss = gaps + total * jax.nn.softplus(u)
   # Five numbers per example: the top class (its bits flipped, negative, where the
-  # gradient is zero), the top logit, u and the two sums (for a label mask, counts:
-  # :func:`_mask_sums`).
+  # gradient is zero), the top logit, u and the two sums; a sixth for a label mask.
   flagged_top = jnp.where(impossible, ~top, top)
-  return loss, (logits, targets, flagged_top, z_top, u, *sums)
-
-
-def _mask_sums(total, rest):
-  """``(per_label, total, rest)`` for a label mask Y, from the residual counts ``|Y|``
-  and ``|Y|`` less the top class: the weight ``1 / |Y|`` of each label and the two sums
-  of the weights ``Y / |Y|`` (NaN for an empty row: explicit, as XLA may fold a mask
-  divided by 0 into a select that gives 0). The counts are kept, not the sums of the
-  weights, so that the backward pass forms ``Y / |Y|`` with no count of the mask of its
-  own (XLA:CPU writes the mask out as int32 to count it). Keeping the mask, not
-  ``Y / |Y|``, saves a K-sized float array."""
-  per_label = jnp.where(total > 0, 1 / jnp.maximum(total, 1), jnp.nan)
-  return per_label, total * per_label, rest * per_label
+  return loss, (logits, targets, flagged_top, z_top, u, total, rest, *extra)
 
 
 def _cpu_top(logits):
@@ -200,8 +200,8 @@ def _sums_exact(top, others):
 
 def _forward_outputs(logits, targets):
   """The forward rule's loss and per-example residuals (the two sweeps)."""
-  loss, (_, _, flagged_top, z_top, u, total, rest) = _forward(logits, targets)
-  return loss, flagged_top, z_top, u, total, rest
+  loss, (_, _, *numbers) = _forward(logits, targets)
+  return loss, *numbers
 
 
 def _cpu_forward(logits, targets):
@@ -212,8 +212,8 @@ def _cpu_forward(logits, targets):
   ``min(exp(z_k - top), (k - t)^2)`` (:func:`_left_out` unscaled: 0 at ``t``,
   ``exp <= 1 <= (k - t)^2`` elsewhere); ``rest`` weighs each target by
   ``4 min(|k/4 - t/4|, 1/4)`` (0 at ``t``, 1 elsewhere); ``u = log(others)``. For a
-  label mask the two sums are counts (:func:`_mask_sums`), ``|Y|`` being ``rest`` and
-  the top class's own entry.
+  label mask ``rest`` counts the labels off the top, ``|Y|`` is that count and the top
+  class's own entry, and ``1 / |Y|`` is the sixth number (:func:`_as_weights`).
 
   Each reduction forms its broadcasts in an expression of its own (``z - top`` as
   ``(z/2 - top/2) 2`` here, ``z + (-top)`` for the index, ``top - z`` in the loss): one
@@ -233,15 +233,18 @@ def _cpu_forward(logits, targets):
   loss = jnp.sum(_chain_weights(targets, z.dtype) * ((top - z) + jnp.log1p(others)), axis=-1)
   not_top = jnp.minimum(jnp.abs(classes * 0.25 - (index * 0.25)[..., None]), 0.25)
   rest = jnp.sum(_chain_weights(targets, z.dtype, jnp.int8) * not_top, axis=-1) * 4.0
-  if targets.dtype == jnp.bool_:  # counts (:func:`_mask_sums`); the loss is Y / |Y|'s
+  extra = ()
+  if targets.dtype == jnp.bool_:  # Y / |Y|: |Y| is the rest and the top class's entry
     at_top = jnp.take_along_axis(targets, index.astype(jnp.int32)[..., None], axis=-1)
-    total = rest + at_top[..., 0].astype(z.dtype)
-    loss = loss / total  # 0 / 0 for an empty row: NaN, as Y / |Y| gives
+    count = rest + at_top[..., 0].astype(z.dtype)
+    per_label = _per_label(count, z.dtype)
+    loss = loss / count  # 0 / 0 for an empty row: NaN, as Y / |Y| gives
+    total, rest, extra = count * per_label, rest * per_label, (per_label,)
   else:
     total = jnp.sum(targets, axis=-1)
   top, others = top[..., 0], others[..., 0]
   exact = jnp.all(_sums_exact(top, others) & jnp.isfinite(loss))
-  chain = (loss, index.astype(jnp.int32), top, jnp.log(others), total, rest)
+  chain = (loss, index.astype(jnp.int32), top, jnp.log(others), total, rest, *extra)
   shapes = jax.eval_shape(_forward_outputs, logits, targets)
   chain = tuple(x.astype(s.dtype) for x, s in zip(chain, shapes))
   blocks = lambda: _by_row_blocks(_forward_outputs, logits, targets, _ROW_BLOCKS)
@@ -267,16 +270,14 @@ def _soft_cross_entropy(logits, targets):
 
 def _soft_cross_entropy_fwd(logits, targets):
   outputs = jax.lax.platform_dependent(logits, targets, cpu=_cpu_forward, default=_forward_outputs)
-  loss, flagged_top, z_top, u, total, rest = outputs
-  return loss, (logits, targets, flagged_top, z_top, u, total, rest)
+  return outputs[0], (logits, targets, *outputs[1:])
 
 
 def _soft_cross_entropy_bwd(residuals, g):
-  logits, mask_or_targets, flagged_top, z_top, u, total, rest = residuals
+  logits, mask_or_targets, flagged_top, z_top, u, total, rest, *extra = residuals
   dtype = _checks.compute_dtype(logits.dtype)
-  if mask_or_targets.dtype == jnp.bool_:
-    per_label, total, rest = _mask_sums(total, rest)
-    targets = mask_or_targets.astype(dtype) * per_label[..., None]
+  if mask_or_targets.dtype == jnp.bool_:  # Y / |Y|, bit for bit as _as_weights forms it
+    targets = mask_or_targets.astype(dtype) * extra[0][..., None]
   else:
     targets = mask_or_targets
   impossible = flagged_top < 0
