@@ -20,13 +20,15 @@ def _residual_bytes(fn, *args):
 # for a set (one side fewer for a label); the probability losses keep p too; forward_nll keeps its
 # transition column (K floats) and the shift values; the soft-target losses keep the top
 # class, the top logit, u and two sums of the targets (so that the backward pass neither
-# gathers nor sweeps the logits twice).
+# gathers nor sweeps the logits twice); a label mask's loss keeps 1 / |Y| as well, so that
+# the backward pass does not count the mask again (XLA:CPU wrote the mask out as int32 to
+# count it: a temporary of the logits' size).
 EXTRA_VALUES = {
   "scl_exp": 8,
   "mcl_mae": 8,
   "mcl_exp": 8,
   "soft_cross_entropy": 5,
-  "multilabel_softmax_cross_entropy": 5,
+  "multilabel_softmax_cross_entropy": 6,
 }
 
 
