@@ -311,14 +311,22 @@ def _set_gap_cpu(logits, members):
   return jax.lax.cond(exact, lambda: one_sweep, two_sweeps)
 
 
+def _mask_copy(mask, dtype, copy=jnp.uint8):
+  """A boolean mask as ``dtype``, through a 1-byte integer copy of its own (``copy``,
+  uint8 or int8), for one of XLA:CPU's reduction fusions to read and convert inside: a
+  boolean is converted outside them, and a conversion that two of them shared would be
+  written out in ``dtype``, logits-sized. Two reductions of one mask take one copy each."""
+  return mask.astype(copy).astype(dtype)
+
+
 def _set_sums(logits, members):
   """``(inside, outside, exact)`` of :func:`_set_gap_cpu`: the two sums per example and
   whether the whole batch is where they are exact."""
   z = _computed(logits)
   top = _computed(jnp.max(logits, axis=-1, keepdims=True))
-  inside = jnp.exp((z - top) + (members.astype(jnp.uint8).astype(z.dtype) - 1.0) * 2.0**100)
+  inside = jnp.exp((z - top) + (_mask_copy(members, z.dtype) - 1.0) * 2.0**100)
   inside = jnp.sum(inside, axis=-1)
-  outside = (z * 0.5 - top * 0.5) * 2.0 - members.astype(jnp.int8).astype(z.dtype) * 2.0**101
+  outside = (z * 0.5 - top * 0.5) * 2.0 - _mask_copy(members, z.dtype, jnp.int8) * 2.0**101
   outside = jnp.sum(jnp.exp(outside), axis=-1)
   exact = jnp.isfinite(top[..., 0]) & _in_one_sweep_range(inside) & _in_one_sweep_range(outside)
   return inside, outside, jnp.all(exact)

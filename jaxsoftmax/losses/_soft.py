@@ -32,6 +32,7 @@ from jaxsoftmax.losses._partition import (
   _computed,
   _in_one_sweep_range,
   _left_out,
+  _mask_copy,
   _one_call_under_vmap,
   _split_logsumexp,
   _split_logsumexp_value,
@@ -64,7 +65,8 @@ def _as_weights(targets, dtype):
   if targets.dtype != jnp.bool_:
     return targets, ()
   counts = jnp.sum(targets, axis=-1, keepdims=True)
-  # Explicit NaN for an empty row: XLA may fold mask / 0 into a select that gives 0.
+  # Explicit NaN for an empty row: XLA folds a mask times (or divided by) a per-example
+  # number into a select that gives 0 where the mask is 0, whatever the number.
   weights = jnp.where(counts > 0, targets / jnp.maximum(counts, 1), jnp.nan)
   return weights.astype(dtype), (_per_label(counts[..., 0], dtype),)
 
@@ -147,14 +149,11 @@ def _takes_chain(logits):
 
 def _chain_weights(targets, dtype, copy=jnp.uint8):
   """The weights one reduction of the chain reads: float targets as they are; a boolean
-  label mask as a 1-byte integer copy of its own (``copy``, uint8 or int8), converted
-  inside the reduction. A boolean is converted outside XLA:CPU's reduction fusions, and
-  a conversion that two of them shared would be written out as floats (a count of the
-  mask as int32 was: 1.0x the logits' bytes); the mask's ``1 / |Y|`` is applied to the
-  sums."""
+  label mask as a 1-byte copy of its own (:func:`_mask_copy`), its ``1 / |Y|`` applied
+  to the sums."""
   if targets.dtype != jnp.bool_:
     return targets
-  return targets.astype(copy).astype(dtype)
+  return _mask_copy(targets, dtype, copy)
 
 
 def _two_sweeps_value(logits, targets):
@@ -275,9 +274,8 @@ def _soft_cross_entropy_fwd(logits, targets):
 
 def _soft_cross_entropy_bwd(residuals, g):
   logits, mask_or_targets, flagged_top, z_top, u, total, rest, *extra = residuals
-  dtype = _checks.compute_dtype(logits.dtype)
-  if mask_or_targets.dtype == jnp.bool_:  # Y / |Y|, bit for bit as _as_weights forms it
-    targets = mask_or_targets.astype(dtype) * extra[0][..., None]
+  if mask_or_targets.dtype == jnp.bool_:  # Y / |Y|, as the forward rule formed it
+    targets = mask_or_targets.astype(extra[0].dtype) * extra[0][..., None]
   else:
     targets = mask_or_targets
   impossible = flagged_top < 0
