@@ -116,7 +116,8 @@ _EDGE_ROWS = [
 
 
 def _loss(targets):
-  """The loss that takes these targets: a label mask multilabel_softmax_cross_entropy."""
+  """The loss that takes these targets: multilabel_softmax_cross_entropy a label mask,
+  soft_cross_entropy the rest."""
   return multilabel_softmax_cross_entropy if targets.dtype == bool else soft_cross_entropy
 
 
